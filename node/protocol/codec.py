@@ -1,0 +1,491 @@
+"""JSON payloads ⇄ typed messages, byte-exact with the upstream (serde_json) encoding.
+
+    payload ──decode()──▶ Message          Message ──encode()──▶ frame (prefix + payload)
+    payload ──peek()────▶ Head(variant, id), without decoding the rest
+
+serde's externally tagged enums: a unit variant is a string (``"Heartbeat"``), a newtype variant
+an object with one key (``{"RegisterRole":"Worker"}``), a tuple variant an array
+(``{"ConnectionInfo":["127.0.0.1:1",55001]}``), a struct variant an object whose fields keep
+their declaration order (``{"AssignTask":{"id":..,"task":..}}``). `bytes` are integer arrays.
+
+Decoding is strict like serde (wrong types, unknown variants, missing fields, bytes outside
+0-255, non-finite numbers are errors) but, like serde without ``deny_unknown_fields``, extra
+fields in a struct are ignored. Every failure is a `RemoteProtocolError` naming the place:
+``AssignTask.task.Tcp.data[3]: expected an integer 0-255, got 256``.
+
+Encoding never produces a frame the upstream master rejects: a non-finite `Number` is sent as
+an `Error` naming the value, floats are written as serde_json writes them (ryu: ``3.0``,
+``1e21``), and byte fields must be `bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
+
+import orjson
+
+from node.protocol import messages as m
+from node.protocol.errors import LocalProtocolError, RemoteProtocolError
+from node.protocol.framing import frame
+
+_dumps = orjson.dumps
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = value if len(value) <= 40 else value[:37] + "..."
+        return f"string {text!r}"
+    if isinstance(value, int | float):
+        return f"number {value!r}"
+    if isinstance(value, list):
+        return f"array of {len(value)}"
+    if isinstance(value, dict):
+        keys = ", ".join(list(value)[:4])
+        return f"object {{{keys}}}"
+    return type(value).__name__
+
+
+def _fail(path: str, expected: str, value: object) -> RemoteProtocolError:
+    where = path or "message"
+    return RemoteProtocolError(f"{where}: expected {expected}, got {_describe(value)}")
+
+
+def _str(value: object, path: str) -> str:
+    if type(value) is not str:
+        raise _fail(path, "a string", value)
+    return value
+
+
+def _f64(value: object, path: str) -> float:
+    kind = type(value)
+    if kind is float:
+        return value  # type: ignore[return-value]  # orjson never yields NaN or inf
+    if kind is int:
+        return float(value)  # type: ignore[arg-type]
+    raise _fail(path, "a number", value)
+
+
+def _u16(value: object, path: str) -> int:
+    if type(value) is not int or not 0 <= value <= 0xFFFF:
+        raise _fail(path, "an integer 0-65535", value)
+    return value
+
+
+def _bytes(value: object, path: str) -> bytes:
+    if type(value) is not list:
+        raise _fail(path, "an array of integers 0-255", value)
+    # C-level scans: one pass for the element types, one in bytes() for the range.
+    if set(map(type, value)) <= {int}:
+        try:
+            return bytes(value)
+        except ValueError:
+            pass
+    for index, item in enumerate(value):
+        if type(item) is not int or not 0 <= item <= 255:
+            raise _fail(f"{path}[{index}]", "an integer 0-255", item)
+    raise AssertionError("unreachable: bytes() rejected a valid array")  # pragma: no cover
+
+
+def _fields(value: object, path: str, names: tuple[str, ...]) -> tuple[Any, ...]:
+    if type(value) is not dict:
+        raise _fail(path, "an object with fields " + ", ".join(names), value)
+    try:
+        return tuple(value[name] for name in names)
+    except KeyError as exc:
+        raise RemoteProtocolError(f"{path}: missing field `{exc.args[0]}`") from None
+
+
+def _variant(value: object, path: str) -> tuple[str, object]:
+    if type(value) is not dict or len(value) != 1:
+        raise _fail(path, "an object with exactly one variant key", value)
+    ((name, inner),) = value.items()
+    return name, inner
+
+
+# --------------------------------------------------------------------------------------- tasks
+
+_UNIT_TASKS: Final[dict[str, m.Task]] = {
+    "GetGlobalRam": m.GET_GLOBAL_RAM,
+    "GetStorage": m.GET_STORAGE,
+}
+
+
+def _task_compute(v: object, p: str) -> m.Task:
+    (expression,) = _fields(v, p, ("expression",))
+    return m.Compute(_str(expression, p + ".expression"))
+
+
+def _task_complex(v: object, p: str) -> m.Task:
+    (expression,) = _fields(v, p, ("expression",))
+    return m.ComplexMath(_str(expression, p + ".expression"))
+
+
+def _task_http(v: object, p: str) -> m.Task:
+    (url,) = _fields(v, p, ("url",))
+    return m.HttpRequest(_str(url, p + ".url"))
+
+
+def _task_tcp(v: object, p: str) -> m.Task:
+    addr, data = _fields(v, p, ("addr", "data"))
+    return m.Tcp(_str(addr, p + ".addr"), _bytes(data, p + ".data"))
+
+
+def _task_udp(v: object, p: str) -> m.Task:
+    addr, data = _fields(v, p, ("addr", "data"))
+    return m.Udp(_str(addr, p + ".addr"), _bytes(data, p + ".data"))
+
+
+def _task_store(v: object, p: str) -> m.Task:
+    key, data = _fields(v, p, ("key", "data"))
+    return m.StoreData(_str(key, p + ".key"), _bytes(data, p + ".data"))
+
+
+def _task_retrieve(v: object, p: str) -> m.Task:
+    (key,) = _fields(v, p, ("key",))
+    return m.RetrieveData(_str(key, p + ".key"))
+
+
+def _task_disk_write(v: object, p: str) -> m.Task:
+    path, data = _fields(v, p, ("path", "data"))
+    return m.DiskWrite(_str(path, p + ".path"), _bytes(data, p + ".data"))
+
+
+def _task_disk_read(v: object, p: str) -> m.Task:
+    (path,) = _fields(v, p, ("path",))
+    return m.DiskRead(_str(path, p + ".path"))
+
+
+_TASK_PARSERS: Final[dict[str, Callable[[object, str], m.Task]]] = {
+    "Compute": _task_compute,
+    "HttpRequest": _task_http,
+    "Tcp": _task_tcp,
+    "Udp": _task_udp,
+    "ComplexMath": _task_complex,
+    "StoreData": _task_store,
+    "RetrieveData": _task_retrieve,
+    "DiskWrite": _task_disk_write,
+    "DiskRead": _task_disk_read,
+}
+
+
+def task_from_json(value: object, path: str = "task") -> m.Task:
+    """Build a task from its parsed JSON form (as in `SubmitTask`/`AssignTask` or a batch file)."""
+    if type(value) is str:
+        task = _UNIT_TASKS.get(value)
+        if task is None:
+            raise RemoteProtocolError(f"{path}: unknown task variant {value!r}")
+        return task
+    name, inner = _variant(value, path)
+    parser = _TASK_PARSERS.get(name)
+    if parser is None:
+        if name in _UNIT_TASKS:
+            raise _fail(f"{path}", f"the unit variant {name!r} as a plain string", value)
+        raise RemoteProtocolError(f"{path}: unknown task variant {name!r}")
+    return parser(inner, f"{path}.{name}")
+
+
+# --------------------------------------------------------------------------------------- results
+
+_UNIT_RESULTS: Final[dict[str, m.Result]] = {"Stored": m.STORED, "Written": m.WRITTEN}
+
+
+def result_from_json(value: object, path: str = "result") -> m.Result:
+    if type(value) is str:
+        result = _UNIT_RESULTS.get(value)
+        if result is None:
+            raise RemoteProtocolError(f"{path}: unknown result variant {value!r}")
+        return result
+    name, inner = _variant(value, path)
+    sub = f"{path}.{name}"
+    if name == "Number":
+        return m.Number(_f64(inner, sub))
+    if name == "Response":
+        return m.Response(_str(inner, sub))
+    if name == "Bytes":
+        return m.Bytes(_bytes(inner, sub))
+    if name == "Error":
+        return m.Error(_str(inner, sub))
+    raise RemoteProtocolError(f"{path}: unknown result variant {name!r}")
+
+
+# --------------------------------------------------------------------------------------- messages
+
+_UNIT_MESSAGES: Final[dict[str, m.Message]] = {
+    "GetConnectedNodes": m.GET_CONNECTED_NODES,
+    "Disconnect": m.DISCONNECT,
+    "Heartbeat": m.HEARTBEAT,
+    "HeartbeatAck": m.HEARTBEAT_ACK,
+}
+_ROLES: Final = {role.value: role for role in m.Role}
+
+
+def _msg_register(v: object) -> m.Message:
+    role = _ROLES.get(v) if type(v) is str else None
+    if role is None:
+        raise _fail("RegisterRole", "one of Worker, Disk, Internet", v)
+    return m.RegisterRole(role)
+
+
+def _msg_connection_info(v: object) -> m.Message:
+    if type(v) is not list or len(v) != 2:
+        raise _fail("ConnectionInfo", "an array [addr, port]", v)
+    return m.ConnectionInfo(_str(v[0], "ConnectionInfo[0]"), _u16(v[1], "ConnectionInfo[1]"))
+
+
+def _msg_connected_nodes(v: object) -> m.Message:
+    if type(v) is not list:
+        raise _fail("ConnectedNodes", "an array of addresses", v)
+    return m.ConnectedNodes(tuple(_str(a, f"ConnectedNodes[{i}]") for i, a in enumerate(v)))
+
+
+def _msg_assign(v: object) -> m.Message:
+    ident, task = _fields(v, "AssignTask", ("id", "task"))
+    return m.AssignTask(_str(ident, "AssignTask.id"), task_from_json(task, "AssignTask.task"))
+
+
+def _msg_submit(v: object) -> m.Message:
+    ident, task = _fields(v, "SubmitTask", ("id", "task"))
+    return m.SubmitTask(_str(ident, "SubmitTask.id"), task_from_json(task, "SubmitTask.task"))
+
+
+def _msg_result(v: object) -> m.Message:
+    ident, result = _fields(v, "TaskResult", ("id", "result"))
+    return m.TaskResult(_str(ident, "TaskResult.id"), result_from_json(result, "TaskResult.result"))
+
+
+_MESSAGE_PARSERS: Final[dict[str, Callable[[object], m.Message]]] = {
+    "RegisterRole": _msg_register,
+    "RequestConnection": lambda v: m.RequestConnection(_str(v, "RequestConnection")),
+    "ConnectionInfo": _msg_connection_info,
+    "ConnectedNodes": _msg_connected_nodes,
+    "SubmitTask": _msg_submit,
+    "GetTaskResult": lambda v: m.GetTaskResult(_str(v, "GetTaskResult")),
+    "AssignTask": _msg_assign,
+    "TaskResult": _msg_result,
+    "TaskAccepted": lambda v: m.TaskAccepted(_str(v, "TaskAccepted")),
+    "DirectMessage": lambda v: m.DirectMessage(_str(v, "DirectMessage")),
+}
+
+
+def message_from_json(value: object) -> m.Message:
+    """Build a message from its parsed JSON form."""
+    if type(value) is str:
+        message = _UNIT_MESSAGES.get(value)
+        if message is None:
+            raise RemoteProtocolError(f"message: unknown unit variant {value!r}")
+        return message
+    name, inner = _variant(value, "message")
+    parser = _MESSAGE_PARSERS.get(name)
+    if parser is None:
+        if name in _UNIT_MESSAGES:
+            raise _fail("message", f"the unit variant {name!r} as a plain string", value)
+        raise RemoteProtocolError(f"message: unknown variant {name!r}")
+    return parser(inner)
+
+
+def loads(payload: bytes | bytearray | memoryview | str) -> object:
+    """Parse JSON text; any failure is a `RemoteProtocolError`."""
+    try:
+        return _loads(payload)
+    except _JSONDecodeError as exc:
+        raise RemoteProtocolError(f"malformed JSON: {exc}") from None
+
+
+def decode(payload: bytes | bytearray | memoryview) -> m.Message:
+    """Decode one frame payload into a message; raises only `RemoteProtocolError`."""
+    try:
+        return message_from_json(loads(payload))
+    except RemoteProtocolError:
+        raise
+    except RecursionError:  # pragma: no cover - orjson caps nesting itself
+        raise RemoteProtocolError("message: nested too deeply") from None
+
+
+# --------------------------------------------------------------------------------------- peek
+
+
+class Head(NamedTuple):
+    """The variant of a payload and, for id-carrying variants, its id (None otherwise)."""
+
+    variant: str
+    id: str | None
+
+
+_HEAD_WINDOW: Final = 4096
+_ID_HEAD = re.compile(rb'\s*\{\s*"([A-Za-z]+)"\s*:\s*\{\s*"id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ANY_HEAD = re.compile(rb'\s*(?:"([A-Za-z]+)"|\{\s*"([A-Za-z]+)")')
+
+
+def peek(payload: bytes) -> Head:
+    """Variant and id of a payload from its first bytes, without decoding a large body.
+
+    Routing only: the full decode still validates. Raises `RemoteProtocolError` when even
+    the head is unreadable.
+    """
+    head = payload[:_HEAD_WINDOW]
+    match = _ID_HEAD.match(head)
+    if match is not None:
+        raw = match.group(2)
+        ident = raw.decode("utf-8", "replace") if b"\\" not in raw else loads(b'"' + raw + b'"')
+        return Head(match.group(1).decode("ascii"), ident)  # type: ignore[arg-type]
+    match = _ANY_HEAD.match(head)
+    if match is None:
+        raise RemoteProtocolError("message: no variant name at the start of the payload")
+    name = match.group(1) or match.group(2)
+    return Head(name.decode("ascii"), None)
+
+
+# --------------------------------------------------------------------------------------- encode
+
+
+def format_f64(value: float) -> bytes:
+    """A finite float as serde_json writes it (ryu): ``3.0``, ``0.1``, ``1e21``, ``1e-7``."""
+    text = _dumps(value)
+    return text.replace(b"e+", b"e") if b"e+" in text else text
+
+
+def _enc_bytes(data: bytes, path: str) -> bytes:
+    if type(data) is not bytes:
+        if isinstance(data, bytearray | memoryview):
+            data = bytes(data)
+        else:
+            raise LocalProtocolError(f"{path}: expected bytes, got {type(data).__name__}")
+    return _dumps(list(data))
+
+
+def _enc_str(text: str, path: str) -> bytes:
+    if type(text) is not str:
+        raise LocalProtocolError(f"{path}: expected str, got {type(text).__name__}")
+    return _dumps(text)
+
+
+def task_to_json(task: m.Task) -> bytes:
+    """The JSON form of a task."""
+    match task:
+        case m.Compute(expression):
+            return b'{"Compute":{"expression":' + _enc_str(expression, "Compute") + b"}}"
+        case m.ComplexMath(expression):
+            return b'{"ComplexMath":{"expression":' + _enc_str(expression, "ComplexMath") + b"}}"
+        case m.HttpRequest(url):
+            return b'{"HttpRequest":{"url":' + _enc_str(url, "HttpRequest.url") + b"}}"
+        case m.Tcp(addr, data) | m.Udp(addr, data):
+            name = type(task).__name__
+            return (
+                b'{"' + name.encode() + b'":{"addr":' + _enc_str(addr, name + ".addr")
+                + b',"data":' + _enc_bytes(data, name + ".data") + b"}}"
+            )  # fmt: skip
+        case m.StoreData(key, data):
+            return (
+                b'{"StoreData":{"key":' + _enc_str(key, "StoreData.key")
+                + b',"data":' + _enc_bytes(data, "StoreData.data") + b"}}"
+            )  # fmt: skip
+        case m.RetrieveData(key):
+            return b'{"RetrieveData":{"key":' + _enc_str(key, "RetrieveData.key") + b"}}"
+        case m.DiskWrite(path, data):
+            return (
+                b'{"DiskWrite":{"path":' + _enc_str(path, "DiskWrite.path")
+                + b',"data":' + _enc_bytes(data, "DiskWrite.data") + b"}}"
+            )  # fmt: skip
+        case m.DiskRead(path):
+            return b'{"DiskRead":{"path":' + _enc_str(path, "DiskRead.path") + b"}}"
+        case m.GetGlobalRam():
+            return b'"GetGlobalRam"'
+        case m.GetStorage():
+            return b'"GetStorage"'
+    raise LocalProtocolError(f"not a task: {task!r}")
+
+
+def non_finite_error(value: float) -> m.Error:
+    """The `Error` sent instead of a NaN/infinite `Number` (JSON has no form for it)."""
+    name = "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return m.Error(f"Evaluation error: the result is {name}, which has no JSON form")
+
+
+def result_to_json(result: m.Result) -> bytes:
+    """The JSON form of a result; a non-finite `Number` becomes an `Error` naming it."""
+    match result:
+        case m.Number(value):
+            if type(value) is not float:
+                if type(value) is not int:
+                    raise LocalProtocolError(f"Number: expected float, got {type(value).__name__}")
+                value = float(value)
+            if not math.isfinite(value):
+                return result_to_json(non_finite_error(value))
+            return b'{"Number":' + format_f64(value) + b"}"
+        case m.Response(text):
+            return b'{"Response":' + _enc_str(text, "Response") + b"}"
+        case m.Error(message):
+            return b'{"Error":' + _enc_str(message, "Error") + b"}"
+        case m.Bytes(data):
+            return b'{"Bytes":' + _enc_bytes(data, "Bytes") + b"}"
+        case m.Stored():
+            return b'"Stored"'
+        case m.Written():
+            return b'"Written"'
+    raise LocalProtocolError(f"not a result: {result!r}")
+
+
+def task_result_payload(ident: str, result: m.Result) -> bytes:
+    """The payload of ``TaskResult{id, result}`` (the node's hot path)."""
+    return (
+        b'{"TaskResult":{"id":' + _enc_str(ident, "TaskResult.id")
+        + b',"result":' + result_to_json(result) + b"}}"
+    )  # fmt: skip
+
+
+def encode_payload(message: m.Message) -> bytes:
+    """The JSON payload of a message (no length prefix)."""
+    match message:
+        case m.TaskResult(ident, result):
+            return task_result_payload(ident, result)
+        case m.Heartbeat():
+            return b'"Heartbeat"'
+        case m.HeartbeatAck():
+            return b'"HeartbeatAck"'
+        case m.AssignTask(ident, task) | m.SubmitTask(ident, task):
+            name = type(message).__name__
+            return (
+                b'{"' + name.encode() + b'":{"id":' + _enc_str(ident, name + ".id")
+                + b',"task":' + task_to_json(task) + b"}}"
+            )  # fmt: skip
+        case m.GetConnectedNodes():
+            return b'"GetConnectedNodes"'
+        case m.Disconnect():
+            return b'"Disconnect"'
+        case m.RegisterRole(role):
+            if not isinstance(role, m.Role):
+                raise LocalProtocolError(f"RegisterRole: expected a Role, got {role!r}")
+            return b'{"RegisterRole":"' + role.value.encode() + b'"}'
+        case m.ConnectionInfo(addr, port):
+            if type(port) is not int or not 0 <= port <= 0xFFFF:
+                raise LocalProtocolError(f"ConnectionInfo.port: expected 0-65535, got {port!r}")
+            text = _enc_str(addr, "ConnectionInfo.addr")
+            return b'{"ConnectionInfo":[' + text + b"," + str(port).encode() + b"]}"
+        case m.ConnectedNodes(addrs):
+            items = [_enc_str(a, "ConnectedNodes") for a in addrs]
+            return b'{"ConnectedNodes":[' + b",".join(items) + b"]}"
+        case m.RequestConnection(addr):
+            return b'{"RequestConnection":' + _enc_str(addr, "RequestConnection") + b"}"
+        case m.GetTaskResult(ident):
+            return b'{"GetTaskResult":' + _enc_str(ident, "GetTaskResult") + b"}"
+        case m.TaskAccepted(ident):
+            return b'{"TaskAccepted":' + _enc_str(ident, "TaskAccepted") + b"}"
+        case m.DirectMessage(text):
+            return b'{"DirectMessage":' + _enc_str(text, "DirectMessage") + b"}"
+    raise LocalProtocolError(f"not a message: {message!r}")
+
+
+def encode(message: m.Message) -> bytes:
+    """A whole frame for `message`: length prefix + JSON payload."""
+    return frame(encode_payload(message))
