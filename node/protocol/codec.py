@@ -370,6 +370,11 @@ def _enc_str(text: str, path: str) -> bytes:
     return _dumps(text)
 
 
+def json_str(text: str) -> bytes:
+    """A JSON string literal, escaped exactly as serde_json escapes it."""
+    return _enc_str(text, "string")
+
+
 def task_to_json(task: m.Task) -> bytes:
     """The JSON form of a task."""
     match task:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 
-class Role(enum.Enum):
+class Role(enum.StrEnum):
     """A node's role; the master routes tasks by it (see PROTOCOL.md, "Routing by role")."""
 
     Worker = "Worker"
