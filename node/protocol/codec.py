@@ -323,8 +323,25 @@ class Head(NamedTuple):
 
 
 _HEAD_WINDOW: Final = 4096
+_ASSIGN_HEAD: Final = b'{"AssignTask":{"id":"'
+_ASSIGN_HEAD_LEN: Final = len(_ASSIGN_HEAD)
 _ID_HEAD = re.compile(rb'\s*\{\s*"([A-Za-z]+)"\s*:\s*\{\s*"id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _ANY_HEAD = re.compile(rb'\s*(?:"([A-Za-z]+)"|\{\s*"([A-Za-z]+)")')
+
+
+def assign_task_id(payload: bytes) -> str | None:
+    """The id of an `AssignTask` payload as every CPCluster master writes it (``{"AssignTask":
+    {"id":"...``), or None for any other payload or an escaped id (then use `peek`)."""
+    if not payload.startswith(_ASSIGN_HEAD):
+        return None
+    end = payload.find(b'"', _ASSIGN_HEAD_LEN)
+    raw = payload[_ASSIGN_HEAD_LEN:end]
+    if end < 0 or b"\\" in raw:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def peek(payload: bytes) -> Head:
@@ -333,12 +350,15 @@ def peek(payload: bytes) -> Head:
     Routing only: the full decode still validates. Raises `RemoteProtocolError` when even
     the head is unreadable.
     """
+    ident = assign_task_id(payload)
+    if ident is not None:  # the common frame: no regex, no JSON
+        return Head("AssignTask", ident)
     head = payload[:_HEAD_WINDOW]
     match = _ID_HEAD.match(head)
     if match is not None:
         raw = match.group(2)
-        ident = raw.decode("utf-8", "replace") if b"\\" not in raw else loads(b'"' + raw + b'"')
-        return Head(match.group(1).decode("ascii"), ident)  # type: ignore[arg-type]
+        text = raw.decode("utf-8", "replace") if b"\\" not in raw else loads(b'"' + raw + b'"')
+        return Head(match.group(1).decode("ascii"), str(text))
     match = _ANY_HEAD.match(head)
     if match is None:
         raise RemoteProtocolError("message: no variant name at the start of the payload")

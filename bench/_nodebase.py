@@ -1,0 +1,40 @@
+"""What the benchmark's null and naive nodes share: join.json, the handshake, heartbeats."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import orjson
+
+from node.protocol import codec
+from node.protocol import messages as m
+from node.protocol.framing import FrameDecoder, frame
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, default=2)
+    return parser.parse_args()
+
+
+async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    with open(os.environ.get("CPCLUSTER_JOIN", "join.json"), "rb") as f:
+        join = orjson.loads(f.read())
+    reader, writer = await asyncio.open_connection(join["ip"], join["port"], limit=1 << 24)
+    writer.write(frame(join["token"].encode()))
+    decoder = FrameDecoder()
+    while True:
+        answers = decoder.feed(await reader.read(64))
+        if answers:
+            assert answers[0] == b"OK", answers[0]
+            break
+    writer.write(codec.encode(m.RegisterRole(m.Role.Worker)) + codec.encode(m.HEARTBEAT))
+    return reader, writer
+
+
+async def heartbeat(writer: asyncio.StreamWriter) -> None:
+    while True:
+        await asyncio.sleep(2.5)
+        writer.write(codec.encode(m.HEARTBEAT))

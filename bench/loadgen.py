@@ -1,0 +1,266 @@
+"""A load generator that plays the master on loopback, and the nodes it is run against.
+
+    FakeMaster (asyncio, this process) ◀──TCP 127.0.0.1──▶ node under test (a subprocess)
+      token → "OK"; RegisterRole; GetConnectedNodes → ConnectedNodes; Heartbeat → HeartbeatAck
+      burst(n):      n AssignTask frames in one write, wait for n results, check each
+      round_trip(k): one task at a time, k times
+
+Nodes: `cpnode` (ours, `cpnode-supervisor`), `null` (bench/nullnode.py: answers at the protocol
+level without computing, the ceiling for any node) and `naive` (bench/naivenode.py: asyncio and
+one `ProcessPoolExecutor.submit` per task, the baseline).
+
+    python bench/loadgen.py --tasks 100000 --workers 2          # prints the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import psutil
+
+from node.protocol import codec
+from node.protocol import messages as m
+from node.protocol.framing import FrameDecoder, frame
+
+HERE = Path(__file__).resolve().parent
+TOKEN = "bench-token"
+NODES = ("cpnode", "null", "naive")
+
+
+def expression(i: int) -> tuple[str, float]:
+    """A tiny Compute task and its expected value; every task's expression is different, so
+    no node can answer from a cache."""
+    b = i % 7 + 1
+    return f"{i}+{b}*2", float(i + b * 2)
+
+
+class FakeMaster:
+    """Serves one node connection; pushes tasks on demand and collects results."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, bytes] = {}
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self.registered = asyncio.Event()
+        self.heartbeats = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._all_done: asyncio.Future[None] | None = None
+        self._outstanding = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=1 << 24)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        authenticated = False
+        try:
+            while True:
+                data = await reader.read(1 << 20)
+                if not data:
+                    return
+                for payload in decoder.feed(data):
+                    if not authenticated:
+                        ok = payload.strip() == TOKEN.encode()
+                        writer.write(frame(b"OK" if ok else b"Invalid token"))
+                        if not ok:
+                            writer.close()
+                            return
+                        authenticated = True
+                        self._writer = writer
+                        continue
+                    self._handle(payload, writer)
+        except ConnectionError:
+            return
+
+    def _handle(self, payload: bytes, writer: asyncio.StreamWriter) -> None:
+        if payload.startswith(b'{"TaskResult":'):
+            ident = codec.peek(payload).id
+            assert ident is not None
+            self.results[ident] = payload
+            self._outstanding -= 1
+            if self._outstanding == 0 and self._all_done is not None and not self._all_done.done():
+                self._all_done.set_result(None)
+            return
+        message = codec.decode(payload)
+        if isinstance(message, m.Heartbeat):
+            self.heartbeats += 1
+            writer.write(codec.encode(m.HEARTBEAT_ACK))
+            self.registered.set()
+        elif isinstance(message, m.GetConnectedNodes):
+            peer = writer.get_extra_info("peername")
+            writer.write(codec.encode(m.ConnectedNodes((f"{peer[0]}:{peer[1]}",))))
+
+    async def push(self, tasks: list[tuple[str, str]], timeout: float) -> float:
+        """Write every AssignTask at once; return seconds until the last result arrived."""
+        assert self._writer is not None
+        loop = asyncio.get_running_loop()
+        self._all_done = loop.create_future()
+        self._outstanding += len(tasks)
+        blob = b"".join(codec.encode(m.AssignTask(ident, m.Compute(expr))) for ident, expr in tasks)
+        started = time.perf_counter()
+        self._writer.write(blob)
+        await asyncio.wait_for(self._all_done, timeout)
+        return time.perf_counter() - started
+
+
+@dataclass
+class Measurement:
+    node: str
+    tasks: int
+    burst_s: float
+    cpu_s: float
+    rtt_ms: float
+    wrong: int
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.tasks / self.burst_s
+
+    @property
+    def cpu_us_per_task(self) -> float:
+        return self.cpu_s / self.tasks * 1e6
+
+
+def node_command(kind: str, config_path: str, workers: int) -> list[str]:
+    if kind == "cpnode":
+        return [
+            sys.executable,
+            "-m",
+            "node.cli",
+            config_path,
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warn",
+        ]
+    script = {"null": "nullnode.py", "naive": "naivenode.py"}[kind]
+    return [sys.executable, str(HERE / script), "--workers", str(workers)]
+
+
+def tree_cpu_seconds(process: psutil.Process) -> float:
+    total = 0.0
+    for proc in [process, *process.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+async def measure(
+    kind: str, tasks: int, workers: int, rtt_samples: int, timeout: float
+) -> Measurement:
+    master = FakeMaster()
+    await master.start()
+    with tempfile.TemporaryDirectory(prefix="cpnode-bench-") as tmp:
+        join = Path(tmp, "join.json")
+        join.write_text(json.dumps({"token": TOKEN, "ip": "127.0.0.1", "port": master.port}))
+        config = Path(tmp, "config.json")
+        config.write_text(
+            json.dumps(
+                {"master_addresses": [f"127.0.0.1:{master.port}"], "failover_timeout_ms": 5000}
+            )
+        )
+        env = dict(os.environ, CPCLUSTER_JOIN=str(join))
+        proc = subprocess.Popen(node_command(kind, str(config), workers), env=env)
+        try:
+            await asyncio.wait_for(master.registered.wait(), 60)
+            ps = psutil.Process(proc.pid)
+            # Warm up (worker start, caches of the parser), then measure.
+            warm = [(f"w{i}", expression(i)[0]) for i in range(min(2000, tasks))]
+            await master.push(warm, timeout)
+            await asyncio.sleep(0.2)
+            ids = [(f"t{i}", expression(i)[0]) for i in range(tasks)]
+            cpu_before = tree_cpu_seconds(ps)
+            burst = await master.push(ids, timeout)
+            cpu = tree_cpu_seconds(ps) - cpu_before
+            wrong = 0
+            if kind != "null":
+                for i in range(tasks):
+                    result = codec.decode(master.results[f"t{i}"])
+                    assert isinstance(result, m.TaskResult)
+                    if result.result != m.Number(expression(i)[1]):
+                        wrong += 1
+            rtts = []
+            for i in range(rtt_samples):
+                rtts.append(await master.push([(f"r{i}", expression(i)[0])], timeout))
+            return Measurement(kind, tasks, burst, cpu, statistics.median(rtts) * 1000, wrong)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            await master.close()
+
+
+def run_all(
+    kinds: list[str], tasks: int, workers: int, rtt_samples: int, timeout: float
+) -> list[Measurement]:
+    return [asyncio.run(measure(k, tasks, workers, rtt_samples, timeout)) for k in kinds]
+
+
+def table(results: list[Measurement]) -> str:
+    by = {r.node: r for r in results}
+    lines = [
+        "| node | tasks | burst tasks/s | CPU µs/task | round trip ms | wrong | burst vs null | burst vs naive | rtt vs null |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        vs_null = f"{r.tasks_per_s / by['null'].tasks_per_s:.2f}x" if "null" in by else "-"
+        vs_naive = f"{r.tasks_per_s / by['naive'].tasks_per_s:.1f}x" if "naive" in by else "-"
+        rtt_null = f"{r.rtt_ms / by['null'].rtt_ms:.2f}x" if "null" in by else "-"
+        lines.append(
+            f"| {r.node} | {r.tasks} | {r.tasks_per_s:,.0f} | {r.cpu_us_per_task:.1f} | {r.rtt_ms:.3f} | {r.wrong} "
+            f"| {vs_null} | {vs_naive} | {rtt_null} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rtt-samples", type=int, default=200)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--nodes", default=",".join(NODES), help="comma-separated: cpnode,null,naive"
+    )
+    parser.add_argument(
+        "--naive-tasks", type=int, default=None, help="tasks for the naive node (default: --tasks)"
+    )
+    args = parser.parse_args()
+    results = []
+    for kind in args.nodes.split(","):
+        n = args.naive_tasks if kind == "naive" and args.naive_tasks else args.tasks
+        results.extend(run_all([kind], n, args.workers, args.rtt_samples, args.timeout))
+        print(orjson.dumps(results[-1].__dict__).decode(), file=sys.stderr, flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

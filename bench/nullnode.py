@@ -1,0 +1,40 @@
+"""The null node: answers every AssignTask at the protocol level without computing.
+
+It parses frames and writes a `TaskResult` per task, as cheaply as Python can (uvloop, one
+write per read): the ceiling any Python node can reach on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvloop
+from _nodebase import connect, heartbeat, parse_args
+
+from node.protocol import codec
+from node.protocol.framing import FrameDecoder, frame
+
+_ZERO = b',"result":{"Number":0.0}}}'
+
+
+async def main() -> None:
+    reader, writer = await connect()
+    beat = asyncio.ensure_future(heartbeat(writer))
+    decoder = FrameDecoder()
+    while True:
+        data = await reader.read(1 << 20)
+        if not data:
+            break
+        out = []
+        for payload in decoder.feed(data):
+            if payload.startswith(b'{"AssignTask":'):
+                ident = codec.peek(payload).id or ""
+                out.append(frame(b'{"TaskResult":{"id":' + codec.json_str(ident) + _ZERO))
+        if out:
+            writer.write(b"".join(out))
+    beat.cancel()
+
+
+if __name__ == "__main__":
+    parse_args()
+    uvloop.run(main())

@@ -1,0 +1,187 @@
+"""`cpnode-supervisor`: run a cpnode (the supervisor and its worker processes).
+
+    cpnode-supervisor [CONFIG] [--workers N] [--role ROLE] [--log-level LEVEL] [--join PATH]
+                      [--local-master] [--local-master-port PORT]
+
+Exit status: 0 after a clean stop, 2 for a bad config or join.json, 3 when every master refused
+the token, 1 for anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from node.config import Config, JoinInfo, load_config, load_join, parse_role
+from node.errors import ConfigError
+from node.supervisor import Node
+
+log = logging.getLogger("cpnode")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpnode-supervisor",
+        description=(
+            "Run a CPCluster compute node: joins the master named by join.json (and the "
+            "config's master_addresses), runs tasks on a pool of worker processes."
+        ),
+        epilog=(
+            "Files: join.json is read from --join, else $CPCLUSTER_JOIN, else ./join.json; "
+            "$CPCLUSTER_TOKEN overrides its token. Stop with SIGTERM or Ctrl-C (drains: "
+            "finishes running tasks, delivers their results); a second signal stops at once. "
+            "Exit status: 0 clean stop, 2 bad config or join.json, 3 token refused, 1 other."
+        ),
+    )
+    parser.add_argument(
+        "config", nargs="?", help="config file (upstream format); default: built-in defaults"
+    )
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes (default: CPUs available)"
+    )
+    parser.add_argument(
+        "--role",
+        metavar="ROLE",
+        help="Worker, Disk or Internet (any case; default from config: Worker)",
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="error, warn, info, debug or trace (default from config: info)",
+    )
+    parser.add_argument(
+        "--join", metavar="PATH", help="join.json to use (default: $CPCLUSTER_JOIN or ./join.json)"
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        metavar="N",
+        help="tasks in flight per worker (default from config: 256)",
+    )
+    parser.add_argument(
+        "--poll-interval-ms", type=int, metavar="MS",
+        help="idle poll: send a Heartbeat this often while workers have free capacity "
+        "(default from config: 50; 0 = off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--local-master",
+        action="store_true",
+        help="start a cpnode-master on 127.0.0.1 for this node (writes its join.json next to it) "
+        "and print how to submit work: a whole cluster on one machine",
+    )
+    parser.add_argument(
+        "--local-master-port", type=int, default=55000, metavar="PORT",
+        help="port of the --local-master (default 55000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--start-method", choices=["forkserver", "spawn"], default="forkserver",
+        help="how worker processes are started (default forkserver)",
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides: dict[str, object] = {
+            "workers": args.workers,
+            "log_level": args.log_level,
+            "prefetch": args.prefetch,
+            "poll_interval_ms": args.poll_interval_ms,
+        }
+        if args.role is not None:
+            overrides["role"] = parse_role(args.role)
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"cpnode-supervisor: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.logging_level, format=LOG_FORMAT, stream=sys.stderr)
+    master: subprocess.Popen[bytes] | None = None
+    try:
+        if args.local_master:
+            join_path = Path(args.join or os.environ.get("CPCLUSTER_JOIN") or "join.json")
+            master = _start_local_master(join_path, args.local_master_port, config.log_level)
+            join = load_join(str(join_path))
+            print(
+                f"local master listening on {join.address}; submit work with:\n"
+                f"  cpnode-submit --join {join_path} compute '1+2'\n"
+                f"  cpnode-submit --join {join_path} batch tasks.jsonl",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            join = load_join(args.join)
+        return _run(config, join, args.start_method)
+    except ConfigError as exc:
+        print(f"cpnode-supervisor: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if master is not None:
+            master.terminate()
+            try:
+                master.wait(10)
+            except subprocess.TimeoutExpired:
+                master.kill()
+                master.wait()
+
+
+def _run(config: Config, join: JoinInfo, start_method: str) -> int:
+    import uvloop
+
+    async def run() -> int:
+        node = Node(config, join, start_method=start_method)
+        node.install_signal_handlers()
+        return await node.run()
+
+    return uvloop.run(run())
+
+
+def _start_local_master(join_path: Path, port: int, log_level: str) -> subprocess.Popen[bytes]:
+    """Start `cpnode-master` on 127.0.0.1:PORT and wait until its join.json names that port."""
+    env = dict(os.environ, CPCLUSTER_JOIN=str(join_path))
+    command = [
+        sys.executable,
+        "-m",
+        "node.master.cli",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--log-level",
+        log_level,
+    ]
+    master = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if master.poll() is not None:
+            raise ConfigError(
+                f"the local master exited with status {master.returncode} (is port {port} in use?)"
+            )
+        try:
+            if load_join(str(join_path)).port == port and _listening(port):
+                return master
+        except ConfigError:
+            pass
+        time.sleep(0.05)
+    master.kill()
+    master.wait()
+    raise ConfigError(f"the local master did not start within 15 s on port {port}")
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
