@@ -131,7 +131,7 @@ class WorkerPool:
         self._on_worker_lost = on_worker_lost
         self._context: BaseContext = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
-            self._context.set_forkserver_preload(["workers.worker"])
+            self._context.set_forkserver_preload(["workers.forkserver_init", "workers.worker"])
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._respawns: set[asyncio.TimerHandle] = set()
@@ -199,10 +199,8 @@ class WorkerPool:
             while process.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             if process.is_alive():
-                log.warning("worker %d did not exit in time; terminating", worker.index)
-                process.terminate()
-                await asyncio.sleep(0.1)
-            if process.is_alive():
+                # Workers ignore SIGTERM (the supervisor owns shutdown), so no polite signal.
+                log.warning("worker %d did not exit in time; killing it", worker.index)
                 process.kill()
             await asyncio.to_thread(process.join, 2.0)
             self._forget_process(worker)

@@ -42,10 +42,11 @@ def _die_with_parent() -> None:
 def worker_main(sock: socket.socket, settings: WorkerSettings, index: int) -> None:
     """Entry point of a worker process (the target of `multiprocessing.Process`)."""
     _die_with_parent()
-    # The supervisor owns shutdown: Ctrl-C in a terminal reaches the whole process group, and a
-    # worker that died of it would turn a graceful drain into lost tasks.
+    # The supervisor owns shutdown: Ctrl-C in a terminal, or a service manager's SIGTERM, reach
+    # the whole process group, and a worker that died of them would turn a graceful drain into
+    # lost tasks. A worker exits when its channel closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s worker-{index}[%(process)d] %(message)s",

@@ -1,0 +1,76 @@
+"""Run a real `cpnode-supervisor` process for tests, and stop it with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+class NodeProcess:
+    """`python -m node.cli CONFIG` as a child process, with its log captured to a file."""
+
+    def __init__(self, tmp: Path, join: Path, config: dict[str, object], *args: str) -> None:
+        self.config_path = tmp / "node-config.json"
+        self.config_path.write_text(json.dumps(config))
+        self.log_path = tmp / "node.log"
+        env = dict(os.environ, CPCLUSTER_JOIN=str(join))
+        env.pop("CPCLUSTER_TOKEN", None)
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", str(self.config_path), *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+        )
+        self.children: list[psutil.Process] = []
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log}")
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not logged within {timeout} s:\n{self.log}")
+
+    def record_children(self) -> list[psutil.Process]:
+        """Every process the node started, directly or through the forkserver."""
+        self.children = psutil.Process(self.proc.pid).children(recursive=True)
+        return self.children
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for child in self.children:
+            if child.is_running():
+                child.kill()
+        self._log.close()
+
+    def leftover_children(self, timeout: float = 5.0) -> list[psutil.Process]:
+        _, alive = psutil.wait_procs(self.children, timeout=timeout)
+        return alive

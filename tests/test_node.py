@@ -1,0 +1,148 @@
+"""The node end to end: a real supervisor process with real workers, joined to the local master."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.client import Client
+from node.config import Config
+from node.master import MasterThread
+from node.protocol import messages as m
+from tests.nodeproc import NodeProcess
+
+DATA = Path(__file__).parent / "data"
+FAILOVER_MS = 400
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Iterator[MasterThread]:
+    config = Config(failover_timeout_ms=FAILOVER_MS)
+    with MasterThread(config, join_path=str(tmp_path / "join.json")) as running:
+        yield running
+
+
+@pytest.fixture
+def node(tmp_path: Path, master: MasterThread) -> Iterator[NodeProcess]:
+    process = NodeProcess(
+        tmp_path,
+        tmp_path / "join.json",
+        {"failover_timeout_ms": FAILOVER_MS, "master_addresses": [master.address]},
+        "--workers",
+        "2",
+    )
+    try:
+        process.wait_for_log("node ready")
+        process.record_children()
+        yield process
+    finally:
+        process.close()
+
+
+def run_tasks(join: Path, tasks: list[m.Task], timeout: float = 60.0) -> list[m.Result]:
+    async def go() -> list[m.Result]:
+        async with Client.connect(join, timeout=timeout) as client:
+            ids = await client.submit_many(tasks)
+            results = await client.results(ids, timeout=timeout)
+            return [results[i] for i in ids]
+
+    return asyncio.run(go())
+
+
+def test_node_runs_10000_compute_tasks_correctly(tmp_path: Path, node: NodeProcess) -> None:
+    tasks: list[m.Task] = [m.Compute(f"{i}*2+{i % 5}") for i in range(10_000)]
+    results = run_tasks(tmp_path / "join.json", tasks)
+    assert results == [m.Number(float(i * 2 + i % 5)) for i in range(10_000)]
+
+
+def test_every_compute_vector_through_the_node(tmp_path: Path, node: NodeProcess) -> None:
+    lines = [json.loads(line) for line in (DATA / "compute_vectors.jsonl").read_text().splitlines()]
+    tasks: list[m.Task] = [
+        m.Compute(v["task"]["Compute"]["expression"])
+        if "Compute" in v["task"]
+        else m.ComplexMath(v["task"]["ComplexMath"]["expression"])
+        for v in lines
+    ]
+    results = run_tasks(tmp_path / "join.json", tasks)
+    assert len(results) == 80
+    for vector, result in zip(lines, results, strict=True):
+        ((kind, expected),) = vector["result"].items()
+        if kind == "Number":
+            assert isinstance(result, m.Number), (vector, result)
+            assert result.value == expected
+            assert math.copysign(1, result.value) == math.copysign(1, expected)
+        elif kind == "Response":
+            assert result == m.Response(expected), vector
+        else:
+            assert isinstance(result, m.Error), (vector, result)
+            if expected is not None:
+                assert result.message == expected
+            else:  # non-finite: an Error naming the value, never a null Number
+                assert "which has no JSON form" in result.message
+
+
+def test_tasks_for_later_issues_are_answered_not_dropped(tmp_path: Path, node: NodeProcess) -> None:
+    results = run_tasks(tmp_path / "join.json", [m.HttpRequest("http://127.0.0.1:9/")], timeout=30)
+    assert isinstance(results[0], m.Error)
+    assert "HttpRequest" in results[0].message
+
+
+def test_node_is_not_evicted_while_every_worker_computes(
+    tmp_path: Path, master: MasterThread, node: NodeProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Long unique expressions: each takes about a millisecond, so two workers stay busy for
+    # well over 3 x failover_timeout_ms while the master's eviction clock runs.
+    body = "+".join(f"sin({k})*cos({k})" for k in range(150))
+    tasks: list[m.Task] = [m.Compute(f"{i}+{body}") for i in range(3000)]
+    started = time.monotonic()
+    results = run_tasks(tmp_path / "join.json", tasks, timeout=120)
+    assert time.monotonic() - started > 3 * FAILOVER_MS / 1000
+    assert all(isinstance(r, m.Number) for r in results)
+    assert not [r for r in caplog.records if "evicted" in r.getMessage()]
+    assert "connection to master" not in node.log
+    assert master.stats().eligible_nodes == 1
+
+
+def test_sigterm_stops_cleanly_with_no_children_left(node: NodeProcess) -> None:
+    assert len(node.children) >= 2  # the workers (and forkserver)
+    assert node.stop(signal.SIGTERM) == 0
+    assert node.leftover_children() == []
+    assert "node stopped" in node.log
+
+
+def test_bad_config_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "join.json").write_text('{"token":"t","ip":"127.0.0.1","port":1}')
+    process = NodeProcess(tmp_path, tmp_path / "join.json", {"disk_space_mb": -5})
+    try:
+        assert process.proc.wait(30) == 2
+        assert "`disk_space_mb`" in process.log
+        assert "-5" in process.log
+    finally:
+        process.close()
+
+
+def test_upstream_scheduling_burst_of_100000(tmp_path: Path) -> None:
+    join = tmp_path / "join.json"
+    config = Config(failover_timeout_ms=2000)
+    with MasterThread(config, join_path=str(join), scheduling="upstream") as master:
+        process = NodeProcess(
+            tmp_path, join, {"failover_timeout_ms": 2000, "master_addresses": [master.address]},
+            "--workers", "2",
+        )  # fmt: skip
+        try:
+            process.wait_for_log("node ready")
+            tasks: list[m.Task] = [m.Compute(f"{i}+1") for i in range(100_000)]
+            results = run_tasks(join, tasks, timeout=240)
+            assert results == [m.Number(float(i + 1)) for i in range(100_000)]
+            assert master.stats().completed >= 100_000
+            process.record_children()
+            assert process.stop() == 0
+        finally:
+            process.close()
