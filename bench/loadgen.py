@@ -89,7 +89,7 @@ class FakeMaster:
                         self._writer = writer
                         continue
                     self._handle(payload, writer)
-        except ConnectionError:
+        except (ConnectionError, asyncio.CancelledError):
             return
 
     def _handle(self, payload: bytes, writer: asyncio.StreamWriter) -> None:
@@ -119,7 +119,13 @@ class FakeMaster:
         blob = b"".join(codec.encode(m.AssignTask(ident, m.Compute(expr))) for ident, expr in tasks)
         started = time.perf_counter()
         self._writer.write(blob)
-        await asyncio.wait_for(self._all_done, timeout)
+        try:
+            await asyncio.wait_for(self._all_done, timeout)
+        except TimeoutError:
+            missing = sum(1 for ident, _ in tasks if ident not in self.results)
+            raise TimeoutError(
+                f"{missing} of {len(tasks)} results missing after {timeout} s"
+            ) from None
         return time.perf_counter() - started
 
 

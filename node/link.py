@@ -12,8 +12,8 @@ master has answered a `Heartbeat` written after it (the master reads one connect
 order, so that ack proves it read the result); after a reconnect every unconfirmed result is
 written again. The upstream master only pushes tasks while handling a frame from the node, so
 an idle node with free capacity polls with a `Heartbeat` every `poll_interval_ms`. A master that
-leaves heartbeats unanswered and sends no byte at all for `failover_timeout_ms` is treated as
-stuck: the link closes and fails over.
+leaves heartbeats unanswered, sends no byte at all and takes none of ours off the wire for
+`failover_timeout_ms` is treated as stuck: the link closes and fails over.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import fcntl
 import logging
 import random
+import sys
+import termios
 import time
 from collections.abc import Callable
 
@@ -129,6 +132,9 @@ class MasterLink:
         self._heartbeats_sent = 0
         self._acks = 0
         self.last_bytes_at = 0.0
+        self.bytes_written = 0  # on this connection
+        self._consumed = 0  # bytes the master's side has taken off our send queue, last seen
+        self.last_progress_at = 0.0  # when the master last took bytes from us, or sent some
         self.last_write_at = 0.0
         self.last_heartbeat_at = 0.0
         self.heartbeating = True
@@ -159,7 +165,9 @@ class MasterLink:
         connection = self._connection
         assert connection is not None and connection.transport is not None
         entry[0] = self._heartbeats_sent + 1
-        connection.transport.write(entry[1])  # type: ignore[arg-type]
+        blob: bytes = entry[1]  # type: ignore[assignment]
+        connection.transport.write(blob)
+        self.bytes_written += len(blob)
         self.last_write_at = time.monotonic()
 
     def send_heartbeat(self) -> None:
@@ -168,6 +176,7 @@ class MasterLink:
             return
         assert connection.transport is not None
         connection.transport.write(_HEARTBEAT_FRAME)
+        self.bytes_written += len(_HEARTBEAT_FRAME)
         self._heartbeats_sent += 1
         self.last_heartbeat_at = self.last_write_at = time.monotonic()
 
@@ -175,7 +184,9 @@ class MasterLink:
         connection = self._connection
         if self.state is LinkState.REGISTERED and connection is not None:
             assert connection.transport is not None
-            connection.transport.write(codec.encode(message))
+            data = codec.encode(message)
+            connection.transport.write(data)
+            self.bytes_written += len(data)
             self.last_write_at = time.monotonic()
 
     # ------------------------------------------------------------------------------- incoming
@@ -290,7 +301,8 @@ class MasterLink:
         peername = connection.transport.get_extra_info("peername")
         self.address = format_address(sockname[0], sockname[1]) if sockname else ""
         self.peer = format_address(peername[0], peername[1]) if peername else ""
-        self.last_bytes_at = time.monotonic()
+        self.last_bytes_at = self.last_progress_at = time.monotonic()
+        self.bytes_written = self._consumed = 0
         self.state = LinkState.REGISTERED
         self.connects += 1
         # Upstream keeps no session: role and first heartbeat again on every connection.
@@ -330,9 +342,10 @@ class MasterLink:
         while True:
             await asyncio.sleep(step)
             now = time.monotonic()
+            self._note_progress(now)
             if (
                 self._heartbeats_sent > self._acks
-                and now - self.last_bytes_at > stuck_after
+                and now - self.last_progress_at > stuck_after
                 and now - self.last_heartbeat_at < stuck_after
             ):
                 log.error(
@@ -351,6 +364,20 @@ class MasterLink:
             ):
                 self.send_heartbeat()
 
+    def _note_progress(self, now: float) -> None:
+        """A master that still takes our bytes off the wire is slow, not stuck: a large backlog
+        of results can delay its `HeartbeatAck` well past `failover_timeout_ms`."""
+        if self.last_bytes_at > self.last_progress_at:
+            self.last_progress_at = self.last_bytes_at
+        connection = self._connection
+        if connection is None or connection.transport is None:
+            return
+        queued = connection.transport.get_write_buffer_size() + _unsent_bytes(connection.transport)
+        consumed = self.bytes_written - queued
+        if consumed > self._consumed:
+            self._consumed = consumed
+            self.last_progress_at = now
+
     def _close_connection(self) -> None:
         connection = self._connection
         if connection is not None and connection.transport is not None:
@@ -363,6 +390,18 @@ class MasterLink:
         self._closing = True
         self.state = LinkState.CLOSED
         self._close_connection()
+
+
+def _unsent_bytes(transport: asyncio.Transport) -> int:
+    """Bytes in the kernel's send queue not yet acknowledged by the peer (Linux SIOCOUTQ)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        buffer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(buffer, sys.byteorder, signed=True)
 
 
 def _endpoints(join: JoinInfo, config: Config) -> list[tuple[str, int]]:
