@@ -39,6 +39,11 @@ class Dispatcher:
         self._retried: set[str] = set()  # ids already retried once after a worker died
         self._workers: list[Worker] = []
         self.pool: WorkerPool | None = None
+        # Runs HttpRequest/Tcp/Udp in the event loop (they wait, they do not compute); it
+        # answers through `io_finished`. None: those tasks go to workers like any other.
+        self.io_runner: Callable[[str, bytes], None] | None = None
+        self.io_running = 0
+        self.received_by_type: collections.Counter[str] = collections.Counter()
         self._flush_scheduled = False
         self._accepting = True
         self.received = 0
@@ -77,10 +82,25 @@ class Dispatcher:
             # Draining: the master gets it back by evicting us or when we close.
             return
         self._held.add(ident)
-        self._pending.append((ident, payload))
         self.received += 1
         self.idle.clear()
+        match = _TASK_VARIANT.search(payload, 0, 4096)
+        kind = match.group(1).decode() if match is not None else "malformed"
+        self.received_by_type[kind] += 1
+        if kind in _IO_TASKS and self.io_runner is not None:
+            self.io_running += 1
+            self.io_runner(ident, payload)
+            return
+        self._pending.append((ident, payload))
         self._schedule_flush()
+
+    def io_finished(self, ident: str, result_frame: bytes) -> None:
+        """The I/O runner's answer for `ident` (a wire-ready `TaskResult` frame)."""
+        self.io_running -= 1
+        self._held.discard(ident)
+        self.completed += 1
+        self._send_results(result_frame, 1)
+        self._check_idle()
 
     def stop_accepting(self) -> list[str]:
         """Start a drain: drop tasks not yet started (the master re-queues them); keep the rest."""
@@ -177,6 +197,7 @@ class Dispatcher:
 _IDEMPOTENT = frozenset(
     {b"Compute", b"ComplexMath", b"RetrieveData", b"DiskRead", b"GetGlobalRam", b"GetStorage"}
 )
+_IO_TASKS = frozenset({"HttpRequest", "Tcp", "Udp"})
 _TASK_VARIANT = re.compile(rb'"task"\s*:\s*(?:\{\s*)?"([A-Za-z]+)"')
 
 

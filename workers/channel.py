@@ -6,7 +6,7 @@
 A `RESULTS` message carries `count` wire-ready `TaskResult` frames for the oldest `count` tasks
 the worker was sent (a worker answers in the order it was given), so the supervisor forwards
 the bytes to the master as they are and pops `count` ids: per-batch work, not per-task. `READY`
-carries the worker's pid once it can take tasks.
+carries the worker's pid once it can take tasks; `STATS` a JSON snapshot of `workers.stats`.
 """
 
 from __future__ import annotations
@@ -17,3 +17,4 @@ from typing import Final
 HEADER: Final = struct.Struct(">BII")
 RESULTS: Final = 1
 READY: Final = 2
+STATS: Final = 3

@@ -24,7 +24,10 @@ import time
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
 
-from workers.channel import HEADER, READY, RESULTS
+import orjson
+
+from workers.channel import HEADER, READY, RESULTS, STATS
+from workers.stats import merge
 from workers.tasks import WorkerSettings
 from workers.worker import worker_main
 
@@ -71,6 +74,7 @@ class Worker:
         self.started_at = 0.0
         self.restarts = 0
         self.tasks_done = 0
+        self.stats: dict[str, list[float]] = {}  # latest snapshot from the live process
 
     def __repr__(self) -> str:
         return f"<Worker {self.index} pid={self.pid} {self.status.value} held={len(self.assigned)}>"
@@ -100,6 +104,8 @@ class _Channel(asyncio.Protocol):
                 self._pool._results(self._worker, count, body)
             elif kind == READY:
                 self._pool._ready(self._worker, int(body))
+            elif kind == STATS:
+                self._worker.stats = orjson.loads(body)
         if pos:
             del buffer[:pos]
 
@@ -136,6 +142,11 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._respawns: set[asyncio.TimerHandle] = set()
         self.restarts_by_cause: collections.Counter[str] = collections.Counter()
+        self._retired_stats: dict[str, list[float]] = {}  # of processes that are gone
+
+    def task_stats(self) -> dict[str, list[float]]:
+        """Per task type: completed, failed, seconds, histogram (see `workers.stats`)."""
+        return merge([self._retired_stats, *(w.stats for w in self.workers)])
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -242,6 +253,8 @@ class WorkerPool:
         self._forget_process(worker)
         process.join(0)
         how = describe_exit(process.exitcode)
+        self._retired_stats = merge([self._retired_stats, worker.stats])
+        worker.stats = {}
         was_stopping = worker.status is WorkerStatus.STOPPING or self._stopping
         worker.status = WorkerStatus.DEAD
         if worker.transport is not None:

@@ -13,6 +13,7 @@ building records (`workers.expr` memoises repeated expressions).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,8 +23,11 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from workers.expr import ExpressionError, evaluate_complex, evaluate_compute
+from workers.stats import TaskStats
 
 log = logging.getLogger("cpnode.worker")
+
+_ERROR_RESULT = b',"result":{"Error":'
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,7 @@ class TaskRunner:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        self.stats = TaskStats()
         self._executors: dict[type, Callable[[m.Task], bytes]] = {
             m.Compute: lambda t: compute_result_json(t.expression),  # type: ignore[union-attr]
             m.ComplexMath: lambda t: complex_result_json(t.expression),  # type: ignore[union-attr]
@@ -81,20 +86,27 @@ class TaskRunner:
 
     def run_payload(self, payload: bytes) -> bytes:
         """Decode an `AssignTask` payload, run it, return the `TaskResult` payload."""
-        fast = self._run_expression(payload)
-        if fast is not None:
-            return fast
+        started = time.perf_counter()
+        result = self._run_expression(payload)
+        if result is not None:
+            kind = "Compute" if b'"task":{"Compute"' in payload else "ComplexMath"
+        else:
+            kind, result = self._run_decoded(payload)
+        self.stats.record(kind, _ERROR_RESULT in result, time.perf_counter() - started)
+        return result
+
+    def _run_decoded(self, payload: bytes) -> tuple[str, bytes]:
         try:
             message = codec.decode(payload)
         except RemoteProtocolError as exc:
             ident = _id_of(payload)
-            return codec.task_result_payload(ident, m.Error(f"malformed task: {exc}"))
+            return "malformed", codec.task_result_payload(ident, m.Error(f"malformed task: {exc}"))
         if type(message) is not m.AssignTask:
-            return codec.task_result_payload(
-                _id_of(payload), m.Error(f"not a task: {type(message).__name__}")
-            )
+            error = m.Error(f"not a task: {type(message).__name__}")
+            return "malformed", codec.task_result_payload(_id_of(payload), error)
         head = b'{"TaskResult":{"id":' + codec.json_str(message.id)
-        return head + b',"result":' + self.run_task(message.task) + b"}}"
+        kind = type(message.task).__name__
+        return kind, head + b',"result":' + self.run_task(message.task) + b"}}"
 
     @staticmethod
     def _run_expression(payload: bytes) -> bytes | None:

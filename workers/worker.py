@@ -22,10 +22,11 @@ import sys
 import time
 
 from node.protocol.framing import FrameDecoder, frame
-from workers.channel import HEADER, READY, RESULTS
+from workers.channel import HEADER, READY, RESULTS, STATS
 from workers.tasks import TaskRunner, WorkerSettings
 
 FLUSH_AFTER_S = 0.002
+STATS_EVERY_S = 0.5
 RECV_BYTES = 1 << 20
 _PR_SET_PDEATHSIG = 1
 
@@ -67,6 +68,7 @@ def _serve(sock: socket.socket, runner: TaskRunner, max_frame_bytes: int) -> Non
     decoder = FrameDecoder(max_frame_bytes)
     run = runner.run_payload
     clock = time.monotonic
+    stats_sent = 0.0
     while True:
         data = sock.recv(RECV_BYTES)
         if not data:
@@ -82,6 +84,10 @@ def _serve(sock: socket.socket, runner: TaskRunner, max_frame_bytes: int) -> Non
                 started = clock()
         if out:
             _send_results(sock, out)
+        if clock() - stats_sent > STATS_EVERY_S:
+            snapshot = runner.stats.snapshot()
+            sock.sendall(HEADER.pack(STATS, 0, len(snapshot)) + snapshot)
+            stats_sent = clock()
 
 
 def _send_results(sock: socket.socket, frames: list[bytes]) -> None:
