@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--poll-interval-ms", type=int, metavar="MS",
         help="idle poll: send a Heartbeat this often while workers have free capacity "
-        "(default from config: 50; 0 = off)",
+        "(default from config: 50)",
     )  # fmt: skip
     parser.add_argument(
         "--local-master",
