@@ -1,0 +1,226 @@
+"""`cpnode-master`: run the local CPCluster master.
+
+    CONFIG + flags ─load_config(overrides)─▶ Config ─▶ listen address, token
+        ─▶ start_master() ─▶ join.json (0600) ─▶ serve until SIGTERM/SIGINT ─▶ close() ─▶ exit 0
+
+The token is kept across restarts: `--token` wins, then `--new-token` (a fresh one), then the
+token of an existing join.json, and only without any of those a fresh one. Upstream makes a new
+token at every start, which locks out every node that joined before.
+
+Exit status: 0 after SIGTERM/SIGINT, 1 when the address cannot be listened on, 2 for a bad config
+file, flag, join.json or state file (the message says which and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from node.config import (
+    Config,
+    default_join_path,
+    load_config,
+    load_join,
+    parse_address,
+)
+from node.errors import ConfigError
+from node.master.journal import JournalError
+from node.master.server import new_event_loop, new_token, start_master
+
+_log = logging.getLogger("cpnode.master")
+
+# Upstream reads `config.json` from the working directory when no file is named.
+_DEFAULT_CONFIG = "config.json"
+
+_EPILOG = """\
+files:
+  CONFIG            the upstream config file (master_addresses, min_port, max_port,
+                    failover_timeout_ms, state_file, log_level, ...) plus cpnode's window,
+                    max_frame_bytes and result_ttl_s; default ./config.json when it exists,
+                    else built-in defaults
+  join.json         written at start (mode 0600) to $CPCLUSTER_JOIN, default ./join.json:
+                    {"token", "ip", "port"}; nodes and cpnode-submit read it
+  state file        pending and completed tasks, replayed at start (--state-file, config
+                    `state_file`, default master_state.json)
+
+exit status: 0 stopped by SIGTERM/SIGINT, 1 cannot listen, 2 bad config, flag, join.json or
+state file
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpnode-master",
+        description=(
+            "A CPCluster master for one machine: speaks the upstream protocol, hands tasks out "
+            "in submission order to nodes of the right role, and keeps its tasks across restarts."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "config",
+        nargs="?",
+        metavar="CONFIG",
+        help="config file (default: ./config.json when it exists, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="error, warn, info, debug, trace or off (overrides the config's log_level)",
+    )
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to listen on (default: the first of the config's master_addresses, "
+        "127.0.0.1:55000); port 0 picks a free port",
+    )
+    tokens = parser.add_mutually_exclusive_group()
+    tokens.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the join token to require (e.g. the one another master of the cluster uses); "
+        "default: keep the token of an existing join.json",
+    )
+    tokens.add_argument(
+        "--new-token",
+        action="store_true",
+        help="make a new token even if join.json has one (locks out nodes holding the old one)",
+    )
+    parser.add_argument(
+        "--scheduling",
+        choices=("fifo", "upstream"),
+        default="fifo",
+        help="fifo (default): tasks pushed in submission order as soon as a node of the role "
+        "has a free slot in its window; upstream: as the upstream master, a node gets every "
+        "pending task of its role at once, and only right after it sent a frame",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        metavar="N",
+        help="fifo: tasks in flight per node (overrides the config's window, default 1024)",
+    )
+    parser.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="journal of pending and completed tasks (overrides the config's state_file)",
+    )
+    return parser
+
+
+def _listen_address(text: str | None, config: Config) -> tuple[str, int]:
+    if text is None:
+        return config.master_endpoints[0]
+    head, _, port_text = text.rpartition(":")
+    try:
+        if port_text == "0":  # parse_address refuses port 0; here it means "any free port"
+            return parse_address(head + ":1")[0], 0
+        return parse_address(text)
+    except ValueError as error:
+        raise ConfigError(f"--listen: {error}") from None
+
+
+def _choose_token(token: str | None, rotate: bool, join_path: str) -> str:
+    if token is not None:
+        if not token or token != token.strip():
+            raise ConfigError(
+                "--token: must be non-empty, without leading or trailing whitespace "
+                "(the master compares the token a node sends after trimming it)"
+            )
+        return token
+    if rotate or not os.path.lexists(join_path):
+        return new_token()
+    try:
+        return load_join(join_path, env={}).token
+    except ConfigError as error:
+        raise ConfigError(f"{error}\n(use --new-token to replace it with a new token)") from None
+
+
+async def _serve(
+    config: Config,
+    host: str,
+    port: int,
+    token: str,
+    scheduling: str,
+    join_path: str,
+    state_file: str,
+) -> int:
+    try:
+        master = await start_master(
+            config,
+            host=host,
+            port=port,
+            token=token,
+            scheduling=scheduling,
+            join_path=join_path,
+            state_file=state_file,
+        )
+    except (ConfigError, JournalError) as error:
+        print(f"cpnode-master: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(
+            f"cpnode-master: cannot listen on {host}:{port}: {error.strerror or error}",
+            file=sys.stderr,
+        )
+        return 1
+    _log.info("join information written to %s", join_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        _log.info("stopping: closing connections and writing the state file")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await master.close()
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the master; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    config_path = args.config
+    if config_path is None and os.path.exists(_DEFAULT_CONFIG):
+        config_path = _DEFAULT_CONFIG
+    join_path = default_join_path()
+    try:
+        config = load_config(
+            config_path,
+            overrides={
+                "log_level": args.log_level,
+                "window": args.window,
+                "state_file": args.state_file,
+            },
+        )
+        host, port = _listen_address(args.listen, config)
+        token = _choose_token(args.token, args.new_token, join_path)
+    except ConfigError as error:
+        print(f"cpnode-master: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.logging_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(
+            _serve(config, host, port, token, args.scheduling, join_path, config.state_file)
+        )
+
+
+def main() -> None:
+    """Console-script entry point (`cpnode-master = "node.master.cli:main"`)."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

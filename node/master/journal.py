@@ -1,0 +1,484 @@
+"""The master's journal (`state_file`): pending and completed tasks survive a restart.
+
+    event loop ─ submit()/result() ─▶ SimpleQueue ─▶ writer thread ─ write+flush ─▶ state_file
+    event loop ─ compact(snapshot) ─▶ (same queue, in order) ─▶ temp file, fsync, os.replace
+    start:  state_file ── replay() ──▶ Replayed(tasks, results) ──▶ scheduler, then compact at once
+
+The file is JSON lines, one record per line, appended and never edited in place:
+
+    {"op":"journal","format":"cpnode-master","version":1}         first line of every file we write
+    {"op":"submit","id":"t1","task":{"Compute":{"expression":"1+2"}}}
+    {"op":"result","id":"t1","result":{"Number":3.0},"at":1718000000.123}
+
+Replaying applies the records in order with the master's own rules (a result completes the task,
+a later submit of a completed id runs it again), so the tasks left without a result are the ones
+still to run: those pending and those active on a node when the master stopped. Results older
+than `result_ttl_s` (`at` is wall-clock time) are dropped on replay and by compaction.
+
+The event loop never touches the file. It only formats one line (bytes concatenation, no JSON
+encoder) and puts it on a queue; the writer thread writes whatever has accumulated in one call.
+
+Durability: each batch is written and flushed to the operating system as soon as the thread
+wakes, so a crash of the master process loses at most the records of the last milliseconds. The
+file is fsync'ed at most every `fsync_interval_s` (default 1 s, as Redis's `appendfsync
+everysec`) while records arrive, and at close, so a power cut loses at most about a second. Replies
+(`TaskAccepted`) do not wait for either: the master is a development and test tool, and a client
+that must not lose a task resubmits it after a timeout (a repeated id never runs twice at once).
+
+Compaction: when the file holds more than `compact_ratio` times the records the live state needs
+(plus `compact_slack`), the loop hands the writer a snapshot (references to bytes it already
+holds) and the writer rewrites the file: temp file in the same directory, fsync, `os.replace`,
+fsync of the directory, then it appends to the new file. The journal is also compacted right after
+every replay, which drops expired results, unreadable lines and a torn tail.
+
+A torn last line (the master died mid-write) is skipped with a warning; so is any other line that
+cannot be read, with its line number. A non-empty file without a single readable record is
+refused (`JournalError`) rather than overwritten. A state file of the upstream master (one JSON
+object with `pending_tasks`) is imported: its pending tasks, the tasks active on its nodes (which
+upstream would lose) and its completed results; the original is kept beside it as
+`<state_file>.upstream`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from node.errors import CpnodeError
+from node.protocol import RemoteProtocolError, result_from_json, result_to_json, task_from_json
+from node.protocol import messages as m
+
+__all__ = [
+    "DEFAULT_COMPACT_RATIO",
+    "DEFAULT_COMPACT_SLACK",
+    "DEFAULT_FSYNC_INTERVAL_S",
+    "Journal",
+    "JournalError",
+    "Replayed",
+    "replay",
+]
+
+_log = logging.getLogger("cpnode.master.journal")
+
+DEFAULT_FSYNC_INTERVAL_S: Final = 1.0
+DEFAULT_COMPACT_RATIO: Final = 4
+DEFAULT_COMPACT_SLACK: Final = 10_000
+# The writer joins at most this many records into one write() so a burst of 100,000 submissions
+# reaches the OS in pieces rather than after one huge join.
+_MAX_BATCH: Final = 8192
+
+HEADER: Final = b'{"op":"journal","format":"cpnode-master","version":1}\n'
+_VERSION: Final = 1
+
+
+class JournalError(CpnodeError):
+    """The state file cannot be used (unreadable, or not a journal); the master does not start."""
+
+
+@dataclass(slots=True)
+class Replayed:
+    """What a state file held: tasks still to run (submission order) and unexpired results."""
+
+    tasks: list[tuple[str, m.Task]] = field(default_factory=list)
+    results: list[tuple[str, bytes, float]] = field(default_factory=list)
+    records: int = 0
+    skipped: int = 0
+    source: str = "none"  # "none" (no file), "journal" or "upstream"
+
+
+# --- record formats (shared by the loop side and the writer) --------------------------------
+
+
+def submit_record(id_json: bytes, task_json: bytes) -> bytes:
+    return b'{"op":"submit","id":' + id_json + b',"task":' + task_json + b"}\n"
+
+
+def result_record(id_json: bytes, result_json: bytes, at: float) -> bytes:
+    # repr() of a float round-trips and is valid JSON for every finite value.
+    return (
+        b'{"op":"result","id":' + id_json + b',"result":' + result_json
+        + b',"at":' + repr(at).encode() + b"}\n"
+    )  # fmt: skip
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+
+def _as_str(value: object, what: str) -> str:
+    if type(value) is not str:
+        raise ValueError(f"{what} is not a string")
+    return value
+
+
+def _as_time(value: object) -> float:
+    if type(value) not in (int, float):
+        raise ValueError("`at` is not a number")
+    return float(value)  # type: ignore[arg-type]
+
+
+class _State:
+    """Replay's model of the master: the same rules as the scheduler, without nodes."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, m.Task] = {}
+        self.results: dict[str, tuple[bytes, float]] = {}
+
+    def submit(self, ident: str, task: m.Task) -> None:
+        self.results.pop(ident, None)
+        self.tasks.pop(ident, None)  # a repeated waiting id moves to the back, as in the master
+        self.tasks[ident] = task
+
+    def result(self, ident: str, result_json: bytes, at: float) -> None:
+        self.tasks.pop(ident, None)
+        self.results.pop(ident, None)
+        self.results[ident] = (result_json, at)
+
+
+def _apply(state: _State, record: Any) -> None:
+    if type(record) is not dict:
+        raise ValueError("not a JSON object")
+    op = record.get("op")
+    if op == "submit":
+        ident = _as_str(record.get("id"), "`id`")
+        state.submit(ident, task_from_json(record.get("task")))
+    elif op == "result":
+        ident = _as_str(record.get("id"), "`id`")
+        result = result_from_json(record.get("result"))
+        state.result(ident, result_to_json(result), _as_time(record.get("at")))
+    elif op == "journal":
+        if record.get("version") != _VERSION:
+            raise ValueError(f"journal version {record.get('version')!r}, expected {_VERSION}")
+    else:
+        raise ValueError(f"unknown op {op!r}")
+
+
+def _import_upstream(document: dict[str, Any], label: str, now: float) -> Replayed:
+    """The upstream master's `MasterState`: pending tasks, nodes' active tasks, results."""
+    state = _State()
+    skipped = 0
+    pending = document.get("pending_tasks") or {}
+    nodes = document.get("connected_nodes") or {}
+    completed = document.get("completed_tasks") or {}
+    sources: list[dict[str, Any]] = [pending] if isinstance(pending, dict) else []
+    if isinstance(nodes, dict):
+        sources += [
+            node["active_tasks"]
+            for node in nodes.values()
+            if isinstance(node, dict) and isinstance(node.get("active_tasks"), dict)
+        ]
+    for tasks in sources:
+        for ident, task in tasks.items():
+            try:
+                state.submit(ident, task_from_json(task))
+            except RemoteProtocolError as error:
+                skipped += 1
+                _log.warning("%s: upstream task %r skipped: %s", label, ident, error)
+    if isinstance(completed, dict):
+        for ident, result in completed.items():
+            try:
+                state.result(ident, result_to_json(result_from_json(result)), now)
+            except RemoteProtocolError as error:
+                skipped += 1
+                _log.warning("%s: upstream result %r skipped: %s", label, ident, error)
+    return Replayed(
+        tasks=list(state.tasks.items()),
+        results=[(ident, result, at) for ident, (result, at) in state.results.items()],
+        records=len(state.tasks) + len(state.results),
+        skipped=skipped,
+        source="upstream",
+    )
+
+
+def _looks_upstream(data: bytes) -> dict[str, Any] | None:
+    if not data.lstrip().startswith(b"{"):
+        return None
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(document, dict) and "pending_tasks" in document and "op" not in document:
+        return document
+    return None
+
+
+def replay(path: str | os.PathLike[str], *, ttl_s: float, now: float | None = None) -> Replayed:
+    """Read a state file (blocking: call it off the event loop). A missing file is empty.
+
+    Raises JournalError when the file exists but cannot be read or holds no readable record.
+    """
+    label = os.fspath(path)
+    now = time.time() if now is None else now
+    try:
+        with open(label, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return Replayed()
+    except OSError as error:
+        raise JournalError(f"{label}: cannot read state file: {error.strerror or error}") from None
+    upstream = _looks_upstream(data)
+    if upstream is not None:
+        replayed = _import_upstream(upstream, label, now)
+    else:
+        replayed = _replay_lines(data, label)
+    cutoff = now - ttl_s
+    replayed.results = [item for item in replayed.results if item[2] > cutoff]
+    return replayed
+
+
+def _replay_lines(data: bytes, label: str) -> Replayed:
+    state = _State()
+    lines = data.split(b"\n")
+    # The last element is what follows the final newline: empty for a clean file, a torn
+    # record when the master died mid-write.
+    last = len(lines) - 1
+    while last > 0 and not lines[last].strip():
+        last -= 1
+    records = skipped = 0
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            _apply(state, orjson.loads(line))
+            records += 1
+        except (orjson.JSONDecodeError, ValueError, RemoteProtocolError) as error:
+            skipped += 1
+            if number == last and not data.endswith(b"\n"):
+                _log.warning(
+                    "%s: line %d is incomplete (the master stopped mid-write); skipped",
+                    label,
+                    number + 1,
+                )
+            else:
+                _log.warning("%s: line %d unreadable, skipped: %s", label, number + 1, error)
+    if records == 0 and skipped:
+        raise JournalError(
+            f"{label}: not a cpnode-master journal ({skipped} unreadable lines, none readable); "
+            "move it away or choose another state file"
+        )
+    return Replayed(
+        tasks=list(state.tasks.items()),
+        results=[(ident, result, at) for ident, (result, at) in state.results.items()],
+        records=records,
+        skipped=skipped,
+        source="journal" if records else "none",
+    )
+
+
+# --- the writer --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    tasks: list[tuple[bytes, bytes]]
+    results: list[tuple[str, bytes, float]]
+
+
+_STOP: Final = object()
+
+
+class Journal:
+    """Appends records to the state file from a writer thread; see the module docstring.
+
+    Every method is called from the event loop's thread; only the writer thread touches the file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
+        compact_ratio: int = DEFAULT_COMPACT_RATIO,
+        compact_slack: int = DEFAULT_COMPACT_SLACK,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.fsync_interval_s = fsync_interval_s
+        self.compact_ratio = compact_ratio
+        self.compact_slack = compact_slack
+        # Records the file holds (as far as the loop knows: queued ones count already).
+        self.records = 0
+        self.compactions = 0
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._failed = False
+
+    # --- loop side -------------------------------------------------------------------------
+
+    def start(
+        self, tasks: list[tuple[bytes, bytes]], results: list[tuple[str, bytes, float]]
+    ) -> None:
+        """Start the writer; its first job rewrites the file from this (replayed) state."""
+        self.compact(tasks, results)
+        self._thread = threading.Thread(target=self._run, name="cpnode-master-journal", daemon=True)
+        self._thread.start()
+
+    def submit(self, id_json: bytes, task_json: bytes) -> None:
+        self._queue.put(submit_record(id_json, task_json))
+        self.records += 1
+
+    def result(self, id_json: bytes, result_json: bytes, at: float) -> None:
+        self._queue.put(result_record(id_json, result_json, at))
+        self.records += 1
+
+    def wants_compaction(self, live_records: int) -> bool:
+        return self.records > self.compact_ratio * live_records + self.compact_slack
+
+    def compact(
+        self, tasks: list[tuple[bytes, bytes]], results: list[tuple[str, bytes, float]]
+    ) -> None:
+        """Rewrite the file to hold exactly this state (plus what is queued after it)."""
+        self._queue.put(_Snapshot(tasks, results))
+        self.records = len(tasks) + len(results)
+        self.compactions += 1
+
+    def close(self) -> None:
+        """Write what is queued, fsync, stop the writer (blocking: call it off the loop)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        file = None
+        synced_at = time.monotonic()
+        unsynced = False
+        try:
+            while True:
+                timeout = None
+                if unsynced:
+                    timeout = max(0.0, synced_at + self.fsync_interval_s - time.monotonic())
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                batch: list[bytes] = []
+                stop = False
+                while item is not None:
+                    if type(item) is bytes:
+                        batch.append(item)
+                        if len(batch) >= _MAX_BATCH:
+                            file = self._write(file, batch)
+                            unsynced = True
+                    elif item is _STOP:
+                        stop = True
+                        break
+                    else:
+                        assert isinstance(item, _Snapshot)
+                        # Records queued before the snapshot are part of it already.
+                        batch.clear()
+                        if file is not None:
+                            file.close()
+                        file = self._rewrite(item)
+                        synced_at = time.monotonic()
+                        unsynced = False
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        item = None
+                if batch:
+                    file = self._write(file, batch)
+                    unsynced = True
+                if (
+                    file is not None
+                    and unsynced
+                    and (stop or time.monotonic() - synced_at >= self.fsync_interval_s)
+                ):
+                    self._sync(file)
+                    synced_at = time.monotonic()
+                    unsynced = False
+                if stop:
+                    return
+        finally:
+            if file is not None:
+                file.close()
+
+    def _write(self, file: Any, batch: list[bytes]) -> Any:
+        if batch and not self._failed:
+            try:
+                if file is None:
+                    file = open(self.path, "ab")  # noqa: SIM115  (lives across batches)
+                file.write(b"".join(batch))
+                file.flush()
+            except OSError as error:
+                self._fail(error)
+        batch.clear()
+        return file
+
+    def _sync(self, file: Any) -> None:
+        if self._failed:
+            return
+        try:
+            os.fsync(file.fileno())
+        except OSError as error:
+            self._fail(error)
+
+    def _rewrite(self, snapshot: _Snapshot) -> Any:
+        if self._failed:
+            return None
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            descriptor, temporary = tempfile.mkstemp(
+                prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=directory
+            )
+            try:
+                with os.fdopen(descriptor, "wb") as out:
+                    chunk = [HEADER]
+                    for id_json, task_json in snapshot.tasks:
+                        chunk.append(submit_record(id_json, task_json))
+                        if len(chunk) >= _MAX_BATCH:
+                            out.write(b"".join(chunk))
+                            chunk.clear()
+                    for ident, result_json, at in snapshot.results:
+                        chunk.append(result_record(orjson.dumps(ident), result_json, at))
+                        if len(chunk) >= _MAX_BATCH:
+                            out.write(b"".join(chunk))
+                            chunk.clear()
+                    out.write(b"".join(chunk))
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
+            directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory_fd)
+            finally:
+                os.close(directory_fd)
+            return open(self.path, "ab")
+        except OSError as error:
+            self._fail(error)
+            return None
+
+    def _fail(self, error: OSError) -> None:
+        # The master keeps serving without persistence rather than stopping its nodes' work.
+        if not self._failed:
+            self._failed = True
+            _log.error(
+                "%s: cannot write the state file (%s); tasks are no longer persisted",
+                self.path,
+                error.strerror or error,
+            )
+
+
+def keep_upstream_original(path: str | os.PathLike[str]) -> str:
+    """Copy an upstream state file to `<path>.upstream` before it is rewritten in our format."""
+    label = os.fspath(path)
+    backup = label + ".upstream"
+    shutil.copy2(label, backup)
+    return backup
