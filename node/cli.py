@@ -1,7 +1,10 @@
 """`cpnode-supervisor`: run a cpnode (the supervisor and its worker processes).
 
     cpnode-supervisor [CONFIG] [--workers N] [--role ROLE] [--log-level LEVEL] [--join PATH]
+                      [--log-format text|json] [--health-port [PORT] | --health-listen HOST:PORT]
                       [--local-master] [--local-master-port PORT]
+                      [--direct-port PORT] [--connect-to HOST:PORT ...] [--tls MODE]
+                      [--request-connection ADDR ...]
 
 Exit status: 0 after a clean stop, 2 for a bad config or join.json, 3 when every master refused
 the token, 1 for anything unexpected.
@@ -19,11 +22,12 @@ from pathlib import Path
 
 from node.config import Config, JoinInfo, load_config, load_join, parse_role
 from node.errors import ConfigError
+from node.health import DEFAULT_PORT as DEFAULT_HEALTH_PORT
 from node.supervisor import Node
+from workers.logformat import FORMATS as LOG_FORMATS
+from workers.logformat import configure_logging
 
 log = logging.getLogger("cpnode")
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +85,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the --local-master (default 55000)",
     )  # fmt: skip
     parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, metavar="FORMAT",
+        help="text (human-readable) or json (one object per line; default from config: text)",
+    )  # fmt: skip
+    health = parser.add_mutually_exclusive_group()
+    health.add_argument(
+        "--health-port", type=int, nargs="?", const=DEFAULT_HEALTH_PORT, metavar="PORT",
+        help="serve /healthz, /readyz, /metrics and /status on 127.0.0.1:PORT "
+        f"(PORT defaults to {DEFAULT_HEALTH_PORT}; the endpoint is off unless asked for)",
+    )  # fmt: skip
+    health.add_argument(
+        "--health-listen", metavar="HOST:PORT",
+        help="the same on any address, e.g. 0.0.0.0:9655 for Kubernetes probes and Prometheus "
+        "(default from config: health_listen)",
+    )  # fmt: skip
+    parser.add_argument(
         "--start-method", choices=["forkserver", "spawn"], default="forkserver",
         help="how worker processes are started (default forkserver)",
+    )  # fmt: skip
+    direct = parser.add_argument_group("direct links (tasks between nodes, without the master)")
+    direct.add_argument(
+        "--direct-port", type=int, metavar="PORT",
+        help="accept direct links on PORT (default from config: direct_port, none)",
+    )  # fmt: skip
+    direct.add_argument(
+        "--connect-to", action="append", metavar="HOST:PORT",
+        help="dial a peer's direct port and give it the tasks this node has no room for "
+        "(repeatable; replaces the config's connect_to)",
+    )  # fmt: skip
+    direct.add_argument(
+        "--request-connection", action="append", default=[], metavar="ADDR",
+        help="ask the master for a connection to the node it lists as ADDR (upstream's "
+        "RequestConnection; repeatable)",
+    )  # fmt: skip
+    direct.add_argument(
+        "--tls", choices=["auto", "always", "never"],
+        help="TLS to the master and on direct links: auto (default) when the address is not "
+        "loopback or private, always, never",
     )  # fmt: skip
     return parser
 
@@ -95,14 +134,21 @@ def main(argv: list[str] | None = None) -> int:
             "log_level": args.log_level,
             "prefetch": args.prefetch,
             "poll_interval_ms": args.poll_interval_ms,
+            "log_format": args.log_format,
+            "health_listen": args.health_listen,
+            "direct_port": args.direct_port,
+            "connect_to": args.connect_to,
+            "tls": args.tls,
         }
         if args.role is not None:
             overrides["role"] = parse_role(args.role)
+        if args.health_port is not None:
+            overrides["health_listen"] = f"127.0.0.1:{args.health_port}"
         config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"cpnode-supervisor: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.logging_level, format=LOG_FORMAT, stream=sys.stderr)
+    configure_logging(config.log_level, config.log_format)
     master: subprocess.Popen[bytes] | None = None
     try:
         if args.local_master:
@@ -118,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             join = load_join(args.join)
-        return _run(config, join, args.start_method)
+        return _run(config, join, args.start_method, args.request_connection)
     except ConfigError as exc:
         print(f"cpnode-supervisor: {exc}", file=sys.stderr)
         return 2
@@ -134,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                 master.wait()
 
 
-def _run(config: Config, join: JoinInfo, start_method: str) -> int:
+def _run(config: Config, join: JoinInfo, start_method: str, requests: list[str]) -> int:
     import uvloop
 
     async def run() -> int:
         node = Node(config, join, start_method=start_method)
+        node.direct.request_connections = requests
         node.install_signal_handlers()
         return await node.run()
 

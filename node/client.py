@@ -1,6 +1,6 @@
 """An asyncio client for a CPCluster master: authenticate, submit tasks, poll their results.
 
-    Client.connect(join) ──TCP──▶ master   (TLS slots in at `_transport_security` later)
+    Client.connect(join) ──TCP (TLS when the master is not local)──▶ master
       token                  ──▶ "OK" | "Invalid token"
       SubmitTask{id, task} … ──▶ TaskAccepted(id) …                          submit, submit_many
       GetTaskResult(id) …    ──▶ TaskResult{id, result} | DirectMessage("Pending") …  result(s)
@@ -31,13 +31,14 @@ import asyncio
 import enum
 import itertools
 import os
+import ssl
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from types import TracebackType
 from typing import Any, Final, Self, cast
 
-from node.config import JoinInfo, is_local_ip, load_join
+from node.config import JoinInfo, load_join
 from node.errors import ConfigError, CpnodeError
 from node.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -56,6 +57,7 @@ from node.protocol import (
     frame,
 )
 from node.protocol.messages import DISCONNECT
+from node.tls import ClientTls, client_tls, verify_failure, wants_tls
 
 __all__ = [
     "DEFAULT_RESULT_TIMEOUT",
@@ -64,6 +66,7 @@ __all__ = [
     "Client",
     "ClientError",
     "ConnectionClosed",
+    "MasterCertificateError",
     "MasterProtocolError",
     "MasterTimeout",
     "MasterUnreachable",
@@ -95,6 +98,10 @@ class ClientError(CpnodeError):
 
 class MasterUnreachable(ClientError, ConnectionError):
     """No connection to the master could be made; retrying later may help."""
+
+
+class MasterCertificateError(MasterUnreachable):
+    """The master's TLS certificate failed verification; the message says which and why."""
 
 
 class AuthenticationError(ClientError):
@@ -270,17 +277,18 @@ def _preview(payload: bytes, limit: int = 120) -> str:
     return repr(text + ("..." if len(payload) > limit else ""))
 
 
-def _transport_security(host: str) -> None:
-    """The TLS settings for a master at `host`: none for loopback and private addresses.
-
-    This is where a TLS context (checked against `ca_cert`, `ca_cert_path` or the system roots)
-    will come from; until then a master elsewhere is refused with a clear message.
-    """
-    if not is_local_ip(host):
-        raise ConfigError(
-            f"the master at {host} is not on a loopback or private address, so it must be "
-            "reached over TLS, which this client does not support yet; use a local master"
-        )
+def _transport_security(
+    host: str, tls: str, ca_cert: str | None, ca_cert_path: str | None
+) -> ClientTls | None:
+    """The TLS settings for a master at `host`: none for loopback and private addresses (the
+    upstream rule) unless `tls` is "always"; else a context checking the master's certificate
+    against `ca_cert` (PEM text), `ca_cert_path` or the system roots. ConfigError when the CA
+    cannot be used."""
+    if tls not in ("auto", "always", "never"):
+        raise ConfigError(f'tls must be "auto", "always" or "never", got {tls!r}')
+    if not wants_tls(host, tls):
+        return None
+    return client_tls(ca_cert, ca_cert_path, source="client")
 
 
 def _resolve_join(
@@ -348,6 +356,9 @@ class Client:
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        tls: str = "auto",
+        ca_cert: str | None = None,
+        ca_cert_path: str | None = None,
     ) -> _Connecting:
         """Connect to the master and authenticate.
 
@@ -355,23 +366,37 @@ class Client:
         (`$CPCLUSTER_JOIN`, `./join.json`, `$CPCLUSTER_TOKEN`) unless `host`, `port` and `token`
         are all given. `host`, `port` and `token` override the join file's fields. `timeout`
         bounds the connection and authentication, and how long any later answer may keep the
-        master silent. Raises `ConfigError`, `MasterUnreachable`, `AuthenticationError`,
-        `ConnectionClosed`, `MasterProtocolError` or `MasterTimeout`.
+        master silent. `tls` ("auto": only for a master that is not on a loopback or private
+        address, "always", "never") and the CA to check its certificate against (`ca_cert` PEM
+        text, else `ca_cert_path`, else the system roots) as in the node's config. Raises
+        `ConfigError`, `MasterUnreachable` (`MasterCertificateError` for a certificate that
+        failed verification), `AuthenticationError`, `ConnectionClosed`, `MasterProtocolError`
+        or `MasterTimeout`.
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         info = _resolve_join(join, host, port, token)
-        return _Connecting(lambda: cls._open(info, timeout, max_frame_bytes))
+        security = _transport_security(info.ip, tls, ca_cert, ca_cert_path)
+        return _Connecting(lambda: cls._open(info, timeout, max_frame_bytes, security))
 
     @classmethod
-    async def _open(cls, info: JoinInfo, timeout: float, max_frame_bytes: int) -> Client:
-        _transport_security(info.ip)
+    async def _open(
+        cls, info: JoinInfo, timeout: float, max_frame_bytes: int, security: ClientTls | None
+    ) -> Client:
         address = info.address
         loop = asyncio.get_running_loop()
         connection = _MasterConnection(address, max_frame_bytes)
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(lambda: connection, info.ip, info.port)
+                await loop.create_connection(
+                    lambda: connection, info.ip, info.port,
+                    ssl=security.context if security else None,
+                    server_hostname=info.ip if security else None,
+                )  # fmt: skip
+        except ssl.SSLCertVerificationError as error:
+            assert security is not None
+            failure = await verify_failure(error, "master", info.ip, info.port, security.trust)
+            raise MasterCertificateError(str(failure)) from None
         except TimeoutError:
             raise MasterUnreachable(
                 f"cannot connect to the master at {address}: no answer within {timeout:g} s"

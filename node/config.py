@@ -32,6 +32,8 @@ from typing import Any, Final, NoReturn
 
 from node.errors import ConfigError
 from node.protocol.messages import Role
+from workers.logformat import FORMATS as LOG_FORMATS
+from workers.logformat import LEVELS as LOG_LEVELS
 
 __all__ = [
     "CONFIG_FIELDS",
@@ -304,6 +306,22 @@ class _Address(_Check):
         return value
 
 
+class _Network(_Check):
+    expected = 'a CIDR network such as "10.0.0.0/8" or "fe80::/10"'
+
+    def __call__(self, value: object) -> str:
+        if not isinstance(value, str):
+            self.fail(value)
+        try:
+            return str(ipaddress.ip_network(value.strip()))
+        except ValueError as error:
+            try:
+                loose = ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                self.fail(value, note=str(error))
+            self.fail(value, note=f"host bits set; did you mean {str(loose)!r}?")
+
+
 class _RoleName(_Check):
     expected = "one of " + ", ".join(f'"{role.value}"' for role in Role)
 
@@ -323,14 +341,8 @@ class _RoleName(_Check):
 
 
 # Upstream's levels; `off` because the `log` crate upstream parses it too. trace sits below DEBUG.
-_LOG_LEVELS: Final = {
-    "off": logging.CRITICAL + 10,
-    "error": logging.ERROR,
-    "warn": logging.WARNING,
-    "info": logging.INFO,
-    "debug": logging.DEBUG,
-    "trace": 5,
-}
+# Workers configure their logging from the same table.
+_LOG_LEVELS: Final = LOG_LEVELS
 
 
 class _LogLevel(_Check):
@@ -340,6 +352,17 @@ class _LogLevel(_Check):
         if not isinstance(value, str) or value.strip().lower() not in _LOG_LEVELS:
             self.fail(value)
         return value.strip().lower()
+
+
+class _Choice(_Check):
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+        self.expected = "one of " + ", ".join(f'"{choice}"' for choice in choices)
+
+    def __call__(self, value: object) -> str:
+        if not isinstance(value, str) or value not in self.choices:
+            self.fail(value)
+        return value
 
 
 class _Optional(_Check):
@@ -446,10 +469,13 @@ class Config:
         "That CA as PEM text; checked first (`null` for both = the system roots).",
     )
     cert_path: str | None = _upstream(
-        None, _Optional(_Text()), "Master: PEM certificate it presents over TLS."
+        None,
+        _Optional(_Text()),
+        "PEM certificate the master (and a node's `direct_port`) presents over TLS; created "
+        "self-signed when missing.",
     )
     key_path: str | None = _upstream(
-        None, _Optional(_Text()), "Master: PEM private key of `cert_path`."
+        None, _Optional(_Text()), "PEM private key of `cert_path` (created with it)."
     )
     internet_ports: tuple[int, ...] | None = _upstream(
         None,
@@ -474,7 +500,16 @@ class Config:
         "Which tasks the master sends this node (case-sensitive, as upstream reads it).",
     )
     max_retries: int = _upstream(
-        5, _Integer(0), "Connection attempts per master before failing over to the next."
+        5,
+        _Integer(0),
+        "Rounds over every master address with exponential backoff and jitter (from 0.1 s) "
+        "before retrying every `retry_interval_ms`; the node never gives up.",
+    )
+    retry_interval_ms: int = _setting(
+        5000,
+        _Integer(1),
+        "Pause between connection rounds once `max_retries` rounds failed (and the longest "
+        "backoff before that).",
     )
     log_level: str = _upstream(
         "info", _LogLevel(), "How much the node logs (upstream's level names, any case)."
@@ -488,6 +523,18 @@ class Config:
         60000,
         _Integer(0),
         "Time limit per task; its worker is replaced and it gets an `Error` (0 = no limit).",
+    )
+    max_tasks_per_child: int = _setting(
+        0,
+        _Integer(0),
+        "Recycle a worker process after this many tasks: it finishes what it holds and a "
+        "fresh one takes its place (0 = never).",
+    )
+    worker_memory_limit_mb: int = _setting(
+        0,
+        _Integer(0),
+        "Recycle a worker whose unique memory (USS, checked every second) is above this many "
+        "MiB, between tasks (0 = no limit).",
     )
     max_frame_bytes: int = _setting(
         1 << 30,
@@ -515,6 +562,67 @@ class Config:
         30000,
         _Integer(0),
         "On SIGTERM/SIGINT, how long to finish running tasks and deliver their results.",
+    )
+    health_listen: str | None = _setting(
+        None,
+        _Optional(_Address()),
+        "Where the health endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`) listens, "
+        'as "host:port" (`null` = off).',
+    )
+    log_format: str = _setting(
+        "text",
+        _Choice(*LOG_FORMATS),
+        "Log lines as human-readable `text`, or `json`: one object per line.",
+    )
+    tls: str = _setting(
+        "auto",
+        _Choice("auto", "always", "never"),
+        "TLS to the master and on direct links: `auto` when the address is not loopback or "
+        "private (the upstream rule), `always`, or `never`.",
+    )
+    io_concurrency: int = _setting(
+        256,
+        _Integer(1),
+        "`HttpRequest`/`Tcp`/`Udp` tasks running at once; the rest wait their turn in the "
+        "supervisor (waiting never delays a heartbeat).",
+    )
+    http_max_body_bytes: int = _setting(
+        16 << 20,
+        _Integer(0),
+        "Largest body an `HttpRequest` returns; a larger one gives an `Error`.",
+    )
+    tcp_read_bytes: int = _setting(
+        1024,
+        _Integer(1, 1 << 26),
+        "`Tcp` tasks read one reply of at most this many bytes (upstream reads 1024).",
+    )
+    network_allow: tuple[str, ...] = _setting(
+        ("0.0.0.0/0", "::/0"),
+        _ListOf(_Network(), "a list of CIDR networks", non_empty=False, distinct=True),
+        "Targets `HttpRequest`/`Tcp`/`Udp` may reach, checked on every resolved address: the "
+        "most specific matching rule of this list and `network_deny` decides (deny on a tie); "
+        "an address no rule matches is refused.",
+    )
+    network_deny: tuple[str, ...] = _setting(
+        ("169.254.0.0/16", "fe80::/10"),
+        _ListOf(_Network(), "a list of CIDR networks", non_empty=False, distinct=True),
+        "Targets network tasks may not reach (default: link-local, where cloud metadata "
+        "services live).",
+    )
+    direct_port: int | None = _setting(
+        None, _Optional(_PORT), "Port this node accepts direct links on (`null` = none)."
+    )
+    direct_host: str = _setting(
+        "0.0.0.0", _Text(), "Address the `direct_port` listens on (`::` for every IPv6 one)."
+    )
+    connect_to: tuple[str, ...] = _setting(
+        (),
+        _ListOf(_Address(), 'a list of "host:port" addresses', non_empty=False, distinct=True),
+        "Direct ports of peers this node dials (`--connect-to`); tasks its workers have no room "
+        "for go to them.",
+    )
+    direct_window: int = _setting(
+        256, _Integer(1), "Tasks in flight per dialed direct link (see `connect_to`)."
     )
     result_ttl_s: int = _setting(
         3600, _Integer(1), "Local master: how long a finished result is kept for its client."

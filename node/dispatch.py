@@ -8,6 +8,21 @@ exactly one worker (`Worker.assigned`, oldest first). Each worker holds at most 
 tasks. Tasks are batched without added latency: `accept` only queues and schedules one flush
 for the end of the current loop turn, so everything that arrived in one read goes out in one
 write per worker. A repeated id of a task still held here joins it (one execution, one result).
+So does a repeated id whose result is still on its way to the master (not confirmed yet): a
+master that restarted, or re-queued a task while its result was in transit, assigns it again
+before it reads that result; the result is sent once more instead of running the task again.
+
+When a worker dies, `WorkerLoss` says which of its tasks it had started: the one it was running
+gets an `Error` naming the cause (the time limit, or the exit code or signal) unless it is safe
+to repeat and was not retried yet; finished tasks whose results died with it are retried the
+same way; the tasks it never started are dispatched again, first in line. While draining,
+tasks are no longer accepted: `handed_back` counts those the master must take back.
+
+Direct links (node/direct.py) hand tasks in with a `reply` sink: their results go back on that
+link instead of to the master (`_replies`, looked at only while it is not empty, so the master's
+path pays nothing). With `offload` set, a master task that arrives while the workers have no
+room may be taken by a dialed direct peer; it is answered through `io_finished` like an I/O
+task, or handed back with `run_locally` when the peer is lost.
 """
 
 from __future__ import annotations
@@ -16,14 +31,27 @@ import asyncio
 import collections
 import logging
 import re
+import time
 from collections.abc import Callable
+from typing import Protocol
 
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import frame
-from workers.pool import Worker, WorkerPool, WorkerStatus
+from workers.pool import Worker, WorkerLoss, WorkerPool, WorkerStatus
 
 log = logging.getLogger("cpnode.dispatch")
+
+
+class ResultOutbox(Protocol):
+    """What the dispatcher asks the master link about results it handed over."""
+
+    results_sent: int  # results handed to the link so far (cumulative)
+    results_confirmed: int  # of those, confirmed by the master (always the oldest)
+
+    def find_result(self, ident: str) -> bytes | None:
+        """The result frame for `ident` while it awaits confirmation, else None."""
+        ...
 
 
 class Dispatcher:
@@ -43,12 +71,27 @@ class Dispatcher:
         # answers through `io_finished`. None: those tasks go to workers like any other.
         self.io_runner: Callable[[str, bytes], None] | None = None
         self.io_running = 0
+        # Where the results of direct-link tasks go, by id (node/direct.py).
+        self._replies: dict[str, Callable[[bytes, int], None]] = {}
+        # Takes a master task the workers have no room for (True) or declines it (False); it
+        # answers through `io_finished` or gives the task back with `run_locally`.
+        self.offload: Callable[[str, bytes], bool] | None = None
         self.received_by_type: collections.Counter[str] = collections.Counter()
         self._flush_scheduled = False
         self._accepting = True
+        self.handed_back = 0  # tasks dropped while draining (the master re-queues them)
+        self.last_handed_back_at = 0.0  # time.monotonic() of the latest
         self.received = 0
         self.completed = 0
         self.joined_duplicates = 0
+        # Payloads of answered tasks whose results may still await confirmation, in two
+        # generations: everything in `_answered_before` is confirmed once the link has
+        # confirmed `_rotate_at` results (see `_forget_confirmed`).
+        self.outbox: ResultOutbox | None = None
+        self._answered: dict[str, bytes] = {}
+        self._answered_before: dict[str, bytes] = {}
+        self._rotate_at = 0
+        self.results_resent = 0  # repeated ids answered with their unconfirmed result
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -65,7 +108,8 @@ class Dispatcher:
 
     def has_capacity(self) -> bool:
         """True when a worker could start a task now (the node should ask for more)."""
-        free = sum(self.prefetch - len(w.assigned) for w in self._ready_workers())
+        prefetch = self.prefetch
+        free = sum(min(prefetch - len(w.assigned), w.budget) for w in self._ready_workers())
         return free > len(self._pending)
 
     def _ready_workers(self) -> list[Worker]:
@@ -73,13 +117,23 @@ class Dispatcher:
 
     # ------------------------------------------------------------------------------- input
 
-    def accept(self, ident: str, payload: bytes) -> None:
-        """Queue an `AssignTask` payload (its id read by `codec.peek`)."""
+    def accept(
+        self, ident: str, payload: bytes, reply: Callable[[bytes, int], None] | None = None
+    ) -> None:
+        """Queue an `AssignTask` payload (its id read by `codec.peek`); its result goes to
+        `reply` when given (a direct link), else to the master."""
         if ident in self._held:
             self.joined_duplicates += 1
             return
+        if (self._answered or self._answered_before) and self._resend(ident, payload):
+            return
+        if reply is not None and not self._accepting:
+            reply(frame(codec.task_result_payload(ident, m.Error("the node is stopping"))), 1)
+            return
         if not self._accepting:
             # Draining: the master gets it back by evicting us or when we close.
+            self.handed_back += 1
+            self.last_handed_back_at = time.monotonic()
             return
         self._held.add(ident)
         self.received += 1
@@ -87,20 +141,84 @@ class Dispatcher:
         match = _TASK_VARIANT.search(payload, 0, 4096)
         kind = match.group(1).decode() if match is not None else "malformed"
         self.received_by_type[kind] += 1
+        if reply is not None:
+            self._replies[ident] = reply
         if kind in _IO_TASKS and self.io_runner is not None:
             self.io_running += 1
             self.io_runner(ident, payload)
             return
+        offload = self.offload
+        if (
+            offload is not None
+            and reply is None
+            and not self.has_capacity()
+            and offload(ident, payload)
+        ):
+            self.io_running += 1
+            return
         self._pending.append((ident, payload))
         self._schedule_flush()
 
+    def _resend(self, ident: str, payload: bytes) -> bool:
+        """Answer a repeated `ident` with its result awaiting confirmation, when it is the same
+        task (a different task under that id runs). True when answered."""
+        previous = self._answered.get(ident) or self._answered_before.get(ident)
+        if previous is None or previous != payload or self.outbox is None:
+            return False
+        result_frame = self.outbox.find_result(ident)
+        if result_frame is None:  # confirmed meanwhile: a new request, run it
+            return False
+        self.results_resent += 1
+        self.joined_duplicates += 1
+        self._send_results(result_frame, 1)
+        return True
+
+    def _forget_confirmed(self) -> None:
+        outbox = self.outbox
+        if outbox is None:
+            self._answered.clear()
+        elif outbox.results_confirmed >= self._rotate_at:
+            self._answered_before = self._answered
+            self._answered = {}
+            self._rotate_at = outbox.results_sent
+
     def io_finished(self, ident: str, result_frame: bytes) -> None:
-        """The I/O runner's answer for `ident` (a wire-ready `TaskResult` frame)."""
+        """The answer for `ident` from the I/O runner or a direct peer (a wire-ready
+        `TaskResult` frame)."""
         self.io_running -= 1
         self._held.discard(ident)
         self.completed += 1
-        self._send_results(result_frame, 1)
+        reply = self._replies.pop(ident, None) if self._replies else None
+        (reply or self._send_results)(result_frame, 1)
         self._check_idle()
+
+    def run_locally(self, ident: str, payload: bytes) -> None:
+        """Take back an offloaded task (its peer was lost) and queue it for the workers."""
+        self.io_running -= 1
+        self._pending.append((ident, payload))
+        self._schedule_flush()
+
+    def _route(self, blob: bytes, idents: list[str]) -> None:
+        """Send result frames (one per id, in order) to the master or the links they came
+        from; runs of frames with the same destination go out in one write."""
+        replies = self._replies
+        destination: Callable[[bytes, int], None] | None = None
+        run: list[bytes] = []
+        position = 0
+        for ident in idents:
+            size = int.from_bytes(blob[position : position + 4], "big") + 4
+            piece = blob[position : position + size]
+            position += size
+            target = replies.pop(ident, None) or self._send_results
+            if target is not destination and run:
+                assert destination is not None
+                destination(b"".join(run), len(run))
+                run = []
+            destination = target
+            run.append(piece)
+        if run:
+            assert destination is not None
+            destination(b"".join(run), len(run))
 
     def stop_accepting(self) -> list[str]:
         """Start a drain: drop tasks not yet started (the master re-queues them); keep the rest."""
@@ -108,7 +226,15 @@ class Dispatcher:
         dropped = [ident for ident, _ in self._pending]
         for ident in dropped:
             self._held.discard(ident)
+        if self._replies:  # a direct peer has no master to take its tasks back: answer them
+            stopping = m.Error("the node is stopping")
+            for ident in [ident for ident in dropped if ident in self._replies]:
+                self._replies.pop(ident)(frame(codec.task_result_payload(ident, stopping)), 1)
+                dropped.remove(ident)
         self._pending.clear()
+        if dropped:
+            self.handed_back += len(dropped)
+            self.last_handed_back_at = time.monotonic()
         self._check_idle()
         return dropped
 
@@ -124,7 +250,7 @@ class Dispatcher:
             return
         workers = sorted(self._ready_workers(), key=lambda w: len(w.assigned))
         for worker in workers:
-            room = self.prefetch - len(worker.assigned)
+            room = min(self.prefetch - len(worker.assigned), worker.budget)
             if room <= 0 or not pending:
                 continue
             take = min(room, len(pending))
@@ -145,47 +271,74 @@ class Dispatcher:
         assigned = worker.assigned
         held = self._held
         running = self._running
+        answered = self._answered
+        routed: list[str] | None = [] if self._replies else None
         for _ in range(count):
             ident = assigned.popleft()
             held.discard(ident)
-            del running[ident]
+            answered[ident] = running.pop(ident)
+            if routed is not None:
+                routed.append(ident)
         if self._retried:  # rare: only after a worker died
             self._retried.intersection_update(held)
         self.completed += count
-        self._send_results(blob, count)
+        if routed is None:
+            self._send_results(blob, count)
+        else:
+            self._route(blob, routed)
+        self._forget_confirmed()
         if self._pending:
             self._schedule_flush()
         else:
             self._check_idle()
 
-    def worker_lost(self, worker: Worker, how: str) -> None:
-        """Answer or retry the task the dead worker was running; re-queue the ones behind it.
+    def worker_lost(self, worker: Worker, loss: WorkerLoss) -> None:
+        """Answer or retry the tasks the dead worker started; re-queue the ones it never did.
 
-        The oldest task a worker holds is the one it was running (it answers in order). A task
-        that is safe to repeat is retried once; any other gets an `Error` naming the cause.
+        A worker answers in order, so the `loss.started` oldest tasks it held are the ones it
+        started: the last was running (a time-limit kill answers it with an `Error` naming the
+        limit), the others had finished but their results died with the process. A task safe to
+        repeat is retried once; any other gets an `Error` naming the cause.
         """
         assigned = worker.assigned
         requeue: list[tuple[str, bytes]] = []
-        if assigned:
-            suspect = assigned.popleft()
-            payload = self._running.pop(suspect)
-            if _is_idempotent(payload) and suspect not in self._retried:
-                self._retried.add(suspect)
-                requeue.append((suspect, payload))
-                log.warning(
-                    "retrying task %s once: worker %d died (%s)", suspect, worker.index, how
+        errors: list[bytes] = []
+        errored: list[str] = []
+        for position in range(loss.started):
+            ident = assigned.popleft()
+            payload = self._running.pop(ident)
+            running = loss.running and position == loss.started - 1
+            if running and loss.timeout_ms:
+                error = m.Error(
+                    f"task ran longer than task_timeout_ms = {loss.timeout_ms} ms; "
+                    f"worker {worker.index} was killed and replaced"
                 )
+            elif _is_idempotent(payload) and ident not in self._retried:
+                self._retried.add(ident)
+                requeue.append((ident, payload))
+                continue
             else:
-                self._retried.discard(suspect)
-                self._held.discard(suspect)
-                error = m.Error(f"worker {worker.index} died while running this task: {how}")
-                self._send_results(frame(codec.task_result_payload(suspect, error)), 1)
-                self.completed += 1
-        requeue.extend((ident, self._running.pop(ident)) for ident in assigned)
-        assigned.clear()
-        self._pending.extendleft(reversed(requeue))
+                when = "while running" if running else "after running (its result was lost)"
+                error = m.Error(f"worker {worker.index} died {when} this task: {loss.how}")
+            self._retried.discard(ident)
+            self._held.discard(ident)
+            errors.append(frame(codec.task_result_payload(ident, error)))
+            errored.append(ident)
         if requeue:
-            log.warning("re-dispatching %d tasks held by worker %d", len(requeue), worker.index)
+            log.warning(
+                "retrying %d tasks once: worker %d died (%s)", len(requeue), worker.index, loss.how
+            )
+        if errors:
+            self.completed += len(errors)
+            self._route(b"".join(errors), errored)
+        never_started = [(ident, self._running.pop(ident)) for ident in assigned]
+        assigned.clear()
+        if never_started:
+            log.warning(
+                "re-dispatching %d tasks worker %d never started", len(never_started), worker.index
+            )
+        requeue.extend(never_started)
+        self._pending.extendleft(reversed(requeue))
         self._schedule_flush()
         self._check_idle()
 

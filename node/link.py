@@ -11,9 +11,21 @@
 master has answered a `Heartbeat` written after it (the master reads one connection's frames in
 order, so that ack proves it read the result); after a reconnect every unconfirmed result is
 written again. The upstream master only pushes tasks while handling a frame from the node, so
-an idle node with free capacity polls with a `Heartbeat` every `poll_interval_ms`. A master that
-leaves heartbeats unanswered, sends no byte at all and takes none of ours off the wire for
-`failover_timeout_ms` is treated as stuck: the link closes and fails over.
+an idle node with free capacity polls with a `Heartbeat` every `poll_interval_ms`.
+
+Failure handling, each logged with its reason:
+- Connecting: every address in turn; a round without a connection waits an exponential backoff
+  with jitter (from 0.1 s), `max_retries` rounds, then `retry_interval_ms` between rounds, for
+  as long as it takes. `Invalid token` rules that address out for good.
+- Stuck master: a heartbeat unanswered, no byte received and none of the bytes we wrote up
+  to that heartbeat taken off the wire for `failover_timeout_ms`: close, try the next address
+  first.
+- Zombie connection: the upstream master evicts a node without closing its connection and
+  never sends it a task again. Every `failover_timeout_ms` the link asks `GetConnectedNodes`;
+  when the first answer on a connection listed our own address (it does not behind NAT, and
+  the check stays off), a later answer without it means we were evicted: reconnect.
+- Draining (`begin_drain`): no heartbeat, poll or query any more, so the master can evict the
+  node and re-queue what it held; the link reconnects only to deliver results.
 """
 
 from __future__ import annotations
@@ -24,17 +36,21 @@ import enum
 import fcntl
 import logging
 import random
+import ssl
 import sys
 import termios
 import time
 from collections.abc import Callable
+from typing import Final
 
 from node.config import Config, JoinInfo, format_address
 from node.errors import CpnodeError
+from node.histogram import Histogram
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
 from node.protocol.framing import FrameDecoder, frame
+from node.tls import ClientTls, TlsVerifyError, client_tls_for, verify_failure, wants_tls
 
 log = logging.getLogger("cpnode.link")
 
@@ -42,7 +58,8 @@ _HEARTBEAT_FRAME = codec.encode(m.HEARTBEAT)
 _ACK_PAYLOAD = b'"HeartbeatAck"'
 _ASSIGN_PREFIX = b'{"AssignTask":'
 _BACKOFF_FIRST_S = 0.1
-_BACKOFF_MAX_S = 5.0
+# Upper bounds (seconds) of the heartbeat round-trip and lateness histograms.
+HEARTBEAT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class LinkState(enum.Enum):
@@ -75,6 +92,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         link = self.link
         link.last_bytes_at = time.monotonic()
+        link.bytes_received += len(data)
         try:
             payloads = self.decoder.feed(data)
         except FrameTooLarge as exc:
@@ -82,6 +100,7 @@ class _Connection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.close()
             return
+        link.frames_received += len(payloads)
         if not self.authenticated.done():
             if not payloads:
                 return
@@ -122,7 +141,12 @@ class MasterLink:
         self._on_registered = on_registered
         self.state = LinkState.DISCONNECTED
         self.endpoints = _endpoints(join, config)
+        # The master's answer to a RequestConnection (node/direct.py opens that link).
+        self.on_connection_info: Callable[[m.ConnectionInfo], None] | None = None
         self._refused: set[tuple[str, int]] = set()
+        # Built once, before connecting: a bad `ca_cert` is a config error (exit status 2).
+        needs_tls = any(wants_tls(host, config.tls) for host, _ in self.endpoints)
+        self._tls: ClientTls | None = client_tls_for(config) if needs_tls else None
         self._connection: _Connection | None = None
         # Outbox of result frames not yet confirmed: [confirm_at, blob], oldest first.
         # `confirm_at` is the number of acks on this connection that confirms the blob
@@ -138,14 +162,42 @@ class MasterLink:
         self.last_write_at = 0.0
         self.last_heartbeat_at = 0.0
         self.heartbeating = True
+        self.draining = False
+        self._results_waiter: asyncio.Future[None] | None = None  # draining, outbox empty
         self._closing = False
+        self._preferred = 0  # index in `endpoints` of the address to try first
         self.address = ""
         self.peer = ""
+        self.connected_at = 0.0
+        # Zombie check: None until the first ConnectedNodes answer on this connection, then
+        # whether that answer listed `address` (the check is on only then).
+        self._listed: bool | None = None
+        self._nodes_asked_at = 0.0
+        self.zombies_detected = 0
         self.connects = 0
         self.results_sent = 0
+        self.results_confirmed = 0
         self.frames_skipped = 0
+        # For the metrics endpoint, read at scrape time: a few adds per read, write or heartbeat.
+        self.frames_received = 0
+        self.bytes_received = 0
+        self.frames_written = 0  # after registration, on every connection
+        self._bytes_written_before = 0  # on earlier connections
+        self.failovers = 0  # connections made to another master than the one before
+        self._last_endpoint: tuple[str, int] | None = None
+        self._heartbeat_sent_at: collections.deque[float] = collections.deque()
+        # `bytes_written` at the end of each unanswered heartbeat on this connection.
+        self._heartbeat_ends: collections.deque[int] = collections.deque()
+        self.heartbeat_rtt = Histogram(HEARTBEAT_BUCKETS)
+        # How much later than planned periodic heartbeats left (actual interval - planned).
+        self.heartbeat_lateness = Histogram(HEARTBEAT_BUCKETS)
 
     # ------------------------------------------------------------------------------- outgoing
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written after registration, on every connection."""
+        return self._bytes_written_before + self.bytes_written
 
     @property
     def unconfirmed(self) -> int:
@@ -160,6 +212,41 @@ class MasterLink:
         self.results_sent += count
         if self.state is LinkState.REGISTERED:
             self._write_entry(entry)
+        elif self._results_waiter is not None and not self._results_waiter.done():
+            self._results_waiter.set_result(None)
+
+    def confirm(self) -> None:
+        """Send a `Heartbeat` when results went out on this connection after the last one,
+        so the master's answer confirms them (used while draining, when heartbeats stop)."""
+        outbox = self._outbox
+        if outbox and outbox[-1][0] is not None and outbox[-1][0] > self._heartbeats_sent:  # type: ignore[operator]
+            self.send_heartbeat()
+
+    def find_result(self, ident: str) -> bytes | None:
+        """The result frame for `ident` while it awaits confirmation (a rare look-up: it
+        decodes the outbox), else None."""
+        head = b'{"TaskResult":{"id":' + codec.json_str(ident) + b","
+        for entry in reversed(self._outbox):
+            blob: bytes = entry[1]  # type: ignore[assignment]
+            if head not in blob:
+                continue
+            for payload in FrameDecoder(len(blob)).feed(blob):
+                if payload.startswith(head):
+                    return frame(payload)
+        return None
+
+    def undelivered_ids(self) -> list[str]:
+        """Ids of the results the master has not confirmed (decoded now: for a final log)."""
+        ids: list[str] = []
+        for entry in self._outbox:
+            blob: bytes = entry[1]  # type: ignore[assignment]
+            for payload in FrameDecoder(len(blob)).feed(blob):
+                try:
+                    ident = codec.peek(payload).id
+                except RemoteProtocolError:
+                    ident = None
+                ids.append(ident or "?")
+        return ids
 
     def _write_entry(self, entry: list[object]) -> None:
         connection = self._connection
@@ -168,6 +255,7 @@ class MasterLink:
         blob: bytes = entry[1]  # type: ignore[assignment]
         connection.transport.write(blob)
         self.bytes_written += len(blob)
+        self.frames_written += entry[2]  # type: ignore[operator]
         self.last_write_at = time.monotonic()
 
     def send_heartbeat(self) -> None:
@@ -177,8 +265,11 @@ class MasterLink:
         assert connection.transport is not None
         connection.transport.write(_HEARTBEAT_FRAME)
         self.bytes_written += len(_HEARTBEAT_FRAME)
+        self.frames_written += 1
         self._heartbeats_sent += 1
         self.last_heartbeat_at = self.last_write_at = time.monotonic()
+        self._heartbeat_sent_at.append(self.last_heartbeat_at)
+        self._heartbeat_ends.append(self.bytes_written)
 
     def send(self, message: m.Message) -> None:
         connection = self._connection
@@ -187,6 +278,7 @@ class MasterLink:
             data = codec.encode(message)
             connection.transport.write(data)
             self.bytes_written += len(data)
+            self.frames_written += 1
             self.last_write_at = time.monotonic()
 
     # ------------------------------------------------------------------------------- incoming
@@ -217,73 +309,143 @@ class MasterLink:
             log.warning("skipping a malformed frame from the master: %s", exc)
             return
         if isinstance(message, m.ConnectedNodes):
-            log.info(
-                "master lists %d connected nodes: %s",
-                len(message.addrs),
-                ", ".join(message.addrs[:8]),
-            )
+            self._check_listed(message.addrs)
+        elif isinstance(message, m.ConnectionInfo) and self.on_connection_info is not None:
+            self.on_connection_info(message)
         else:
             log.debug("ignoring %s from the master", type(message).__name__)
 
+    def _check_listed(self, addrs: tuple[str, ...]) -> None:
+        """Zombie check: are we still among the master's connected nodes?"""
+        listed = self.address in addrs
+        log.debug("master lists %d connected nodes: %s", len(addrs), ", ".join(addrs[:8]))
+        if self._listed is None:
+            self._listed = listed
+            if not listed:
+                log.info(
+                    "master %s does not list our address %s (behind NAT?); "
+                    "eviction check off for this connection",
+                    self.peer,
+                    self.address,
+                )
+        elif self._listed and not listed and self.state is LinkState.REGISTERED:
+            self.zombies_detected += 1
+            log.error(
+                "master %s no longer lists this node (%s): it evicted us without closing the "
+                "connection and will send no more tasks; reconnecting",
+                self.peer,
+                self.address,
+            )
+            self._close_connection()
+
     def _acked(self) -> None:
         self._acks += 1
+        if self._heartbeat_sent_at:  # the master answers heartbeats in order
+            self.heartbeat_rtt.observe(time.monotonic() - self._heartbeat_sent_at.popleft())
+        if self._heartbeat_ends:
+            self._heartbeat_ends.popleft()
         acks = self._acks
         outbox = self._outbox
         while outbox:
             confirm_at = outbox[0][0]
             if confirm_at is None or confirm_at > acks:  # type: ignore[operator]
                 break
-            self._unconfirmed_results -= outbox.popleft()[2]  # type: ignore[operator]
+            count: int = outbox.popleft()[2]  # type: ignore[assignment]
+            self._unconfirmed_results -= count
+            self.results_confirmed += count
 
     # ------------------------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
         """Connect and stay connected until `close()`; raises `NoMasterError` when every
-        address refused the token."""
-        attempt = 0
+        address refused the token. Never gives up otherwise (see the module docstring)."""
+        rounds = 0  # consecutive rounds over every address without a useful connection
         while not self._closing:
-            connected = False
-            for host, port in self.endpoints:
+            if self.draining and not self._outbox:
+                await self._wait_for_results()
+                continue
+            count = len(self.endpoints)
+            order = [self.endpoints[(self._preferred + i) % count] for i in range(count)]
+            worked = False
+            for host, port in order:
                 if self._closing:
                     return
                 if (host, port) in self._refused:
                     continue
+                address = format_address(host, port)
                 try:
                     await self._connect(host, port)
                 except AuthenticationError as exc:
-                    log.error("%s; not trying %s again", exc, format_address(host, port))
+                    log.error("%s; not trying %s again", exc, address)
                     self._refused.add((host, port))
                     continue
-                except (OSError, TimeoutError, ConnectionError) as exc:
-                    log.warning("cannot reach master %s: %s", format_address(host, port), exc)
+                except TlsVerifyError as exc:
+                    log.error("%s", exc)
                     continue
-                connected = True
-                attempt = 0
+                except (OSError, TimeoutError, ConnectionError) as exc:
+                    log.warning("cannot reach master %s: %s", address, _reason(exc))
+                    continue
+                self._preferred = self.endpoints.index((host, port))
                 await self._serve()
-                if self._closing:
-                    return
+                # A connection the master answered on was a working one: reconnect at once.
+                # One that closed before any answer counts as a failed round (no hot loop).
+                worked = self._acks > 0
                 break
-            if len(self._refused) == len(self.endpoints):
+            if self._closing:
+                return
+            if len(self._refused) == count:
                 raise NoMasterError("every master address refused the token from join.json")
-            if not connected:
-                attempt += 1
-                if attempt == self.config.max_retries:
-                    log.error(
-                        "no master answered in %d rounds; still retrying every %.0f s",
-                        attempt,
-                        _BACKOFF_MAX_S,
-                    )
-                delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** (attempt - 1))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            if worked:
+                rounds = 0
+                continue
+            rounds += 1
+            await asyncio.sleep(self._retry_delay(rounds))
+
+    def _retry_delay(self, rounds: int) -> float:
+        """Exponential backoff with jitter for `max_retries` rounds, then `retry_interval_ms`."""
+        slow = self.config.retry_interval_ms / 1000
+        if rounds <= self.config.max_retries:
+            delay = min(slow, _BACKOFF_FIRST_S * 2.0 ** (rounds - 1)) * random.uniform(0.5, 1.0)
+            log.warning(
+                "no master reachable (round %d of %d); next round in %.2f s",
+                rounds,
+                self.config.max_retries,
+                delay,
+            )
+            return delay
+        if rounds == self.config.max_retries + 1:
+            log.error(
+                "no master reachable in %d rounds; still retrying every %.1f s",
+                self.config.max_retries,
+                slow,
+            )
+        return slow * random.uniform(0.8, 1.2)
+
+    async def _wait_for_results(self) -> None:
+        """Draining and nothing to deliver: stay away until a result needs the master."""
+        self._results_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._results_waiter
+        finally:
+            self._results_waiter = None
 
     async def _connect(self, host: str, port: int) -> None:
         self.state = LinkState.CONNECTING
         timeout = self.config.failover_timeout_ms / 1000
         loop = asyncio.get_running_loop()
-        log.info("connecting to master %s", format_address(host, port))
-        _, connection = await asyncio.wait_for(
-            loop.create_connection(lambda: _Connection(self), host, port), timeout
-        )
+        tls = self._tls if wants_tls(host, self.config.tls) else None
+        log.info("connecting to master %s%s", format_address(host, port), " (TLS)" if tls else "")
+        try:
+            _, connection = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(self), host, port,
+                    ssl=tls.context if tls else None, server_hostname=host if tls else None,
+                ),
+                timeout,
+            )  # fmt: skip
+        except ssl.SSLCertVerificationError as error:
+            assert tls is not None
+            raise await verify_failure(error, "master", host, port, tls.trust) from None
         assert connection.transport is not None
         self.state = LinkState.AUTHENTICATING
         connection.transport.write(frame(self.join.token.encode()))
@@ -297,23 +459,32 @@ class MasterLink:
             raise AuthenticationError(f"master {format_address(host, port)} said Invalid token")
         self._connection = connection
         self._heartbeats_sent = self._acks = 0
+        self._listed = None
+        self.connected_at = self._nodes_asked_at = time.monotonic()
+        self._heartbeat_sent_at.clear()
+        self._heartbeat_ends.clear()
+        if self._last_endpoint is not None and self._last_endpoint != (host, port):
+            self.failovers += 1
+        self._last_endpoint = (host, port)
         sockname = connection.transport.get_extra_info("sockname")
         peername = connection.transport.get_extra_info("peername")
         self.address = format_address(sockname[0], sockname[1]) if sockname else ""
         self.peer = format_address(peername[0], peername[1]) if peername else ""
         self.last_bytes_at = self.last_progress_at = time.monotonic()
+        self._bytes_written_before += self.bytes_written
         self.bytes_written = self._consumed = 0
         self.state = LinkState.REGISTERED
         self.connects += 1
         # Upstream keeps no session: role and first heartbeat again on every connection.
-        connection.transport.write(
-            codec.encode(m.RegisterRole(self.role)) + codec.encode(m.GET_CONNECTED_NODES)
-        )
+        hello = codec.encode(m.RegisterRole(self.role))
+        if not self.draining:
+            hello += codec.encode(m.GET_CONNECTED_NODES)
+        connection.transport.write(hello)
         for entry in self._outbox:
             self._write_entry(entry)
         if self._outbox:
             log.info("re-sent %d unconfirmed results", self._unconfirmed_results)
-        if self.heartbeating:
+        if self.heartbeating or self._outbox:  # draining: only to have the results confirmed
             self.send_heartbeat()
         log.info(
             "registered with master %s as %s (local address %s)", self.peer, self.role, self.address
@@ -334,11 +505,13 @@ class MasterLink:
                 log.warning("connection to master %s lost; reconnecting", self.peer)
 
     async def _tick(self) -> None:
-        """Heartbeat, idle poll and stuck-master check."""
+        """Heartbeat, idle poll, zombie query and stuck-master check."""
         interval = self.config.failover_timeout_ms / 2000
         poll = self.config.poll_interval_ms / 1000
         stuck_after = self.config.failover_timeout_ms / 1000
-        step = min(interval, poll) if poll > 0 else interval
+        query_every = self.config.failover_timeout_ms / 1000
+        # A quarter of the poll interval: an idle node polls within 1.25 x poll_interval_ms.
+        step = min(interval, poll / 4) if poll > 0 else interval
         while True:
             await asyncio.sleep(step)
             now = time.monotonic()
@@ -354,19 +527,29 @@ class MasterLink:
                     self.peer,
                     now - self.last_bytes_at,
                 )
-                self.endpoints = self.endpoints[1:] + self.endpoints[:1]
+                self._preferred = (self._preferred + 1) % len(self.endpoints)
                 self._close_connection()
                 return
             if not self.heartbeating:
                 continue
-            if now - self.last_heartbeat_at >= interval or (
+            if self._listed is not False and now - self._nodes_asked_at >= query_every:
+                self._nodes_asked_at = now
+                self.send(m.GET_CONNECTED_NODES)
+            since = now - self.last_heartbeat_at
+            if since >= interval or (
                 poll > 0 and now - self.last_write_at >= poll and self._has_capacity()
             ):
+                if since >= interval and self._heartbeats_sent:
+                    self.heartbeat_lateness.observe(since - interval)
                 self.send_heartbeat()
 
     def _note_progress(self, now: float) -> None:
         """A master that still takes our bytes off the wire is slow, not stuck: a large backlog
-        of results can delay its `HeartbeatAck` well past `failover_timeout_ms`."""
+        of results can delay its `HeartbeatAck` well past `failover_timeout_ms`.
+
+        Bytes taken off the wire only prove the master reads while they are bytes written up
+        to the oldest unanswered heartbeat: later ones may just fill the receive buffer of its
+        kernel (a deadlocked master's kernel still accepts a stream of heartbeats)."""
         if self.last_bytes_at > self.last_progress_at:
             self.last_progress_at = self.last_bytes_at
         connection = self._connection
@@ -375,8 +558,10 @@ class MasterLink:
         queued = connection.transport.get_write_buffer_size() + _unsent_bytes(connection.transport)
         consumed = self.bytes_written - queued
         if consumed > self._consumed:
+            ends = self._heartbeat_ends
+            if not ends or self._consumed < ends[0]:
+                self.last_progress_at = now
             self._consumed = consumed
-            self.last_progress_at = now
 
     def _close_connection(self) -> None:
         connection = self._connection
@@ -386,10 +571,26 @@ class MasterLink:
     def stop_heartbeats(self) -> None:
         self.heartbeating = False
 
+    def begin_drain(self) -> None:
+        """Stop heartbeats, polls and queries for good; reconnect only to deliver results."""
+        self.heartbeating = False
+        self.draining = True
+
     def close(self) -> None:
         self._closing = True
         self.state = LinkState.CLOSED
         self._close_connection()
+        if self._results_waiter is not None and not self._results_waiter.done():
+            self._results_waiter.set_result(None)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection attempt failed, in a few words."""
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return str(exc) or type(exc).__name__
 
 
 def _unsent_bytes(transport: asyncio.Transport) -> int:

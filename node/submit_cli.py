@@ -29,6 +29,8 @@ from node.client import (
     ClientError,
     ResultTimeout,
 )
+from node.config import load_join, parse_address
+from node.direct import DirectClient, DirectError, DirectLinkRefused
 from node.errors import ConfigError
 from node.protocol import (
     Bytes,
@@ -54,6 +56,7 @@ from node.protocol import (
     result_to_json,
     task_from_json,
 )
+from node.tls import TlsVerifyError
 
 EXIT_OK: Final = 0
 EXIT_TASK_FAILED: Final = 1  # a result is an Error, or a result did not come in time
@@ -168,6 +171,25 @@ def _add_common_options(parser: argparse.ArgumentParser, *, on_subcommand: bool)
         action="store_true",
         default=default(False),
         help='print the result as one JSON line {"id":ID,"result":RESULT} (batch always does)',
+    )
+    group.add_argument(
+        "--direct",
+        metavar="HOST:PORT",
+        default=default(None),
+        help="send the task(s) straight to a node's direct port instead of the master "
+        "(authenticated with the token of join.json, CPCLUSTER_TOKEN or --token)",
+    )
+    group.add_argument(
+        "--tls",
+        choices=("auto", "always", "never"),
+        default=default("auto"),
+        help="auto (default): TLS when the address is not loopback or private; always; never",
+    )
+    group.add_argument(
+        "--ca-cert",
+        metavar="PATH",
+        default=default(None),
+        help="PEM file of the CA to check the TLS certificate against (default: system roots)",
     )
 
 
@@ -410,10 +432,71 @@ class ProgressBar:
 # --- running -------------------------------------------------------------------------------
 
 
+def _direct_target(args: argparse.Namespace) -> tuple[str, int, str]:
+    """Host, port and token for --direct; ConfigError when they cannot be had."""
+    try:
+        host, port = parse_address(args.direct)
+    except ValueError as error:
+        raise ConfigError(f"--direct: {error}") from None
+    token = args.token if args.token is not None else load_join(args.join).token
+    return host, port, token
+
+
+async def _run_direct(args: argparse.Namespace, tasks: list[Task], batch: bool) -> int:
+    """Send the tasks over one direct link; results are pushed back, so nothing is polled."""
+    host, port, token = _direct_target(args)
+    client = await DirectClient.connect(
+        host, port, token, tls=args.tls, ca_cert_path=args.ca_cert, timeout=10.0
+    )
+    results: dict[str, Result] = {}
+    failures: dict[str, str] = {}
+    async with client:
+        submitted = [client.submit(task) for task in tasks]
+        await asyncio.wait([waiter for _, waiter in submitted], timeout=args.timeout)
+        for task_id, waiter in submitted:
+            if not waiter.done():
+                waiter.cancel()
+                failures[task_id] = f"no result within {args.timeout:g} s"
+            elif (error := waiter.exception()) is not None:
+                failures[task_id] = str(error)
+            else:
+                results[task_id] = waiter.result()
+    ids = [task_id for task_id, _ in submitted]
+    if not batch:
+        (task_id,) = ids
+        if task_id in results:
+            return _write_result(task_id, results[task_id], args.json)
+        if args.json:
+            sys.stdout.buffer.write(_timeout_line(task_id, None, args.timeout))
+            sys.stdout.flush()
+        _complain(f"task {task_id}: {failures[task_id]}")
+        return EXIT_TASK_FAILED
+    lines: list[bytes] = []
+    for index, task_id in enumerate(ids):
+        result = results.get(task_id)
+        lines.append(
+            _timeout_line(task_id, index, args.timeout)
+            if result is None
+            else _result_line(task_id, index, result)
+        )
+    sys.stdout.buffer.write(b"".join(lines))
+    sys.stdout.flush()
+    if failures:
+        reason = next(iter(failures.values()))
+        _complain(f"{len(failures)} of {len(ids)} tasks had no result: {reason}")
+    failed = failures or any(isinstance(result, Error) for result in results.values())
+    return EXIT_TASK_FAILED if failed else EXIT_OK
+
+
 async def _run_single(args: argparse.Namespace, task: Task | None) -> int:
+    if args.direct is not None:
+        if task is None:
+            raise ConfigError("result: a direct link keeps no results; poll the master instead")
+        return await _run_direct(args, [task], batch=False)
     async with Client.connect(
-        args.join, host=args.host, port=args.port, token=args.token
-    ) as client:
+        args.join, host=args.host, port=args.port, token=args.token,
+        tls=args.tls, ca_cert_path=args.ca_cert,
+    ) as client:  # fmt: skip
         task_id = args.id if task is None else await client.submit(task)
         try:
             result = await client.result(task_id, args.timeout)
@@ -427,11 +510,14 @@ async def _run_single(args: argparse.Namespace, task: Task | None) -> int:
 
 
 async def _run_batch(args: argparse.Namespace, tasks: list[Task]) -> int:
+    if args.direct is not None:
+        return await _run_direct(args, tasks, batch=True)
     draw = not args.no_progress and sys.stderr.isatty()
     bar = ProgressBar(sys.stderr) if draw else None
     async with Client.connect(
-        args.join, host=args.host, port=args.port, token=args.token
-    ) as client:
+        args.join, host=args.host, port=args.port, token=args.token,
+        tls=args.tls, ca_cert_path=args.ca_cert,
+    ) as client:  # fmt: skip
         ids = await client.submit_many(tasks)
         missing: ResultTimeout | None = None
         try:
@@ -483,10 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         _complain(str(error))
         return EXIT_USAGE
-    except AuthenticationError as error:
+    except (AuthenticationError, DirectLinkRefused) as error:
         _complain(str(error))
         return EXIT_AUTH
-    except ClientError as error:
+    except (ClientError, DirectError, TlsVerifyError) as error:
         _complain(str(error))
         return EXIT_CONNECTION
     except KeyboardInterrupt:

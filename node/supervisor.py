@@ -1,10 +1,18 @@
 """The node's lifecycle: build → start workers → connect → ready → run → drain → stopped.
 
-    Node(config, join) ── run() ──▶ WorkerPool.start()  (every worker answered READY)
+    Node(config, join) ── run() ──▶ HealthServer.start() (when `health_listen` is set)
+                                 ──▶ WorkerPool.start()  (every worker answered READY)
                                  ──▶ MasterLink.run()   (connected, authenticated, registered)
                                  ──▶ status READY (logged; `ready` is what health checks read)
     SIGTERM/SIGINT ──▶ drain(): stop heartbeating and polling, start nothing new, finish what
                        runs, deliver it, hand the rest back, stop the workers, exit 0.
+                       A second signal stops at once (what was not delivered is logged).
+
+Handing work back: the upstream master re-queues the tasks of a node it evicts (2-3 x
+`failover_timeout_ms` after its last frame) but forgets those of a node that closes or sends
+`Disconnect`, and pushes more tasks after every frame it reads. So a draining node that was
+sent anything it did not run stays connected and silent until it has been evicted; it sends
+`Disconnect` only when the master holds no task for it.
 
 `NodeStatus` is the one place the lifecycle phase lives. The event loop only parses, routes and
 writes (DESIGN contract 3); every task runs in a worker process.
@@ -13,17 +21,23 @@ writes (DESIGN contract 3); every task runs in a worker process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
-from node.config import Config, JoinInfo
+from node.config import Config, JoinInfo, parse_address
+from node.direct import DirectLinks
 from node.dispatch import Dispatcher
+from node.health import HealthServer
+from node.iotasks import IoTaskRunner
 from node.link import LinkState, MasterLink, NoMasterError
 from node.protocol import messages as m
-from workers.pool import WorkerPool
+from shm.errors import NodeDirectoryInUse
+from shm.nodedir import NodeDirectory, claim_node_dir
+from workers.pool import WorkerLimits, WorkerPool
 from workers.tasks import WorkerSettings
 
 log = logging.getLogger("cpnode.node")
@@ -49,12 +63,13 @@ class Node:
         self.dispatcher = Dispatcher(config.prefetch, self._deliver)
         self.settings = WorkerSettings(
             role=config.role,
-            node_id=config.node_id or f"{join.port}-{config.role.value.lower()}",
+            node_id=config.node_id or f"{config.role.value.lower()}-{join.port}",
             storage_dir=config.storage_dir,
             shm_dir=config.shm_dir,
             disk_space_mb=config.disk_space_mb,
             max_frame_bytes=config.max_frame_bytes,
             log_level=config.log_level,
+            log_format=config.log_format,
         )
         self.pool = WorkerPool(
             config.worker_count,
@@ -63,8 +78,16 @@ class Node:
             on_worker_ready=self.dispatcher.worker_ready,
             on_worker_lost=self.dispatcher.worker_lost,
             start_method=start_method,
+            limits=WorkerLimits(
+                task_timeout_ms=config.task_timeout_ms,
+                max_tasks_per_child=config.max_tasks_per_child,
+                memory_limit_mb=config.worker_memory_limit_mb,
+            ),
         )
         self.dispatcher.pool = self.pool
+        # HttpRequest, Tcp and Udp wait rather than compute: they run in this event loop.
+        self.io = IoTaskRunner(config, self.dispatcher.io_finished)
+        self.dispatcher.io_runner = self.io.submit
         self.link = MasterLink(
             config,
             join,
@@ -73,8 +96,15 @@ class Node:
             has_capacity=self.dispatcher.has_capacity,
             on_registered=self._registered,
         )
+        self.dispatcher.outbox = self.link
+        # direct_port, connect_to peers, ConnectionInfo links (node/direct.py).
+        self.direct = DirectLinks(config, join, self.dispatcher)
+        self.link.on_connection_info = self.direct.connection_info
         self._stop = asyncio.Event()
         self._signals = 0
+        self.health: HealthServer | None = None
+        if config.health_listen is not None:
+            self.health = HealthServer(self, *parse_address(config.health_listen))
 
     @property
     def ready(self) -> bool:
@@ -84,6 +114,7 @@ class Node:
         self.link.send_results(blob, count)
 
     def _registered(self) -> None:
+        self.direct.registered(self.link.send)
         if self.status is NodeStatus.CONNECTING:
             self.status = NodeStatus.READY
             log.info(
@@ -112,8 +143,55 @@ class Node:
 
     async def run(self) -> int:
         """Run until stopped; returns the process exit status."""
+        health = self.health
+        if health is not None:
+            await health.start()  # first: probes watch the start-up and the drain too
+        try:
+            return await self._run()
+        finally:
+            if health is not None:
+                await health.close()
+
+    def _claim_node_dir(self) -> NodeDirectory:
+        """Claim this node's directory in shm_dir (clearing a crashed run's leftovers) before
+        any worker starts. Without a configured `node_id`, a sibling node on this host that
+        holds the derived one makes us take the next free `-N` suffix."""
+        base = self.settings.node_id
+        candidates = (
+            [base] if self.config.node_id else [base, *(f"{base}-{n}" for n in range(2, 65))]
+        )
+        for node_id in candidates:
+            try:
+                claimed = claim_node_dir(self.config.shm_dir, node_id)
+            except NodeDirectoryInUse:
+                if node_id is candidates[-1]:
+                    raise
+                continue
+            if node_id != base:
+                log.warning("node_id %s is in use on this host; using %s", base, node_id)
+            self.settings = dataclasses.replace(self.settings, node_id=node_id)
+            self.pool.settings = self.settings
+            return claimed
+        raise AssertionError("unreachable")
+
+    async def _run(self) -> int:
         self.status = NodeStatus.STARTING
-        await self.pool.start()
+        try:
+            self.node_dir = self._claim_node_dir()
+        except (NodeDirectoryInUse, OSError) as error:
+            log.error("cannot claim this node's directory in %s: %s", self.config.shm_dir, error)
+            self.status = NodeStatus.STOPPED
+            return 2
+        try:
+            await self.pool.start()
+        except RuntimeError as error:
+            log.error("cannot start the workers: %s", error)
+            await self.pool.stop(timeout=0)
+            self.node_dir.release()
+            self.status = NodeStatus.STOPPED
+            return 1
+        await self.io.start()
+        await self.direct.start()
         self.status = NodeStatus.CONNECTING
         link_task = asyncio.ensure_future(self.link.run())
         stop_task = asyncio.ensure_future(self._stop.wait())
@@ -135,47 +213,117 @@ class Node:
             self.link.close()
             link_task.cancel()
             await asyncio.gather(link_task, return_exceptions=True)
-            await self.pool.stop()
+            await self.direct.close()
+            await self.io.close()
+            await self.pool.stop(timeout=0 if self._forced else 5.0)
+            self.node_dir.release()  # the memory store is volatile: gone with the node
             self.status = NodeStatus.STOPPED
-            log.info("node stopped")
+            dispatcher = self.dispatcher
+            log.info(
+                "node stopped: %d tasks received, %d answered, %d repeated ids joined "
+                "(%d answered again with their unconfirmed result), %d handed back",
+                dispatcher.received,
+                dispatcher.completed,
+                dispatcher.joined_duplicates,
+                dispatcher.results_resent,
+                dispatcher.handed_back,
+            )
+
+    @property
+    def _forced(self) -> bool:
+        """A second stop request: stop at once."""
+        return self._signals > 1
 
     async def drain(self) -> None:
-        """Finish what runs, deliver it, hand the rest back (DESIGN contract 8)."""
+        """Finish what runs, deliver it, hand the rest back (DESIGN contract 8), within
+        `drain_timeout_ms`; a second stop request cuts every step short."""
         self.status = NodeStatus.DRAINING
-        deadline = time.monotonic() + self.config.drain_timeout_ms / 1000
+        started = time.monotonic()
+        deadline = started + self.config.drain_timeout_ms / 1000
         link = self.link
-        link.stop_heartbeats()
-        handed_back = len(self.dispatcher.stop_accepting())
+        dispatcher = self.dispatcher
+        link.begin_drain()
+        dispatcher.stop_accepting()
         self._stop.clear()
         log.info(
-            "draining: %d tasks running, %d not started handed back",
-            self.dispatcher.held,
-            handed_back,
+            "draining (at most %.1f s): %d tasks to finish, %d not started handed back",
+            self.config.drain_timeout_ms / 1000,
+            dispatcher.held,
+            dispatcher.handed_back,
         )
-        if not await self._wait(self.dispatcher.idle.wait(), deadline):
-            log.warning("drain timeout: %d tasks still running", self.dispatcher.held)
-        # One heartbeat to have the master confirm the last results.
-        link.send_heartbeat()
-        while link.unconfirmed and link.state is LinkState.REGISTERED:
+        if not await self._wait(dispatcher.idle.wait(), deadline) and not self._forced:
+            log.warning("drain timeout: %d tasks still running", dispatcher.held)
+        # Deliver: a heartbeat after the last result; its answer confirms them all. When the
+        # connection is down, the link reconnects to deliver (and heartbeats on connect).
+        while link.unconfirmed:
+            link.confirm()
             if not await self._wait(asyncio.sleep(0.01), deadline):
                 break
-        handed_back += len(self.dispatcher.stop_accepting())
-        if link.unconfirmed:
-            log.warning(
-                "%d results could not be confirmed before the drain ended", link.unconfirmed
-            )
-        if handed_back and link.state is LinkState.REGISTERED:
-            # The upstream master forgets a closed connection's tasks but re-queues an evicted
-            # node's: stay connected and silent until it evicts us (2-3 x failover_timeout_ms).
-            evicted_by = link.last_write_at + 3 * self.config.failover_timeout_ms / 1000
-            log.info("waiting for the master to evict this node and re-queue its tasks")
-            await self._wait(asyncio.sleep(max(0.0, evicted_by - time.monotonic())), deadline)
-        elif link.state is LinkState.REGISTERED:
+        if link.state is LinkState.REGISTERED and not self._forced:
+            await self._hand_back(deadline)
+        self._log_leftovers()
+        log.info(
+            "drain ended after %.1f s: %d tasks handed back to the master",
+            time.monotonic() - started,
+            dispatcher.handed_back,
+        )
+
+    async def _hand_back(self, deadline: float) -> None:
+        link = self.link
+        dispatcher = self.dispatcher
+        failover_s = self.config.failover_timeout_ms / 1000
+        # The master pushes tasks right after reading a frame: let those arrive first.
+        quiet_s = min(0.2, failover_s / 4)
+        await self._wait(
+            self._until(lambda: time.monotonic() - link.last_bytes_at >= quiet_s), deadline
+        )
+        if self._forced or link.state is not LinkState.REGISTERED:
+            return
+        if not dispatcher.held and dispatcher.last_handed_back_at < link.connected_at:
             link.send(m.DISCONNECT)
+            log.info("the master holds no task of this node: sent Disconnect")
+            return
+        # Stay connected and silent until the master has evicted us (2-3 x failover_timeout_ms
+        # after the last frame it read from us, which it read before its last byte to us).
+        evicted_by = max(link.last_write_at, link.last_bytes_at) + 3.2 * failover_s
+        log.info(
+            "waiting %.1f s for the master to evict this node and re-queue the %d tasks it "
+            "still counts as ours",
+            max(0.0, evicted_by - time.monotonic()),
+            dispatcher.held + dispatcher.handed_back,
+        )
+        done = await self._wait(
+            self._until(
+                lambda: link.state is not LinkState.REGISTERED or time.monotonic() >= evicted_by
+            ),
+            deadline,
+        )
+        if not done and link.state is LinkState.REGISTERED:
+            log.warning(
+                "the drain ended before the master evicted this node: closing; a master that "
+                "re-queues on close gets its tasks back, the upstream master loses them"
+            )
+
+    def _log_leftovers(self) -> None:
+        undelivered = self.link.undelivered_ids()
+        if undelivered:
+            shown = ", ".join(undelivered[:20]) + (", ..." if len(undelivered) > 20 else "")
+            log.warning("%d results were not confirmed by the master: %s", len(undelivered), shown)
+        if self.dispatcher.held:
+            log.warning("%d tasks were still running", self.dispatcher.held)
+
+    @staticmethod
+    async def _until(condition: Callable[[], bool], step: float = 0.01) -> None:
+        while not condition():
+            await asyncio.sleep(step)
 
     async def _wait(self, awaitable: Awaitable[object], deadline: float) -> bool:
         """Await until `deadline` or a second stop request; False when cut short."""
         waiter = asyncio.ensure_future(awaitable)
+        if self._forced:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+            return False
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             done, _ = await asyncio.wait(

@@ -411,12 +411,12 @@ def test_refused_connection_names_the_address() -> None:
     run(scenario())
 
 
-def test_a_master_that_is_not_local_is_refused_until_tls_exists() -> None:
-    async def scenario() -> None:
-        with pytest.raises(ConfigError, match="TLS"):
-            await Client.connect(host="203.0.113.7", port=55000, token=TOKEN)
-
-    run(scenario())
+def test_a_master_that_is_not_local_needs_a_usable_ca_before_any_connection() -> None:
+    # TLS is chosen by the address alone, so the CA is checked before anything is dialed.
+    with pytest.raises(ConfigError, match="`ca_cert` is not a usable PEM certificate"):
+        Client.connect(host="203.0.113.7", port=55000, token=TOKEN, ca_cert="not a certificate")
+    with pytest.raises(ConfigError, match="no such file"):
+        Client.connect(host="127.0.0.1", port=1, token=TOKEN, tls="always", ca_cert_path="/nope")
 
 
 def test_submit_many_ten_thousand(backend: Cluster) -> None:

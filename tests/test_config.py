@@ -47,15 +47,30 @@ DEFAULTS = {
     "disk_space_mb": 1024,
     "role": Role.Worker,
     "max_retries": 5,
+    "retry_interval_ms": 5000,
     "log_level": "info",
     "workers": None,
     "task_timeout_ms": 60000,
+    "max_tasks_per_child": 0,
+    "worker_memory_limit_mb": 0,
     "max_frame_bytes": 1073741824,
     "poll_interval_ms": 50,
     "prefetch": 256,
     "shm_dir": "/dev/shm",
     "node_id": None,
     "drain_timeout_ms": 30000,
+    "health_listen": None,
+    "log_format": "text",
+    "tls": "auto",
+    "io_concurrency": 256,
+    "http_max_body_bytes": 16 << 20,
+    "tcp_read_bytes": 1024,
+    "network_allow": ("0.0.0.0/0", "::/0"),
+    "network_deny": ("169.254.0.0/16", "fe80::/10"),
+    "direct_port": None,
+    "direct_host": "0.0.0.0",
+    "connect_to": (),
+    "direct_window": 256,
     "result_ttl_s": 3600,
     "window": 1024,
 }
@@ -99,7 +114,7 @@ def test_unknown_fields_are_logged_and_ignored(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="cpnode.config")
     document = json.loads((DATA / "upstream-master-config.json").read_text())
-    document |= {"listen_backlog": 128, "tls": {"enabled": True}}
+    document |= {"listen_backlog": 128, "tls_options": {"enabled": True}}
     path = write(tmp_path / "config.json", document)
 
     config = load_config(path)
@@ -107,7 +122,7 @@ def test_unknown_fields_are_logged_and_ignored(
     assert config.state_file == "master_state.json"
     assert caplog.messages == [
         f"{path}: ignoring unknown field `listen_backlog`",
-        f"{path}: ignoring unknown field `tls`",
+        f"{path}: ignoring unknown field `tls_options`",
     ]
     assert all(record.name == "cpnode.config" for record in caplog.records)
 

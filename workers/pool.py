@@ -3,12 +3,21 @@
     WorkerPool.start() ─ spawn N processes (forkserver) ─ each sends READY ─ pool is up
     WorkerPool.send(worker, ids, frames) ──socketpair──▶ worker process
     worker process ──RESULTS──▶ on_results(worker, count, blob)      (in completion order)
-    process sentinel readable ──▶ on_worker_lost(worker, description) ─ respawn with backoff
+    process sentinel readable ──▶ on_worker_lost(worker, WorkerLoss) ─ respawn (backoff if
+                                                                       it keeps dying)
+    watchdog timer ─ progress slots ──▶ a task past task_timeout_ms: SIGKILL its worker
+                   ─ psutil USS     ──▶ a worker above its memory limit: retire it
 
 Each worker owns one Unix socket pair, driven on the supervisor side by an asyncio transport,
 so a send never blocks the loop (the transport buffers while the worker is busy). A worker's
 death is noticed through its process sentinel at once, not by a timeout; `describe_exit` names
-the exit code or signal for the log and for the `Error` of the task it was running.
+the exit code or signal for the log and for the `Error` of the task it was running. Its
+progress slot (shared memory, see `workers.worker`) says how many of the tasks it was sent it
+had started, so `WorkerLoss` tells the dispatcher exactly which tasks ran and which never did.
+
+Recycling happens between tasks: a worker that reached `max_tasks_per_child` tasks, or whose
+USS passed `memory_limit_mb`, is RETIRING: it is sent nothing more, finishes what it holds, then
+its channel is closed (it exits at EOF) and a fresh process takes its place.
 """
 
 from __future__ import annotations
@@ -18,30 +27,62 @@ import collections
 import enum
 import logging
 import multiprocessing
+import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.context import BaseContext
+from typing import Any
 
 import orjson
+import psutil
 
 from workers.channel import HEADER, READY, RESULTS, STATS
 from workers.stats import merge
 from workers.tasks import WorkerSettings
-from workers.worker import worker_main
+from workers.worker import FINISHED, PROGRESS_FIELDS, STARTED, STARTED_AT_NS, worker_main
 
 log = logging.getLogger("cpnode.pool")
 
 _RESPAWN_BACKOFF_MAX_S = 5.0
 _STABLE_AFTER_S = 10.0
+MEMORY_CHECK_S = 1.0
 
 
 class WorkerStatus(enum.Enum):
     STARTING = "starting"
     READY = "ready"
+    RETIRING = "retiring"  # takes no new task; replaced once it has answered what it holds
     DEAD = "dead"
     STOPPING = "stopping"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLimits:
+    """When a worker is killed or recycled; 0 turns a limit off."""
+
+    task_timeout_ms: int = 0  # a task running longer: SIGKILL the worker, Error for the task
+    max_tasks_per_child: int = 0  # recycle a worker after this many tasks
+    memory_limit_mb: int = 0  # recycle a worker whose USS is above this (checked every second)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoss:
+    """What a dead worker took with it, for the dispatcher.
+
+    Of the tasks the worker held (oldest first), the first `started` were started by the
+    process; the last of those was `running` when it died, the ones before it finished but
+    their results never arrived. The rest never started. `timeout_ms` is set when the pool
+    killed the worker because its running task passed `task_timeout_ms`.
+    """
+
+    how: str
+    started: int
+    running: bool
+    timeout_ms: int = 0
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -61,7 +102,7 @@ def describe_exit(exitcode: int | None) -> str:
 class Worker:
     """The supervisor's handle on one worker process and the tasks it holds."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, progress: Any) -> None:
         self.index = index
         self.status = WorkerStatus.STARTING
         self.process: multiprocessing.process.BaseProcess | None = None
@@ -75,6 +116,11 @@ class Worker:
         self.restarts = 0
         self.tasks_done = 0
         self.stats: dict[str, list[float]] = {}  # latest snapshot from the live process
+        # Shared with the process (see `workers.worker.PROGRESS_FIELDS`); zeroed per process.
+        self.progress = progress
+        self.received = 0  # results from the current process
+        self.budget = sys.maxsize  # tasks the current process may still be sent
+        self.killed_for_timeout = 0  # the limit (ms) when the pool killed it for a timeout
 
     def __repr__(self) -> str:
         return f"<Worker {self.index} pid={self.pid} {self.status.value} held={len(self.assigned)}>"
@@ -125,22 +171,30 @@ class WorkerPool:
         *,
         on_results: Callable[[Worker, int, bytes], None],
         on_worker_ready: Callable[[Worker], None],
-        on_worker_lost: Callable[[Worker, str], None],
+        on_worker_lost: Callable[[Worker, WorkerLoss], None],
         start_method: str = "forkserver",
+        limits: WorkerLimits | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a pool needs at least one worker")
         self.settings = settings
-        self.workers = [Worker(i) for i in range(size)]
-        self._on_results = on_results
-        self._on_worker_ready = on_worker_ready
-        self._on_worker_lost = on_worker_lost
+        self.limits = limits if limits is not None else WorkerLimits()
         self._context: BaseContext = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             self._context.set_forkserver_preload(["workers.forkserver_init", "workers.worker"])
+        # Progress slots live in the context's shared heap: passed to each process at start
+        # (as a file descriptor), and a file that is unlinked at once, so nothing outlives us.
+        self.workers = [
+            Worker(i, self._context.RawArray("q", PROGRESS_FIELDS))
+            for i in range(size)
+        ]
+        self._on_results = on_results
+        self._on_worker_ready = on_worker_ready
+        self._on_worker_lost = on_worker_lost
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._respawns: set[asyncio.TimerHandle] = set()
+        self._watchdog: asyncio.Task[None] | None = None
         self.restarts_by_cause: collections.Counter[str] = collections.Counter()
         self._retired_stats: dict[str, list[float]] = {}  # of processes that are gone
 
@@ -155,6 +209,7 @@ class WorkerPool:
         self._loop = asyncio.get_running_loop()
         started = time.monotonic()
         for worker in self.workers:
+            worker.ready = self._loop.create_future()
             await self._spawn(worker)
         waits = [w.ready for w in self.workers if w.ready is not None]
         try:
@@ -162,6 +217,12 @@ class WorkerPool:
         except TimeoutError:
             late = [w.index for w in self.workers if w.status is not WorkerStatus.READY]
             raise RuntimeError(f"workers {late} did not start within {timeout:.0f} s") from None
+        finally:
+            for worker in self.workers:
+                worker.ready = None
+        limits = self.limits
+        if limits.task_timeout_ms or limits.memory_limit_mb:
+            self._watchdog = asyncio.ensure_future(self._watch())
         log.info(
             "%d workers ready in %.0f ms (start method %s)",
             len(self.workers),
@@ -172,9 +233,12 @@ class WorkerPool:
     async def _spawn(self, worker: Worker) -> None:
         assert self._loop is not None
         ours, theirs = socket.socketpair()
+        progress = worker.progress
+        for field in range(PROGRESS_FIELDS):
+            progress[field] = 0
         process = self._context.Process(  # type: ignore[attr-defined]
             target=worker_main,
-            args=(theirs, self.settings, worker.index),
+            args=(theirs, self.settings, worker.index, progress),
             name=f"cpnode-worker-{worker.index}",
             daemon=True,
         )
@@ -186,7 +250,10 @@ class WorkerPool:
         worker.pid = process.pid
         worker.status = WorkerStatus.STARTING
         worker.started_at = time.monotonic()
-        worker.ready = self._loop.create_future()
+        worker.received = 0
+        worker.killed_for_timeout = 0
+        limit = self.limits.max_tasks_per_child
+        worker.budget = limit if limit > 0 else sys.maxsize
         transport, _ = await self._loop.create_connection(lambda: _Channel(self, worker), sock=ours)
         worker.transport = transport
         self._loop.add_reader(process.sentinel, self._sentinel, worker)
@@ -194,14 +261,17 @@ class WorkerPool:
     async def stop(self, timeout: float = 5.0) -> None:
         """Close every channel (workers exit at EOF), then terminate and kill stragglers."""
         self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         for handle in self._respawns:
             handle.cancel()
         self._respawns.clear()
         for worker in self.workers:
             if worker.status is not WorkerStatus.DEAD:
                 worker.status = WorkerStatus.STOPPING
-            if worker.transport is not None:
-                worker.transport.close()
+            self._close_channel(worker)
         deadline = time.monotonic() + timeout
         for worker in self.workers:
             process = worker.process
@@ -221,10 +291,14 @@ class WorkerPool:
     # ------------------------------------------------------------------------------- traffic
 
     def send(self, worker: Worker, ids: list[str], frames: bytes) -> None:
-        """Hand `ids` (already framed back to back in `frames`) to `worker`."""
+        """Hand `ids` (already framed back to back in `frames`) to `worker`; at most
+        `worker.budget` of them."""
         assert worker.transport is not None
         worker.assigned.extend(ids)
         worker.transport.write(frames)
+        worker.budget -= len(ids)
+        if worker.budget <= 0:
+            self.retire(worker, f"max_tasks_per_child = {self.limits.max_tasks_per_child}")
 
     @property
     def ready_workers(self) -> list[Worker]:
@@ -239,7 +313,77 @@ class WorkerPool:
 
     def _results(self, worker: Worker, count: int, blob: bytes) -> None:
         worker.tasks_done += count
+        worker.received += count
         self._on_results(worker, count, blob)
+        if worker.status is WorkerStatus.RETIRING and not worker.assigned:
+            self._close_channel(worker)
+
+    # ------------------------------------------------------------------------------- limits
+
+    def retire(self, worker: Worker, reason: str) -> None:
+        """Recycle `worker` between tasks: send it nothing more, let it answer what it holds,
+        then close its channel (it exits) and start a fresh process in its place."""
+        if worker.status is not WorkerStatus.READY:
+            return
+        worker.status = WorkerStatus.RETIRING
+        log.info("recycling worker %d (pid %s): %s", worker.index, worker.pid, reason)
+        self.restarts_by_cause[f"recycled: {reason.split(' ')[0]}"] += 1
+        if not worker.assigned:
+            self._close_channel(worker)
+
+    def _close_channel(self, worker: Worker) -> None:
+        if worker.transport is not None:
+            worker.transport.close()
+            worker.transport = None
+
+    async def _watch(self) -> None:
+        """Kill workers whose running task passed `task_timeout_ms`; retire workers above
+        `memory_limit_mb` (checked every MEMORY_CHECK_S, off the loop)."""
+        limits = self.limits
+        timeout_ns = limits.task_timeout_ms * 1_000_000
+        step = MEMORY_CHECK_S
+        if timeout_ns:
+            step = min(step, max(0.01, limits.task_timeout_ms / 4000))
+        memory_due = time.monotonic() + MEMORY_CHECK_S
+        while True:
+            await asyncio.sleep(step)
+            if timeout_ns:
+                self._kill_overdue(timeout_ns)
+            if limits.memory_limit_mb and time.monotonic() >= memory_due:
+                memory_due = time.monotonic() + MEMORY_CHECK_S
+                await self._check_memory(limits.memory_limit_mb << 20)
+
+    def _kill_overdue(self, timeout_ns: int) -> None:
+        now = time.monotonic_ns()
+        for worker in self.workers:
+            if worker.status not in (WorkerStatus.READY, WorkerStatus.RETIRING):
+                continue
+            progress = worker.progress
+            started = progress[STARTED]
+            if started <= progress[FINISHED] or now - progress[STARTED_AT_NS] <= timeout_ns:
+                continue
+            if worker.killed_for_timeout or worker.process is None:
+                continue
+            worker.killed_for_timeout = self.limits.task_timeout_ms
+            log.error(
+                "worker %d (pid %s): a task has run longer than task_timeout_ms = %d ms; "
+                "killing the worker",
+                worker.index,
+                worker.pid,
+                self.limits.task_timeout_ms,
+            )
+            worker.process.kill()
+
+    async def _check_memory(self, limit_bytes: int) -> None:
+        ready = [w for w in self.workers if w.status is WorkerStatus.READY and w.pid is not None]
+        usage = await asyncio.to_thread(_unique_memory, [w.pid for w in ready if w.pid])
+        for worker in ready:
+            used = usage.get(worker.pid or 0, 0)
+            if used > limit_bytes and worker.status is WorkerStatus.READY:
+                self.retire(
+                    worker,
+                    f"memory_limit_mb = {limit_bytes >> 20} (it uses {used / 2**20:.0f} MiB USS)",
+                )
 
     # ------------------------------------------------------------------------------- failures
 
@@ -251,32 +395,77 @@ class WorkerPool:
         process = worker.process
         assert process is not None
         self._forget_process(worker)
-        process.join(0)
+        # The sentinel can turn readable a moment before the process can be reaped (its pipe
+        # closes as it exits): a join that waits is needed for the exit code. It is exiting,
+        # so the wait is short.
+        process.join(1.0)
         how = describe_exit(process.exitcode)
+        if worker.transport is not None:
+            # Results the worker wrote just before it died may still wait in the socket;
+            # take them now, so they count as answered rather than lost.
+            self._read_remaining(worker)
+            self._close_channel(worker)
         self._retired_stats = merge([self._retired_stats, worker.stats])
         worker.stats = {}
         was_stopping = worker.status is WorkerStatus.STOPPING or self._stopping
+        retired = worker.status is WorkerStatus.RETIRING and not worker.assigned
         worker.status = WorkerStatus.DEAD
-        if worker.transport is not None:
-            worker.transport.close()
-            worker.transport = None
         if worker.ready is not None and not worker.ready.done():
             worker.ready.set_exception(RuntimeError(f"worker {worker.index} died at start: {how}"))
         if was_stopping:
             return
-        log.error("worker %d (pid %s) died: %s", worker.index, worker.pid, how)
-        self.restarts_by_cause[how] += 1
-        self._on_worker_lost(worker, how)
         process.close()
         worker.process = None
-        self._schedule_respawn(worker)
+        if retired:
+            log.debug("worker %d (pid %s) retired: %s", worker.index, worker.pid, how)
+            self._schedule_respawn(worker, crashed=False)
+            return
+        progress = worker.progress
+        started = min(len(worker.assigned), max(0, progress[STARTED] - worker.received))
+        loss = WorkerLoss(
+            how=how,
+            started=started,
+            running=started > 0 and progress[STARTED] > progress[FINISHED],
+            timeout_ms=worker.killed_for_timeout,
+        )
+        if loss.timeout_ms:
+            self.restarts_by_cause[f"task_timeout_ms = {loss.timeout_ms}"] += 1
+        else:
+            log.error("worker %d (pid %s) died: %s", worker.index, worker.pid, how)
+            self.restarts_by_cause[how] += 1
+        self._on_worker_lost(worker, loss)
+        self._schedule_respawn(worker, crashed=not loss.timeout_ms)
 
-    def _schedule_respawn(self, worker: Worker) -> None:
+    def _read_remaining(self, worker: Worker) -> None:
+        assert worker.transport is not None
+        channel = worker.transport.get_protocol()
+        sock = worker.transport.get_extra_info("socket")
+        if sock is None or not isinstance(channel, _Channel):
+            return
+        while True:
+            try:
+                data = os.read(sock.fileno(), 1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            channel.data_received(data)
+            if worker.transport is None:  # a retiring worker answered its last task
+                return
+
+    def _schedule_respawn(self, worker: Worker, *, crashed: bool) -> None:
+        """Start a new process for `worker`: at once after a retirement or a time-limit kill,
+        after a delay doubling with each crash in a row (a crash loop backs off)."""
         assert self._loop is not None
-        lived = time.monotonic() - worker.started_at
-        worker.restarts = 0 if lived > _STABLE_AFTER_S else worker.restarts + 1
-        delay = min(_RESPAWN_BACKOFF_MAX_S, 0.05 * (2 ** max(0, worker.restarts - 1)))
-        if worker.restarts > 1:
+        if crashed:
+            lived = time.monotonic() - worker.started_at
+            worker.restarts = 0 if lived > _STABLE_AFTER_S else worker.restarts + 1
+            delay = min(_RESPAWN_BACKOFF_MAX_S, 0.05 * (2 ** max(0, worker.restarts - 1)))
+        else:
+            delay = 0.0
+        if crashed and worker.restarts > 1:
             log.warning("worker %d keeps dying; respawning in %.2f s", worker.index, delay)
 
         def respawn() -> None:
@@ -287,6 +476,17 @@ class WorkerPool:
 
         handle = self._loop.call_later(delay, respawn)
         self._respawns.add(handle)
+
+
+def _unique_memory(pids: list[int]) -> dict[int, int]:
+    """USS (bytes) of each live pid: memory that would be freed if it exited."""
+    usage = {}
+    for pid in pids:
+        try:
+            usage[pid] = psutil.Process(pid).memory_full_info().uss
+        except (psutil.Error, OSError):
+            continue
+    return usage
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

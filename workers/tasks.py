@@ -12,8 +12,10 @@ building records (`workers.expr` memoises repeated expressions).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,8 +24,10 @@ import orjson
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
+from shm.bytesjson import ByteArrayError
 from workers.expr import ExpressionError, evaluate_complex, evaluate_compute
 from workers.stats import TaskStats
+from workers.storage import StorageTasks, decode_blob_task
 
 log = logging.getLogger("cpnode.worker")
 
@@ -41,7 +45,12 @@ class WorkerSettings:
     disk_space_mb: int = 1024
     max_frame_bytes: int = 1 << 30
     log_level: str = "info"
+    log_format: str = "text"
     extra: dict[str, str] = field(default_factory=dict)
+    # Extension point: task type name -> "module:function" run instead of the built-in
+    # executor (see `load_executor`). Imported by each worker at start; an import that fails
+    # makes the worker exit at start, which the pool reports and backs off from.
+    executors: dict[str, str] = field(default_factory=dict)
 
 
 def compute_result_json(expression: str) -> bytes:
@@ -70,6 +79,17 @@ class TaskRunner:
             m.Compute: lambda t: compute_result_json(t.expression),  # type: ignore[union-attr]
             m.ComplexMath: lambda t: complex_result_json(t.expression),  # type: ignore[union-attr]
         }
+        self.storage = StorageTasks(
+            settings.role,
+            node_id=settings.node_id,
+            shm_dir=settings.shm_dir,
+            storage_dir=settings.storage_dir,
+            disk_space_mb=settings.disk_space_mb,
+        )
+        self._executors.update(self.storage.executors())
+        for kind, spec in settings.executors.items():
+            self._executors[_task_type(kind)] = load_executor(spec)
+        self._expression_fast_path = not {"Compute", "ComplexMath"} & settings.executors.keys()
 
     def run_task(self, task: m.Task) -> bytes:
         """Execute `task`; return its encoded result (never raises for a task's own failure)."""
@@ -87,7 +107,7 @@ class TaskRunner:
     def run_payload(self, payload: bytes) -> bytes:
         """Decode an `AssignTask` payload, run it, return the `TaskResult` payload."""
         started = time.perf_counter()
-        result = self._run_expression(payload)
+        result = self._run_expression(payload) if self._expression_fast_path else None
         if result is not None:
             kind = "Compute" if b'"task":{"Compute"' in payload else "ComplexMath"
         else:
@@ -97,8 +117,13 @@ class TaskRunner:
 
     def _run_decoded(self, payload: bytes) -> tuple[str, bytes]:
         try:
+            blob = decode_blob_task(payload)
+            if blob is not None:
+                ident, task = blob
+                head = b'{"TaskResult":{"id":' + codec.json_str(ident)
+                return type(task).__name__, head + b',"result":' + self.run_task(task) + b"}}"
             message = codec.decode(payload)
-        except RemoteProtocolError as exc:
+        except (RemoteProtocolError, ByteArrayError) as exc:
             ident = _id_of(payload)
             return "malformed", codec.task_result_payload(ident, m.Error(f"malformed task: {exc}"))
         if type(message) is not m.AssignTask:
@@ -132,6 +157,26 @@ class TaskRunner:
         return (
             b'{"TaskResult":{"id":' + orjson.dumps(ident) + b',"result":' + run(expression) + b"}}"
         )
+
+
+def load_executor(spec: str) -> Callable[[m.Task], bytes]:
+    """Import `"package.module:function"`, a function taking the task record (`m.Compute`,
+    `m.StoreData`, ...) and returning its result record (`m.Number`, `m.Error`, ...); returns
+    it wrapped to produce the encoded result. Raises ValueError or ImportError naming `spec`."""
+    module_name, colon, name = spec.partition(":")
+    if not colon or not module_name or not name:
+        raise ValueError(f'executor {spec!r}: expected "package.module:function"')
+    function = getattr(importlib.import_module(module_name), name, None)
+    if not callable(function):
+        raise ValueError(f"executor {spec!r}: {module_name} has no function {name!r}")
+    return lambda task: codec.result_to_json(function(task))
+
+
+def _task_type(name: str) -> type:
+    kind = getattr(m, name, None)
+    if not isinstance(kind, type) or kind not in typing.get_args(m.Task):
+        raise ValueError(f"executor for {name!r}: not a task type")
+    return kind
 
 
 def _id_of(payload: bytes) -> str:

@@ -2,27 +2,38 @@
 
     channel ──recv──▶ FrameDecoder ──▶ [AssignTask payloads] ──TaskRunner──▶ TaskResult frames
                                                                               │
-    channel ◀──sendmsg(HEADER RESULTS count len, frames)◀── flushed per read batch, or every
-                                                             FLUSH_AFTER_S while a batch runs
+    channel ◀──(HEADER RESULTS count len, frames)◀── _ResultSender: flushed per read batch, and
+                                                      every FLUSH_AFTER_S by its thread while a
+                                                      batch runs
+    progress slot (shared memory) ◀── before each task: started-at, started; after: finished
 
 A worker reads whatever tasks are waiting (a batch), runs them in order and sends the results
-back in one message; a long batch is flushed every few milliseconds so early results are not
-held back by late ones. It exits when the channel closes (the supervisor stopped or died) and,
-through PR_SET_PDEATHSIG, when the process that spawned it dies, even in the middle of a task.
+back in one message; while a batch runs, a helper thread flushes finished results every few
+milliseconds, so a result never waits behind a slow task that follows it. Before and after each
+task the worker writes its progress slot (see `PROGRESS_FIELDS`), which the supervisor reads to
+time tasks out and to know, when a worker dies, which of its tasks it had started.
+
+It exits when the channel closes (the supervisor stopped or died) and, through
+PR_SET_PDEATHSIG, when the process that spawned it dies, even in the middle of a task.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import sys
+import threading
 import time
+from typing import Any, Final
 
 from node.protocol.framing import FrameDecoder, frame
 from workers.channel import HEADER, READY, RESULTS, STATS
+from workers.logformat import configure_logging
 from workers.tasks import TaskRunner, WorkerSettings
 
 FLUSH_AFTER_S = 0.002
@@ -30,64 +41,152 @@ STATS_EVERY_S = 0.5
 RECV_BYTES = 1 << 20
 _PR_SET_PDEATHSIG = 1
 
+# The progress slot: int64 fields in memory shared with the supervisor (one slot per worker,
+# zeroed before each start). Counts are of tasks since this process started; the supervisor
+# knows how many results it received, so `STARTED` minus that is how many of the oldest tasks
+# it sent were started, and `STARTED > FINISHED` means the last of them is running.
+STARTED: Final = 0  # tasks started
+STARTED_AT_NS: Final = 1  # time.monotonic_ns() when the last one started (written first)
+FINISHED: Final = 2  # tasks finished (written after each)
+PROGRESS_FIELDS: Final = 3
+
+EXIT_SETUP_FAILED: Final = 3  # the worker could not set itself up (logged); it never ran a task
+
+log = logging.getLogger("cpnode.worker")
+
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL us when our parent (the forkserver or supervisor) exits."""
+    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the channel's EOF still stops us
-        pass
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(EXIT_SETUP_FAILED)
 
 
-def worker_main(sock: socket.socket, settings: WorkerSettings, index: int) -> None:
-    """Entry point of a worker process (the target of `multiprocessing.Process`)."""
+def worker_main(sock: socket.socket, settings: WorkerSettings, index: int, progress: Any) -> None:
+    """Entry point of a worker process (the target of `multiprocessing.Process`); `progress` is
+    this worker's slot, a shared `ctypes` array of `PROGRESS_FIELDS` int64."""
     _die_with_parent()
     # The supervisor owns shutdown: Ctrl-C in a terminal, or a service manager's SIGTERM, reach
     # the whole process group, and a worker that died of them would turn a graceful drain into
     # lost tasks. A worker exits when its channel closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s worker-{index}[%(process)d] %(message)s",
-        stream=sys.stderr,
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        text_format=f"%(asctime)s %(levelname)s worker-{index}[%(process)d] %(message)s",
+        static={"worker": index},
     )
-    runner = TaskRunner(settings)
-    pid = str(os.getpid()).encode()
-    sock.sendall(HEADER.pack(READY, 0, len(pid)) + pid)
     try:
-        _serve(sock, runner, settings.max_frame_bytes)
+        runner = TaskRunner(settings)
+    except Exception as exc:
+        log.error("worker %d cannot start: %s", index, exc)
+        sock.close()
+        sys.exit(EXIT_SETUP_FAILED)
+    pid = str(os.getpid()).encode()
+    sender = _ResultSender(sock)
+    try:
+        sender.send(HEADER.pack(READY, 0, len(pid)) + pid)
+        _serve(sock, sender, runner, settings.max_frame_bytes, progress)
     except (BrokenPipeError, ConnectionResetError):
         pass
     finally:
         sock.close()
 
 
-def _serve(sock: socket.socket, runner: TaskRunner, max_frame_bytes: int) -> None:
+class _ResultSender:
+    """The worker's only writer to the channel: results as they finish, stats, READY.
+
+    The main thread queues results and flushes at the end of each batch; while a batch runs
+    (`busy` set) a daemon thread flushes every FLUSH_AFTER_S, so a finished result is not held
+    back by a slow task after it, and a worker killed for a time limit takes no finished result
+    with it. One lock keeps messages whole and results in order.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.busy = threading.Event()
+        threading.Thread(target=self._flush_while_busy, name="result-flusher", daemon=True).start()
+
+    def send(self, message: bytes) -> None:
+        with self._lock:
+            self._sock.sendall(message)
+
+    def flush(self) -> None:
+        frames = self.frames
+        with self._lock:
+            count = len(frames)
+            if count:
+                _send_results(self._sock, [frames.popleft() for _ in range(count)])
+
+    def _flush_while_busy(self) -> None:
+        while True:
+            self.busy.wait()
+            time.sleep(FLUSH_AFTER_S)
+            try:
+                self.flush()
+            except OSError:  # the channel is gone; the main thread sees it too
+                return
+
+
+def _serve(
+    sock: socket.socket,
+    sender: _ResultSender,
+    runner: TaskRunner,
+    max_frame_bytes: int,
+    progress: Any,
+) -> None:
     decoder = FrameDecoder(max_frame_bytes)
     run = runner.run_payload
     clock = time.monotonic
+    clock_ns = time.monotonic_ns
+    frames = sender.frames
+    busy = sender.busy
     stats_sent = 0.0
+    unsent = False  # tasks ran since the last STATS message
+    seq = 0
     while True:
+        if unsent:
+            # About to wait for work: the supervisor's metrics must not miss the last tasks
+            # of a burst, so send their stats once STATS_EVERY_S passes without new work.
+            wait = max(0.0, stats_sent + STATS_EVERY_S - clock())
+            if not select.select([sock], [], [], wait)[0]:
+                _send_stats(sender, runner)
+                stats_sent = clock()
+                unsent = False
+                continue
         data = sock.recv(RECV_BYTES)
         if not data:
             return
         payloads = decoder.feed(data)
-        out: list[bytes] = []
-        started = clock()
+        if not payloads:
+            continue
+        busy.set()
         for payload in payloads:
-            out.append(frame(run(payload)))
-            if clock() - started > FLUSH_AFTER_S:
-                _send_results(sock, out)
-                out = []
-                started = clock()
-        if out:
-            _send_results(sock, out)
+            seq += 1
+            progress[STARTED_AT_NS] = clock_ns()
+            progress[STARTED] = seq
+            frames.append(frame(run(payload)))
+            progress[FINISHED] = seq
+        busy.clear()
+        sender.flush()
+        unsent = True
         if clock() - stats_sent > STATS_EVERY_S:
-            snapshot = runner.stats.snapshot()
-            sock.sendall(HEADER.pack(STATS, 0, len(snapshot)) + snapshot)
+            _send_stats(sender, runner)
             stats_sent = clock()
+            unsent = False
+
+
+def _send_stats(sender: _ResultSender, runner: TaskRunner) -> None:
+    snapshot = runner.stats.snapshot()
+    sender.send(HEADER.pack(STATS, 0, len(snapshot)) + snapshot)
 
 
 def _send_results(sock: socket.socket, frames: list[bytes]) -> None:

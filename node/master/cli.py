@@ -31,11 +31,15 @@ from node.config import (
 from node.errors import ConfigError
 from node.master.journal import JournalError
 from node.master.server import new_event_loop, new_token, start_master
+from node.tls import ServerTls, ensure_certificate, server_tls
 
 _log = logging.getLogger("cpnode.master")
 
 # Upstream reads `config.json` from the working directory when no file is named.
 _DEFAULT_CONFIG = "config.json"
+# Upstream's certificate files when the config names none; made self-signed when missing.
+_DEFAULT_CERT = "master_cert.pem"
+_DEFAULT_KEY = "master_key.pem"
 
 _EPILOG = """\
 files:
@@ -47,6 +51,9 @@ files:
                     {"token", "ip", "port"}; nodes and cpnode-submit read it
   state file        pending and completed tasks, replayed at start (--state-file, config
                     `state_file`, default master_state.json)
+  TLS certificate   config `cert_path`/`key_path`, default ./master_cert.pem and
+                    ./master_key.pem, made self-signed when both are missing (unless
+                    tls is "never"); give the certificate to nodes as `ca_cert_path`
 
 exit status: 0 stopped by SIGTERM/SIGINT, 1 cannot listen, 2 bad config, flag, join.json or
 state file
@@ -111,7 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="journal of pending and completed tasks (overrides the config's state_file)",
     )
+    parser.add_argument(
+        "--tls",
+        choices=("auto", "always", "never"),
+        help="auto (default): TLS for peers that start a TLS handshake (upstream nodes do when "
+        "the master's address is not local), plain TCP for the others; always: TLS only; "
+        "never: plain TCP only (overrides the config's tls)",
+    )
     return parser
+
+
+def _server_tls(config: Config, host: str) -> ServerTls | None:
+    """The master's certificate (made self-signed when missing), unless tls is "never"."""
+    if config.tls == "never":
+        return None
+    cert_path = config.cert_path or _DEFAULT_CERT
+    key_path = config.key_path or _DEFAULT_KEY
+    ensure_certificate(cert_path, key_path, [host, "localhost", "127.0.0.1", "::1"])
+    return ServerTls(server_tls(cert_path, key_path), config.tls)
 
 
 def _listen_address(text: str | None, config: Config) -> tuple[str, int]:
@@ -150,38 +174,44 @@ async def _serve(
     scheduling: str,
     join_path: str,
     state_file: str,
+    tls: ServerTls | None,
 ) -> int:
-    try:
-        master = await start_master(
-            config,
-            host=host,
-            port=port,
-            token=token,
-            scheduling=scheduling,
-            join_path=join_path,
-            state_file=state_file,
-        )
-    except (ConfigError, JournalError) as error:
-        print(f"cpnode-master: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(
-            f"cpnode-master: cannot listen on {host}:{port}: {error.strerror or error}",
-            file=sys.stderr,
-        )
-        return 1
-    _log.info("join information written to %s", join_path)
+    # Handlers first: join.json appears during start-up, and whoever reads it may send SIGTERM
+    # at once; the default action would kill the master before it could close cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
-        _log.info("stopping: closing connections and writing the state file")
+        try:
+            master = await start_master(
+                config,
+                host=host,
+                port=port,
+                token=token,
+                scheduling=scheduling,
+                join_path=join_path,
+                state_file=state_file,
+                tls=tls,
+            )
+        except (ConfigError, JournalError) as error:
+            print(f"cpnode-master: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:
+            print(
+                f"cpnode-master: cannot listen on {host}:{port}: {error.strerror or error}",
+                file=sys.stderr,
+            )
+            return 1
+        _log.info("join information written to %s", join_path)
+        try:
+            await stop.wait()
+            _log.info("stopping: closing connections and writing the state file")
+        finally:
+            await master.close()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        await master.close()
     return 0
 
 
@@ -199,6 +229,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 "log_level": args.log_level,
                 "window": args.window,
                 "state_file": args.state_file,
+                "tls": args.tls,
             },
         )
         host, port = _listen_address(args.listen, config)
@@ -211,9 +242,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:
+        tls = _server_tls(config, host)
+    except ConfigError as error:
+        print(f"cpnode-master: {error}", file=sys.stderr)
+        return 2
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(
-            _serve(config, host, port, token, args.scheduling, join_path, config.state_file)
+            _serve(config, host, port, token, args.scheduling, join_path, config.state_file, tls)
         )
 
 

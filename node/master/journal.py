@@ -15,8 +15,10 @@ a later submit of a completed id runs it again), so the tasks left without a res
 still to run: those pending and those active on a node when the master stopped. Results older
 than `result_ttl_s` (`at` is wall-clock time) are dropped on replay and by compaction.
 
-The event loop never touches the file. It only formats one line (bytes concatenation, no JSON
-encoder) and puts it on a queue; the writer thread writes whatever has accumulated in one call.
+The event loop never touches the file. It formats each line (bytes concatenation, no JSON
+encoder) into a list, and `flush()`, which the server calls once per batch of input it handled,
+puts the whole list on the queue: one hand-over per batch, not per record, so the writer thread
+seldom competes with the loop for the GIL. The writer writes whatever has accumulated in one call.
 
 Durability: each batch is written and flushed to the operating system as soon as the thread
 wakes, so a crash of the master process loses at most the records of the last milliseconds. The
@@ -73,8 +75,8 @@ _log = logging.getLogger("cpnode.master.journal")
 DEFAULT_FSYNC_INTERVAL_S: Final = 1.0
 DEFAULT_COMPACT_RATIO: Final = 4
 DEFAULT_COMPACT_SLACK: Final = 10_000
-# The writer joins at most this many records into one write() so a burst of 100,000 submissions
-# reaches the OS in pieces rather than after one huge join.
+# The writer writes once it holds this many records, so a burst of 100,000 submissions reaches
+# the OS in pieces rather than after one huge join.
 _MAX_BATCH: Final = 8192
 
 HEADER: Final = b'{"op":"journal","format":"cpnode-master","version":1}\n'
@@ -307,6 +309,7 @@ class Journal:
         # Records the file holds (as far as the loop knows: queued ones count already).
         self.records = 0
         self.compactions = 0
+        self._lines: list[bytes] = []  # formatted since the last flush()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -323,12 +326,18 @@ class Journal:
         self._thread.start()
 
     def submit(self, id_json: bytes, task_json: bytes) -> None:
-        self._queue.put(submit_record(id_json, task_json))
+        self._lines.append(submit_record(id_json, task_json))
         self.records += 1
 
     def result(self, id_json: bytes, result_json: bytes, at: float) -> None:
-        self._queue.put(result_record(id_json, result_json, at))
+        self._lines.append(result_record(id_json, result_json, at))
         self.records += 1
+
+    def flush(self) -> None:
+        """Hand the records formatted so far to the writer (cheap; call it once per batch)."""
+        if self._lines:
+            self._queue.put(self._lines)
+            self._lines = []
 
     def wants_compaction(self, live_records: int) -> bool:
         return self.records > self.compact_ratio * live_records + self.compact_slack
@@ -337,6 +346,7 @@ class Journal:
         self, tasks: list[tuple[bytes, bytes]], results: list[tuple[str, bytes, float]]
     ) -> None:
         """Rewrite the file to hold exactly this state (plus what is queued after it)."""
+        self._lines = []  # the snapshot holds what they record
         self._queue.put(_Snapshot(tasks, results))
         self.records = len(tasks) + len(results)
         self.compactions += 1
@@ -346,6 +356,7 @@ class Journal:
         if self._closed:
             return
         self._closed = True
+        self.flush()
         self._queue.put(_STOP)
         if self._thread is not None:
             self._thread.join()
@@ -368,8 +379,8 @@ class Journal:
                 batch: list[bytes] = []
                 stop = False
                 while item is not None:
-                    if type(item) is bytes:
-                        batch.append(item)
+                    if type(item) is list:
+                        batch += item
                         if len(batch) >= _MAX_BATCH:
                             file = self._write(file, batch)
                             unsynced = True

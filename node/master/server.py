@@ -5,6 +5,7 @@
         handler ─▶ replies appended to that connection's outbox
     after each batch of input ─▶ Scheduler.dispatch() ─▶ AssignTask frames into nodes' outboxes
                               ─▶ one transport.write() per connection with anything to send
+                              ─▶ Journal.flush(): this batch's records to the writer thread
     timer, every failover_timeout_ms ─▶ evict silent nodes, expire results, compact the journal
 
 Everything runs in the loop's thread and no handler awaits, so there is nothing to lock and no
@@ -53,6 +54,7 @@ from node.protocol import (
     task_to_json,
 )
 from node.protocol import messages as m
+from node.tls import ServerTls, TlsListener
 
 __all__ = [
     "MasterServer",
@@ -85,6 +87,13 @@ _PENDING_FRAME: Final = encode(m.DirectMessage("Pending"))
 def new_token() -> str:
     """A fresh join token, in upstream's format (a random UUID, `Uuid::new_v4().to_string()`)."""
     return str(uuid.uuid4())
+
+
+def _id_json(ident: str) -> bytes:
+    """The JSON string of a task id, for keeping: orjson returns a bytes object whose buffer was
+    sized for growth (about 4 KiB), and 100,000 pending ids would hold 400 MB; a copy is sized
+    to its content."""
+    return bytes(memoryview(_dumps(ident)))
 
 
 def _assign_frame(id_json: bytes, task_json: bytes) -> bytes:
@@ -209,7 +218,7 @@ class MasterServer:
         self._ports = _PortPool(config.min_port, config.max_port)
         self._failover_s = config.failover_timeout_ms / 1000
         self._loop = asyncio.get_running_loop()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.AbstractServer | TlsListener | None = None
         # Insertion-ordered: ConnectedNodes lists nodes in the order they connected.
         self._connections: dict[_Connection, None] = {}
         self._by_address: dict[str, _Connection] = {}
@@ -275,6 +284,7 @@ class MasterServer:
         if self._server is not None:
             await self._server.wait_closed()
         if self._journal is not None:
+            self._journal.flush()
             await self._loop.run_in_executor(None, self._journal.close)
         _log.info("master on %s stopped", self.address)
 
@@ -283,12 +293,18 @@ class MasterServer:
     def _restore(self, replayed: Replayed) -> None:
         scheduler = self._scheduler
         for ident, task in replayed.tasks:
-            scheduler.submit(ident, _dumps(ident), task_to_json(task), role_of(task))
+            scheduler.submit(ident, _id_json(ident), task_to_json(task), role_of(task))
         for ident, result_json, at in replayed.results:
             scheduler.complete(ident, result_json, at)
 
-    async def _listen(self, host: str, port: int) -> None:
-        self._server = await self._loop.create_server(lambda: _Connection(self), host, port)
+    async def _listen(self, host: str, port: int, tls: ServerTls | None = None) -> None:
+        if tls is None:
+            self._server = await self._loop.create_server(lambda: _Connection(self), host, port)
+        else:  # TLS or plain TCP, whichever each peer starts with (see node/tls.py)
+            self._server = await TlsListener.start(
+                lambda: _Connection(self), host, port, context=tls.context, mode=tls.mode,
+                what="master",
+            )  # fmt: skip
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = str(sockname[0]), int(sockname[1])
         self._tick_handle = self._loop.call_later(self._failover_s, self._tick)
@@ -349,7 +365,7 @@ class MasterServer:
             and conn.decoder.expecting > _TOKEN_FRAME_LIMIT
         ):
             tls = data[:2] == b"\x16\x03"
-            hint = " (a TLS handshake? this master speaks plain TCP)" if tls else ""
+            hint = " (a TLS handshake? this listener serves plain TCP only)" if tls else ""
             _log.warning(
                 "%s: first frame of %d bytes is not a token%s; closing the connection",
                 conn.address,
@@ -440,7 +456,7 @@ class MasterServer:
 
     def _on_submit(self, conn: _Connection, message: m.SubmitTask) -> None:
         ident = message.id
-        id_json = _dumps(ident)
+        id_json = _id_json(ident)
         task_json = task_to_json(message.task)
         self._scheduler.submit(ident, id_json, task_json, role_of(message.task))
         if self._journal is not None:
@@ -508,10 +524,13 @@ class MasterServer:
             out.append(_assign_frame(entry.id_json, entry.task_json))
 
     def _settle(self) -> None:
-        """Hand out what can move now, then write every outbox in one call per connection."""
+        """Hand out what can move now, then write every outbox in one call per connection, and
+        hand this batch's journal records to the journal's writer."""
         assignments = self._scheduler.dispatch()
         if assignments:
             self._push(assignments)
+        if self._journal is not None:
+            self._journal.flush()
         dirty = self._dirty
         if not dirty:
             return
@@ -603,6 +622,7 @@ async def start_master(
     scheduling: str = "fifo",
     join_path: str | None = None,
     state_file: str | None = None,
+    tls: ServerTls | None = None,
 ) -> MasterServer:
     """Start a master on the running loop; returns once it listens.
 
@@ -611,7 +631,8 @@ async def start_master(
     `host`/`port` and `state_file`). `port=0` picks a free port (see `.port`, `.address`).
     `token=None` makes a new one. `scheduling` is "fifo" or "upstream". `join_path`, when given,
     receives a join.json (mode 0600) for this master. `state_file=None` keeps everything in
-    memory; a path makes tasks and results survive a restart (see journal.py).
+    memory; a path makes tasks and results survive a restart (see journal.py). `tls=None`
+    listens in plain TCP only; a `ServerTls` also serves TLS (node/tls.py).
     """
     config = config if config is not None else Config()
     try:
@@ -645,7 +666,7 @@ async def start_master(
     if journal is not None:
         journal.start(*master._scheduler.snapshot())
     try:
-        await master._listen(host, port)
+        await master._listen(host, port, tls)
         if join_path is not None:
             info = JoinInfo(master.token, master.host, master.port)
             await loop.run_in_executor(None, write_join, join_path, info)

@@ -1,0 +1,876 @@
+"""Direct links: tasks between nodes (and from clients) without the master in between.
+
+    dialer ──TCP, or TLS by the upstream rule──▶ token ──▶ "OK" | "Invalid token" (closed)
+    then, either way:  AssignTask{id, task} ──▶ this node's Dispatcher ──▶ TaskResult{id, result}
+                       Heartbeat ──▶ HeartbeatAck           Disconnect ──▶ closed
+
+Upstream direct links carry no authentication; ours start exactly like the master handshake
+(the cluster token from join.json, compared in constant time) and are TLS under the same rule
+(`node/tls.py`: a listener serves whichever the peer starts with).
+
+Who uses them:
+- `DirectServer` (a node with `direct_port`): runs what a peer sends with the same dispatcher as
+  master work. Each link renames the ids it hands in (a prefix unique to the link, inserted
+  into the JSON string without decoding the payload), so a peer's ids never collide with the
+  master's or another peer's, and its results go back on that link, not to the master.
+- `DirectPeer` (`connect_to`, `--connect-to HOST:PORT`): keeps a link to a peer's direct port
+  and lends the node the peer's capacity: a master task that arrives while this node's workers
+  have no room goes to the peer (at most `direct_window` at once), and its result is delivered
+  to the master like any other. When the link is lost, tasks safe to repeat run here instead;
+  the others get an `Error` saying the peer was lost.
+- `DirectClient` (`cpnode-submit --direct`): sends tasks to a node's direct port and awaits their
+  results, which are pushed, not polled.
+- `ConnectionInfo(addr, port)` from the master (after a `RequestConnection`), as upstream meant
+  it: listen on `port` and dial the host of `addr` on `port`, the first connection wins, within
+  `failover_timeout_ms`; the link then runs what the peer sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import itertools
+import logging
+import random
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from node.config import Config, JoinInfo, format_address, parse_address
+from node.dispatch import Dispatcher, _is_idempotent
+from node.errors import ConfigError, CpnodeError
+from node.protocol import codec
+from node.protocol import messages as m
+from node.protocol.errors import FrameTooLarge, RemoteProtocolError
+from node.protocol.framing import FrameDecoder, frame
+from node.tls import (
+    ClientTls,
+    ServerTls,
+    TlsListener,
+    client_tls,
+    ensure_certificate,
+    server_tls,
+    verify_failure,
+    wants_tls,
+)
+
+__all__ = [
+    "DirectClient",
+    "DirectError",
+    "DirectLinkRefused",
+    "DirectLinks",
+    "DirectPeer",
+    "DirectServer",
+    "accept_connection_info",
+]
+
+log = logging.getLogger("cpnode.direct")
+
+_OK: Final = b"OK"
+_INVALID_TOKEN: Final = b"Invalid token"
+_TOKEN_FRAME_LIMIT: Final = 4096
+_AUTH_TIMEOUT_S: Final = 10.0
+_ASSIGN_HEAD: Final = b'{"AssignTask":{"id":"'
+_RESULT_HEAD: Final = b'{"TaskResult":{"id":"'
+_HEARTBEAT_FRAME: Final = codec.encode(m.HEARTBEAT)
+_ACK_FRAME: Final = codec.encode(m.HEARTBEAT_ACK)
+_BACKOFF_FIRST_S: Final = 0.1
+_BACKOFF_MAX_S: Final = 5.0
+
+_link_numbers = itertools.count(1)
+
+
+class DirectError(CpnodeError, ConnectionError):
+    """A direct link could not be opened or was lost."""
+
+
+class DirectLinkRefused(DirectError):
+    """The peer answered `Invalid token`."""
+
+
+class _Phase(enum.Enum):
+    AUTHENTICATING = "authenticating"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class DirectConnection(asyncio.Protocol):
+    """One direct link's bytes, whichever side dialed.
+
+    `on_task(link, id, payload)` runs an `AssignTask` from the peer (None: answered with an
+    `Error`); `on_result(id, payload)` takes a `TaskResult` for a task this side sent.
+    """
+
+    def __init__(
+        self,
+        *,
+        token: str,
+        dialer: bool,
+        max_frame_bytes: int,
+        on_task: Callable[[DirectConnection, str, bytes], None] | None = None,
+        on_result: Callable[[str, bytes], None] | None = None,
+        what: str = "direct link",
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.number = next(_link_numbers)
+        # Inserted at the start of every id this link hands to the dispatcher; raw UTF-8 in
+        # JSON, so it is added and removed in the bytes.
+        self.prefix = f"⇄{self.number}⇄"
+        self._prefix_bytes = self.prefix.encode()
+        self._token = token.encode()
+        self.dialer = dialer
+        self.phase = _Phase.AUTHENTICATING
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._on_task = on_task
+        self._on_result = on_result
+        self.what = what
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.last_bytes_at = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self.tasks_run = 0
+        self.results_received = 0
+
+    # --- asyncio callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = format_address(str(peer[0]), int(peer[1]))
+        if self.dialer:
+            transport.write(frame(self._token))  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(_AUTH_TIMEOUT_S, self._auth_expired)
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase is _Phase.CLOSED:
+            return
+        self.last_bytes_at = time.monotonic()
+        try:
+            payloads = self._decoder.feed(data)
+        except FrameTooLarge as error:
+            log.warning("%s %s: %s; closing", self.what, self.peer, error)
+            self.close()
+            return
+        for payload in payloads:
+            if self.phase is _Phase.AUTHENTICATING:
+                self._authenticate(payload)
+            elif self.phase is _Phase.OPEN:
+                self._received(payload)
+        if self.phase is _Phase.AUTHENTICATING and self._decoder.expecting > _TOKEN_FRAME_LIMIT:
+            # Not a token (a TLS handshake read as a length asks for ~370 MB): never buffer it.
+            log.warning("%s %s: first frame is not a token; closing", self.what, self.peer)
+            self._fail(DirectError(f"{self.what} {self.peer}: first frame is not a token"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(DirectError(f"{self.what} {self.peer} closed" + (f": {exc}" if exc else "")))
+
+    # --- handshake -----------------------------------------------------------------------------
+
+    def _authenticate(self, payload: bytes) -> None:
+        if self.dialer:
+            answer = payload.strip()
+            if answer == _OK:
+                self._open()
+            elif answer == _INVALID_TOKEN:
+                self._fail(DirectLinkRefused(f"{self.what} {self.peer} answered Invalid token"))
+            else:
+                self._fail(DirectError(f"{self.what} {self.peer} answered {answer[:60]!r}"))
+            return
+        try:
+            offered = payload.decode("utf-8").strip().encode()
+        except UnicodeDecodeError:
+            offered = b""
+        if offered and hmac.compare_digest(offered, self._token):
+            self._write(frame(_OK))
+            self._open()
+            log.info("%s from %s opened", self.what, self.peer)
+        else:
+            log.warning("%s from %s: invalid token; refused and closed", self.what, self.peer)
+            self._write(frame(_INVALID_TOKEN))
+            self._fail(DirectLinkRefused(f"{self.what} from {self.peer}: invalid token"))
+
+    def _open(self) -> None:
+        self.phase = _Phase.OPEN
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.opened.done():
+            self.opened.set_result(None)
+
+    def _auth_expired(self) -> None:
+        self._timer = None
+        if self.phase is _Phase.AUTHENTICATING:
+            log.warning("%s %s: no handshake within %.0f s", self.what, self.peer, _AUTH_TIMEOUT_S)
+            self._fail(DirectError(f"{self.what} {self.peer}: no handshake in time"))
+
+    # --- after the handshake -------------------------------------------------------------------
+
+    def _received(self, payload: bytes) -> None:
+        if payload.startswith(b'{"AssignTask":'):
+            self._run(payload)
+            return
+        if payload.startswith(b'{"TaskResult":'):
+            try:
+                ident = codec.peek(payload).id
+            except RemoteProtocolError:
+                ident = None
+            if ident is not None and self._on_result is not None:
+                self.results_received += 1
+                self._on_result(ident, payload)
+            else:
+                log.debug("%s %s: result nobody waits for", self.what, self.peer)
+            return
+        try:
+            message = codec.decode(payload)
+        except RemoteProtocolError as error:
+            log.warning("%s %s: skipping a malformed frame: %s", self.what, self.peer, error)
+            return
+        if isinstance(message, m.Heartbeat):
+            self._write(_ACK_FRAME)
+        elif isinstance(message, m.Disconnect):
+            self.close()
+        elif not isinstance(message, m.HeartbeatAck):
+            log.debug("%s %s: ignoring %s", self.what, self.peer, type(message).__name__)
+
+    def _run(self, payload: bytes) -> None:
+        try:
+            ident = codec.peek(payload).id
+        except RemoteProtocolError as error:
+            log.warning("%s %s: skipping an unreadable AssignTask: %s", self.what, self.peer, error)
+            return
+        if ident is None:
+            return
+        if self._on_task is None:
+            refusal = m.Error("this end of the direct link runs no tasks")
+            self._write(frame(codec.task_result_payload(ident, refusal)))
+            return
+        self.tasks_run += 1
+        self._on_task(self, ident, payload)
+
+    def rename(self, ident: str, payload: bytes) -> tuple[str, bytes]:
+        """The id and payload the dispatcher gets: the id with this link's prefix."""
+        if payload.startswith(_ASSIGN_HEAD):
+            head = len(_ASSIGN_HEAD)
+            return self.prefix + ident, _ASSIGN_HEAD + self._prefix_bytes + payload[head:]
+        message = codec.decode(payload)  # rare: a payload our encoder would not have written
+        assert isinstance(message, m.AssignTask)
+        renamed = m.AssignTask(self.prefix + ident, message.task)
+        return renamed.id, codec.encode_payload(renamed)
+
+    def send_results(self, blob: bytes, count: int) -> None:
+        """The dispatcher's reply sink: `count` result frames with renamed ids."""
+        if self.phase is not _Phase.OPEN:
+            log.debug("%s %s: closed; dropping %d results", self.what, self.peer, count)
+            return
+        out: list[bytes] = []
+        position = 0
+        head, prefix = len(_RESULT_HEAD), self._prefix_bytes
+        for _ in range(count):
+            size = int.from_bytes(blob[position : position + 4], "big")
+            payload = blob[position + 4 : position + 4 + size]
+            position += 4 + size
+            if payload.startswith(_RESULT_HEAD + prefix):
+                out.append(frame(_RESULT_HEAD + payload[head + len(prefix) :]))
+            else:  # rare: decode and encode again
+                message = codec.decode(payload)
+                assert isinstance(message, m.TaskResult)
+                original = message.id.removeprefix(self.prefix)
+                out.append(frame(codec.task_result_payload(original, message.result)))
+        self._write(b"".join(out))
+
+    def send_task(self, payload: bytes) -> None:
+        """Write an `AssignTask` payload to the peer."""
+        self._write(frame(payload))
+
+    def heartbeat(self) -> None:
+        self._write(_HEARTBEAT_FRAME)
+
+    # --- closing -------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _fail(self, error: DirectError) -> None:
+        self._end(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        self._fail(DirectError(f"{self.what} {self.peer} closed here"))
+
+    def abort(self) -> None:
+        self._end(DirectError(f"{self.what} {self.peer} aborted here"))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _end(self, error: DirectError) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.phase = _Phase.CLOSED
+        if not self.opened.done():
+            self.opened.set_exception(error)
+            self.opened.exception()  # read here: nobody may be waiting any more
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+# --- dialing -------------------------------------------------------------------------------------
+
+
+async def dial(
+    host: str,
+    port: int,
+    *,
+    token: str,
+    tls_mode: str,
+    tls: ClientTls | None,
+    timeout: float,
+    max_frame_bytes: int,
+    on_task: Callable[[DirectConnection, str, bytes], None] | None = None,
+    on_result: Callable[[str, bytes], None] | None = None,
+    what: str = "direct peer",
+) -> DirectConnection:
+    """Connect to a direct port and authenticate; DirectError (DirectLinkRefused for a wrong
+    token, TlsVerifyError for a certificate) when that fails."""
+    loop = asyncio.get_running_loop()
+    use_tls = wants_tls(host, tls_mode)
+    if use_tls and tls is None:
+        raise DirectError(f"{what} {format_address(host, port)} needs TLS but has no CA set up")
+
+    def factory() -> DirectConnection:
+        return DirectConnection(
+            token=token, dialer=True, max_frame_bytes=max_frame_bytes,
+            on_task=on_task, on_result=on_result, what=what,
+        )  # fmt: skip
+
+    where = format_address(host, port)
+    connection: DirectConnection | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            _, connection = await loop.create_connection(
+                factory, host, port,
+                ssl=tls.context if use_tls and tls else None,
+                server_hostname=host if use_tls else None,
+            )  # fmt: skip
+            await asyncio.shield(connection.opened)
+    except ssl.SSLCertVerificationError as error:
+        assert tls is not None
+        raise await verify_failure(error, what, host, port, tls.trust) from None
+    except DirectError:
+        raise
+    except TimeoutError:
+        if connection is not None:
+            connection.abort()
+        raise DirectError(f"{what} {where}: no link within {timeout:g} s") from None
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise DirectError(f"{what} {where}: {reason}") from None
+    except BaseException:
+        if connection is not None:
+            connection.abort()
+        raise
+    return connection
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+class DirectServer:
+    """A node's `direct_port`: every authenticated link runs what its peer sends."""
+
+    def __init__(self, config: Config, join: JoinInfo, dispatcher: Dispatcher) -> None:
+        self.config = config
+        self.join = join
+        self.dispatcher = dispatcher
+        self.links: set[DirectConnection] = set()
+        self._listener: TlsListener | None = None
+        self.port = 0
+        self.tls = self.server_tls()
+
+    def server_tls(self) -> ServerTls:
+        """The certificate for TLS links: `cert_path`/`key_path` (made self-signed when both
+        are missing); without them, plain links only (unless tls is "always": ConfigError)."""
+        config = self.config
+        if config.tls == "never" or (config.cert_path is None and config.key_path is None):
+            if config.tls == "always":
+                raise ConfigError(
+                    'config: tls is "always" and `direct_port` is set, so `cert_path` and '
+                    "`key_path` must name the certificate its direct links present"
+                )
+            return ServerTls(None, config.tls)
+        cert_path = config.cert_path or "node_cert.pem"
+        key_path = config.key_path or "node_key.pem"
+        ensure_certificate(cert_path, key_path, [config.direct_host, "localhost", "127.0.0.1"])
+        return ServerTls(server_tls(cert_path, key_path), config.tls)
+
+    async def start(self) -> None:
+        port = self.config.direct_port
+        assert port is not None
+        tls = self.tls
+        self._listener = await TlsListener.start(
+            self._connection, self.config.direct_host, port,
+            context=tls.context, mode=tls.mode, what="direct links",
+        )  # fmt: skip
+        self.port = int(self._listener.sockets[0].getsockname()[1])
+        log.info(
+            "accepting direct links on %s%s",
+            format_address(self.config.direct_host, self.port),
+            " (TLS or plain TCP)" if tls.context is not None else " (plain TCP)",
+        )
+
+    def _connection(self) -> DirectConnection:
+        link = DirectConnection(
+            token=self.join.token,
+            dialer=False,
+            max_frame_bytes=self.config.max_frame_bytes,
+            on_task=self.run_task,
+            what="direct link",
+        )
+        self.links.add(link)
+        link.closed.add_done_callback(lambda _: self._closed(link))
+        return link
+
+    def _closed(self, link: DirectConnection) -> None:
+        self.links.discard(link)
+        if link.tasks_run:
+            log.info("direct link from %s closed; it sent %d tasks", link.peer, link.tasks_run)
+
+    def run_task(self, link: DirectConnection, ident: str, payload: bytes) -> None:
+        """Hand a peer's task to the dispatcher; its result goes back on `link`."""
+        try:
+            internal, renamed = link.rename(ident, payload)
+        except (RemoteProtocolError, AssertionError) as error:
+            failure = m.Error(f"malformed task: {error}")
+            link._write(frame(codec.task_result_payload(ident, failure)))
+            return
+        self.dispatcher.accept(internal, renamed, reply=link.send_results)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
+            self._listener = None
+        links = list(self.links)
+        for link in links:
+            link.close()
+        if links:
+            await asyncio.wait([link.closed for link in links], timeout=2.0)
+        for link in links:
+            if not link.closed.done():
+                link.abort()
+
+
+# --- lending a peer's capacity (connect_to) ------------------------------------------------------
+
+
+class DirectPeer:
+    """A dialed link kept open to one peer's direct port; takes overflow master tasks."""
+
+    def __init__(
+        self, address: str, config: Config, join: JoinInfo, dispatcher: Dispatcher
+    ) -> None:
+        self.address = address
+        self.host, self.port = parse_address(address)
+        self.config = config
+        self.join = join
+        self.dispatcher = dispatcher
+        self.window = config.direct_window
+        self._tls = (
+            client_tls(config.ca_cert, config.ca_cert_path)
+            if wants_tls(self.host, config.tls)
+            else None
+        )
+        self._link: DirectConnection | None = None
+        self._in_flight: dict[str, bytes] = {}
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self.offloaded = 0
+
+    @property
+    def open(self) -> bool:
+        return self._link is not None and self._link.phase is _Phase.OPEN
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def offer(self, ident: str, payload: bytes) -> bool:
+        """Send a master task to the peer when the link is open and has room."""
+        link = self._link
+        if link is None or link.phase is not _Phase.OPEN or len(self._in_flight) >= self.window:
+            return False
+        if ident in self._in_flight:
+            return True
+        self._in_flight[ident] = payload
+        link.send_task(payload)
+        self.offloaded += 1
+        return True
+
+    def _result(self, ident: str, payload: bytes) -> None:
+        if self._in_flight.pop(ident, None) is not None:
+            self.dispatcher.io_finished(ident, frame(payload))
+
+    async def _run(self) -> None:
+        attempt = 0
+        timeout = self.config.failover_timeout_ms / 1000
+        while not self._closing:
+            try:
+                link = await dial(
+                    self.host, self.port, token=self.join.token, tls_mode=self.config.tls,
+                    tls=self._tls, timeout=timeout, max_frame_bytes=self.config.max_frame_bytes,
+                    on_result=self._result, what="direct peer",
+                )  # fmt: skip
+            except DirectLinkRefused as error:
+                log.error("%s; not dialing %s again", error, self.address)
+                return
+            except (DirectError, ConnectionError, OSError) as error:
+                attempt += 1
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning("cannot open a direct link to %s: %s", self.address, error)
+                delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            attempt = 0
+            self._link = link
+            log.info(
+                "direct link to %s open: it takes tasks this node has no room for", self.address
+            )
+            try:
+                await self._keep(link, timeout)
+            finally:
+                self._link = None
+                link.close()
+                self._reclaim()
+            if not self._closing:
+                log.warning("direct link to %s lost; dialing again", self.address)
+
+    async def _keep(self, link: DirectConnection, timeout: float) -> None:
+        """Heartbeat; close a link whose peer sent nothing for two periods."""
+        interval = timeout / 2
+        while not link.closed.done():
+            done, _ = await asyncio.wait({link.closed}, timeout=interval)
+            if done:
+                return
+            if time.monotonic() - link.last_bytes_at > 2 * timeout:
+                log.warning("direct peer %s silent for %.1f s; closing", self.address, 2 * timeout)
+                return
+            link.heartbeat()
+
+    def _reclaim(self) -> None:
+        """The link is gone: run its tasks here when safe to repeat, else answer them."""
+        in_flight, self._in_flight = self._in_flight, {}
+        for ident, payload in in_flight.items():
+            if _is_idempotent(payload):
+                self.dispatcher.run_locally(ident, payload)
+            else:
+                error = m.Error(f"direct peer {self.address} was lost while running this task")
+                self.dispatcher.io_finished(ident, frame(codec.task_result_payload(ident, error)))
+        if in_flight:
+            log.warning(
+                "direct link to %s lost with %d tasks in flight; re-run or answered here",
+                self.address,
+                len(in_flight),
+            )
+
+    async def close(self) -> None:
+        self._closing = True
+        log.info("direct peer %s ran %d tasks for this node", self.address, self.offloaded)
+        if self._link is not None:
+            self._link.close()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class Offloader:
+    """The dispatcher's `offload` hook over every `connect_to` peer, in turn."""
+
+    def __init__(self, peers: Iterable[DirectPeer]) -> None:
+        self.peers = list(peers)
+        self._turn = itertools.count()
+
+    def __call__(self, ident: str, payload: bytes) -> bool:
+        peers = self.peers
+        start = next(self._turn) % len(peers)
+        return any(peer.offer(ident, payload) for peer in peers[start:] + peers[:start])
+
+
+# --- ConnectionInfo, as upstream meant it --------------------------------------------------------
+
+
+async def accept_connection_info(
+    info: m.ConnectionInfo,
+    *,
+    config: Config,
+    join: JoinInfo,
+    on_task: Callable[[DirectConnection, str, bytes], None],
+    links: set[DirectConnection],
+    listen_tls: ServerTls,
+) -> DirectConnection | None:
+    """Listen on `info.port` and dial the host of `info.addr` on it; keep the first link that
+    authenticates (within `failover_timeout_ms`), close the rest. None when neither did."""
+    try:
+        host, _ = parse_address(info.addr)
+    except ValueError as error:
+        log.warning("ConnectionInfo %r: %s; ignored", info.addr, error)
+        return None
+    timeout = config.failover_timeout_ms / 1000
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[DirectConnection] = loop.create_future()
+
+    def inbound() -> DirectConnection:
+        link = DirectConnection(
+            token=join.token, dialer=False, max_frame_bytes=config.max_frame_bytes,
+            on_task=on_task, what="direct link",
+        )  # fmt: skip
+
+        def opened(future: asyncio.Future[None]) -> None:
+            if not future.exception() and not accepted.done():
+                accepted.set_result(link)
+            elif not future.exception():
+                link.close()
+
+        link.opened.add_done_callback(opened)
+        return link
+
+    tls = client_tls(config.ca_cert, config.ca_cert_path) if wants_tls(host, config.tls) else None
+    started = loop.time()
+    listener = await TlsListener.start(
+        inbound, "0.0.0.0", info.port, context=listen_tls.context, mode=listen_tls.mode,
+        what="direct link (ConnectionInfo)",
+    )  # fmt: skip
+    dialing = asyncio.ensure_future(
+        dial(
+            host,
+            info.port,
+            token=join.token,
+            tls_mode=config.tls,
+            tls=tls,
+            timeout=timeout,
+            max_frame_bytes=config.max_frame_bytes,
+            on_task=on_task,
+            what="direct peer",
+        )
+    )
+    winner: DirectConnection | None = None
+    try:
+        done, _ = await asyncio.wait(
+            {accepted, dialing}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if accepted in done:
+            winner = accepted.result()
+        elif dialing in done and dialing.exception() is None:
+            winner = dialing.result()
+        elif dialing in done:
+            # Our dial failed; the peer may still dial us until the deadline.
+            remaining = max(0.0, timeout - (loop.time() - started))
+            done, _ = await asyncio.wait({accepted}, timeout=remaining)
+            winner = accepted.result() if accepted in done else None
+    finally:
+        listener.close()
+        await listener.wait_closed()
+        if not dialing.done():
+            dialing.cancel()
+        await asyncio.gather(dialing, return_exceptions=True)
+        if (
+            not dialing.cancelled()
+            and dialing.exception() is None
+            and dialing.result() is not winner
+        ):
+            dialing.result().close()
+        if not accepted.done():
+            accepted.cancel()
+    if winner is None:
+        log.warning(
+            "ConnectionInfo %s port %d: no direct link within %.1f s", info.addr, info.port, timeout
+        )
+        return None
+    links.add(winner)
+    winner.closed.add_done_callback(lambda _: links.discard(winner))
+    log.info("direct link with %s open (ConnectionInfo)", winner.peer)
+    return winner
+
+
+# --- the client library --------------------------------------------------------------------------
+
+
+class DirectClient:
+    """Send tasks to a node's direct port and await their results (pushed, not polled).
+
+    async with DirectClient.connect("127.0.0.1", 56000, token) as client:
+        result = await client.run(Compute("1+2"))
+    """
+
+    def __init__(self, link: DirectConnection, timeout: float) -> None:
+        self._link = link
+        self._timeout = timeout
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count()
+        self._waiting: dict[str, asyncio.Future[m.Result]] = {}
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        token: str,
+        *,
+        timeout: float = 10.0,
+        tls: str = "auto",
+        ca_cert: str | None = None,
+        ca_cert_path: str | None = None,
+        max_frame_bytes: int = 1 << 30,
+    ) -> DirectClient:
+        """Dial and authenticate; `DirectLinkRefused` for a wrong token, `DirectError` (or
+        `TlsVerifyError`) when no link could be made, `ConfigError` for an unusable CA."""
+        security = (
+            client_tls(ca_cert, ca_cert_path, source="client") if wants_tls(host, tls) else None
+        )
+        holder: list[DirectClient] = []
+
+        def on_result(ident: str, payload: bytes) -> None:
+            holder[0]._result(ident, payload)
+
+        link = await dial(
+            host, port, token=token, tls_mode=tls, tls=security, timeout=timeout,
+            max_frame_bytes=max_frame_bytes, on_result=on_result, what="node",
+        )  # fmt: skip
+        client = cls(link, timeout)
+        holder.append(client)
+        link.closed.add_done_callback(lambda _: client._lost())
+        return client
+
+    async def __aenter__(self) -> DirectClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _result(self, ident: str, payload: bytes) -> None:
+        waiter = self._waiting.pop(ident, None)
+        if waiter is None or waiter.done():
+            return
+        try:
+            message = codec.decode(payload)
+        except RemoteProtocolError as error:
+            waiter.set_exception(DirectError(f"the node sent an unreadable result: {error}"))
+            return
+        if isinstance(message, m.TaskResult):
+            waiter.set_result(message.result)
+
+    def _lost(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for waiter in waiting.values():
+            if not waiter.done():
+                waiter.set_exception(DirectError(f"the direct link to {self._link.peer} closed"))
+
+    def submit(self, task: m.Task) -> tuple[str, asyncio.Future[m.Result]]:
+        """Send `task`; returns its id and the future of its result."""
+        if self._link.phase is not _Phase.OPEN:
+            raise DirectError(f"the direct link to {self._link.peer} is closed")
+        ident = f"{self._prefix}-{next(self._counter)}"
+        waiter: asyncio.Future[m.Result] = asyncio.get_running_loop().create_future()
+        self._waiting[ident] = waiter
+        self._link.send_task(codec.encode_payload(m.AssignTask(ident, task)))
+        return ident, waiter
+
+    async def run(self, task: m.Task, timeout: float | None = None) -> m.Result:
+        """Send `task` and wait for its result (TimeoutError after `timeout` seconds)."""
+        (result,) = await self.run_many([task], timeout)
+        return result
+
+    async def run_many(
+        self, tasks: Iterable[m.Task], timeout: float | None = None
+    ) -> list[m.Result]:
+        """Send every task in one write and wait for all results, in task order."""
+        waiters = [self.submit(task)[1] for task in tasks]
+        async with asyncio.timeout(timeout if timeout is not None else self._timeout):
+            return list(await asyncio.gather(*waiters))
+
+    async def close(self) -> None:
+        link = self._link
+        if link.phase is _Phase.OPEN:
+            link._write(codec.encode(m.DISCONNECT))
+        link.close()
+        try:
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(link.closed)
+        except TimeoutError:
+            link.abort()
+
+
+# --- the node's direct links -------------------------------------------------------------------
+
+
+class DirectLinks:
+    """Everything direct a node does: its `direct_port`, its `connect_to` peers, the links that
+    `ConnectionInfo` opens, and the `RequestConnection`s it was asked to send."""
+
+    def __init__(self, config: Config, join: JoinInfo, dispatcher: Dispatcher) -> None:
+        self.config = config
+        self.join = join
+        self.dispatcher = dispatcher
+        # Built now, so a bad certificate setting is a config error before anything starts.
+        self.server = DirectServer(config, join, dispatcher) if config.direct_port else None
+        self._listen_tls = self.server.tls if self.server is not None else ServerTls(None, "never")
+        self.peers = [
+            DirectPeer(address, config, join, dispatcher) for address in config.connect_to
+        ]
+        if self.peers:
+            dispatcher.offload = Offloader(self.peers)
+        self.request_connections: list[str] = []
+        self.links: set[DirectConnection] = set()
+        self._pending: set[asyncio.Task[DirectConnection | None]] = set()
+
+    async def start(self) -> None:
+        if self.server is not None:
+            try:
+                await self.server.start()
+            except OSError as error:
+                log.error(
+                    "cannot accept direct links on %s: %s; running without them",
+                    format_address(self.config.direct_host, self.config.direct_port or 0),
+                    error.strerror or error,
+                )
+        for peer in self.peers:
+            peer.start()
+
+    def registered(self, send: Callable[[m.Message], None]) -> None:
+        """Connected to a master: ask it for the connections we were asked to request."""
+        for address in self.request_connections:
+            send(m.RequestConnection(address))
+
+    def connection_info(self, info: m.ConnectionInfo) -> None:
+        """The master's answer to a `RequestConnection`: open that link, in the background."""
+        on_task = self.server.run_task if self.server is not None else self._run_task
+        task = asyncio.ensure_future(
+            accept_connection_info(
+                info, config=self.config, join=self.join, on_task=on_task, links=self.links,
+                listen_tls=self._listen_tls,
+            )
+        )  # fmt: skip
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def _run_task(self, link: DirectConnection, ident: str, payload: bytes) -> None:
+        internal, renamed = link.rename(ident, payload)
+        self.dispatcher.accept(internal, renamed, reply=link.send_results)
+
+    async def close(self) -> None:
+        for task in self._pending:
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        for peer in self.peers:
+            await peer.close()
+        for link in list(self.links):
+            link.close()
+        if self.server is not None:
+            await self.server.close()

@@ -1,0 +1,461 @@
+"""The disk store: files below ``storage_dir``, confined to it, under one quota for all workers.
+
+Disk nodes use it for ``StoreData``/``RetrieveData``/``DiskWrite``/``DiskRead``/``GetStorage``;
+every other role for ``DiskWrite``/``DiskRead`` only. ``StoreData`` keys and ``DiskWrite`` paths
+are one namespace (``DiskRead`` of ``k1`` returns what ``StoreData`` stored under ``k1``), so a
+key is a path and follows the same rules; unlike upstream, ``../x`` cannot escape as a key, and a
+key with ``/`` creates its subdirectories as a ``DiskWrite`` path does.
+
+Confinement. A path is split on ``/``; empty and ``.`` parts are dropped; an absolute path, a
+``..`` part, a NUL, a part that looks like our temporary files, or nothing left at all is
+``InvalidPath`` ("Invalid path"); a path of 4096 bytes or more gets the ``ENAMETOOLONG`` error
+upstream gets from the system. The directories are then opened one by one with
+``openat(O_NOFOLLOW | O_DIRECTORY)`` from a descriptor of ``storage_dir``, and the file is opened,
+created and renamed relative to its directory's descriptor. A symlink is never followed,
+wherever it points — including one swapped in between a check and its use, since nothing is
+ever looked up by path twice.
+
+Writes::
+
+    check quota (a first look) and free space ─► .cpnode-tmp-<pid>-<uuid> beside the target:
+    posix_fallocate, write ─► under the ledger's flock: measure the old file, check the quota,
+    rename over the target, add (new size - old size) to the ledger
+
+A refused write leaves the old content as it was. Only the commit holds the lock, so workers
+write their data in parallel and the quota still holds for all of them together.
+
+Quota. ``quota_bytes`` (``disk_space_mb`` * 1,048,576) counts the size of every regular file
+below ``storage_dir`` — ``StoreData`` and ``DiskWrite`` alike (upstream counts ``StoreData`` only).
+The running total lives in a 16-byte ledger file in ``ledger_dir`` (in the node's directory under
+``shm_dir``, so it starts afresh with each run), changed only under an exclusive ``flock``; the
+first process to open a fresh ledger scans ``storage_dir`` to fill it. Worker-role nodes pass
+``quota_bytes=None``: like upstream, their ``DiskWrite`` has no quota, but every write — with or
+without a quota — must leave ``reserve_bytes`` free on the filesystem (psutil), and the error
+says so and by how much.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Final, Self
+
+from shm import space
+from shm.errors import FileError, InvalidPath, KeyNotFound, QuotaExceeded, StoreError
+
+__all__ = ["DEFAULT_RESERVE_BYTES", "MIB", "DiskStore", "UsageLedger"]
+
+MIB: Final = 1_048_576
+"""Bytes per ``disk_space_mb``."""
+
+DEFAULT_RESERVE_BYTES: Final = 16 * MIB
+"""Free space every write leaves on the filesystem under ``storage_dir``, unless told otherwise."""
+
+_TEMPORARY: Final = ".cpnode-tmp-"
+_PATH_MAX: Final = 4096
+_DIRECTORY: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class DiskStore:
+    """Confined files below ``storage_dir``; open one per process, close it when done.
+
+    With a ``quota_bytes``, ``ledger_dir`` names the directory of the usage ledger that all
+    processes sharing this store must share. ``storage_dir`` itself comes from the node's
+    configuration and is trusted (it may be a symlink); everything below it is not.
+    """
+
+    def __init__(
+        self,
+        storage_dir: str | os.PathLike[str],
+        quota_bytes: int | None,
+        ledger_dir: str | os.PathLike[str] | None = None,
+        *,
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    ) -> None:
+        if quota_bytes is not None and quota_bytes < 0:
+            raise ValueError(f"quota_bytes must be >= 0 or None, got {quota_bytes}")
+        if quota_bytes is not None and ledger_dir is None:
+            raise ValueError("a DiskStore with a quota needs a ledger_dir shared by its processes")
+        self.path = os.path.abspath(storage_dir)
+        self.quota_bytes = quota_bytes
+        self.reserve_bytes = reserve_bytes
+        os.makedirs(self.path, exist_ok=True)
+        self._root: int | None = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._ledger: UsageLedger | None = None
+        if ledger_dir is not None and quota_bytes is not None:
+            # One ledger per storage directory, even if two stores were given one ledger_dir.
+            digest = hashlib.sha256(self.path.encode(errors="surrogateescape")).hexdigest()
+            ledger_path = os.path.join(os.fspath(ledger_dir), f"disk-usage-{digest[:16]}")
+            try:
+                self._ledger = UsageLedger(ledger_path, self._scan_usage)
+            except BaseException:
+                self.close()
+                raise
+
+    # --- the tasks -------------------------------------------------------------------------
+
+    def write(self, path: str, data: bytes | bytearray | memoryview) -> None:
+        """``DiskWrite``: put ``data`` in the file at ``path``, creating its directories."""
+        dirs, leaf = _split(path)
+        try:
+            with self._parent(path, dirs, create=True) as parent:
+                self._write(parent, leaf, path, data)
+        except StoreError:
+            raise
+        except OSError as error:
+            raise FileError.from_os_error(error, path) from error
+
+    def read(self, path: str) -> bytes:
+        """``DiskRead``: the content of the file at ``path``."""
+        dirs, leaf = _split(path)
+        try:
+            with self._parent(path, dirs, create=False) as parent:
+                return self._read(parent, leaf, path)
+        except StoreError:
+            raise
+        except OSError as error:
+            raise FileError.from_os_error(error, path) from error
+
+    def store(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """``StoreData`` on a Disk node: ``key`` is a path like any other."""
+        self.write(key, data)
+
+    def retrieve(self, key: str) -> bytes:
+        """``RetrieveData`` on a Disk node; ``KeyNotFound`` when there is no such file."""
+        try:
+            return self.read(key)
+        except FileError as error:
+            raise KeyNotFound(key) from error
+
+    def get_storage_report(self) -> str:
+        """The ``GetStorage`` response: ``free: N bytes`` (quota minus use), then ``name: N
+        bytes`` for each regular file directly in ``storage_dir``, sorted by name."""
+        lines = [f"free: {self.free_bytes()} bytes\n"]
+        files = sorted(self._top_level_files())
+        lines += [f"{name}: {size} bytes\n" for name, size in files] or ["No entries found\n"]
+        return "".join(lines)
+
+    # --- accounting --------------------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        """Bytes of all regular files below ``storage_dir`` (the ledger's count, with a quota)."""
+        if self._ledger is not None:
+            return self._ledger.peek()
+        return self._scan_usage()
+
+    def free_bytes(self) -> int:
+        """What may still be written: quota minus use (never below 0); without a quota, the
+        filesystem's free space minus the reserve."""
+        if self.quota_bytes is None:
+            return max(0, space.free_bytes(self.path) - self.reserve_bytes)
+        return max(0, self.quota_bytes - self.used_bytes())
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+        if self._root is not None:
+            os.close(self._root)
+            self._root = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- inside ------------------------------------------------------------------------------
+
+    @property
+    def _root_fd(self) -> int:
+        if self._root is None:
+            raise ValueError(f"disk store {self.path} is closed")
+        return self._root
+
+    @contextmanager
+    def _parent(self, path: str, dirs: list[str], *, create: bool) -> Iterator[int]:
+        """Open the directory that holds ``path``'s file, one ``O_NOFOLLOW`` step at a time."""
+        fd = self._root_fd
+        try:
+            for name in dirs:
+                child = _open_directory(fd, name, path, create=create)
+                if fd != self._root:
+                    os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            if fd != self._root:
+                os.close(fd)
+
+    def _write(
+        self, parent: int, leaf: str, path: str, data: bytes | bytearray | memoryview
+    ) -> None:
+        size = memoryview(data).nbytes
+        old = _existing_size(parent, leaf, path)
+        if self._ledger is not None and self.quota_bytes is not None:
+            used = self._ledger.peek()
+            if used - old + size > self.quota_bytes:
+                raise QuotaExceeded(path=path, used=used, change=size - old, quota=self.quota_bytes)
+        space.check_free(self.path, size, self.reserve_bytes, f"{size} bytes for {path!r}")
+        temporary = space.temporary_name(_TEMPORARY)
+        temporary_path = os.path.join(self.path, temporary)
+        try:
+            fd = os.open(temporary, _CREATE, 0o644, dir_fd=parent)
+        except OSError as error:
+            raise FileError.from_os_error(error, path) from error
+        try:
+            try:
+                space.reserve(fd, size, temporary_path, for_mapping=False)
+                space.write_all(fd, data, temporary_path)
+            finally:
+                os.close(fd)
+            self._commit(parent, temporary, leaf, path, size)
+        except BaseException:
+            space.unlink_quietly(temporary, parent)
+            raise
+
+    def _commit(self, parent: int, temporary: str, leaf: str, path: str, size: int) -> None:
+        if self._ledger is None or self.quota_bytes is None:
+            _rename(parent, temporary, leaf, path)
+            return
+        with self._ledger.locked() as usage:
+            change = size - _existing_size(parent, leaf, path)
+            if usage.used + change > self.quota_bytes:
+                raise QuotaExceeded(
+                    path=path, used=usage.used, change=change, quota=self.quota_bytes
+                )
+            _rename(parent, temporary, leaf, path)
+            usage.used += change
+
+    def _read(self, parent: int, leaf: str, path: str) -> bytes:
+        try:
+            fd = os.open(leaf, _READ, dir_fd=parent)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise InvalidPath(path, "the file is a symlink") from None
+            raise FileError.from_os_error(error, path) from None
+        try:
+            mode = os.fstat(fd)
+            if stat.S_ISDIR(mode.st_mode):
+                raise FileError(errno.EISDIR, path)
+            if not stat.S_ISREG(mode.st_mode):
+                raise InvalidPath(path, "not a regular file")
+            return space.read_all(fd, mode.st_size)
+        finally:
+            os.close(fd)
+
+    def _top_level_files(self) -> Iterator[tuple[str, int]]:
+        with os.scandir(self._root_fd) as entries:
+            for entry in entries:
+                if entry.name.startswith(_TEMPORARY):
+                    continue
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        yield entry.name, entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+
+    def _scan_usage(self) -> int:
+        """Sum the sizes of all regular files below ``storage_dir``; remove the temporary files
+        of writers that died (a worker killed in the middle of a write). Iterative, descriptor
+        by descriptor: deep trees need no recursion and symlinks are not followed."""
+        used = 0
+        pending = [os.dup(self._root_fd)]
+        try:
+            while pending:
+                dir_fd = pending.pop()
+                try:
+                    for name in os.listdir(dir_fd):
+                        try:
+                            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                            if stat.S_ISDIR(info.st_mode):
+                                pending.append(os.open(name, _DIRECTORY, dir_fd=dir_fd))
+                        except FileNotFoundError:
+                            continue
+                        if name.startswith(_TEMPORARY):
+                            if not space.writer_alive(name, _TEMPORARY):
+                                space.unlink_quietly(name, dir_fd)
+                        elif stat.S_ISREG(info.st_mode):
+                            used += info.st_size
+                finally:
+                    os.close(dir_fd)
+        finally:
+            for dir_fd in pending:
+                os.close(dir_fd)
+        return used
+
+
+class UsageLedger:
+    """The bytes a disk store uses, shared by every process that opens the store.
+
+    A 16-byte file (magic, then the count as a little-endian u64) in a directory the processes
+    share, read and written only under ``flock`` (exclusive to change it). A missing or empty
+    file is filled by ``scan`` under the lock, so exactly one process scans.
+    """
+
+    _FORMAT: Final = struct.Struct("<8sQ")
+    _MAGIC: Final = b"cpnodeDU"
+
+    class Usage:
+        """The count while the lock is held; set ``used`` to change it."""
+
+        def __init__(self, used: int) -> None:
+            self.used = used
+
+    def __init__(self, path: str, scan: Callable[[], int]) -> None:
+        self.path = path
+        self._scan = scan
+        self._threads = threading.Lock()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd: int | None = os.open(path, flags, 0o600)
+        try:
+            with self.locked():
+                pass
+        except BaseException:
+            self.close()
+            raise
+
+    def peek(self) -> int:
+        """The count now (it may change as soon as this returns)."""
+        with self._threads:
+            fd = self._file
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                used = self._read(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        if used is None:
+            with self.locked() as usage:
+                return usage.used
+        return used
+
+    @contextmanager
+    def locked(self) -> Iterator[UsageLedger.Usage]:
+        """Hold the lock; what the block leaves in ``used`` is written back (unless it raises)."""
+        with self._threads:
+            fd = self._file
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                used = self._read(fd)
+                if used is None:
+                    used = self._scan()
+                    self._write(fd, used)
+                usage = UsageLedger.Usage(used)
+                yield usage
+                if usage.used != used:
+                    self._write(fd, usage.used)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def _file(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"usage ledger {self.path} is closed")
+        return self._fd
+
+    def _read(self, fd: int) -> int | None:
+        raw = os.pread(fd, self._FORMAT.size, 0)
+        if len(raw) != self._FORMAT.size:
+            return None
+        magic, used = self._FORMAT.unpack(raw)
+        return int(used) if magic == self._MAGIC else None
+
+    def _write(self, fd: int, used: int) -> None:
+        os.pwrite(fd, self._FORMAT.pack(self._MAGIC, max(0, used)), 0)
+
+
+def _split(path: str) -> tuple[list[str], str]:
+    """Return ``path``'s directories and file name, or raise ``InvalidPath`` (or, for a path
+    longer than the system allows, ``FileError`` as upstream gets it)."""
+    if len(path.encode(errors="surrogateescape")) >= _PATH_MAX:
+        raise FileError(errno.ENAMETOOLONG, path)
+    if "\x00" in path:
+        raise InvalidPath(path, "contains NUL")
+    if path.startswith("/"):
+        raise InvalidPath(path, "absolute path")
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if not parts:
+        raise InvalidPath(path, "names no file")
+    for part in parts:
+        if part == "..":
+            raise InvalidPath(path, "'..' leaves the directory")
+        if part.startswith(_TEMPORARY):
+            raise InvalidPath(path, "reserved name")
+    return parts[:-1], parts[-1]
+
+
+def _open_directory(parent: int, name: str, path: str, *, create: bool) -> int:
+    """Open the directory ``name`` in ``parent`` without following a symlink, creating it if
+    ``create``."""
+    for attempt in range(3):
+        try:
+            return os.open(name, _DIRECTORY, dir_fd=parent)
+        except FileNotFoundError as error:
+            if not create or attempt == 2:
+                raise FileError.from_os_error(error, path) from None
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(parent, name):
+                raise InvalidPath(path, f"{name!r} is a symlink") from None
+            raise FileError.from_os_error(error, path) from None
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise FileError.from_os_error(error, path) from None
+    raise AssertionError("unreachable")
+
+
+def _existing_size(parent: int, leaf: str, path: str) -> int:
+    """Size of the regular file ``leaf`` (0 if there is none); what cannot be replaced by a
+    file raises."""
+    try:
+        info = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0
+    except OSError as error:
+        raise FileError.from_os_error(error, path) from None
+    if stat.S_ISREG(info.st_mode):
+        return info.st_size
+    if stat.S_ISDIR(info.st_mode):
+        raise FileError(errno.EISDIR, path)
+    if stat.S_ISLNK(info.st_mode):
+        raise InvalidPath(path, "the file is a symlink")
+    raise InvalidPath(path, "not a regular file")
+
+
+def _rename(parent: int, temporary: str, leaf: str, path: str) -> None:
+    try:
+        os.rename(temporary, leaf, src_dir_fd=parent, dst_dir_fd=parent)
+    except OSError as error:
+        if isinstance(error, StoreError):
+            raise
+        raise FileError.from_os_error(error, path) from None
+
+
+def _is_symlink(parent: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except OSError:
+        return False

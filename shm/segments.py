@@ -1,0 +1,188 @@
+"""Payload segments: one blob handed from one process to another through shared memory.
+
+A segment is a file ``<prefix>-seg-<uuid>`` in ``shm_dir`` (a tmpfs, ``/dev/shm`` by default;
+the node's prefix is ``cpnode-<node_id>``), mapped with ``mmap`` by both sides. Only its name
+crosses the queue; the bytes are written once and read in place::
+
+    producer                                        consumer
+    seg = PayloadSegment.create(shm_dir, prefix, n)
+          check free space, posix_fallocate, mmap
+    fill seg.buffer
+    queue.put(seg.name) ──────────────────────────► seg = PayloadSegment.open(shm_dir, name,
+    seg.close()                                                              unlink=True)
+                                                    (the file is gone; the mapping stays)
+                                                    read seg.buffer in place, seg.close()
+
+Ownership is explicit: whoever holds the segment last unlinks it — usually the consumer, at
+once with ``unlink=True``; the producer when the consumer never came (its worker died).
+``sweep_segments`` removes what a crashed run left under its prefix, and only that prefix.
+
+Why files and ``mmap`` rather than ``multiprocessing.shared_memory``: on Python 3.11 every
+``SharedMemory`` attach, the consumer's too, registers the segment with that process's resource
+tracker (``track=False`` only comes in 3.13). A consumer's tracker then unlinks a segment the
+producer still owns when the consumer exits, and warns about "leaked shared_memory objects" —
+an error under our ``filterwarnings = error``. Plain files give us the names, the lifetime and
+the cleanup we choose, and ``posix_fallocate`` makes a full tmpfs an ``ENOSPC`` at creation
+instead of a SIGBUS in the middle of a copy.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import uuid
+from types import TracebackType
+from typing import Final, Self
+
+from shm import space
+
+__all__ = ["SEGMENT_NAME", "PayloadSegment", "sweep_segments"]
+
+SEGMENT_NAME: Final = re.compile(r"(?P<prefix>[A-Za-z0-9_.-]+)-seg-[0-9a-f]{32}")
+"""What a segment's file name looks like; ``open`` refuses anything else."""
+
+_PREFIX: Final = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class PayloadSegment:
+    """A blob in a file under ``shm_dir``, mapped into this process.
+
+    ``buffer`` is a memoryview of the mapping (read-only for ``open`` without ``writable``).
+    ``close`` unmaps; ``unlink`` removes the file. A context manager closes, never unlinks:
+    who unlinks is the caller's decision (see the module docstring).
+    """
+
+    def __init__(
+        self, path: str, name: str, size: int, mapping: mmap.mmap | None, *, writable: bool
+    ) -> None:
+        self.path = path
+        self.name = name
+        self.size = size
+        self._mapping = mapping
+        if mapping is None:
+            self._buffer: memoryview | None = memoryview(bytearray() if writable else b"")
+        else:
+            self._buffer = memoryview(mapping)
+
+    @classmethod
+    def create(
+        cls, shm_dir: str | os.PathLike[str], prefix: str, size: int, *, reserve_bytes: int = 0
+    ) -> Self:
+        """Create a segment of ``size`` bytes named ``<prefix>-seg-<uuid>``, mapped writable.
+
+        Raises ``StoreFullError`` when ``shm_dir`` lacks ``size`` free bytes (plus
+        ``reserve_bytes``); nothing is left behind then.
+        """
+        if not _PREFIX.fullmatch(prefix):
+            raise ValueError(f"segment prefix must match {_PREFIX.pattern}, got {prefix!r}")
+        if size < 0:
+            raise ValueError(f"segment size must be >= 0, got {size}")
+        directory = os.fspath(shm_dir)
+        space.check_free(directory, size, reserve_bytes, f"a payload segment of {size} bytes")
+        name = f"{prefix}-seg-{uuid.uuid4().hex}"
+        path = os.path.join(directory, name)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        try:
+            space.reserve(fd, size, path, for_mapping=True)
+            mapping = mmap.mmap(fd, size) if size else None
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return cls(path, name, size, mapping, writable=True)
+
+    @classmethod
+    def open(
+        cls,
+        shm_dir: str | os.PathLike[str],
+        name: str,
+        *,
+        writable: bool = False,
+        unlink: bool = False,
+    ) -> Self:
+        """Map the existing segment ``name``; with ``unlink`` remove its file at once (the
+        mapping keeps the bytes until ``close``), taking ownership."""
+        if not SEGMENT_NAME.fullmatch(name):
+            raise ValueError(f"not a payload segment name: {name!r}")
+        path = os.path.join(os.fspath(shm_dir), name)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags)
+        try:
+            size = os.fstat(fd).st_size
+            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+            mapping = mmap.mmap(fd, size, access=access) if size else None
+        finally:
+            os.close(fd)
+        segment = cls(path, name, size, mapping, writable=writable)
+        if unlink:
+            segment.unlink()
+        return segment
+
+    @property
+    def buffer(self) -> memoryview:
+        if self._buffer is None:
+            raise ValueError(f"segment {self.name} is closed")
+        return self._buffer
+
+    @property
+    def closed(self) -> bool:
+        return self._buffer is None
+
+    def close(self) -> None:
+        """Unmap. Views taken from ``buffer`` (slices, numpy arrays) must be released first;
+        otherwise ``BufferError`` says so and ``close`` can be called again later."""
+        try:
+            if self._buffer is not None:
+                self._buffer.release()
+                self._buffer = None
+            if self._mapping is not None:
+                self._mapping.close()
+                self._mapping = None
+        except BufferError as error:
+            raise BufferError(
+                f"segment {self.name}: a view of .buffer is still in use; release it (or drop "
+                f"the numpy array made from it) before close()"
+            ) from error
+
+    def unlink(self) -> bool:
+        """Remove the segment's file; return False if it was already gone."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<PayloadSegment {self.name} {self.size} bytes {state}>"
+
+
+def sweep_segments(shm_dir: str | os.PathLike[str], prefix: str) -> list[str]:
+    """Remove every segment file in ``shm_dir`` whose name has exactly this ``prefix`` (a sibling
+    node whose id merely starts the same is never touched); return the names removed."""
+    removed = []
+    with os.scandir(shm_dir) as entries:
+        for entry in entries:
+            match = SEGMENT_NAME.fullmatch(entry.name)
+            if match is None or match["prefix"] != prefix:
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.name)
+    return removed

@@ -1,0 +1,154 @@
+"""Room on the filesystem under a store or segment; whole-file reads and writes; temporary files.
+
+Every writer in ``shm`` follows the same order: ``check_free`` (psutil says whether the bytes fit,
+leaving the caller's reserve), create a temporary file, ``reserve`` its size with
+``posix_fallocate`` (a tmpfs allocates the pages now, so running out is an ``ENOSPC`` here and
+never a SIGBUS later in a mapping), then ``write_all``. Both failures raise ``StoreFullError``
+saying which directory, how much was needed and how much was free.
+
+Temporary files are named ``<prefix><pid>-<uuid>``, so that what a writer killed mid-write left
+behind can be told apart from a live writer's file (``writer_alive``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import uuid
+
+import psutil
+
+from shm.errors import StoreFullError
+
+__all__ = [
+    "check_free",
+    "free_bytes",
+    "read_all",
+    "reserve",
+    "temporary_name",
+    "unlink_quietly",
+    "write_all",
+    "writer_alive",
+]
+
+_ZEROS = bytes(1 << 20)
+
+
+def free_bytes(directory: str) -> int:
+    """Bytes free for us on ``directory``'s filesystem."""
+    return int(psutil.disk_usage(directory).free)
+
+
+def check_free(directory: str, needed: int, reserve_bytes: int, what: str) -> None:
+    """Raise ``StoreFullError`` unless ``needed`` bytes fit in ``directory``'s filesystem with
+    ``reserve_bytes`` still free afterwards."""
+    free = free_bytes(directory)
+    if needed + reserve_bytes > free:
+        short = needed + reserve_bytes - free
+        keep = f" and keep {reserve_bytes} bytes free" if reserve_bytes else ""
+        raise StoreFullError(
+            f"no room for {what}: {directory} has {free} bytes free, {needed} bytes are needed"
+            f"{keep} (short by {short} bytes)",
+            path=directory,
+            needed=needed,
+            available=free,
+        )
+
+
+def reserve(fd: int, size: int, path: str, *, for_mapping: bool) -> None:
+    """Allocate ``size`` bytes of the file ``fd`` now, so later writes cannot run out of space.
+
+    Filesystems without ``posix_fallocate`` are left to report ``ENOSPC`` on ``write`` — except
+    for files that will be mapped (``for_mapping``), which are then filled with zeros, because
+    a mapping that runs out of pages kills the process with SIGBUS instead of raising.
+    """
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise _full(path, size) from error
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        if for_mapping:
+            _fill_with_zeros(fd, size, path)
+
+
+def _fill_with_zeros(fd: int, size: int, path: str) -> None:
+    written = 0
+    try:
+        while written < size:
+            written += os.pwrite(fd, _ZEROS[: min(len(_ZEROS), size - written)], written)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise _full(path, size) from error
+        raise
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview, path: str, offset: int = 0) -> None:
+    """Write all of ``data`` at ``offset``; a full filesystem raises ``StoreFullError``."""
+    view = memoryview(data).cast("B")
+    done = 0
+    try:
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise _full(path, len(view)) from error
+        raise
+
+
+def read_all(fd: int, size: int, offset: int = 0) -> bytes:
+    """Read ``size`` bytes from ``offset`` (fewer only if the file is shorter)."""
+    first = os.pread(fd, size, offset)
+    if len(first) == size or not first:
+        return first
+    parts = bytearray(first)
+    while len(parts) < size:
+        more = os.pread(fd, size - len(parts), offset + len(parts))
+        if not more:
+            break
+        parts += more
+    return bytes(parts)
+
+
+def _full(path: str, size: int) -> StoreFullError:
+    directory = os.path.dirname(path) or "."
+    try:
+        free = free_bytes(directory)
+    except OSError:
+        free = 0
+    return StoreFullError(
+        f"no room for {size} bytes in {directory}: the filesystem is full ({free} bytes free)",
+        path=path,
+        needed=size,
+        available=free,
+    )
+
+
+def temporary_name(prefix: str) -> str:
+    """A fresh temporary file name that records this process's pid."""
+    return f"{prefix}{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def writer_alive(name: str, prefix: str) -> bool:
+    """Whether the process that created the temporary file ``name`` still runs (a reused pid
+    counts as alive: the file is then kept, never removed from under a live writer)."""
+    pid_text = name[len(prefix) :].partition("-")[0]
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def unlink_quietly(name: str, dir_fd: int) -> None:
+    """Remove ``name`` from the directory ``dir_fd`` if it is still there."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)

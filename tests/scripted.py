@@ -1,0 +1,116 @@
+"""A scripted master for node tests: pushes exactly the `AssignTask` frames a test asks for,
+to whatever role the node registered (a real master routes by role; a direct link does not).
+
+Blocking sockets in the test's own thread: `run(task)` writes one `AssignTask` and reads until
+its `TaskResult` arrives, answering the node's heartbeats on the way. Give the node a long
+`failover_timeout_ms`: between calls nobody reads its heartbeats.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+from node.protocol import codec
+from node.protocol import messages as m
+from node.protocol.framing import FrameDecoder, frame
+
+TOKEN = "scripted-token"
+
+
+class ScriptedMaster:
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._conn: socket.socket | None = None
+        self._decoder = FrameDecoder()
+        self._ids = itertools.count()
+        self.role: m.Role | None = None
+
+    def write_join(self, path: Path) -> None:
+        path.write_text(json.dumps({"token": TOKEN, "ip": "127.0.0.1", "port": self.port}))
+
+    def accept(self, timeout: float = 30.0) -> None:
+        """Take the node's connection and its handshake (token, RegisterRole, Heartbeat)."""
+        if self._conn is not None:
+            self._conn.close()
+        self._decoder = FrameDecoder()
+        self._listener.settimeout(timeout)
+        self._conn, _ = self._listener.accept()
+        self._conn.settimeout(timeout)
+        token = self._next_payload(time.monotonic() + timeout)
+        assert token == TOKEN.encode(), token
+        self._conn.sendall(frame(b"OK"))
+        deadline = time.monotonic() + timeout
+        while self.role is None:
+            message = codec.decode(self._next_payload(deadline))
+            if isinstance(message, m.RegisterRole):
+                self.role = message.role
+            self._answer(message)
+
+    def run(self, task: m.Task, timeout: float = 30.0) -> m.Result:
+        return self.run_many([task], timeout)[0]
+
+    def run_many(self, tasks: list[m.Task], timeout: float = 60.0) -> list[m.Result]:
+        """Push every task at once; return their results in task order."""
+        assert self._conn is not None, "accept() first"
+        ids = [f"s{next(self._ids)}" for _ in tasks]
+        self._conn.sendall(
+            b"".join(codec.encode(m.AssignTask(i, t)) for i, t in zip(ids, tasks, strict=True))
+        )
+        results: dict[str, m.Result] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) < len(ids):
+            message = codec.decode(self._next_payload(deadline))
+            if isinstance(message, m.TaskResult) and message.id in ids:
+                results[message.id] = message.result
+            self._answer(message)
+        return [results[i] for i in ids]
+
+    def answer_in_background(self, timeout: float = 30.0) -> threading.Thread:
+        """Keep answering heartbeats until the node closes the connection (for its drain)."""
+
+        def pump() -> None:
+            deadline = time.monotonic() + timeout
+            try:
+                while True:
+                    self._answer(codec.decode(self._next_payload(deadline)))
+            except (ConnectionError, TimeoutError, OSError):
+                return
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        return thread
+
+    def _answer(self, message: m.Message) -> None:
+        assert self._conn is not None
+        if isinstance(message, m.Heartbeat):
+            self._conn.sendall(codec.encode(m.HEARTBEAT_ACK))
+        elif isinstance(message, m.GetConnectedNodes):
+            peer = self._conn.getpeername()
+            self._conn.sendall(codec.encode(m.ConnectedNodes((f"{peer[0]}:{peer[1]}",))))
+
+    def _next_payload(self, deadline: float) -> bytes:
+        assert self._conn is not None
+        while True:
+            payloads = self._decoder.feed(b"")
+            if payloads:
+                return payloads[0]
+            pending = getattr(self, "_pending", [])
+            if pending:
+                return pending.pop(0)
+            if time.monotonic() > deadline:
+                raise TimeoutError("the node sent nothing in time")
+            data = self._conn.recv(1 << 20)
+            if not data:
+                raise ConnectionError("the node closed the connection")
+            self._pending = self._decoder.feed(data)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._listener.close()

@@ -1,0 +1,182 @@
+"""Direct links between real node processes and from the client library, on loopback: tasks and
+results over the link (not through the master), the token check, and a node that gives the
+tasks it has no room for to a peer it dialed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.client import Client
+from node.config import Config
+from node.direct import DirectClient, DirectLinkRefused
+from node.master import MasterThread
+from node.protocol import messages as m
+from tests.netservers import TcpEcho, free_port
+from tests.nodeproc import NodeProcess
+from tests.test_node import run_tasks
+
+FAILOVER_MS = 1000
+TIMEOUT = 30.0
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Iterator[MasterThread]:
+    config = Config(failover_timeout_ms=FAILOVER_MS)
+    with MasterThread(config, join_path=str(tmp_path / "join.json")) as running:
+        yield running
+
+
+def start_node(
+    tmp_path: Path, name: str, master: MasterThread, config: dict[str, object], *args: str
+) -> NodeProcess:
+    home = tmp_path / name
+    home.mkdir()
+    settings = {"failover_timeout_ms": FAILOVER_MS, "master_addresses": [master.address]}
+    process = NodeProcess(home, tmp_path / "join.json", settings | config, "--workers", "1", *args)
+    try:
+        process.wait_for_log("node ready")
+    except BaseException:
+        process.close()
+        raise
+    return process
+
+
+@pytest.fixture
+def peer(tmp_path: Path, master: MasterThread) -> Iterator[tuple[NodeProcess, int]]:
+    port = free_port()
+    # A Disk node: the master routes no Compute to it, so what it computes came over a link.
+    process = start_node(tmp_path, "peer", master, {"direct_port": port, "role": "Disk"})
+    try:
+        process.wait_for_log("accepting direct links on")
+        yield process, port
+    finally:
+        process.close()
+
+
+def test_client_runs_tasks_over_a_direct_link_not_through_the_master(
+    master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    process, port = peer
+
+    async def go() -> list[m.Result]:
+        async with await DirectClient.connect("127.0.0.1", port, master.token) as client:
+            with TcpEcho(lambda data: data.upper()) as echo:
+                tasks: list[m.Task] = [m.Compute(f"{i}*3") for i in range(500)]
+                tasks.append(m.Tcp(f"127.0.0.1:{echo.port}", b"over the link"))
+                tasks.append(m.Compute("nope"))
+                return await client.run_many(tasks, timeout=TIMEOUT)
+
+    results = asyncio.run(go())
+    assert results[:500] == [m.Number(float(i * 3)) for i in range(500)]
+    assert results[500] == m.Bytes(b"OVER THE LINK")
+    assert isinstance(results[501], m.Error)
+    assert master.stats().completed == 0  # nothing went to the master
+    process.wait_for_log("it sent 502 tasks")
+
+
+def test_a_wrong_token_is_refused_and_logged(
+    master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    process, port = peer
+
+    async def go() -> None:
+        await DirectClient.connect("127.0.0.1", port, "not-the-token", timeout=TIMEOUT)
+
+    with pytest.raises(DirectLinkRefused, match="Invalid token"):
+        asyncio.run(go())
+    process.wait_for_log("invalid token; refused and closed")
+
+
+def test_two_links_may_use_the_same_ids(
+    tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    _, port = peer
+
+    async def go() -> list[m.Result]:
+        async with (
+            await DirectClient.connect("127.0.0.1", port, master.token) as first,
+            await DirectClient.connect("127.0.0.1", port, master.token) as second,
+        ):
+            # Two links, the same id on each: each gets its own result.
+            first._prefix = second._prefix = "same"
+            return await asyncio.gather(
+                first.run(m.Compute("1+1"), TIMEOUT), second.run(m.Compute("2+2"), TIMEOUT)
+            )
+
+    assert asyncio.run(go()) == [m.Number(2.0), m.Number(4.0)]
+
+
+def test_a_node_gives_the_tasks_it_has_no_room_for_to_its_peer(
+    tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    peer_process, port = peer
+    node = start_node(
+        tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
+    )
+    try:
+        node.wait_for_log("direct link to 127.0.0.1")
+        body = "+".join(f"sin({k})" for k in range(40))
+        tasks: list[m.Task] = [m.Compute(f"{i}+{body}") for i in range(300)]
+        results = run_tasks(tmp_path / "join.json", tasks, timeout=TIMEOUT)
+        assert all(isinstance(r, m.Number) for r in results)
+        assert master.stats().completed >= 300
+        assert node.stop() == 0
+        given = int(re.search(r"direct peer \S+ ran (\d+) tasks", node.log).group(1))  # type: ignore[union-attr]
+        assert 0 < given <= 300, given
+        peer_process.wait_for_log(f"it sent {given} tasks")
+    finally:
+        node.close()
+
+
+def test_tasks_at_a_lost_peer_run_here(
+    tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    peer_process, port = peer
+    node = start_node(
+        tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
+    )
+    try:
+        node.wait_for_log("direct link to 127.0.0.1")
+        body = "+".join(f"sin({k})*cos({k})" for k in range(300))
+        tasks: list[m.Task] = [m.Compute(f"{i}+{body}") for i in range(400)]
+
+        async def go() -> list[m.Result]:
+            async with Client.connect(tmp_path / "join.json", timeout=TIMEOUT) as client:
+                ids = await client.submit_many(tasks)
+                await asyncio.sleep(0.3)
+                peer_process.proc.kill()  # mid-burst: the peer holds tasks it never answers
+                found = await client.results(ids, timeout=60)
+                return [found[i] for i in ids]
+
+        results = asyncio.run(go())
+        assert all(isinstance(r, m.Number) for r in results), results
+        node.wait_for_log("re-run or answered here")
+    finally:
+        node.close()
+
+
+def test_cpnode_submit_direct(
+    tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    _, port = peer
+    env = dict(os.environ, CPCLUSTER_JOIN=str(tmp_path / "join.json"))
+    done = subprocess.run(
+        [sys.executable, "-m", "node.submit_cli", "--direct", f"127.0.0.1:{port}", "compute", "6*7"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "42\n"), done.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "node.submit_cli", "--direct", f"127.0.0.1:{port}", "--token",
+         "wrong", "compute", "1"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 3
+    assert "Invalid token" in refused.stderr

@@ -1,0 +1,442 @@
+"""The health endpoint, JSON logs and cpnode-status, against real node processes."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import io
+import json
+import logging
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from node import health, status_cli
+from node.client import Client
+from node.config import Config, JoinInfo
+from node.master import MasterThread
+from node.protocol import messages as m
+from node.supervisor import Node
+from tests.nodeproc import NodeProcess
+from workers.logformat import JsonFormatter, configure_logging
+
+FAILOVER_MS = 400
+TOKEN = "health-test-token"
+# Each takes about a millisecond in a worker: enough to keep one worker busy for seconds.
+SLOW_BODY = "+".join(f"sin({k})*cos({k})" for k in range(150))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def get(port: int, path: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def wait_for(port: int, path: str, code: int, node: NodeProcess, timeout: float = 30.0) -> bytes:
+    """Poll `path` until it answers `code`; fail if the node exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if node.proc.poll() is not None:
+            raise AssertionError(f"node exited with {node.proc.returncode}:\n{node.log}")
+        try:
+            status, body = get(port, path, timeout=2)
+        except OSError as exc:
+            last = exc
+        else:
+            if status == code:
+                return body
+            last = (status, body)
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not answer {code} within {timeout} s (last: {last!r})")
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, keyed by name and sorted labels."""
+    status, body = get(port, "/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def run_tasks(join: Path, tasks: list[m.Task], timeout: float = 60.0) -> list[m.Result]:
+    async def go() -> list[m.Result]:
+        async with Client.connect(join, timeout=timeout) as client:
+            ids = await client.submit_many(tasks)
+            results = await client.results(ids, timeout=timeout)
+            return [results[i] for i in ids]
+
+    return asyncio.run(go())
+
+
+def submit(join: Path, tasks: list[m.Task]) -> None:
+    async def go() -> None:
+        async with Client.connect(join, timeout=30) as client:
+            await client.submit_many(tasks)
+
+    asyncio.run(go())
+
+
+class Running:
+    def __init__(self, tmp: Path, master: MasterThread, node: NodeProcess, port: int) -> None:
+        self.tmp = tmp
+        self.join = tmp / "join.json"
+        self.master = master
+        self.node = node
+        self.port = port
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """One master and one node with JSON logs and the health endpoint, for the read-only tests."""
+    tmp = tmp_path_factory.mktemp("health")
+    port = free_port()
+    with MasterThread(
+        Config(failover_timeout_ms=FAILOVER_MS), join_path=str(tmp / "join.json")
+    ) as master:
+        node = NodeProcess(
+            tmp, tmp / "join.json",
+            {"failover_timeout_ms": FAILOVER_MS, "master_addresses": [master.address]},
+            "--workers", "2", "--log-format", "json", "--health-port", str(port),
+        )  # fmt: skip
+        try:
+            wait_for(port, "/readyz", 200, node)
+            node.record_children()
+            yield Running(tmp, master, node, port)
+            assert node.stop() == 0
+            assert node.leftover_children() == []
+        finally:
+            node.close()
+
+
+def test_readyz_is_false_before_the_master_and_during_drain(tmp_path: Path) -> None:
+    master_port, port = free_port(), free_port()
+    join = tmp_path / "join.json"
+    join.write_text(json.dumps({"token": TOKEN, "ip": "127.0.0.1", "port": master_port}))
+    node = NodeProcess(
+        tmp_path, join,
+        {"failover_timeout_ms": 1000, "master_addresses": [f"127.0.0.1:{master_port}"]},
+        "--workers", "1", "--health-port", str(port),
+    )  # fmt: skip
+    master: MasterThread | None = None
+    try:
+        wait_for(port, "/healthz", 200, node)
+        # Workers up, no master yet: alive but not ready.
+        body = json.loads(wait_for(port, "/readyz", 503, node))
+        deadline = time.monotonic() + 30
+        while body["status"] != "connecting" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status, raw = get(port, "/readyz")
+            assert status == 503
+            body = json.loads(raw)
+        assert body["status"] == "connecting"
+        assert body["workers_ready"] == 1
+        assert get(port, "/healthz")[0] == 200
+
+        master = MasterThread(Config(failover_timeout_ms=1000), port=master_port, token=TOKEN)
+        master.start()
+        body = json.loads(wait_for(port, "/readyz", 200, node))
+        assert body["master"] == f"127.0.0.1:{master_port}"
+        assert "node ready" in node.log
+
+        # Keep the node busy, then ask it to stop: it drains (finishes what its worker holds,
+        # then waits for the master to take back the rest), not ready all along.
+        submit(join, [m.Compute(f"{i}+{SLOW_BODY}") for i in range(3000)])
+        deadline = time.monotonic() + 30
+        while json.loads(get(port, "/status")[1])["tasks"]["held"] == 0:
+            assert time.monotonic() < deadline, "the node never received the tasks"
+            time.sleep(0.02)
+        node.proc.send_signal(signal.SIGTERM)
+        seen: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 30
+        while node.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                status, raw = get(port, "/readyz", timeout=2)
+            except OSError:  # the endpoint closes as the process ends
+                break
+            seen.append((status, json.loads(raw)["status"]))
+            time.sleep(0.02)
+        assert node.proc.wait(30) == 0
+        # The signal takes a moment to arrive; from then on the node is never ready again.
+        assert (503, "draining") in seen, seen
+        since_signal = seen[seen.index((503, "draining")) :]
+        assert all(status == 503 for status, _ in since_signal), seen
+        assert len(since_signal) > 5, seen  # the drain lasted: several reads saw it
+        assert "drain" in node.log
+    finally:
+        node.close()
+        if master is not None:
+            master.stop()
+
+
+EXPECTED_METRICS = {
+    "cpnode_node_info",
+    "cpnode_status",
+    "cpnode_ready",
+    "cpnode_uptime_seconds",
+    "cpnode_event_loop_lag_seconds_count",
+    "cpnode_tasks_received_total",
+    "cpnode_tasks_completed_total",
+    "cpnode_tasks_failed_total",
+    "cpnode_task_execution_seconds_bucket",
+    "cpnode_tasks_answered_total",
+    "cpnode_tasks_queued",
+    "cpnode_tasks_held",
+    "cpnode_worker_tasks_in_flight",
+    "cpnode_worker_up",
+    "cpnode_master_connected",
+    "cpnode_master_reconnects_total",
+    "cpnode_master_failovers_total",
+    "cpnode_heartbeat_rtt_seconds_count",
+    "cpnode_heartbeat_lateness_seconds_count",
+    "cpnode_link_frames_received_total",
+    "cpnode_link_frames_sent_total",
+    "cpnode_link_bytes_received_total",
+    "cpnode_link_bytes_sent_total",
+    "cpnode_disk_store_quota_bytes",
+    "cpnode_shm_bytes",
+    "process_resident_memory_bytes",
+}
+
+
+def test_metrics_parse_and_counters_move_when_tasks_run(running: Running) -> None:
+    before = scrape(running.port)
+    assert before[("cpnode_ready", ())] == 1
+    assert before[("cpnode_worker_up", (("worker", "0"),))] == 1
+    compute = (("type", "Compute"),)
+
+    def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], key: tuple) -> float:
+        return samples.get(key, 0.0)
+
+    tasks: list[m.Task] = [m.Compute(f"{i}*3") for i in range(500)]
+    tasks += [m.Compute("1/")] * 5  # a syntax error: answered with Error, counted as failed
+    results = run_tasks(running.join, tasks)
+    assert sum(isinstance(r, m.Error) for r in results) == 5
+
+    # Workers report their per-type stats within about half a second of going idle.
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(running.port)
+        completed = ("cpnode_tasks_completed_total", compute)
+        if value(after, completed) - value(before, completed) >= 505:
+            break
+        assert time.monotonic() < deadline, (value(before, completed), value(after, completed))
+        time.sleep(0.1)
+
+    missing = EXPECTED_METRICS - {name for name, _ in after}
+    assert not missing
+
+    def moved(name: str, labels: tuple = ()) -> float:
+        return value(after, (name, labels)) - value(before, (name, labels))
+
+    assert moved("cpnode_tasks_received_total", compute) == 505
+    assert moved("cpnode_tasks_failed_total", compute) == 5
+    assert moved("cpnode_tasks_answered_total") == 505
+    assert moved("cpnode_task_execution_seconds_count", compute) == 505
+    assert moved("cpnode_task_execution_seconds_bucket", (("le", "+Inf"), *compute)) == 505
+    done = sum(moved("cpnode_worker_tasks_done_total", (("worker", str(i)),)) for i in range(2))
+    assert done == 505
+    assert moved("cpnode_link_frames_received_total") >= 505
+    assert moved("cpnode_link_frames_sent_total") >= 505
+    assert moved("cpnode_link_bytes_received_total") > 0
+    assert moved("cpnode_link_bytes_sent_total") > 0
+    assert value(after, ("cpnode_heartbeat_rtt_seconds_count", ())) > 0
+    assert value(after, ("cpnode_tasks_held", ())) == 0
+    assert value(after, ("cpnode_master_reconnects_total", ())) == 0
+
+
+def test_json_logs_are_valid_json_lines(running: Running) -> None:
+    lines = [line for line in running.node.log.splitlines() if line.strip()]
+    assert lines
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    for record in records:
+        assert {"ts", "level", "logger", "message"} <= record.keys(), record
+        assert record["level"] in {"error", "warn", "info", "debug", "trace"}
+        assert record["ts"].endswith("Z")
+    messages = [r["message"] for r in records]
+    assert any(message.startswith("node ready") for message in messages)
+    assert any(message.startswith("health endpoint on http://") for message in messages)
+
+
+def test_json_formatter_keeps_extra_fields_and_tracebacks() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("cpnode.test-json")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter({"worker": 3}))
+    logger.addHandler(handler)
+    try:
+        logger.warning("quota refused %s", "k1", extra={"task_id": "abc", "bytes": 7})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "quota refused k1"
+    assert first["level"] == "warn"
+    assert first["logger"] == "cpnode.test-json"
+    assert (first["task_id"], first["bytes"], first["worker"]) == ("abc", 7, 3)
+    assert second["level"] == "error"
+    assert "ValueError: boom" in second["exc"]
+
+
+def test_configure_logging_supports_trace_and_replaces_its_own_handler() -> None:
+    root = logging.getLogger()
+    level = root.level
+    stream = io.StringIO()
+    try:
+        configure_logging("info", "text", stream=io.StringIO())
+        configure_logging("trace", "json", stream=stream)
+        ours = [h for h in root.handlers if h.get_name() == "cpnode-stderr"]
+        assert len(ours) == 1
+        logging.getLogger("cpnode.test-trace").log(5, "very fine")
+        assert json.loads(stream.getvalue())["level"] == "trace"
+        with pytest.raises(ValueError, match="log format"):
+            configure_logging("info", "xml")
+    finally:
+        for handler in root.handlers[:]:
+            if handler.get_name() == "cpnode-stderr":
+                root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def test_cpnode_status_prints_the_summary(
+    running: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_tasks(running.join, [m.Compute("2+2")])
+    code = status_cli.main([f"127.0.0.1:{running.port}", "--interval", "0.3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "role Worker" in out
+    assert f"master    {running.master.address}" in out
+    assert "ready (healthy, ready)" in out
+    assert "workers   2 ready of 2" in out
+    assert "/s" in out
+    for child in json.loads(get(running.port, "/status")[1])["workers"]:
+        assert str(child["pid"]) in out
+    assert len(out.splitlines()) < 40
+
+    assert status_cli.main([str(running.port), "--interval", "0", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["ready"] is True
+    assert document["role"] == "Worker"
+
+
+def test_cpnode_status_names_an_unreachable_node(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    assert status_cli.main([f"127.0.0.1:{port}", "--interval", "0", "--timeout", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the node's health endpoint" in err
+    assert str(port) in err
+
+
+def test_http_answers_bad_requests_plainly(running: Running) -> None:
+    assert get(running.port, "/nowhere")[0] == 404
+    assert get(running.port, "/readyz", method="POST")[0] == 405
+    status, body = get(running.port, "/healthz", method="HEAD")
+    assert (status, body) == (200, b"")
+    with socket.create_connection(("127.0.0.1", running.port), timeout=5) as raw:
+        raw.sendall(b"NONSENSE\r\n\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.1 400 ")
+    with socket.create_connection(("127.0.0.1", running.port), timeout=5) as raw:
+        raw.sendall(b"GET /" + b"x" * 20000 + b" HTTP/1.1\r\n\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.1 431 ")
+
+
+def test_healthz_fails_while_the_loop_lags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(health, "LAG_LIMIT_S", 0.2)
+    monkeypatch.setattr(health, "LAG_TICK_S", 0.1)
+
+    async def ask(port: int) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        await writer.wait_closed()
+        return int(line.split()[1])
+
+    async def go() -> None:
+        node = Node(
+            Config(workers=1, health_listen=f"127.0.0.1:{free_port()}"),
+            JoinInfo("t", "127.0.0.1", 1),
+            start_method="spawn",
+        )
+        server = node.health
+        assert server is not None
+        await server.start()
+        try:
+            await asyncio.sleep(0.2)
+            assert await ask(server.port) == 200
+            time.sleep(0.4)  # the loop is blocked: the next timer fires 0.4 s late
+            await asyncio.sleep(0.01)
+            assert server.loop_lag > 0.2
+            assert not server.healthy()[0]
+            assert await ask(server.port) == 503
+            await asyncio.sleep(0.3)  # timers on time again
+            assert await ask(server.port) == 200
+            problems = server.problems
+            logging.getLogger("cpnode.test").warning("something odd")
+            assert problems.records[-1]["message"] == "something odd"
+            assert server.status()["recent_problems"][-1]["level"] == "warn"
+        finally:
+            await server.close()
+        assert server.problems not in logging.getLogger().handlers
+
+    asyncio.run(go())
+
+
+def test_health_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "join.json").write_text(
+            f'{{"token":"t","ip":"127.0.0.1","port":{free_port()}}}'
+        )
+        node = NodeProcess(
+            tmp_path, tmp_path / "join.json", {}, "--workers", "1", "--health-port", str(port)
+        )
+        try:
+            assert node.proc.wait(30) == 2
+            assert f"cannot listen on 127.0.0.1:{port} for the health endpoint" in node.log
+        finally:
+            node.close()
+
+
+def test_store_sizes_count_this_nodes_files_only(tmp_path: Path) -> None:
+    storage, shm = tmp_path / "storage", tmp_path / "shm"
+    (storage / "sub").mkdir(parents=True)
+    (storage / "k1").write_bytes(b"x" * 100)
+    (storage / "sub" / "k2").write_bytes(b"x" * 20)
+    (storage / "link").symlink_to(tmp_path)  # never followed
+    (shm / "cpnode-a" / "mem").mkdir(parents=True)
+    (shm / "cpnode-a" / "mem" / "key").write_bytes(b"x" * 7)
+    (shm / "cpnode-a-seg-1234").write_bytes(b"x" * 5)
+    (shm / "cpnode-ab").mkdir()
+    (shm / "cpnode-ab" / "other").write_bytes(b"x" * 1000)
+    found = health._read_resources(str(storage), str(shm), "cpnode-a", [(0, 1 << 30)])
+    assert found.disk_store_bytes == 120
+    assert found.shm_bytes == 12
+    assert found.shm_free_bytes is not None and found.shm_free_bytes > 0
+    assert found.worker_rss == {}  # no such process
+    missing = health._read_resources(str(tmp_path / "none"), str(shm), "cpnode-z", [])
+    assert (missing.disk_store_bytes, missing.shm_bytes) == (None, 0)

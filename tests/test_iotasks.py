@@ -1,0 +1,409 @@
+"""HttpRequest, Tcp and Udp tasks against loopback servers, the network policy, the Internet
+role's ports, and a node that keeps heartbeating through 200 slow URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from node.config import Config
+from node.iotasks import IoTaskRunner, NetworkPolicy
+from node.master import MasterThread
+from node.protocol import codec
+from node.protocol import messages as m
+from tests.netservers import HttpServer, TcpEcho, UdpEcho, free_port
+from tests.nodeproc import NodeProcess
+from tests.test_node import run_tasks
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="hello, wörld")
+
+
+async def _missing(request: web.Request) -> web.Response:
+    return web.Response(status=404, text="no such page")
+
+
+async def _redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/ok")
+
+
+async def _redirect_loop(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/loop")
+
+
+async def _slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(float(request.query.get("s", "2")))
+    return web.Response(text="late")
+
+
+async def _big(request: web.Request) -> web.Response:
+    return web.Response(body=b"x" * 5000)
+
+
+async def _big_chunked(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    for _ in range(5):
+        await response.write(b"y" * 1000)
+    await response.write_eof()
+    return response
+
+
+async def _latin1(request: web.Request) -> web.Response:
+    return web.Response(body="café".encode("latin-1"), content_type="text/plain", charset="latin-1")
+
+
+ROUTES = {
+    "/ok": _ok,
+    "/missing": _missing,
+    "/redirect": _redirect,
+    "/loop": _redirect_loop,
+    "/slow": _slow,
+    "/big": _big,
+    "/chunked": _big_chunked,
+    "/latin1": _latin1,
+}
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[HttpServer]:
+    with HttpServer(ROUTES) as server:
+        yield server
+
+
+def run(config: Config, tasks: list[m.Task], timeout: float = 30.0) -> list[m.Result]:
+    """Run `tasks` on an IoTaskRunner; results in task order."""
+
+    async def go() -> list[m.Result]:
+        results: dict[str, m.Result] = {}
+        every = asyncio.Event()
+
+        def done(ident: str, result_frame: bytes) -> None:
+            message = codec.decode(result_frame[4:])
+            assert isinstance(message, m.TaskResult) and message.id == ident
+            assert ident not in results, "answered twice"
+            results[ident] = message.result
+            if len(results) == len(tasks):
+                every.set()
+
+        runner = IoTaskRunner(config, done)
+        await runner.start()
+        try:
+            for index, task in enumerate(tasks):
+                runner.submit(str(index), codec.encode_payload(m.AssignTask(str(index), task)))
+            async with asyncio.timeout(timeout):
+                await every.wait()
+        finally:
+            await runner.close()
+        return [results[str(index)] for index in range(len(tasks))]
+
+    return asyncio.run(go())
+
+
+def one(config: Config, task: m.Task) -> m.Result:
+    return run(config, [task])[0]
+
+
+def error_text(result: m.Result) -> str:
+    assert isinstance(result, m.Error), result
+    return result.message
+
+
+# --- HttpRequest ---------------------------------------------------------------------------------
+
+
+def test_http_200_gives_the_body(http: HttpServer) -> None:
+    assert one(Config(), m.HttpRequest(http.url("/ok"))) == m.Response("hello, wörld")
+
+
+def test_http_404_gives_the_body_as_upstream_does(http: HttpServer) -> None:
+    assert one(Config(), m.HttpRequest(http.url("/missing"))) == m.Response("no such page")
+
+
+def test_http_redirect_is_followed(http: HttpServer) -> None:
+    assert one(Config(), m.HttpRequest(http.url("/redirect"))) == m.Response("hello, wörld")
+
+
+def test_http_redirect_loop_is_an_error(http: HttpServer) -> None:
+    assert "more than 10 redirects" in error_text(one(Config(), m.HttpRequest(http.url("/loop"))))
+
+
+def test_http_slow_answer_times_out(http: HttpServer) -> None:
+    started = time.monotonic()
+    text = error_text(one(Config(task_timeout_ms=300), m.HttpRequest(http.url("/slow?s=1"))))
+    assert "no answer within 300 ms (task_timeout_ms)" in text
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(("path", "body"), [("/big", "x" * 5000), ("/chunked", "y" * 5000)])
+def test_http_body_past_the_limit_is_an_error(http: HttpServer, path: str, body: str) -> None:
+    small, exact = (
+        run(Config(http_max_body_bytes=4999), [m.HttpRequest(http.url(path))]),
+        run(Config(http_max_body_bytes=5000), [m.HttpRequest(http.url(path))]),
+    )
+    assert "larger than http_max_body_bytes (4999)" in error_text(small[0])
+    assert exact == [m.Response(body)]
+
+
+def test_http_charset_of_the_response_is_used(http: HttpServer) -> None:
+    assert one(Config(), m.HttpRequest(http.url("/latin1"))) == m.Response("café")
+
+
+def test_http_refused_connection_names_the_reason() -> None:
+    port = free_port()
+    text = error_text(one(Config(), m.HttpRequest(f"http://127.0.0.1:{port}/")))
+    assert text.startswith(f"HttpRequest http://127.0.0.1:{port}/: cannot connect")
+    assert "refused" in text.lower()
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://127.0.0.1/file", "not a url", "http://", "file:///etc/passwd"]
+)
+def test_http_bad_urls_are_errors(url: str) -> None:
+    assert error_text(one(Config(), m.HttpRequest(url))).startswith(f"HttpRequest {url}: ")
+
+
+# --- the network policy --------------------------------------------------------------------------
+
+
+def test_default_policy_refuses_the_metadata_address_without_connecting() -> None:
+    text = error_text(one(Config(), m.HttpRequest("http://169.254.169.254/latest/meta-data/")))
+    assert "169.254.169.254 is refused by network_deny 169.254.0.0/16" in text
+
+
+def test_policy_refuses_ip_literals_and_names(http: HttpServer) -> None:
+    config = Config(network_deny=["127.0.0.0/8", "::1/128"])
+    literal, name = run(
+        config, [m.HttpRequest(http.url("/ok")), m.HttpRequest(http.url("/ok", "localhost"))]
+    )
+    assert "127.0.0.1 is refused by network_deny 127.0.0.0/8" in error_text(literal)
+    assert "is refused by network_deny" in error_text(name)
+
+
+def test_policy_checks_every_redirect() -> None:
+    async def away(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.2:{request.url.port}/ok")
+
+    with HttpServer({"/away": away, "/ok": _ok}) as server:
+        config = Config(network_allow=["127.0.0.1/32"], network_deny=[])
+        text = error_text(one(config, m.HttpRequest(server.url("/away"))))
+        assert "127.0.0.2 is in no network of network_allow" in text
+        assert server.served == 1
+
+
+def test_policy_most_specific_rule_wins() -> None:
+    policy = NetworkPolicy(["0.0.0.0/0", "169.254.10.0/24"], ["169.254.0.0/16"])
+    assert policy.refusal("169.254.10.7") is None
+    assert policy.refusal("169.254.169.254") == (
+        "169.254.169.254 is refused by network_deny 169.254.0.0/16"
+    )
+    assert policy.refusal("::ffff:169.254.169.254") is not None  # mapped IPv4 is IPv4
+    assert policy.refusal("8.8.8.8") is None
+    assert policy.refusal("::1") == "::1 is in no network of network_allow"
+    tie = NetworkPolicy(["10.0.0.0/8"], ["10.0.0.0/8"])
+    assert tie.refusal("10.1.2.3") == "10.1.2.3 is refused by network_deny 10.0.0.0/8"
+
+
+def test_policy_applies_to_tcp_and_udp() -> None:
+    config = Config(network_deny=["127.0.0.0/8"])
+    tcp, udp = run(config, [m.Tcp("127.0.0.1:9", b"x"), m.Udp("127.0.0.1:9", b"x")])
+    assert error_text(tcp) == "Tcp 127.0.0.1:9: 127.0.0.1 is refused by network_deny 127.0.0.0/8"
+    assert error_text(udp) == "Udp 127.0.0.1:9: 127.0.0.1 is refused by network_deny 127.0.0.0/8"
+
+
+# --- Tcp and Udp ---------------------------------------------------------------------------------
+
+
+def test_tcp_writes_and_reads_one_reply() -> None:
+    with TcpEcho(lambda data: b"echo:" + data) as echo:
+        assert one(Config(), m.Tcp(f"127.0.0.1:{echo.port}", b"ping")) == m.Bytes(b"echo:ping")
+
+
+def test_tcp_reads_at_most_tcp_read_bytes() -> None:
+    with TcpEcho(lambda data: b"z" * 5000) as echo:
+        (default,) = run(Config(), [m.Tcp(f"127.0.0.1:{echo.port}", b"go")])
+        (small,) = run(Config(tcp_read_bytes=10), [m.Tcp(f"127.0.0.1:{echo.port}", b"go")])
+    assert isinstance(default, m.Bytes) and 0 < len(default.data) <= 1024
+    assert small == m.Bytes(b"z" * 10)
+
+
+@pytest.mark.parametrize(
+    ("addr", "reason"),
+    [
+        ("127.0.0.1:{closed}", "refused"),
+        ("127.0.0.1", 'missing ":port"'),
+        ("no_such_host.invalid:80", "cannot resolve no_such_host.invalid"),
+    ],
+)
+def test_tcp_errors_name_the_reason(addr: str, reason: str) -> None:
+    addr = addr.format(closed=free_port())
+    text = error_text(one(Config(), m.Tcp(addr, b"x")))
+    assert text.startswith(f"Tcp {addr}: ")
+    assert reason in text.lower() or reason in text
+
+
+def test_udp_sends_and_awaits_one_datagram() -> None:
+    with UdpEcho() as echo:
+        result = one(Config(), m.Udp(f"127.0.0.1:{echo.port}", b"ping"))
+    assert isinstance(result, m.Bytes) and result.data.startswith(b"ping@")
+
+
+def test_udp_without_an_answer_times_out() -> None:
+    with UdpEcho(answer=False) as silent:
+        text = error_text(one(Config(task_timeout_ms=300), m.Udp(f"127.0.0.1:{silent.port}", b"?")))
+    assert text == f"Udp 127.0.0.1:{silent.port}: no answer within 300 ms (task_timeout_ms)"
+
+
+def test_udp_to_a_closed_port_is_refused() -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    text = error_text(one(Config(task_timeout_ms=2000), m.Udp(f"127.0.0.1:{port}", b"?")))
+    assert "refused" in text.lower()
+
+
+# --- the Internet role ---------------------------------------------------------------------------
+
+
+def test_internet_ports_are_bound_and_used_in_turn(caplog: pytest.LogCaptureFixture) -> None:
+    ports = [free_port(), free_port()]
+    ports = list(dict.fromkeys(ports))
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        config = Config(role=m.Role.Internet, internet_ports=[*ports, busy])
+        with TcpEcho() as tcp_echo, UdpEcho() as udp_echo, caplog.at_level(logging.INFO):
+            tasks: list[m.Task] = [
+                m.Tcp(f"127.0.0.1:{tcp_echo.port}", b"t%d" % i) for i in range(4)
+            ]
+            tasks += [m.Udp(f"127.0.0.1:{udp_echo.port}", b"u%d" % i) for i in range(4)]
+            results = run(config, tasks)
+    assert results[:4] == [m.Bytes(b"t%d" % i) for i in range(4)]
+    for i, result in enumerate(results[4:]):
+        assert isinstance(result, m.Bytes) and result.data.startswith(b"u%d@" % i)
+    assert set(tcp_echo.peers) == set(ports)
+    assert set(udp_echo.peers) == {*ports, busy}  # its UDP port was free
+    log = caplog.text
+    assert f"TCP {ports[0]}" in log and f"UDP {ports[0]}" in log
+    assert f"internet_ports failed to bind: TCP {busy} (Address already in use)" in log
+
+
+def test_internet_tcp_tasks_to_one_target_at_once_use_different_ports() -> None:
+    ports = list(dict.fromkeys([free_port(), free_port(), free_port()]))
+    config = Config(role=m.Role.Internet, internet_ports=ports)
+
+    def slow_echo(data: bytes) -> bytes:
+        time.sleep(0.2)
+        return data
+
+    with TcpEcho(slow_echo) as echo:
+        results = run(config, [m.Tcp(f"127.0.0.1:{echo.port}", b"%d" % i) for i in range(3)])
+    assert results == [m.Bytes(b"%d" % i) for i in range(3)]
+    assert sorted(echo.peers) == sorted(ports)
+
+
+# --- scheduling ----------------------------------------------------------------------------------
+
+
+def test_io_concurrency_bounds_tasks_in_flight(http: HttpServer) -> None:
+    peak_before = http.peak
+    deadline = time.monotonic() + 10
+    while http.active and time.monotonic() < deadline:  # earlier tests' handlers may still sleep
+        time.sleep(0.05)
+    http.peak = 0
+    started = time.monotonic()
+    results = run(Config(io_concurrency=3), [m.HttpRequest(http.url("/slow?s=0.2"))] * 9)
+    assert results == [m.Response("late")] * 9
+    assert http.peak == 3
+    assert time.monotonic() - started >= 0.55
+    http.peak = max(peak_before, http.peak)
+
+
+def test_malformed_payload_is_answered_with_an_error() -> None:
+    async def go() -> list[bytes]:
+        answers: list[bytes] = []
+        runner = IoTaskRunner(Config(), lambda ident, result_frame: answers.append(result_frame))
+        await runner.start()
+        try:
+            runner.submit("bad", b'{"AssignTask":{"id":"bad","task":{"Tcp":{"addr":5}}}}')
+            async with asyncio.timeout(5):
+                while not answers:
+                    await asyncio.sleep(0.01)
+        finally:
+            await runner.close()
+        return answers
+
+    (answer,) = asyncio.run(go())
+    message = codec.decode(answer[4:])
+    assert isinstance(message, m.TaskResult) and message.id == "bad"
+    assert error_text(message.result).startswith("malformed task: ")
+
+
+def test_close_cancels_running_tasks_without_answering(http: HttpServer) -> None:
+    async def go() -> list[str]:
+        answered: list[str] = []
+        runner = IoTaskRunner(Config(), lambda ident, result_frame: answered.append(ident))
+        await runner.start()
+        payload = codec.encode_payload(m.AssignTask("a", m.HttpRequest(http.url("/slow?s=1"))))
+        runner.submit("a", payload)
+        await asyncio.sleep(0.2)
+        assert runner.running == 1
+        await runner.close()
+        return answered
+
+    assert asyncio.run(go()) == []
+
+
+# --- the node ------------------------------------------------------------------------------------
+
+
+FAILOVER_MS = 400
+
+
+def test_200_slow_urls_do_not_delay_heartbeats(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(2)
+        return web.Response(text=request.query["n"])
+
+    join = tmp_path / "join.json"
+    with (
+        HttpServer({"/slow": slow}) as server,
+        MasterThread(Config(failover_timeout_ms=FAILOVER_MS), join_path=str(join)) as master,
+    ):
+        process = NodeProcess(
+            tmp_path,
+            join,
+            {
+                "failover_timeout_ms": FAILOVER_MS,
+                "master_addresses": [master.address],
+                "io_concurrency": 100,
+            },
+            "--workers",
+            "1",
+        )
+        try:
+            process.wait_for_log("node ready")
+            started = time.monotonic()
+            tasks: list[m.Task] = [m.HttpRequest(server.url(f"/slow?n={i}")) for i in range(200)]
+            results = run_tasks(join, tasks, timeout=60)
+            elapsed = time.monotonic() - started
+            assert results == [m.Response(str(i)) for i in range(200)]
+            assert server.peak == 100
+            assert 4 <= elapsed < 15  # two rounds of 100, 2 s each
+            assert not [r for r in caplog.records if "evicted" in r.getMessage()]
+            assert "connection to master" not in process.log
+            assert master.stats().eligible_nodes == 1
+            process.record_children()
+            assert process.stop() == 0
+        finally:
+            process.close()

@@ -1,0 +1,700 @@
+"""The local master over real loopback sockets, driven by protocol-level fake nodes and clients.
+
+Each test starts a master on its own event loop (`MasterThread`, port 0) and talks to it with
+`Peer`: a blocking socket plus the codec, so every byte the master writes is decoded exactly as
+a node would decode it. The command line runs as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from node.config import Config
+from node.master import MasterThread
+from node.master.cli import build_parser
+from node.protocol import FrameDecoder, decode, encode, encode_payload, frame
+from node.protocol import messages as m
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 5.0
+
+Role = m.Role
+
+
+class Peer:
+    """A fake node or client: a blocking socket that speaks frames."""
+
+    def __init__(self, master: MasterThread, *, token: str | None = None, auth: bool = True):
+        self.sock = socket.create_connection((master.host, master.port), timeout=TIMEOUT)
+        self.decoder = FrameDecoder(1 << 26)
+        self.inbox: deque[bytes] = deque()
+        if auth:
+            self.send_raw(frame((master.token if token is None else token).encode()))
+            assert self.recv_payload() == b"OK"
+
+    @property
+    def address(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def send(self, *messages: m.Message) -> None:
+        self.sock.sendall(b"".join(encode(message) for message in messages))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_payload(self, timeout: float = TIMEOUT) -> bytes:
+        deadline = time.monotonic() + timeout
+        while not self.inbox:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no frame from the master")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise EOFError("the master closed the connection")
+            self.inbox.extend(self.decoder.feed(data))
+        return self.inbox.popleft()
+
+    def recv(self, timeout: float = TIMEOUT) -> m.Message:
+        return decode(self.recv_payload(timeout))
+
+    def recv_many(self, count: int, timeout: float = TIMEOUT) -> list[m.Message]:
+        return [self.recv(timeout) for _ in range(count)]
+
+    def tasks(self, count: int, timeout: float = TIMEOUT) -> list[str]:
+        """Receive `count` frames, all AssignTask; return their ids in order."""
+        ids = []
+        for message in self.recv_many(count, timeout):
+            assert isinstance(message, m.AssignTask), message
+            ids.append(message.id)
+        return ids
+
+    def assert_silent(self, seconds: float = 0.3) -> None:
+        try:
+            message = self.recv(seconds)
+        except TimeoutError:
+            return
+        raise AssertionError(f"expected silence, got {message}")
+
+    def assert_closed(self, timeout: float = TIMEOUT) -> list[bytes]:
+        """Wait for the master to close; return what arrived before."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                seen.append(self.recv_payload(max(0.01, deadline - time.monotonic())))
+        except (EOFError, ConnectionResetError):
+            return seen
+
+    def join(self, role: Role = Role.Worker) -> None:
+        """RegisterRole + Heartbeat; returns after the HeartbeatAck (tasks may follow)."""
+        self.send(m.RegisterRole(role), m.HEARTBEAT)
+        assert self.recv() == m.HEARTBEAT_ACK
+
+    def heartbeat(self) -> None:
+        """A Heartbeat; returns after its ack. Tasks that arrive before the ack stay queued."""
+        self.send(m.HEARTBEAT)
+        kept = []
+        while (payload := self.recv_payload()) != b'"HeartbeatAck"':
+            kept.append(payload)
+        self.inbox.extendleft(reversed(kept))
+
+    def submit(self, *tasks: tuple[str, m.Task]) -> None:
+        self.send(*(m.SubmitTask(ident, task) for ident, task in tasks))
+        for ident, _ in tasks:
+            assert self.recv() == m.TaskAccepted(ident)
+
+    def poll(self, ident: str, timeout: float = TIMEOUT) -> m.Result:
+        """GetTaskResult until it is not Pending."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.send(m.GetTaskResult(ident))
+            reply = self.recv()
+            if isinstance(reply, m.TaskResult):
+                assert reply.id == ident
+                return reply.result
+            assert reply == m.DirectMessage("Pending")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{ident} still pending")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def compute(i: int) -> tuple[str, m.Task]:
+    return f"t{i}", m.Compute(f"{i}+1")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., MasterThread]]:
+    masters: list[MasterThread] = []
+
+    def start(config: Config | None = None, **options: object) -> MasterThread:
+        master = MasterThread(config, **options)
+        master.start()
+        masters.append(master)
+        return master
+
+    yield start
+    for master in reversed(masters):
+        master.stop()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., Peer]]:
+    peers: list[Peer] = []
+
+    def connect(master: MasterThread, **options: object) -> Peer:
+        peer = Peer(master, **options)  # type: ignore[arg-type]
+        peers.append(peer)
+        return peer
+
+    yield connect
+    for peer in peers:
+        peer.close()
+
+
+@pytest.fixture(autouse=True)
+def no_loop_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """An exception in a master callback is logged by asyncio, not raised: fail on it."""
+    caplog.set_level(logging.INFO)
+    yield
+    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+# --- authentication ---------------------------------------------------------------------------
+
+
+def test_good_token_gets_ok_and_is_trimmed(start, connect):
+    master = start(token="s3cret")
+    connect(master)  # asserts OK
+    connect(master, token="  s3cret\n")  # upstream trims what the node sends
+
+
+@pytest.mark.parametrize("token", ["wrong", "", "s3cret-plus", "\xff"])
+def test_bad_token_gets_invalid_token_then_close(start, connect, token):
+    master = start(token="s3cret")
+    peer = connect(master, auth=False)
+    peer.send_raw(frame(token.encode("latin-1")))
+    assert peer.assert_closed() == [b"Invalid token"]
+
+
+def test_first_frame_too_long_for_a_token_is_refused_before_it_arrives(start, connect):
+    master = start()
+    peer = connect(master, auth=False)
+    peer.send_raw(b"\x16\x03\x01\x02\x00" + b"\x00" * 100)  # a TLS ClientHello, read as a length
+    assert peer.assert_closed() == []
+
+
+# --- routing and order ------------------------------------------------------------------------
+
+TASKS_BY_ROLE: dict[Role, list[m.Task]] = {
+    Role.Worker: [
+        m.Compute("1+2"),
+        m.ComplexMath("(1+2*i)*(3-i)"),
+        m.HttpRequest("http://127.0.0.1:9/"),
+        m.StoreData("k", b"\x00\xff"),
+        m.RetrieveData("k"),
+        m.GetGlobalRam(),
+    ],
+    Role.Disk: [m.DiskWrite("a/b.txt", b"hi"), m.DiskRead("a/b.txt"), m.GetStorage()],
+    Role.Internet: [m.Tcp("127.0.0.1:9", b"hi"), m.Udp("127.0.0.1:9", b"\x00")],
+}
+
+
+def test_tasks_are_routed_by_role_byte_for_byte(start, connect):
+    master = start()
+    nodes = {role: connect(master) for role in Role}
+    for role, node in nodes.items():
+        node.join(role)
+    client = connect(master)
+    submitted = [
+        (f"{role.value}-{i}", task)
+        for role, tasks in TASKS_BY_ROLE.items()
+        for i, task in enumerate(tasks)
+    ]
+    client.submit(*submitted)
+    for role, node in nodes.items():
+        expected = [(f"{role.value}-{i}", t) for i, t in enumerate(TASKS_BY_ROLE[role])]
+        payloads = [node.recv_payload() for _ in expected]
+        # Exactly the bytes our encoder (and upstream's serde) writes for AssignTask.
+        assert payloads == [encode_payload(m.AssignTask(i, t)) for i, t in expected]
+        node.assert_silent(0.1)
+
+
+def test_a_node_that_never_registers_is_a_worker(start, connect):
+    master = start()
+    node = connect(master)
+    node.send(m.HEARTBEAT)
+    assert node.recv() == m.HEARTBEAT_ACK
+    client = connect(master)
+    client.submit(("d", m.DiskRead("x")), ("w", m.Compute("1")))
+    assert node.tasks(1) == ["w"]
+    node.assert_silent(0.1)
+
+
+def test_tasks_go_out_in_submission_order(start, connect):
+    master = start()
+    client = connect(master)
+    client.submit(*(compute(i) for i in range(50)))
+    node = connect(master)
+    node.join()
+    assert node.tasks(50) == [f"t{i}" for i in range(50)]
+
+
+def test_no_task_before_the_first_heartbeat(start, connect):
+    master = start()
+    node = connect(master)
+    node.send(m.RegisterRole(Role.Worker))
+    client = connect(master)
+    client.submit(compute(0))
+    node.assert_silent(0.3)
+    node.send(m.HEARTBEAT)
+    assert node.recv() == m.HEARTBEAT_ACK
+    assert node.tasks(1) == ["t0"]
+
+
+def test_tasks_are_pushed_as_soon_as_they_are_submitted(start, connect):
+    master = start()
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    for i in range(3):
+        client.submit(compute(i))
+        # The node sends nothing, yet receives the task.
+        assert node.tasks(1) == [f"t{i}"]
+
+
+def test_window_bounds_in_flight_tasks_and_nodes_take_turns(start, connect):
+    master = start(Config(window=3))
+    a, b = connect(master), connect(master)
+    a.join()
+    b.join()
+    client = connect(master)
+    client.submit(*(compute(i) for i in range(10)))
+    assert a.tasks(3) == ["t0", "t2", "t4"]
+    assert b.tasks(3) == ["t1", "t3", "t5"]
+    a.assert_silent(0.1)
+    b.assert_silent(0.1)
+    stats = master.stats()
+    assert (stats.pending, stats.active) == (4, 6)
+    a.send(m.TaskResult("t2", m.Number(3.0)))  # one slot frees: exactly one more, the next
+    assert a.tasks(1) == ["t6"]
+    a.assert_silent(0.1)
+    assert client.poll("t2") == m.Number(3.0)
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+def test_results_are_polled_with_get_task_result(start, connect):
+    master = start()
+    client = connect(master)
+    client.submit(compute(0))
+    client.send(m.GetTaskResult("t0"))
+    assert client.recv() == m.DirectMessage("Pending")
+    node = connect(master)
+    node.join()
+    assert node.tasks(1) == ["t0"]
+    node.send(m.TaskResult("t0", m.Number(1.0)))
+    assert client.poll("t0") == m.Number(1.0)
+    stats = master.stats()
+    assert (stats.pending, stats.active, stats.completed) == (0, 0, 1)
+
+
+def test_a_result_for_any_id_is_kept_and_a_repeat_overwrites(start, connect):
+    master = start()
+    peer = connect(master)
+    peer.send(m.TaskResult("never-submitted", m.Error("boom")))
+    assert peer.poll("never-submitted") == m.Error("boom")
+    peer.send(m.TaskResult("never-submitted", m.Bytes(b"\x01\x02")))
+    wait_for(lambda: peer.poll("never-submitted") == m.Bytes(b"\x01\x02"))
+
+
+def test_a_result_from_another_connection_completes_the_active_task(start, connect):
+    master = start(Config(window=1))
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    client.submit(compute(0), compute(1))
+    assert node.tasks(1) == ["t0"]
+    other = connect(master)  # e.g. the same node, reconnected, delivering its outbox
+    other.send(m.TaskResult("t0", m.Number(1.0)))
+    assert node.tasks(1) == ["t1"]  # t0's slot on `node` was freed
+
+
+# --- eviction, closing, Disconnect --------------------------------------------------------------
+
+
+def test_a_silent_node_is_evicted_closed_and_its_tasks_requeued_at_the_front(start, connect):
+    master = start(Config(failover_timeout_ms=200, window=2))
+    silent = connect(master)
+    silent.join()
+    last_frame = time.monotonic()
+    client = connect(master)
+    client.submit(*(compute(i) for i in range(4)))
+    assert silent.tasks(2) == ["t0", "t1"]
+    silent.assert_closed(timeout=3.0)
+    waited = time.monotonic() - last_frame
+    assert 0.35 <= waited <= 1.5  # silent for more than 2T, checked every T: 2T-3T
+    fresh = connect(master)
+    fresh.join()
+    assert fresh.tasks(2) == ["t0", "t1"]  # the evicted node's tasks, first
+    fresh.send(m.TaskResult("t0", m.Number(1.0)), m.TaskResult("t1", m.Number(2.0)))
+    assert fresh.tasks(2) == ["t2", "t3"]
+    fresh.send(m.GET_CONNECTED_NODES)
+    assert fresh.recv() == m.ConnectedNodes((fresh.address,))
+    # The client never sent a node's message: it is not a node and is never evicted.
+    client.send(m.GetTaskResult("t0"))
+    assert client.recv() == m.TaskResult("t0", m.Number(1.0))
+
+
+def test_a_node_that_keeps_talking_is_not_evicted(start, connect):
+    master = start(Config(failover_timeout_ms=100))
+    node = connect(master)
+    node.join()
+    for _ in range(8):  # 0.8 s, well past 2T
+        time.sleep(0.1)
+        node.heartbeat()
+    assert master.stats().nodes == 1
+
+
+def test_a_closed_connection_requeues_its_tasks(start, connect):
+    master = start(Config(window=2))
+    first = connect(master)
+    first.join()
+    client = connect(master)
+    client.submit(*(compute(i) for i in range(3)))
+    assert first.tasks(2) == ["t0", "t1"]
+    first.close()
+    wait_for(lambda: master.stats().nodes == 0)
+    second = connect(master)
+    second.join()
+    assert second.tasks(2) == ["t0", "t1"]
+
+
+def test_disconnect_closes_and_requeues_the_tasks(start, connect):
+    master = start(Config(window=1))
+    first = connect(master)
+    first.join()
+    client = connect(master)
+    client.submit(compute(0))
+    assert first.tasks(1) == ["t0"]
+    first.send(m.DISCONNECT)
+    first.assert_closed()
+    second = connect(master)
+    second.join()
+    assert second.tasks(1) == ["t0"]  # upstream would have forgotten it
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+BAD_PAYLOADS = {
+    "not JSON": b"{nope",
+    "unknown variant": b'{"Frobnicate":1}',
+    "unit variant as object": b'{"Heartbeat":null}',
+    "wrong field type": b'{"SubmitTask":{"id":5,"task":"GetStorage"}}',
+    "missing field": b'{"TaskResult":{"id":"x"}}',
+    "byte out of range": b'{"SubmitTask":{"id":"x","task":{"Tcp":{"addr":"a","data":[256]}}}}',
+    "NaN result": b'{"TaskResult":{"id":"x","result":{"Number":null}}}',
+    "bad role": b'{"RegisterRole":"worker"}',
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("payload", BAD_PAYLOADS.values(), ids=BAD_PAYLOADS.keys())
+def test_a_malformed_frame_closes_only_that_connection(start, connect, payload):
+    master = start(Config(window=2))
+    bad = connect(master)
+    bad.join()
+    good = connect(master)
+    good.join()
+    client = connect(master)
+    client.submit(*(compute(i) for i in range(4)))
+    assert bad.tasks(2) == ["t0", "t2"]
+    assert good.tasks(2) == ["t1", "t3"]
+    bad.send_raw(frame(payload))
+    bad.assert_closed()
+    good.heartbeat()
+    good.send(m.TaskResult("t1", m.Number(2.0)))
+    assert good.tasks(1) == ["t0"]  # the closed node's tasks come back
+    assert client.poll("t1") == m.Number(2.0)
+
+
+def test_an_oversized_frame_closes_only_that_connection(start, connect):
+    master = start(Config(max_frame_bytes=1024))
+    big = connect(master)
+    other = connect(master)
+    other.join()
+    big.send_raw(struct.pack(">I", 1 << 30) + b"x" * 100)  # announces 1 GiB: refused at once
+    big.assert_closed()
+    other.heartbeat()
+    client = connect(master)
+    client.submit(("fits", m.StoreData("k", b"x" * 200)))
+    assert other.tasks(1) == ["fits"]
+    client.send_raw(frame(b"[" + b"1," * 600 + b"1]"))  # 1,203 bytes: above the limit
+    client.assert_closed()
+
+
+# --- RequestConnection, ConnectedNodes ----------------------------------------------------------
+
+
+def test_connected_nodes_lists_node_addresses_as_the_master_sees_them(start, connect):
+    master = start()
+    a, b = connect(master), connect(master)
+    a.join()
+    b.join(Role.Disk)
+    client = connect(master)
+    client.submit(compute(0))  # a client only submits and polls: not a node
+    b.send(m.GET_CONNECTED_NODES)
+    assert b.recv() == m.ConnectedNodes((a.address, b.address))
+
+
+def test_request_connection_hands_out_ports_and_releases_them(start, connect):
+    master = start(Config(min_port=56010, max_port=56011))
+    a, b = connect(master), connect(master)
+    a.join()
+    b.join()
+    a.send(m.RequestConnection(b.address))
+    assert a.recv() == m.ConnectionInfo(b.address, 56010)
+    a.send(m.RequestConnection(b.address))
+    assert a.recv() == m.ConnectionInfo(b.address, 56011)
+    a.send(m.RequestConnection(b.address))  # range exhausted: no reply, as upstream
+    a.assert_silent(0.2)
+    b.send(m.RequestConnection("127.0.0.1:1"))  # unknown target: no reply, as upstream
+    b.assert_silent(0.2)
+    b.heartbeat()  # and the connection lives on
+    a.close()  # the requester leaves: its ports are free again
+    wait_for(lambda: master.stats().nodes == 1)
+    b.send(m.RequestConnection(b.address))
+    assert b.recv() == m.ConnectionInfo(b.address, 56010)
+
+
+def test_unexpected_master_bound_messages_are_ignored(start, connect):
+    master = start()
+    node = connect(master)
+    node.send(m.HEARTBEAT_ACK, m.TaskAccepted("x"), m.DirectMessage("hi"))
+    node.heartbeat()
+
+
+# --- upstream scheduling ----------------------------------------------------------------------
+
+
+def test_upstream_scheduling_pushes_only_after_a_node_frame_and_everything_at_once(start, connect):
+    master = start(Config(window=2), scheduling="upstream")
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    client.submit(*(compute(i) for i in range(5)))
+    node.assert_silent(0.3)  # no push on submit
+    node.send(m.HEARTBEAT)
+    assert node.recv() == m.HEARTBEAT_ACK  # the reply first, then the burst, as upstream
+    assert node.tasks(5) == [f"t{i}" for i in range(5)]  # no window
+    node.assert_silent(0.1)
+    client.submit(compute(5))
+    node.assert_silent(0.2)
+    node.send(m.TaskResult("t0", m.Number(1.0)))  # any frame will do
+    assert node.tasks(1) == ["t5"]
+
+
+# --- restart with a state file ----------------------------------------------------------------
+
+
+def test_pending_and_completed_tasks_survive_a_restart(start, connect, tmp_path, caplog):
+    state = tmp_path / "state.jsonl"
+    first = start(Config(window=2), token="tok", state_file=str(state))
+    client = connect(first)
+    client.submit(*(compute(i) for i in range(5)))
+    node = connect(first)
+    node.join()
+    assert node.tasks(2) == ["t0", "t1"]
+    node.send(m.TaskResult("t0", m.Number(1.0)), m.TaskResult("t1", m.Number(2.0)))
+    assert node.tasks(2) == ["t2", "t3"]  # active when the master stops
+    client.poll("t1")
+    client.close()
+    node.close()
+    first.stop()
+    with state.open("ab") as file:  # the master died while writing a record
+        file.write(b'{"op":"submit","id":"t9","ta')
+
+    second = start(Config(), token="tok", state_file=str(state))
+    assert "incomplete" in caplog.text
+    client = connect(second)
+    assert client.poll("t0") == m.Number(1.0)
+    assert client.poll("t1") == m.Number(2.0)
+    stats = second.stats()
+    assert (stats.pending, stats.completed) == (3, 2)
+    node = connect(second)
+    node.join()
+    assert node.tasks(3) == ["t2", "t3", "t4"]
+
+
+def test_a_state_file_that_is_not_a_journal_stops_the_start(tmp_path):
+    state = tmp_path / "notes.txt"
+    state.write_text("my notes\nmore notes\n")
+    with pytest.raises(Exception, match="not a cpnode-master journal"):
+        MasterThread(state_file=str(state)).start()
+    assert state.read_text() == "my notes\nmore notes\n"
+
+
+def test_closing_the_master_closes_its_connections(start, connect):
+    master = start()
+    node = connect(master)
+    node.join()
+    master.stop()
+    node.assert_closed()
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), CPCLUSTER_JOIN=str(cwd / "join.json"))
+    environment.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "node.master.cli", *args],
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(process: subprocess.Popen[str], timeout: float = 10.0) -> tuple[int, str]:
+    try:
+        _, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate(timeout=5)
+        raise
+    return process.returncode, err
+
+
+def test_cli_help_documents_every_flag(tmp_path):
+    process = _cli("--help", cwd=tmp_path)
+    out, _ = process.communicate(timeout=10)
+    assert process.returncode == 0
+    flags = {
+        option
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+    assert {"--log-level", "--listen", "--token", "--new-token"} <= flags
+    assert {"--scheduling", "--window", "--state-file"} <= flags
+    documented = {
+        action.option_strings[-1]
+        for action in build_parser()._actions
+        if action.option_strings and action.help
+    }
+    assert flags <= documented  # every flag has a help text
+    for word in (*flags, "CONFIG", "CPCLUSTER_JOIN", "exit status"):
+        assert word in out
+
+
+def _run_master_once(tmp_path: Path, *args: str) -> dict[str, object]:
+    """Start cpnode-master, wait for a fresh join.json, authenticate with it, SIGTERM it."""
+    join = tmp_path / "join.json"
+    before = join.stat().st_ino if join.exists() else None
+    process = _cli(
+        "--listen",
+        "127.0.0.1:0",
+        "--state-file",
+        str(tmp_path / "state.jsonl"),
+        *args,
+        cwd=tmp_path,
+        env={"CPCLUSTER_JOIN": str(join)},
+    )
+    try:
+        wait_for(lambda: join.exists() and join.stat().st_ino != before, timeout=10)
+        info = json.loads(join.read_text())
+        assert stat.S_IMODE(join.stat().st_mode) == 0o600
+        with socket.create_connection(("127.0.0.1", info["port"]), timeout=TIMEOUT) as sock:
+            sock.sendall(frame(info["token"].encode()))
+            assert sock.recv(64) == frame(b"OK")
+        process.send_signal(signal.SIGTERM)
+        code, err = _finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=5)
+    assert code == 0, err
+    return info
+
+
+def test_cli_writes_join_json_and_keeps_its_token_across_restarts(tmp_path):
+    first = _run_master_once(tmp_path)
+    assert first["ip"] == "127.0.0.1"
+    assert len(str(first["token"])) == 36  # a UUID, as upstream makes them
+    kept = _run_master_once(tmp_path)
+    assert kept["token"] == first["token"]
+    rotated = _run_master_once(tmp_path, "--new-token")
+    assert rotated["token"] != first["token"]
+    chosen = _run_master_once(tmp_path, "--token", "shared-by-two-masters")
+    assert chosen["token"] == "shared-by-two-masters"
+
+
+BAD_CONFIGS = {
+    "window 0": ('{"window": 0}', "window"),
+    "not JSON": ("{", "not valid JSON"),
+    "port range": ('{"min_port": 56000, "max_port": 55000}', "min_port"),
+    "bad address": ('{"master_addresses": ["nowhere"]}', "master_addresses"),
+}
+
+
+@pytest.mark.parametrize("text, needle", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_cli_bad_config_exits_2(tmp_path, text, needle):
+    config = tmp_path / "config.json"
+    config.write_text(text)
+    code, err = _finish(_cli(str(config), cwd=tmp_path))
+    assert code == 2
+    assert needle in err
+    assert not (tmp_path / "join.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--listen", "127.0.0.1"], "--listen"),
+        (["--window", "0"], "window"),
+        (["--token", " padded "], "--token"),
+        (["--token", "a", "--new-token"], "not allowed with"),
+    ],
+)
+def test_cli_bad_flags_exit_2(tmp_path, args, needle):
+    code, err = _finish(_cli(*args, cwd=tmp_path))
+    assert code == 2
+    assert needle in err
+
+
+def test_cli_refuses_a_broken_join_json_unless_told_to_replace_it(tmp_path):
+    (tmp_path / "join.json").write_text("{broken")
+    code, err = _finish(_cli("--listen", "127.0.0.1:0", cwd=tmp_path))
+    assert code == 2
+    assert "--new-token" in err

@@ -1,0 +1,712 @@
+"""shm.nodedir, shm.memstore, shm.diskstore: real /dev/shm, real processes, hostile input."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from shm.diskstore import MIB, DiskStore
+from shm.errors import (
+    FileError,
+    InvalidKey,
+    InvalidPath,
+    KeyNotFound,
+    NodeDirectoryInUse,
+    QuotaExceeded,
+    StoreError,
+    StoreFullError,
+)
+from shm.memstore import MemoryStore
+from shm.nodedir import NodeDirectory, claim_node_dir
+from shm.segments import PayloadSegment
+from tests.test_shm_segments import DEADLINE, SHM, SPAWN, child_process, mounted_tmpfs
+
+VECTORS = Path(__file__).parent / "data" / "storage_vectors.jsonl"
+
+
+def ours(node_id: str, directory: str = SHM) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith(f"cpnode-{node_id}"))
+
+
+@pytest.fixture
+def node_id() -> Iterator[str]:
+    """A node_id no other test or process uses; the test must leave nothing of it in /dev/shm."""
+    name = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    yield name
+    left = ours(name)
+    for entry in left:
+        path = os.path.join(SHM, entry)
+        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+    assert not left, f"left behind in {SHM}: {left}"
+
+
+@pytest.fixture
+def node_dir(node_id: str) -> Iterator[NodeDirectory]:
+    claimed = claim_node_dir(SHM, node_id)
+    yield claimed
+    claimed.release()
+
+
+@pytest.fixture
+def memory(node_dir: NodeDirectory) -> Iterator[MemoryStore]:
+    with MemoryStore(SHM, node_dir.node_id) as store:
+        yield store
+
+
+def disk_store(node_dir: NodeDirectory, storage: Path, quota: int | None) -> DiskStore:
+    return DiskStore(storage, quota, node_dir.ledger_dir, reserve_bytes=0)
+
+
+def tree(directory: Path) -> list[str]:
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*"))
+
+
+# --- processes the tests start ---------------------------------------------------------------
+
+
+def claim_and_hang(shm_dir: str, node_id: str, ready: Connection) -> None:
+    claimed = claim_node_dir(shm_dir, node_id)
+    MemoryStore(shm_dir, node_id).store("left", b"behind")
+    PayloadSegment.create(shm_dir, claimed.segment_prefix, 100).buffer[:1] = b"x"
+    ready.send(os.getpid())
+    signal.pause()
+
+
+def store_and_fetch(shm_dir: str, node_id: str, answer: Connection) -> None:
+    with MemoryStore(shm_dir, node_id) as store:
+        blob = random.randbytes(2 * MIB + 17)
+        store.store("from child", blob)
+        fetched = store.retrieve("from parent")
+        answer.send((hashlib.sha256(blob).hexdigest(), hashlib.sha256(fetched).hexdigest()))
+
+
+def uniform_blob(value: int) -> bytes:
+    """A blob that shows whether it was read whole: one byte value, a length given by it."""
+    return bytes([value]) * (64 * 1024 + 997 * value)
+
+
+def keep_writing(shm_dir: str, node_id: str, writer: int, writing: Event, stop: Event) -> None:
+    with MemoryStore(shm_dir, node_id) as store:
+        round_ = 0
+        while not stop.is_set():
+            store.store("contended", uniform_blob(writer * 10 + round_ % 10))
+            round_ += 1
+            writing.set()
+
+
+def fill_under_quota(
+    storage: str, ledger: str, writer: int, start: Event, report: Connection
+) -> None:
+    rng = random.Random(writer)
+    stored = refused = 0
+    with DiskStore(storage, MIB, ledger, reserve_bytes=0) as store:
+        start.wait(DEADLINE)
+        for attempt in range(80):
+            name = f"p{writer}/f{rng.randrange(30)}" if attempt % 3 else f"top{writer}-{attempt}"
+            try:
+                store.write(name, bytes(rng.randrange(1, 64 * 1024)))
+                stored += 1
+            except QuotaExceeded:
+                refused += 1
+    report.send((stored, refused))
+
+
+# --- the node directory -------------------------------------------------------------------------
+
+
+def test_claim_makes_the_directory_and_release_removes_everything(node_id: str) -> None:
+    claimed = claim_node_dir(SHM, node_id)
+    assert claimed.path == f"{SHM}/cpnode-{node_id}"
+    assert sorted(os.listdir(claimed.path)) == ["ledger", "lock", "mem"]
+    assert Path(claimed.path, "lock").read_text() == f"{os.getpid()}\n"
+    PayloadSegment.create(SHM, claimed.segment_prefix, 10).close()
+    with MemoryStore(SHM, node_id) as memory:
+        memory.store("k", b"v")
+    assert len(ours(node_id)) == 2
+    claimed.release()
+    claimed.release()
+    assert claimed.released
+    assert ours(node_id) == []
+
+
+def test_a_live_holder_blocks_the_claim(node_id: str) -> None:
+    receive, send = SPAWN.Pipe(duplex=False)
+    with child_process(claim_and_hang, SHM, node_id, send) as process:
+        assert receive.poll(DEADLINE)
+        holder = receive.recv()
+        with pytest.raises(
+            NodeDirectoryInUse, match=f"node_id '{node_id}' is in use by pid {holder}"
+        ):
+            claim_node_dir(SHM, node_id)
+        with MemoryStore(SHM, node_id) as memory:
+            assert memory.retrieve("left") == b"behind"
+        process.kill()
+    with claim_node_dir(SHM, node_id):
+        pass
+
+
+def test_the_next_claim_cleans_up_after_a_crashed_run(node_id: str) -> None:
+    receive, send = SPAWN.Pipe(duplex=False)
+    with child_process(claim_and_hang, SHM, node_id, send) as process:
+        assert receive.poll(DEADLINE)
+        receive.recv()
+        process.kill()
+        process.join(DEADLINE)
+        assert process.exitcode == -signal.SIGKILL
+    left = ours(node_id)
+    assert len(left) == 2  # the node directory and one segment
+    with claim_node_dir(SHM, node_id) as claimed, MemoryStore(SHM, node_id) as memory:
+        assert ours(node_id) == [f"cpnode-{node_id}"]
+        assert memory.list_entries() == []
+        assert Path(claimed.path, "lock").read_text() == f"{os.getpid()}\n"
+    assert ours(node_id) == []
+
+
+def test_a_second_claim_in_the_same_process_is_refused(node_dir: NodeDirectory) -> None:
+    with pytest.raises(NodeDirectoryInUse, match=f"pid {os.getpid()}"):
+        claim_node_dir(SHM, node_dir.node_id)
+
+
+def test_two_node_ids_never_touch_each_others_files(node_id: str) -> None:
+    other_id = f"{node_id}-seg-x"  # starts like ours; its segments even contain "-seg-"
+    first = claim_node_dir(SHM, node_id)
+    second = claim_node_dir(SHM, other_id)
+    try:
+        segment = PayloadSegment.create(SHM, second.segment_prefix, 10)
+        with MemoryStore(SHM, other_id) as memory:
+            memory.store("mine", b"1")
+        first.release()
+        first = claim_node_dir(SHM, node_id)
+        first.release()
+        assert os.path.exists(segment.path)
+        with MemoryStore(SHM, other_id) as memory:
+            assert memory.retrieve("mine") == b"1"
+        segment.close()
+    finally:
+        first.release()
+        second.release()
+    assert ours(node_id) == []
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "-x", "_x", "x" * 65, "a b", "é"])
+def test_node_id_must_be_a_plain_name(bad: str) -> None:
+    with pytest.raises(ValueError, match="node_id must be"):
+        claim_node_dir(SHM, bad)
+
+
+def test_a_symlink_in_place_of_the_directory_is_refused(node_id: str, tmp_path: Path) -> None:
+    (tmp_path / "precious").write_text("keep")
+    link = Path(SHM, f"cpnode-{node_id}")
+    link.symlink_to(tmp_path)
+    try:
+        with pytest.raises(PermissionError, match="symlink"):
+            claim_node_dir(SHM, node_id)
+    finally:
+        link.unlink()
+    assert tree(tmp_path) == ["precious"]
+
+
+def test_memory_store_needs_a_claimed_directory(node_id: str) -> None:
+    with pytest.raises(FileNotFoundError, match="claim_node_dir"):
+        MemoryStore(SHM, node_id)
+
+
+# --- the memory store ---------------------------------------------------------------------------
+
+
+def test_store_retrieve_replace_and_missing_key(memory: MemoryStore) -> None:
+    memory.store("k1", b"\x01\x02\x03")
+    memory.store("k1", memoryview(b"new"))
+    memory.store("empty", b"")
+    assert memory.retrieve("k1") == b"new"
+    assert memory.retrieve("empty") == b""
+    with pytest.raises(KeyNotFound) as caught:
+        memory.retrieve("nope")
+    assert str(caught.value) == "Key not found"
+
+
+def test_worker_vectors() -> None:
+    """The Worker-node part of storage_vectors, through a fresh memory store."""
+    steps = [orjson.loads(line) for line in VECTORS.read_bytes().splitlines()]
+    steps = [step for step in steps if step["role"].startswith("worker")][:5]
+    node_id = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with claim_node_dir(SHM, node_id), MemoryStore(SHM, node_id) as memory:
+        results = []
+        for step in steps:
+            task = step["task"]
+            if task == "GetGlobalRam":
+                results.append({"Response": memory.global_ram_report()})
+            else:
+                memory.store(task["StoreData"]["key"], bytes(task["StoreData"]["data"]))
+                results.append("Stored")
+        assert results[:4] == [step["result"] for step in steps[:4]]
+        # Upstream lists keys in hash order ("b: 1 bytes\na: 1 bytes\n"); ours are sorted.
+        assert steps[4]["result"] == {"Response": "b: 1 bytes\na: 1 bytes\n"}
+        assert results[4] == {"Response": "a: 1 bytes\nb: 1 bytes\n"}
+    assert ours(node_id) == []
+
+
+HOSTILE_KEYS = [
+    "../x",
+    "/etc/passwd",
+    "a/../../x",
+    "x\x00y",
+    "",
+    ".",
+    "..",
+    "line\nbreak",
+    "ключ 🔑",
+    "k" * 150,
+    "k" * 151,
+    "k" * 10_000,
+]
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS, ids=lambda key: repr(key[:20]))
+def test_any_text_is_just_a_key(memory: MemoryStore, key: str) -> None:
+    passwd = Path("/etc/passwd").read_bytes()
+    memory.store(key, key.encode() + b"!")
+    memory.store("neighbour", b"n")
+    assert memory.retrieve(key) == key.encode() + b"!"
+    assert memory.list_entries() == sorted([(key, len(key.encode()) + 1), ("neighbour", 1)])
+    assert f"{key}: {len(key.encode()) + 1} bytes\n" in memory.global_ram_report()
+    assert all(name[0] in "kh" for name in os.listdir(memory.path))
+    assert Path("/etc/passwd").read_bytes() == passwd
+
+
+def test_key_that_is_not_unicode_text(memory: MemoryStore) -> None:
+    with pytest.raises(InvalidKey):
+        memory.store("\ud800", b"x")
+
+
+def test_a_key_stored_by_one_process_is_read_by_another(memory: MemoryStore, node_id: str) -> None:
+    parent_blob = random.randbytes(MIB + 3)
+    memory.store("from parent", parent_blob)
+    receive, send = SPAWN.Pipe(duplex=False)
+    with child_process(store_and_fetch, SHM, node_id, send) as process:
+        assert receive.poll(DEADLINE)
+        child_digest, fetched_digest = receive.recv()
+        process.join(DEADLINE)
+        assert process.exitcode == 0
+    assert fetched_digest == hashlib.sha256(parent_blob).hexdigest()
+    assert hashlib.sha256(memory.retrieve("from child")).hexdigest() == child_digest
+
+
+def test_concurrent_writers_never_produce_a_torn_read(memory: MemoryStore, node_id: str) -> None:
+    stop = SPAWN.Event()
+    writing = [SPAWN.Event() for _ in range(3)]
+    memory.store("contended", uniform_blob(0))
+    with contextlib.ExitStack() as processes:
+        writers = [
+            processes.enter_context(child_process(keep_writing, SHM, node_id, number, event, stop))
+            for number, event in enumerate(writing, start=1)
+        ]
+        assert all(event.wait(DEADLINE) for event in writing)
+        seen = set()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            blob = memory.retrieve("contended")
+            assert blob == uniform_blob(blob[0]), "a read saw parts of two writes"
+            seen.add(blob[0])
+        stop.set()
+        for writer in writers:
+            writer.join(DEADLINE)
+            assert writer.exitcode == 0
+    assert len(seen) > 3
+    assert memory.sweep_temporary() == []
+    assert [name for name in os.listdir(memory.path) if not name.startswith("k")] == []
+
+
+def test_temporary_files_of_dead_writers_are_swept(memory: MemoryStore) -> None:
+    dead = SPAWN.Process(target=int)
+    dead.start()
+    dead.join(DEADLINE)
+    Path(memory.path, f".tmp-{dead.pid}-abc").write_bytes(b"half")
+    Path(memory.path, f".tmp-{os.getpid()}-def").write_bytes(b"mine")
+    assert memory.sweep_temporary() == [f".tmp-{dead.pid}-abc"]
+    assert memory.list_entries() == []
+    os.unlink(Path(memory.path, f".tmp-{os.getpid()}-def"))
+
+
+def test_full_tmpfs_gives_a_clear_error_and_keeps_the_old_value(tmp_path: Path) -> None:
+    node_id = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with (
+        mounted_tmpfs(tmp_path / "tiny", "1m") as tiny,
+        claim_node_dir(tiny, node_id),
+        MemoryStore(tiny, node_id) as memory,
+    ):
+        memory.store("a", b"1" * 400_000)
+        with pytest.raises(StoreFullError, match="short by") as caught:
+            memory.store("b", b"2" * 800_000)
+        assert isinstance(caught.value, OSError)
+        assert caught.value.errno == errno.ENOSPC
+        with pytest.raises(StoreFullError):
+            memory.store("a", b"3" * 800_000)
+        assert memory.retrieve("a") == b"1" * 400_000
+        assert memory.list_entries() == [("a", 400_000)]
+        assert len(os.listdir(memory.path)) == 1
+        with (
+            MemoryStore(tiny, node_id, reserve_bytes=700_000) as reserving,
+            pytest.raises(StoreFullError, match="keep 700000 bytes free"),
+        ):
+            reserving.store("c", b"4")
+
+
+# --- the disk store -----------------------------------------------------------------------------
+
+
+def run_step(task: Any, disk: DiskStore, memory: MemoryStore | None) -> Any:
+    """One storage_vectors task as a Disk node runs it, with its wire result."""
+    if task == "GetStorage":
+        return {"Response": disk.get_storage_report()}
+    if task == "GetGlobalRam":
+        assert memory is not None
+        return {"Response": memory.global_ram_report()}
+    ((variant, fields),) = task.items()
+    try:
+        if variant == "StoreData":
+            disk.store(fields["key"], bytes(fields["data"]))
+            return "Stored"
+        if variant == "RetrieveData":
+            return {"Bytes": list(disk.retrieve(fields["key"]))}
+        if variant == "DiskWrite":
+            disk.write(fields["path"], bytes(fields["data"]))
+            return "Written"
+        assert variant == "DiskRead"
+        return {"Bytes": list(disk.read(fields["path"]))}
+    except StoreError as error:
+        return {"Error": str(error)}
+
+
+def test_disk_vectors(node_dir: NodeDirectory, memory: MemoryStore, tmp_path: Path) -> None:
+    """The Disk-node part of storage_vectors (1 MiB quota), every result exact but one number."""
+    steps = [orjson.loads(line) for line in VECTORS.read_bytes().splitlines()]
+    steps = [step for step in steps if step["role"].startswith("disk")]
+    assert len(steps) == 15
+    with disk_store(node_dir, tmp_path / "storage", 1 * MIB) as disk:
+        for step in steps:
+            result = run_step(step["task"], disk, memory)
+            if step["role"] in ("disk4_", "disk10_"):
+                # Upstream counts only StoreData against the quota (1048576 - 3 for k1); ours
+                # counts every write, the DiskWrites of a/b.txt (2) and top.bin (1) too.
+                assert step["result"]["Response"].startswith("free: 1048573 bytes\n")
+                expected = {"Response": "free: 1048570 bytes\nk1: 3 bytes\ntop.bin: 1 bytes\n"}
+                assert result == expected, step["role"]
+            else:
+                assert result == step["result"], step["role"]
+        assert disk.used_bytes() == 6
+
+
+def test_worker_role_disk_writes_have_no_quota(tmp_path: Path) -> None:
+    steps = [orjson.loads(line) for line in VECTORS.read_bytes().splitlines()][-2:]
+    assert [step["role"] for step in steps] == ["worker6_", "worker7_"]
+    with DiskStore(tmp_path / "storage", None, reserve_bytes=0) as disk:
+        disk.write("big", bytes(2 * MIB))
+        results = [run_step(step["task"], disk, None) for step in steps]
+        assert results == [step["result"] for step in steps]
+
+
+HOSTILE_PATHS = [
+    "../x",
+    "/etc/passwd",
+    "a/../../x",
+    "a/../b",
+    "..",
+    "x\x00y",
+    "",
+    ".",
+    "/",
+    "./",
+    "a//..",
+    ".cpnode-tmp-1-x",
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE_PATHS)
+def test_paths_that_leave_the_directory_are_invalid(
+    node_dir: NodeDirectory, tmp_path: Path, path: str
+) -> None:
+    storage = tmp_path / "storage"
+    with disk_store(node_dir, storage, MIB) as disk:
+        for attempt in (
+            lambda: disk.write(path, b"x"),
+            lambda: disk.read(path),
+            lambda: disk.store(path, b"x"),
+            lambda: disk.retrieve(path),
+        ):
+            with pytest.raises(InvalidPath) as caught:
+                attempt()
+            assert str(caught.value) == "Invalid path"
+        assert disk.used_bytes() == 0
+    assert tree(tmp_path) == ["storage"]
+
+
+@pytest.mark.parametrize("path", ["n" * 10_000, "/".join(["d"] * 5_000), "n" * 256])
+def test_names_and_paths_too_long_for_the_system(
+    node_dir: NodeDirectory, tmp_path: Path, path: str
+) -> None:
+    with disk_store(node_dir, tmp_path / "storage", MIB) as disk:
+        for attempt in (lambda: disk.write(path, b"x"), lambda: disk.read(path)):
+            with pytest.raises(FileError) as caught:
+                attempt()
+            assert str(caught.value) == "File name too long (os error 36)"
+    assert tree(tmp_path) == ["storage"]
+
+
+def test_deep_paths_work_and_are_counted(node_dir: NodeDirectory, tmp_path: Path) -> None:
+    deep = "/".join(["d"] * 300) + "/f"
+    with disk_store(node_dir, tmp_path / "storage", MIB) as disk:
+        disk.write(deep, b"deep")
+        assert disk.read(deep) == b"deep"
+        assert disk.used_bytes() == 4
+    shutil.rmtree(node_dir.ledger_dir)
+    os.mkdir(node_dir.ledger_dir)
+    with disk_store(node_dir, tmp_path / "storage", MIB) as rescanned:
+        assert rescanned.used_bytes() == 4
+
+
+def test_symlinks_are_never_followed(node_dir: NodeDirectory, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    (storage / "inside").mkdir()
+    (storage / "link").symlink_to(outside)
+    (storage / "leaf").symlink_to(outside / "secret")
+    (storage / "inside" / "up").symlink_to("..")
+    with disk_store(node_dir, storage, MIB) as disk:
+        for path in ("link/new", "link/secret", "leaf", "inside/up/x", "inside/up/leaf"):
+            with pytest.raises(InvalidPath):
+                disk.write(path, b"overwritten")
+            with pytest.raises(InvalidPath):
+                disk.read(path)
+        with pytest.raises(InvalidPath):
+            disk.retrieve("leaf")
+        assert "leaf" not in disk.get_storage_report()
+    assert tree(outside) == ["secret"]
+    assert (outside / "secret").read_bytes() == b"secret"
+
+
+def test_a_symlink_swapped_in_during_writes_never_lets_a_byte_out(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    storage = tmp_path / "storage"
+    sub, stash = storage / "sub", storage / "stash"
+    sub.mkdir(parents=True)
+    stop = threading.Event()
+    swaps = 0
+
+    def swap() -> None:
+        nonlocal swaps
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                if stash.is_symlink():
+                    stash.unlink()
+                elif stash.exists():
+                    shutil.rmtree(stash)
+                os.rename(sub, stash)
+                os.symlink(outside, sub)
+                time.sleep(0)
+                sub.unlink()
+                os.rename(stash, sub)
+                swaps += 1
+
+    swapper = threading.Thread(target=swap)
+    outcomes: dict[str, int] = {}
+    with disk_store(node_dir, storage, 100 * MIB) as disk:
+        swapper.start()
+        try:
+            deadline = time.monotonic() + 1.0
+            attempt = 0
+            while time.monotonic() < deadline:
+                attempt += 1
+                try:
+                    disk.write(f"sub/f{attempt}", b"data")
+                    outcome = "written"
+                except StoreError as error:
+                    outcome = type(error).__name__
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                assert list(outside.iterdir()) == []
+        finally:
+            stop.set()
+            swapper.join(DEADLINE)
+    assert swaps > 10
+    assert outcomes.get("written", 0) > 0
+    assert set(outcomes) <= {"written", "InvalidPath", "FileError"}
+
+
+def test_quota_exactly_at_and_one_byte_over(node_dir: NodeDirectory, tmp_path: Path) -> None:
+    with disk_store(node_dir, tmp_path / "storage", 1000) as disk:
+        disk.write("a", bytes(1000))
+        with pytest.raises(QuotaExceeded) as caught:
+            disk.write("dir/b", b"1")
+        assert str(caught.value) == "quota exceeded"
+        assert "above the quota of 1000 bytes (by 1 bytes)" in caught.value.detail
+        disk.write("a", b"\x07" * 1000)  # replacing counts only the difference
+        with pytest.raises(QuotaExceeded):
+            disk.write("a", bytes(1001))
+        assert disk.read("a") == b"\x07" * 1000
+        disk.write("a", bytes(500))
+        disk.store("dir/b", bytes(500))
+        assert disk.used_bytes() == 1000
+        assert disk.get_storage_report() == "free: 0 bytes\na: 500 bytes\n"
+        assert disk.retrieve("dir/b") == bytes(500)
+    assert not list((tmp_path / "storage").rglob(".cpnode-tmp-*"))
+
+
+def test_eight_writer_processes_never_exceed_the_quota_together(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    start = SPAWN.Event()
+    pipes = [SPAWN.Pipe(duplex=False) for _ in range(8)]
+    with contextlib.ExitStack() as processes:
+        started = [
+            processes.enter_context(
+                child_process(
+                    fill_under_quota, str(storage), node_dir.ledger_dir, writer, start, send
+                )
+            )
+            for writer, (_, send) in enumerate(pipes)
+        ]
+        start.set()
+        reports = []
+        for receive, _ in pipes:
+            assert receive.poll(DEADLINE)
+            reports.append(receive.recv())
+        for process in started:
+            process.join(DEADLINE)
+            assert process.exitcode == 0
+    total = sum(path.stat().st_size for path in storage.rglob("*") if path.is_file())
+    assert total <= MIB
+    assert sum(refused for _, refused in reports) > 0
+    with disk_store(node_dir, storage, MIB) as disk:
+        assert disk.used_bytes() == total
+    assert not list(storage.rglob(".cpnode-tmp-*"))
+
+
+def test_the_filesystem_is_never_filled(node_dir: NodeDirectory, tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as tiny:
+        with DiskStore(tiny / "storage", 100 * MIB, node_dir.ledger_dir, reserve_bytes=0) as disk:
+            with pytest.raises(StoreFullError, match="short by") as caught:
+                disk.write("big", bytes(2 * MIB))
+            assert "2097152 bytes are needed" in str(caught.value)
+            disk.write("fits", bytes(600 * 1024))
+            with pytest.raises(StoreFullError):
+                disk.write("fits", bytes(700 * 1024))
+            assert disk.read("fits") == bytes(600 * 1024)
+        ledger = tmp_path / "another ledger"
+        with DiskStore(tiny / "small", 1000, ledger, reserve_bytes=0) as disk:
+            with pytest.raises(QuotaExceeded):  # the quota speaks first, nothing is written
+                disk.write("big", bytes(2 * MIB))
+            assert disk.used_bytes() == 0
+        with (
+            DiskStore(tiny / "storage", None, reserve_bytes=300 * 1024) as disk,
+            pytest.raises(StoreFullError, match="keep 307200 bytes free"),
+        ):
+            disk.write("more", bytes(200 * 1024))
+        assert tree(tiny) == ["small", "storage", "storage/fits"]
+
+
+def test_os_errors_read_like_upstreams(node_dir: NodeDirectory, tmp_path: Path) -> None:
+    with disk_store(node_dir, tmp_path / "storage", MIB) as disk:
+        disk.write("dir/file", b"x")
+        cases = {
+            "nope.txt": "No such file or directory (os error 2)",
+            "missing/nope.txt": "No such file or directory (os error 2)",
+            "dir": "Is a directory (os error 21)",
+            "dir/file/below": "Not a directory (os error 20)",
+        }
+        for path, text in cases.items():
+            with pytest.raises(FileError) as caught:
+                disk.read(path)
+            assert str(caught.value) == text
+            with pytest.raises(KeyNotFound):
+                disk.retrieve(path)
+        with pytest.raises(FileError, match=r"Is a directory \(os error 21\)"):
+            disk.write("dir", b"x")
+        with pytest.raises(FileError, match=r"Not a directory \(os error 20\)"):
+            disk.write("dir/file/below", b"x")
+
+
+def test_report_lists_only_regular_files_at_the_top(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    with disk_store(node_dir, storage, MIB) as disk:
+        assert disk.get_storage_report() == f"free: {MIB} bytes\nNo entries found\n"
+        disk.write("sub/deep.bin", b"12")
+        (storage / "link").symlink_to(storage / "sub" / "deep.bin")
+        (storage / f".cpnode-tmp-{os.getpid()}-x").write_bytes(b"in flight")
+        assert disk.get_storage_report() == f"free: {MIB - 2} bytes\nNo entries found\n"
+        disk.write("b", b"1")
+        disk.write("a", b"")
+        assert disk.get_storage_report() == f"free: {MIB - 3} bytes\na: 0 bytes\nb: 1 bytes\n"
+
+
+def test_ledger_starts_from_a_scan_shared_by_every_process(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    (storage / "x" / "y").mkdir(parents=True)
+    (storage / "x" / "y" / "old").write_bytes(bytes(300))
+    (storage / "top").write_bytes(bytes(20))
+    dead = SPAWN.Process(target=int)
+    dead.start()
+    dead.join(DEADLINE)
+    (storage / "x" / f".cpnode-tmp-{dead.pid}-abc").write_bytes(bytes(5000))
+    with disk_store(node_dir, storage, MIB) as first, disk_store(node_dir, storage, MIB) as second:
+        assert first.used_bytes() == second.used_bytes() == 320
+        assert not (storage / "x" / f".cpnode-tmp-{dead.pid}-abc").exists()
+        first.write("top", bytes(120))
+        assert second.used_bytes() == 420
+        assert second.free_bytes() == MIB - 420
+
+
+def test_no_descriptor_outlives_its_owner(node_id: str, tmp_path: Path) -> None:
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_descriptors()
+    with claim_node_dir(SHM, node_id) as claimed:
+        with MemoryStore(SHM, node_id) as memory:
+            memory.store("k" * 500, b"v")
+            memory.list_entries()
+            with pytest.raises(KeyNotFound):
+                memory.retrieve("missing")
+        with DiskStore(tmp_path / "s", 10, claimed.ledger_dir, reserve_bytes=0) as disk:
+            disk.write("a/b", b"12345")
+            disk.read("a/b")
+            disk.get_storage_report()
+            for failing in (
+                lambda: disk.write("a/c", bytes(11)),
+                lambda: disk.read("a/missing"),
+                lambda: disk.read("../x"),
+                lambda: disk.write("a/b/c", b"x"),
+            ):
+                with pytest.raises(StoreError):
+                    failing()
+        with PayloadSegment.create(SHM, claimed.segment_prefix, 100) as segment:
+            PayloadSegment.open(SHM, segment.name, unlink=True).close()
+        with pytest.raises(NodeDirectoryInUse):
+            claim_node_dir(SHM, node_id)
+    assert open_descriptors() == before

@@ -1,0 +1,292 @@
+"""TLS between node, client and master, on loopback with a test CA: a good certificate, a wrong
+CA, a wrong host name, an expired one; plain and TLS peers on one port; the self-signed pair."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from node.client import Client, MasterCertificateError
+from node.config import Config
+from node.errors import ConfigError
+from node.master import MasterThread
+from node.protocol import messages as m
+from node.protocol.framing import frame
+from node.tls import ServerTls, describe_certificate, ensure_certificate, server_tls
+from tests.nodeproc import NodeProcess
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def context_for(cert: trustme.LeafCert) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    return context
+
+
+def master_with(
+    tmp_path: Path, cert: trustme.LeafCert | None, mode: str = "always", **config: object
+) -> MasterThread:
+    tls = ServerTls(context_for(cert) if cert is not None else None, mode)
+    return MasterThread(
+        Config(**config),  # type: ignore[arg-type]
+        join_path=str(tmp_path / "join.json"),
+        tls=tls,
+    )
+
+
+def compute(master: MasterThread, **connect: object) -> m.Result:
+    async def go() -> m.Result:
+        async with Client.connect(
+            host="127.0.0.1", port=master.port, token=master.token, timeout=TIMEOUT, **connect
+        ) as client:
+            return await client.run(m.Compute("1+2"), timeout=0.5)
+
+    return asyncio.run(go())
+
+
+def connect_error(master: MasterThread, **connect: object) -> str:
+    async def go() -> None:
+        await Client.connect(
+            host="127.0.0.1", port=master.port, token=master.token, timeout=TIMEOUT, **connect
+        )
+
+    with pytest.raises(MasterCertificateError) as caught:
+        asyncio.run(go())
+    return str(caught.value)
+
+
+def authenticates(master: MasterThread, **connect: object) -> bool:
+    async def go() -> bool:
+        async with Client.connect(
+            host="127.0.0.1", port=master.port, token=master.token, timeout=TIMEOUT, **connect
+        ) as client:
+            return not client.closed
+
+    return asyncio.run(go())
+
+
+# --- the client against a TLS master -------------------------------------------------------------
+
+
+def test_good_certificate(tmp_path: Path, ca: trustme.CA) -> None:
+    with master_with(tmp_path, ca.issue_cert("127.0.0.1", "localhost")) as master:
+        assert authenticates(master, tls="always", ca_cert=ca.cert_pem.bytes().decode())
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        assert authenticates(master, tls="always", ca_cert_path=str(ca_file))
+
+
+def test_wrong_ca_names_the_certificate_and_the_reason(tmp_path: Path, ca: trustme.CA) -> None:
+    other = trustme.CA()
+    with master_with(tmp_path, ca.issue_cert("127.0.0.1", common_name="master.test")) as master:
+        text = connect_error(master, tls="always", ca_cert=other.cert_pem.bytes().decode())
+    assert text.startswith(f"TLS to master 127.0.0.1:{master.port}: its certificate (subject ")
+    assert "CN=master.test" in text
+    assert "failed verification against ca_cert: unable to get local issuer certificate" in text
+
+
+def test_wrong_host_name(tmp_path: Path, ca: trustme.CA) -> None:
+    with master_with(tmp_path, ca.issue_cert("elsewhere.test")) as master:
+        text = connect_error(master, tls="always", ca_cert=ca.cert_pem.bytes().decode())
+    assert "for DNS:elsewhere.test" in text
+    assert "IP address mismatch, certificate is not valid for '127.0.0.1'" in text
+
+
+def test_expired_certificate(tmp_path: Path, ca: trustme.CA) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    expired = ca.issue_cert(
+        "127.0.0.1",
+        not_before=now - datetime.timedelta(days=30),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    with master_with(tmp_path, expired) as master:
+        text = connect_error(master, tls="always", ca_cert=ca.cert_pem.bytes().decode())
+    assert "certificate has expired" in text
+    assert f"to {(now - datetime.timedelta(days=1)):%Y-%m-%d}" in text
+
+
+def test_system_roots_do_not_trust_a_private_ca(tmp_path: Path, ca: trustme.CA) -> None:
+    with master_with(tmp_path, ca.issue_cert("127.0.0.1")) as master:
+        text = connect_error(master, tls="always")
+    assert "against the system's trusted roots" in text
+
+
+# --- what a listener accepts ---------------------------------------------------------------------
+
+
+def test_auto_serves_plain_and_tls_peers_on_one_port(tmp_path: Path, ca: trustme.CA) -> None:
+    with master_with(tmp_path, ca.issue_cert("127.0.0.1"), mode="auto") as master:
+        assert authenticates(master, tls="never")
+        assert authenticates(master, tls="always", ca_cert=ca.cert_pem.bytes().decode())
+
+
+@pytest.mark.parametrize(
+    ("mode", "client_tls", "refusal"),
+    [
+        ("always", "never", 'it speaks plain TCP, but tls is "always"'),
+        ("never", "always", 'it started a TLS handshake, but tls is "never"'),
+        ("auto-without-certificate", "always", "no certificate is configured here"),
+    ],
+)
+def test_listener_refusals_are_logged(
+    tmp_path: Path,
+    ca: trustme.CA,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    client_tls: str,
+    refusal: str,
+) -> None:
+    cert = None if mode.endswith("without-certificate") else ca.issue_cert("127.0.0.1")
+    with master_with(tmp_path, cert, mode=mode.split("-")[0]) as master:
+        with pytest.raises((ConnectionError, OSError)):
+            authenticates(master, tls=client_tls, ca_cert=ca.cert_pem.bytes().decode())
+        deadline = time.monotonic() + TIMEOUT
+        while refusal not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert "master: connection from 127.0.0.1:" in caplog.text
+    assert refusal in caplog.text
+
+
+def test_plain_peer_is_served_after_the_peek(tmp_path: Path, ca: trustme.CA) -> None:
+    with (
+        master_with(tmp_path, ca.issue_cert("127.0.0.1"), mode="auto") as master,
+        socket.create_connection(("127.0.0.1", master.port), timeout=TIMEOUT) as sock,
+    ):
+        sock.sendall(frame(master.token.encode()))
+        assert sock.recv(64) == frame(b"OK")  # plain TCP after the peek
+
+
+# --- the self-signed pair ------------------------------------------------------------------------
+
+
+def test_self_signed_pair_is_made_once_and_verifies(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    assert ensure_certificate(str(cert), str(key), ["127.0.0.1", "localhost"])
+    assert oct(os.stat(key).st_mode & 0o777) == "0o600"
+    first = cert.read_bytes()
+    assert not ensure_certificate(str(cert), str(key), ["127.0.0.1"])
+    assert cert.read_bytes() == first
+    server_tls(str(cert), str(key))  # loads
+    der = ssl.PEM_cert_to_DER_cert(first.decode())
+    assert "self-signed" in describe_certificate(der)
+    assert "IP:127.0.0.1" in describe_certificate(der)
+    key.unlink()
+    with pytest.raises(ConfigError, match="exists but"):
+        ensure_certificate(str(cert), str(key), ["127.0.0.1"])
+
+
+def test_cpnode_master_makes_a_self_signed_pair_and_serves_tls(tmp_path: Path) -> None:
+    join = tmp_path / "join.json"
+    env = dict(os.environ, CPCLUSTER_JOIN=str(join))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "node.master.cli", "--listen", "127.0.0.1:0", "--tls", "always",
+         "--state-file", str(tmp_path / "state.jsonl")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not join.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        info = json.loads(join.read_text())
+        cert = tmp_path / "master_cert.pem"
+        assert cert.exists() and (tmp_path / "master_key.pem").exists()
+
+        async def go() -> bool:
+            async with Client.connect(
+                join, tls="always", ca_cert_path=str(cert), timeout=TIMEOUT
+            ) as client:
+                return not client.closed
+
+        assert asyncio.run(go())
+        assert info["ip"] == "127.0.0.1"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, err
+    assert "made a self-signed TLS certificate" in err
+
+
+# --- the node's master link ----------------------------------------------------------------------
+
+
+FAILOVER_MS = 1000
+
+
+@pytest.fixture
+def tls_master(tmp_path: Path, ca: trustme.CA) -> Iterator[MasterThread]:
+    with master_with(
+        tmp_path, ca.issue_cert("127.0.0.1"), failover_timeout_ms=FAILOVER_MS
+    ) as master:
+        yield master
+
+
+def test_node_joins_a_tls_master_and_runs_tasks(
+    tmp_path: Path, ca: trustme.CA, tls_master: MasterThread
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    config = {
+        "failover_timeout_ms": FAILOVER_MS,
+        "master_addresses": [tls_master.address],
+        "tls": "always",
+        "ca_cert_path": str(ca_file),
+    }
+    process = NodeProcess(tmp_path, tmp_path / "join.json", config, "--workers", "1")
+    try:
+        process.wait_for_log("node ready")
+        assert "(TLS)" in process.log
+        ca_pem = ca.cert_pem.bytes().decode()
+        assert compute(tls_master, tls="always", ca_cert=ca_pem) == m.Number(3.0)
+        assert process.stop() == 0
+    finally:
+        process.close()
+
+
+def test_node_with_the_wrong_ca_logs_which_certificate_failed(
+    tmp_path: Path, tls_master: MasterThread
+) -> None:
+    wrong = tmp_path / "wrong-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(wrong))
+    config = {
+        "failover_timeout_ms": FAILOVER_MS,
+        "master_addresses": [tls_master.address],
+        "tls": "always",
+        "ca_cert_path": str(wrong),
+    }
+    process = NodeProcess(tmp_path, tmp_path / "join.json", config, "--workers", "1")
+    try:
+        process.wait_for_log(f"failed verification against ca_cert_path {wrong}")
+        assert "its certificate (subject " in process.log
+        assert "node ready" not in process.log
+    finally:
+        process.close()
+
+
+def test_node_with_an_unusable_ca_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "join.json").write_text('{"token":"t","ip":"127.0.0.1","port":1}')
+    config = {"tls": "always", "ca_cert": "not a certificate"}
+    process = NodeProcess(tmp_path, tmp_path / "join.json", config, "--workers", "1")
+    try:
+        assert process.proc.wait(30) == 2
+        assert "`ca_cert` is not a usable PEM certificate" in process.log
+    finally:
+        process.close()
