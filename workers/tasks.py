@@ -27,7 +27,7 @@ from node.protocol.errors import RemoteProtocolError
 from shm.bytesjson import ByteArrayError
 from workers.expr import ExpressionError, evaluate_complex, evaluate_compute
 from workers.stats import TaskStats
-from workers.storage import StorageTasks, decode_blob_task
+from workers.storage import BLOB_FAST_PATH_BYTES, StorageTasks, decode_blob_task
 
 log = logging.getLogger("cpnode.worker")
 
@@ -107,7 +107,9 @@ class TaskRunner:
     def run_payload(self, payload: bytes) -> bytes:
         """Decode an `AssignTask` payload, run it, return the `TaskResult` payload."""
         started = time.perf_counter()
-        result = self._run_expression(payload) if self._expression_fast_path else None
+        # A large payload is a blob task: parsing it whole just to find out would cost seconds.
+        fast = self._expression_fast_path and len(payload) < BLOB_FAST_PATH_BYTES
+        result = self._run_expression(payload) if fast else None
         if result is not None:
             kind = "Compute" if b'"task":{"Compute"' in payload else "ComplexMath"
         else:
