@@ -180,3 +180,45 @@ def test_cpnode_submit_direct(
     )  # fmt: skip
     assert refused.returncode == 3
     assert "Invalid token" in refused.stderr
+
+
+def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
+    from node.config import JoinInfo
+    from node.direct import DirectConnection, DirectError, accept_connection_info
+    from node.protocol import codec
+    from node.protocol.framing import frame
+    from node.tls import ServerTls
+
+    port = free_port()
+    config = Config(failover_timeout_ms=3000)
+    join = JoinInfo("secret", "127.0.0.1", 1)
+
+    def answer(link: DirectConnection, ident: str, payload: bytes) -> None:
+        link.send_results(frame(codec.task_result_payload(link.prefix + ident, m.Number(7.0))), 1)
+
+    async def go() -> m.Result:
+        links: set[DirectConnection] = set()
+        # The master names a peer at [::1]; nothing listens there, so the link that wins is
+        # the one the peer (this test) dials in on the port the master gave.
+        opening = asyncio.ensure_future(
+            accept_connection_info(
+                m.ConnectionInfo("[::1]:40000", port), config=config, join=join,
+                on_task=answer, links=links, listen_tls=ServerTls(None, "auto"),
+            )
+        )  # fmt: skip
+        client = None
+        for _ in range(100):
+            try:
+                client = await DirectClient.connect("127.0.0.1", port, "secret", timeout=1)
+                break
+            except DirectError:
+                await asyncio.sleep(0.02)
+        assert client is not None
+        async with client:
+            result = await client.run(m.Compute("anything"), TIMEOUT)
+        link = await asyncio.wait_for(opening, TIMEOUT)
+        assert (link is not None and link in links) or link is not None
+        link.close()
+        return result
+
+    assert asyncio.run(go()) == m.Number(7.0)
