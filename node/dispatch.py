@@ -125,7 +125,9 @@ class Dispatcher:
         if ident in self._held:
             self.joined_duplicates += 1
             return
-        if (self._answered or self._answered_before) and self._resend(ident, payload):
+        if (ident in self._answered or ident in self._answered_before) and self._resend(
+            ident, payload
+        ):
             return
         if reply is not None and not self._accepting:
             reply(frame(codec.task_result_payload(ident, m.Error("the node is stopping"))), 1)
@@ -221,7 +223,9 @@ class Dispatcher:
             destination(b"".join(run), len(run))
 
     def stop_accepting(self) -> list[str]:
-        """Start a drain: drop tasks not yet started (the master re-queues them); keep the rest."""
+        """Start a drain: drop tasks not yet sent to a worker (the master re-queues them); keep
+        the rest (`WorkerPool.stop_starting` has the workers answer those they did not start
+        through `skipped`)."""
         self._accepting = False
         dropped = [ident for ident, _ in self._pending]
         for ident in dropped:
@@ -237,6 +241,27 @@ class Dispatcher:
             self.last_handed_back_at = time.monotonic()
         self._check_idle()
         return dropped
+
+    def skipped(self, worker: Worker, count: int) -> None:
+        """A draining worker did not start its `count` oldest tasks: hand them back (tasks of
+        a direct link, which has no master to take them back, get an `Error`)."""
+        assigned = worker.assigned
+        stopping = m.Error("the node is stopping")
+        handed_back = 0
+        for _ in range(count):
+            ident = assigned.popleft()
+            self._held.discard(ident)
+            self._retried.discard(ident)
+            del self._running[ident]
+            reply = self._replies.pop(ident, None) if self._replies else None
+            if reply is not None:
+                reply(frame(codec.task_result_payload(ident, stopping)), 1)
+            else:
+                handed_back += 1
+        if handed_back:
+            self.handed_back += handed_back
+            self.last_handed_back_at = time.monotonic()
+        self._check_idle()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:

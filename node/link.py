@@ -476,16 +476,15 @@ class MasterLink:
         self.state = LinkState.REGISTERED
         self.connects += 1
         # Upstream keeps no session: role and first heartbeat again on every connection.
-        hello = codec.encode(m.RegisterRole(self.role))
-        if not self.draining:
-            hello += codec.encode(m.GET_CONNECTED_NODES)
-        connection.transport.write(hello)
+        connection.transport.write(codec.encode(m.RegisterRole(self.role)))
         for entry in self._outbox:
             self._write_entry(entry)
         if self._outbox:
             log.info("re-sent %d unconfirmed results", self._unconfirmed_results)
         if self.heartbeating or self._outbox:  # draining: only to have the results confirmed
             self.send_heartbeat()
+        if not self.draining:  # registered by now: its answer must list us (zombie check)
+            self.send(m.GET_CONNECTED_NODES)
         log.info(
             "registered with master %s as %s (local address %s)", self.peer, self.role, self.address
         )
@@ -502,7 +501,10 @@ class MasterLink:
             self._connection = None
             if self.state is not LinkState.CLOSED:
                 self.state = LinkState.DISCONNECTED
-                log.warning("connection to master %s lost; reconnecting", self.peer)
+                if self.draining:
+                    log.info("connection to master %s closed while draining", self.peer)
+                else:
+                    log.warning("connection to master %s lost; reconnecting", self.peer)
 
     async def _tick(self) -> None:
         """Heartbeat, idle poll, zombie query and stuck-master check."""
@@ -567,9 +569,6 @@ class MasterLink:
         connection = self._connection
         if connection is not None and connection.transport is not None:
             connection.transport.close()
-
-    def stop_heartbeats(self) -> None:
-        self.heartbeating = False
 
     def begin_drain(self) -> None:
         """Stop heartbeats, polls and queries for good; reconnect only to deliver results."""

@@ -77,6 +77,7 @@ class Node:
             on_results=self.dispatcher.results,
             on_worker_ready=self.dispatcher.worker_ready,
             on_worker_lost=self.dispatcher.worker_lost,
+            on_skipped=self.dispatcher.skipped,
             start_method=start_method,
             limits=WorkerLimits(
                 task_timeout_ms=config.task_timeout_ms,
@@ -182,6 +183,7 @@ class Node:
             log.error("cannot claim this node's directory in %s: %s", self.config.shm_dir, error)
             self.status = NodeStatus.STOPPED
             return 2
+        self.pool.run_dir = self.node_dir.path  # the forkserver's socket goes with it
         try:
             await self.pool.start()
         except RuntimeError as error:
@@ -244,9 +246,11 @@ class Node:
         dispatcher = self.dispatcher
         link.begin_drain()
         dispatcher.stop_accepting()
+        self.pool.stop_starting()
         self._stop.clear()
         log.info(
-            "draining (at most %.1f s): %d tasks to finish, %d not started handed back",
+            "draining (at most %.1f s): %d tasks held, %d not sent to a worker handed back; "
+            "the ones the workers have not started will be handed back too",
             self.config.drain_timeout_ms / 1000,
             dispatcher.held,
             dispatcher.handed_back,
@@ -287,10 +291,9 @@ class Node:
         # after the last frame it read from us, which it read before its last byte to us).
         evicted_by = max(link.last_write_at, link.last_bytes_at) + 3.2 * failover_s
         log.info(
-            "waiting %.1f s for the master to evict this node and re-queue the %d tasks it "
-            "still counts as ours",
+            "waiting %.1f s for the master to evict this node and re-queue what it handed us "
+            "and we did not run",
             max(0.0, evicted_by - time.monotonic()),
-            dispatcher.held + dispatcher.handed_back,
         )
         done = await self._wait(
             self._until(

@@ -197,14 +197,15 @@ class FakeMaster:
         self.connections: list[FakeConnection] = []
         self.silent = False
         self.pushing = True
+        self.behind_nat = False  # ConnectedNodes lists addresses a node cannot recognise
         self.port = 0
         self._serials = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: FakeConnection(self, next(self._serials)), "127.0.0.1", 0
+            lambda: FakeConnection(self, next(self._serials)), "127.0.0.1", port
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -265,7 +266,11 @@ class FakeMaster:
             conn.eligible = True
             conn.write(codec.encode(m.HEARTBEAT_ACK))
         elif isinstance(message, m.GetConnectedNodes):
-            listed = tuple(c.address for c in self.node_connections() if not c.evicted)
+            listed = tuple(
+                "10.9.8.7:4321" if self.behind_nat else c.address
+                for c in self.node_connections()
+                if not c.evicted
+            )
             conn.write(codec.encode(m.ConnectedNodes(listed)))
         elif isinstance(message, m.Disconnect):
             conn.active.clear()  # upstream forgets a node's tasks on Disconnect

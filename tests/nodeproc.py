@@ -63,9 +63,17 @@ class NodeProcess:
         return self.proc.returncode
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        """Stop the node if it still runs: SIGTERM (a drain), a second SIGTERM (stop at once)
+        if it takes a while, SIGKILL as a last resort. A node that stops by itself removes its
+        directory in /dev/shm; a killed one would leave it there."""
+        for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+            if self.proc.poll() is not None:
+                break
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                continue
         for child in self.children:
             if child.is_running():
                 child.kill()

@@ -7,6 +7,8 @@ A `RESULTS` message carries `count` wire-ready `TaskResult` frames for the oldes
 the worker was sent (a worker answers in the order it was given), so the supervisor forwards
 the bytes to the master as they are and pops `count` ids: per-batch work, not per-task. `READY`
 carries the worker's pid once it can take tasks; `STATS` a JSON snapshot of `workers.stats`.
+`SKIPPED` (no body) says the next `count` tasks were not run: the supervisor asked the worker to
+start nothing new (a drain), through the worker's progress slot.
 """
 
 from __future__ import annotations
@@ -18,3 +20,4 @@ HEADER: Final = struct.Struct(">BII")
 RESULTS: Final = 1
 READY: Final = 2
 STATS: Final = 3
+SKIPPED: Final = 4

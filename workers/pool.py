@@ -40,10 +40,18 @@ from typing import Any
 import orjson
 import psutil
 
-from workers.channel import HEADER, READY, RESULTS, STATS
+from workers.channel import HEADER, READY, RESULTS, SKIPPED, STATS
 from workers.stats import merge
 from workers.tasks import WorkerSettings
-from workers.worker import FINISHED, PROGRESS_FIELDS, STARTED, STARTED_AT_NS, worker_main
+from workers.worker import (
+    FINISHED,
+    NO_RUN_LIMIT,
+    PROGRESS_FIELDS,
+    RUN_LIMIT,
+    STARTED,
+    STARTED_AT_NS,
+    worker_main,
+)
 
 log = logging.getLogger("cpnode.pool")
 
@@ -152,6 +160,8 @@ class _Channel(asyncio.Protocol):
                 self._pool._ready(self._worker, int(body))
             elif kind == STATS:
                 self._worker.stats = orjson.loads(body)
+            elif kind == SKIPPED:
+                self._pool._skipped(self._worker, count)
         if pos:
             del buffer[:pos]
 
@@ -172,6 +182,7 @@ class WorkerPool:
         on_results: Callable[[Worker, int, bytes], None],
         on_worker_ready: Callable[[Worker], None],
         on_worker_lost: Callable[[Worker, WorkerLoss], None],
+        on_skipped: Callable[[Worker, int], None] = lambda worker, count: None,
         start_method: str = "forkserver",
         limits: WorkerLimits | None = None,
     ) -> None:
@@ -185,16 +196,19 @@ class WorkerPool:
         # Progress slots live in the context's shared heap: passed to each process at start
         # (as a file descriptor), and a file that is unlinked at once, so nothing outlives us.
         self.workers = [
-            Worker(i, self._context.RawArray("q", PROGRESS_FIELDS))
-            for i in range(size)
+            Worker(i, self._context.RawArray("q", PROGRESS_FIELDS)) for i in range(size)
         ]
         self._on_results = on_results
         self._on_worker_ready = on_worker_ready
         self._on_worker_lost = on_worker_lost
+        self._on_skipped = on_skipped
+        self._starting_allowed = True
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._respawns: set[asyncio.TimerHandle] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        # Where the forkserver's socket goes (see `_keep_forkserver_socket_in`); None: /tmp.
+        self.run_dir: str | None = None
         self.restarts_by_cause: collections.Counter[str] = collections.Counter()
         self._retired_stats: dict[str, list[float]] = {}  # of processes that are gone
 
@@ -208,6 +222,8 @@ class WorkerPool:
         """Spawn every worker and wait until each has answered READY."""
         self._loop = asyncio.get_running_loop()
         started = time.monotonic()
+        if self.run_dir is not None and self._context.get_start_method() == "forkserver":
+            _keep_forkserver_socket_in(self.run_dir)
         for worker in self.workers:
             worker.ready = self._loop.create_future()
             await self._spawn(worker)
@@ -236,6 +252,7 @@ class WorkerPool:
         progress = worker.progress
         for field in range(PROGRESS_FIELDS):
             progress[field] = 0
+        progress[RUN_LIMIT] = NO_RUN_LIMIT if self._starting_allowed else 0
         process = self._context.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(theirs, self.settings, worker.index, progress),
@@ -310,6 +327,20 @@ class WorkerPool:
         if worker.ready is not None and not worker.ready.done():
             worker.ready.set_result(None)
         self._on_worker_ready(worker)
+
+    def stop_starting(self) -> None:
+        """Start no task not already started (a drain): each worker finishes the one it runs and
+        answers the ones it holds with `SKIPPED` (`on_skipped`)."""
+        self._starting_allowed = False
+        for worker in self.workers:
+            progress = worker.progress
+            progress[RUN_LIMIT] = progress[STARTED]
+
+    def _skipped(self, worker: Worker, count: int) -> None:
+        worker.received += count
+        self._on_skipped(worker, count)
+        if worker.status is WorkerStatus.RETIRING and not worker.assigned:
+            self._close_channel(worker)
 
     def _results(self, worker: Worker, count: int, blob: bytes) -> None:
         worker.tasks_done += count
@@ -460,8 +491,11 @@ class WorkerPool:
         after a delay doubling with each crash in a row (a crash loop backs off)."""
         assert self._loop is not None
         if crashed:
+            # A crash loop is a worker dying before it gets anything done: one that answered
+            # tasks (and was killed, say) comes back at once.
             lived = time.monotonic() - worker.started_at
-            worker.restarts = 0 if lived > _STABLE_AFTER_S else worker.restarts + 1
+            stable = worker.received > 0 or lived > _STABLE_AFTER_S
+            worker.restarts = 0 if stable else worker.restarts + 1
             delay = min(_RESPAWN_BACKOFF_MAX_S, 0.05 * (2 ** max(0, worker.restarts - 1)))
         else:
             delay = 0.0
@@ -476,6 +510,18 @@ class WorkerPool:
 
         handle = self._loop.call_later(delay, respawn)
         self._respawns.add(handle)
+
+
+def _keep_forkserver_socket_in(directory: str) -> None:
+    """multiprocessing puts the forkserver's listening socket in a `pymp-*` directory in /tmp
+    that only a clean exit of this process removes: a supervisor killed by SIGKILL would leave it
+    behind for good. In `directory` (the node's own, which a clean stop removes and a restart with
+    the same node_id clears) it goes with the node. `tempdir` is multiprocessing's cache of that
+    directory: set before the forkserver starts, nothing is created in /tmp and no clean-up of
+    its own is registered. A path too long for a Unix socket keeps the default."""
+    config = multiprocessing.process.current_process()._config  # type: ignore[attr-defined]
+    if config.get("tempdir") is None and len(os.fsencode(directory)) + len("/listener-") + 8 < 108:
+        config["tempdir"] = directory
 
 
 def _unique_memory(pids: list[int]) -> dict[int, int]:

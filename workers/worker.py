@@ -6,12 +6,15 @@
                                                       every FLUSH_AFTER_S by its thread while a
                                                       batch runs
     progress slot (shared memory) ◀── before each task: started-at, started; after: finished
+                                  ──▶ run limit: tasks past it are skipped, not run (a drain)
 
 A worker reads whatever tasks are waiting (a batch), runs them in order and sends the results
 back in one message; while a batch runs, a helper thread flushes finished results every few
 milliseconds, so a result never waits behind a slow task that follows it. Before and after each
 task the worker writes its progress slot (see `PROGRESS_FIELDS`), which the supervisor reads to
-time tasks out and to know, when a worker dies, which of its tasks it had started.
+time tasks out and to know, when a worker dies, which of its tasks it had started. A drain
+lowers the slot's run limit: the worker finishes the task it runs and answers the tasks it has
+not started with one `SKIPPED` message, so the supervisor can hand them back.
 
 It exits when the channel closes (the supervisor stopped or died) and, through
 PR_SET_PDEATHSIG, when the process that spawned it dies, even in the middle of a task.
@@ -32,7 +35,7 @@ import time
 from typing import Any, Final
 
 from node.protocol.framing import FrameDecoder, frame
-from workers.channel import HEADER, READY, RESULTS, STATS
+from workers.channel import HEADER, READY, RESULTS, SKIPPED, STATS
 from workers.logformat import configure_logging
 from workers.tasks import TaskRunner, WorkerSettings
 
@@ -48,7 +51,9 @@ _PR_SET_PDEATHSIG = 1
 STARTED: Final = 0  # tasks started
 STARTED_AT_NS: Final = 1  # time.monotonic_ns() when the last one started (written first)
 FINISHED: Final = 2  # tasks finished (written after each)
-PROGRESS_FIELDS: Final = 3
+RUN_LIMIT: Final = 3  # written by the supervisor: take no task numbered above this (a drain)
+PROGRESS_FIELDS: Final = 4
+NO_RUN_LIMIT: Final = (1 << 63) - 1
 
 EXIT_SETUP_FAILED: Final = 3  # the worker could not set itself up (logged); it never ran a task
 
@@ -92,7 +97,8 @@ def worker_main(sock: socket.socket, settings: WorkerSettings, index: int, progr
     sender = _ResultSender(sock)
     try:
         sender.send(HEADER.pack(READY, 0, len(pid)) + pid)
-        _serve(sock, sender, runner, settings.max_frame_bytes, progress)
+        slot = memoryview(progress).cast("B").cast("q")  # faster to index than the ctypes array
+        _serve(sock, sender, runner, settings.max_frame_bytes, slot)
     except (BrokenPipeError, ConnectionResetError):
         pass
     finally:
@@ -141,7 +147,7 @@ def _serve(
     sender: _ResultSender,
     runner: TaskRunner,
     max_frame_bytes: int,
-    progress: Any,
+    progress: memoryview,
 ) -> None:
     decoder = FrameDecoder(max_frame_bytes)
     run = runner.run_payload
@@ -169,14 +175,24 @@ def _serve(
         if not payloads:
             continue
         busy.set()
+        skipped = 0
         for payload in payloads:
             seq += 1
+            if seq > progress[RUN_LIMIT]:
+                # Not run. Recorded as finished before it is recorded as started, so the
+                # supervisor's timeout check never sees it running.
+                progress[FINISHED] = seq
+                progress[STARTED] = seq
+                skipped += 1
+                continue
             progress[STARTED_AT_NS] = clock_ns()
             progress[STARTED] = seq
             frames.append(frame(run(payload)))
             progress[FINISHED] = seq
         busy.clear()
         sender.flush()
+        if skipped:
+            sender.send(HEADER.pack(SKIPPED, skipped, 0))
         unsent = True
         if clock() - stats_sent > STATS_EVERY_S:
             _send_stats(sender, runner)

@@ -1,0 +1,814 @@
+"""Fault injection: no task is lost or answered twice, whatever a worker, the master or the
+network does (issue 6; DESIGN contracts 2, 5 and 8).
+
+Node-level scenarios run a real `cpnode-supervisor` process against the local master
+(`MasterThread`, instrumented) or a scripted fake master (`tests.fakemaster`) over loopback.
+Pool-level scenarios run a `WorkerPool` with a `Dispatcher` in this process; they inject slow or
+growing tasks through `WorkerSettings.executors` (`tests.slowtasks`). Every scenario counts the
+results per task id where the master reads them and adds a row to the table printed at the end:
+tasks sent, answered, lost, duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from node.client import Client, ClientError
+from node.config import Config
+from node.dispatch import Dispatcher
+from node.master import MasterThread
+from node.master.journal import replay
+from node.protocol import codec
+from node.protocol import messages as m
+from node.protocol.framing import FrameDecoder
+from tests.fakemaster import FakeMaster, ResultLedger, record_new_masters
+from tests.nodeproc import NodeProcess
+from workers.expr import evaluate_compute
+from workers.pool import Worker, WorkerLimits, WorkerPool
+from workers.tasks import WorkerSettings
+
+FAILOVER_MS = 400
+TOKEN = "faults-token"
+
+# --- the scenario table ------------------------------------------------------------------------
+
+TABLE: list[tuple[str, int, int, int, int]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scenario_table(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is None or capture is None or not TABLE:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        reporter.write_line(f"{'scenario':<58} {'sent':>6} {'answered':>8} {'lost':>5} {'dup':>4}")
+        for name, sent, answered, lost, dup in TABLE:
+            reporter.write_line(f"{name:<58} {sent:>6} {answered:>8} {lost:>5} {dup:>4}")
+
+
+def record(name: str, sent: int, answered: int, lost: int, duplicated: int) -> None:
+    TABLE.append((name, sent, answered, lost, duplicated))
+    assert lost == 0
+    assert duplicated == 0
+
+
+def answers_by(*nodes: NodeProcess) -> int:
+    """Answers the nodes produced (executions), from their last log line."""
+    total = 0
+    for node in nodes:
+        match = re.search(r"node stopped: \d+ tasks received, (\d+) answered", node.log)
+        assert match is not None, node.log[-2000:]
+        total += int(match.group(1))
+    return total
+
+
+def duplicated(ledger: ResultLedger, answered: int, *nodes: NodeProcess) -> int:
+    """Ids answered twice at a master, plus answers the nodes produced beyond one per id."""
+    return len(set(ledger.duplicates)) + max(0, answers_by(*nodes) - answered)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def body(terms: int) -> str:
+    """A sum of `terms` sin*cos products: about 4.5 µs of evaluation per term."""
+    return "+".join(f"sin({k})*cos({k})" for k in range(terms))
+
+
+def heavy_tasks(start: int, count: int, terms: int) -> tuple[list[m.Task], list[float]]:
+    """Unique `Compute` tasks (no cache can answer them) and their exact values."""
+    inner = body(terms)
+    value = evaluate_compute(inner)
+    tasks: list[m.Task] = [m.Compute(f"{i}+({inner})") for i in range(start, start + count)]
+    return tasks, [float(i) + value for i in range(start, start + count)]
+
+
+def node_config(*masters: str, **extra: object) -> dict[str, object]:
+    return {
+        "failover_timeout_ms": FAILOVER_MS,
+        "master_addresses": list(masters),
+        "retry_interval_ms": 300,
+        "max_retries": 3,
+        **extra,
+    }
+
+
+def start_node(tmp: Path, join: Path, config: dict[str, object], name: str) -> NodeProcess:
+    home = tmp / name
+    home.mkdir()
+    return NodeProcess(home, join, config, "--workers", "2")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def completed_at_least(master: MasterThread, count: int) -> Callable[[], bool]:
+    return lambda: master.stats().completed >= count
+
+
+async def await_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
+        await asyncio.sleep(0.01)
+
+
+async def await_log(node: NodeProcess, text: str, timeout: float = 30.0) -> None:
+    def logged() -> bool:
+        if node.proc.poll() is not None:
+            raise AssertionError(f"node exited with {node.proc.returncode}:\n{node.log}")
+        return text in node.log
+
+    await await_until(logged, timeout, f"the node logs {text!r}")
+
+
+def worker_pids(node: NodeProcess) -> list[int]:
+    """Workers are children of the forkserver, a child of the supervisor."""
+    try:
+        children = psutil.Process(node.proc.pid).children()
+        return [g.pid for c in children for g in c.children() if g.is_running()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+async def submit(join: Path, tasks: list[m.Task]) -> list[str]:
+    async with Client.connect(join, timeout=30) as client:
+        return await client.submit_many(tasks)
+
+
+async def collect(join: Path, ids: list[str], timeout: float = 90.0) -> dict[str, m.Result]:
+    """Every result, polling again through a new connection when the master restarts."""
+    done: dict[str, m.Result] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < len(ids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(ids) - len(done)} of {len(ids)} results missing")
+        try:
+            async with Client.connect(join, timeout=10) as client:
+                left = [i for i in ids if i not in done]
+                done.update(await client.results(left, timeout=deadline - time.monotonic()))
+        except ClientError:
+            await asyncio.sleep(0.1)
+    return done
+
+
+def check_values(results: dict[str, m.Result], ids: list[str], values: list[float]) -> int:
+    """Asserts every result is its task's exact value or an Error; returns how many Errors."""
+    errors = 0
+    for ident, value in zip(ids, values, strict=True):
+        result = results[ident]
+        if isinstance(result, m.Error):
+            errors += 1
+        else:
+            assert result == m.Number(value), (ident, result, value)
+    return errors
+
+
+@pytest.fixture
+def ledger() -> ResultLedger:
+    return ResultLedger()
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch, ledger: ResultLedger) -> ResultLedger:
+    """`ledger`, filled by every local master the test starts (named master-0, master-1, ...)."""
+    record_new_masters(monkeypatch, ledger)
+    return ledger
+
+
+# --- worker faults, node level -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_a_random_worker_20_times_during_20000_tasks(
+    tmp_path: Path, recorded: ResultLedger
+) -> None:
+    ledger = recorded
+    join = tmp_path / "join.json"
+    with MasterThread(Config(failover_timeout_ms=FAILOVER_MS), join_path=str(join)) as master:
+        node = start_node(tmp_path, join, node_config(master.address), "node")
+        try:
+            node.wait_for_log("node ready")
+            ids: list[str] = []
+            values: list[float] = []
+            kills = 0
+            for chunk in range(20):
+                tasks, expected = heavy_tasks(chunk * 1000, 1000, terms=20)
+                ids += asyncio.run(submit(join, tasks))
+                values += expected
+                wait_until(
+                    completed_at_least(master, len(ids) - 700),
+                    60,
+                    "the node works on the new tasks",
+                )
+                wait_until(lambda: len(worker_pids(node)) > 0, 30, "a worker is alive")
+                os.kill(random.choice(worker_pids(node)), signal.SIGKILL)
+                kills += 1
+            results = asyncio.run(collect(join, ids))
+            time.sleep(0.5)  # a late second answer would still arrive
+            errors = check_values(results, ids, values)
+            assert kills == 20
+            assert node.log.count("died: signal SIGKILL") == 20
+            assert errors <= kills  # only a task hit twice (retried once, then killed again)
+            assert all(ledger.frames[i] == 1 for i in ids)
+            assert node.stop() == 0
+            dup = duplicated(ledger, len(results), node)
+            record("kill -9 a random worker x20, 20,000 tasks", len(ids), len(results), 0, dup)
+        finally:
+            node.close()
+
+
+# --- master faults -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_master_restarted_5_times_during_a_run(tmp_path: Path, recorded: ResultLedger) -> None:
+    ledger = recorded
+    join = tmp_path / "join.json"
+    state = str(tmp_path / "master-state.jsonl")
+    config = Config(failover_timeout_ms=FAILOVER_MS)
+    master = MasterThread(config, join_path=str(join), state_file=state)
+    master.start()
+    node: NodeProcess | None = None
+    try:
+        port, token = master.port, master.token
+        node = start_node(tmp_path, join, node_config(master.address), "node")
+        node.wait_for_log("node ready")
+        ids: list[str] = []
+        values: list[float] = []
+        for restart in range(1, 6):
+            tasks, expected = heavy_tasks(restart * 1000, 1000, terms=50)
+            ids += asyncio.run(submit(join, tasks))
+            values += expected
+            wait_until(
+                completed_at_least(master, len(ids) - 600),
+                60,
+                "the node works on the new tasks",
+            )
+            master.stop()
+            master = MasterThread(
+                config, port=port, token=token, join_path=str(join), state_file=state
+            )
+            master.start()
+        tasks, expected = heavy_tasks(0, 1000, terms=50)
+        ids += asyncio.run(submit(join, tasks))
+        values += expected
+        results = asyncio.run(collect(join, ids))
+        time.sleep(0.5)
+        assert check_values(results, ids, values) == 0
+        assert ledger.missing(ids) == []  # every result reached a master (none came from cache)
+        assert node.log.count("registered with master") >= 6
+        assert node.stop() == 0
+        dup = duplicated(ledger, len(results), node)
+        record("master restarted x5 (state_file), same port", len(ids), len(results), 0, dup)
+    finally:
+        if node is not None:
+            node.close()
+        master.stop()
+
+
+@pytest.mark.timeout(300)
+def test_failover_between_two_masters_sharing_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: ResultLedger
+) -> None:
+    record_new_masters(monkeypatch, ledger, ["a", "b"])
+    join_a = tmp_path / "join-a.json"
+    join_b = tmp_path / "join-b.json"
+    state_a = str(tmp_path / "a-state.jsonl")
+    config = Config(failover_timeout_ms=FAILOVER_MS)
+    a = MasterThread(config, join_path=str(join_a), state_file=state_a)
+    a.start()
+    b = MasterThread(config, join_path=str(join_b), token=a.token)
+    node: NodeProcess | None = None
+    try:
+        b.start()
+        node = start_node(tmp_path, join_a, node_config(a.address, b.address), "node")
+        node.wait_for_log("node ready")
+        tasks_a, values_a = heavy_tasks(0, 3000, terms=100)
+        tasks_b, values_b = heavy_tasks(3000, 1000, terms=100)
+        ids_a = asyncio.run(submit(join_a, tasks_a))
+        ids_b = asyncio.run(submit(join_b, tasks_b))
+        wait_until(lambda: a.stats().completed >= 1000, 60, "a third of A's tasks are done")
+        a.stop()  # A goes away with tasks in flight on the node
+        results_b = asyncio.run(collect(join_b, ids_b))
+        assert check_values(results_b, ids_b, values_b) == 0
+        # Every task of A was answered at A before it stopped, delivered to B after the
+        # failover, or is still queued in A's state file (A re-queues what it had handed out).
+        wait_until(
+            lambda: f"registered with master {b.address}" in node.log, 30, "it fails over to B"
+        )
+        time.sleep(1.0)  # results of tasks that were running when A stopped reach B
+        answered = ledger.answered_at("a") | ledger.answered_at("b")
+        queued_at_a = {ident for ident, _ in replay(state_a, ttl_s=3600).tasks}
+        lost = [i for i in ids_a if i not in answered and i not in queued_at_a]
+        assert lost == []
+        for ident, value in zip(ids_a, values_a, strict=True):
+            if ident in ledger.results:
+                assert ledger.results[ident] == m.Number(value)
+        sent = len(ids_a) + len(ids_b)
+        answered_count = len([i for i in ids_a if i in answered]) + len(results_b)
+        assert node.stop() == 0
+        never_sent = len(ids_a) - len([i for i in ids_a if i in answered])
+        record(
+            f"fail over A->B, A stopped ({never_sent} unsent stay queued at A)",
+            sent,
+            answered_count,
+            len(lost),
+            duplicated(ledger, answered_count, node),
+        )
+    finally:
+        if node is not None:
+            node.close()
+        a.stop()
+        b.stop()
+
+
+def test_a_master_that_stops_answering_is_left_for_the_next(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    async def scenario() -> None:
+        stuck = FakeMaster(TOKEN, ledger, "stuck")
+        spare = FakeMaster(TOKEN, ledger, "spare")
+        await stuck.start()
+        await spare.start()
+        join = tmp_path / "join.json"
+        join.write_text(f'{{"token": "{TOKEN}", "ip": "127.0.0.1", "port": {stuck.port}}}')
+        node = start_node(tmp_path, join, node_config(stuck.address, spare.address), "node")
+        try:
+            await await_log(node, "node ready")
+            tasks, values = heavy_tasks(0, 800, terms=400)
+            ids = [f"t{i}" for i in range(len(tasks))]
+            stuck.submit(zip(ids, tasks, strict=True))
+            await await_until(lambda: len(stuck.results) >= 100, 60, "100 results reach it")
+            stuck.go_silent()
+            await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
+            await asyncio.sleep(0.5)
+            assert "is stuck" in node.log
+            assert spare.results, "the node failed over and delivered there"
+            for ident, value in zip(ids, values, strict=True):
+                assert ledger.results[ident] == m.Number(value)
+            assert await asyncio.to_thread(node.stop) == 0
+            dup = duplicated(ledger, len(ids), node)
+            record("master deadlocks (OK, then silence) -> next address", 800, 800, 0, dup)
+        finally:
+            node.close()
+            await stuck.close()
+            await spare.close()
+
+    asyncio.run(scenario())
+
+
+def test_eviction_without_close_makes_the_node_reconnect(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    async def scenario() -> None:
+        master = FakeMaster(TOKEN, ledger, "evicting")
+        await master.start()
+        join = tmp_path / "join.json"
+        join.write_text(f'{{"token": "{TOKEN}", "ip": "127.0.0.1", "port": {master.port}}}')
+        node = start_node(tmp_path, join, node_config(master.address), "node")
+        try:
+            await await_log(node, "node ready")
+            tasks, values = heavy_tasks(0, 600, terms=400)
+            ids = [f"t{i}" for i in range(len(tasks))]
+            master.submit(zip(ids, tasks, strict=True))
+            await await_until(lambda: len(master.results) >= 100, 60, "100 results arrive")
+            (first,) = master.node_connections()
+            master.evict(first)  # its unanswered tasks go back to the queue
+            await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
+            await asyncio.sleep(0.5)
+            assert "no longer lists this node" in node.log
+            assert len(master.connections) >= 2
+            for ident, value in zip(ids, values, strict=True):
+                assert ledger.results[ident] == m.Number(value)
+            assert await asyncio.to_thread(node.stop) == 0
+            dup = duplicated(ledger, len(ids), node)
+            record("evicted without close (zombie) -> reconnect", 600, 600, 0, dup)
+        finally:
+            node.close()
+            await master.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_repeated_assign_task_id_joins_the_running_task(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    async def scenario() -> None:
+        master = FakeMaster(TOKEN, ledger, "repeating")
+        await master.start()
+        join = tmp_path / "join.json"
+        join.write_text(f'{{"token": "{TOKEN}", "ip": "127.0.0.1", "port": {master.port}}}')
+        node = start_node(tmp_path, join, node_config(master.address), "node")
+        try:
+            await await_log(node, "node ready")
+            tasks, values = heavy_tasks(0, 300, terms=200)
+            ids = [f"t{i}" for i in range(len(tasks))]
+            pairs = list(zip(ids, tasks, strict=True))
+            (conn,) = master.node_connections()
+            master.assign(conn, pairs + pairs)  # every id twice, the second while in flight
+            await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
+            await asyncio.sleep(1.0)  # a second execution would answer meanwhile
+            assert sum(ledger.frames.values()) == len(ids)
+            for ident, value in zip(ids, values, strict=True):
+                assert ledger.results[ident] == m.Number(value)
+            assert await asyncio.to_thread(node.stop) == 0
+            dup = duplicated(ledger, len(ids), node)
+            record("every AssignTask id sent twice while in flight", 600, 300, 0, dup)
+        finally:
+            node.close()
+            await master.close()
+
+    asyncio.run(scenario())
+
+
+def test_start_up_without_a_master_backs_off_then_retries_slowly_and_skips_a_bad_token(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    async def scenario() -> None:
+        wrong = FakeMaster("another-token", ledger, "wrong-token")
+        late = FakeMaster(TOKEN, ledger, "late")
+        late.behind_nat = True
+        await wrong.start()
+        refused, late_port = free_port(), free_port()
+        join = tmp_path / "join.json"
+        join.write_text(f'{{"token": "{TOKEN}", "ip": "127.0.0.1", "port": {wrong.port}}}')
+        addresses = [wrong.address, f"127.0.0.1:{refused}", f"127.0.0.1:{late_port}"]
+        config = node_config(*addresses, max_retries=2, retry_interval_ms=300)
+        node = start_node(tmp_path, join, config, "node")
+        try:
+            await await_log(node, "still retrying every 0.3 s")
+            await late.start(late_port)
+            await await_log(node, "node ready")
+            log = node.log
+            assert f"master {wrong.address} said Invalid token; not trying" in log
+            assert log.count(f"connecting to master {wrong.address}") == 1
+            assert f"cannot reach master 127.0.0.1:{refused}: connection refused" in log
+            assert "no master reachable (round 1 of 2)" in log
+            assert "no master reachable (round 2 of 2)" in log
+            await await_log(node, "eviction check off")  # behind NAT: no zombie check
+            tasks, values = heavy_tasks(0, 100, terms=10)
+            ids = [f"t{i}" for i in range(len(tasks))]
+            late.submit(zip(ids, tasks, strict=True))
+            await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
+            for ident, value in zip(ids, values, strict=True):
+                assert ledger.results[ident] == m.Number(value)
+            assert await asyncio.to_thread(node.stop) == 0
+            record(
+                "no master at start, bad token, then a late one",
+                100,
+                100,
+                0,
+                duplicated(ledger, len(ids), node),
+            )
+        finally:
+            node.close()
+            await wrong.close()
+            await late.close()
+
+    asyncio.run(scenario())
+
+
+# --- drain and supervisor death ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_with_1000_tasks_in_flight_hands_back_the_rest(
+    tmp_path: Path, recorded: ResultLedger
+) -> None:
+    ledger = recorded
+    join = tmp_path / "join.json"
+    config = Config(failover_timeout_ms=FAILOVER_MS)
+    with MasterThread(config, join_path=str(join), scheduling="upstream") as master:
+        first = start_node(tmp_path, join, node_config(master.address), "first")
+        second: NodeProcess | None = None
+        try:
+            first.wait_for_log("node ready")
+            tasks, values = heavy_tasks(0, 1000, terms=400)
+            ids = asyncio.run(submit(join, tasks))
+            wait_until(lambda: master.stats().completed >= 50, 60, "the node has started")
+            assert master.stats().active >= 900  # upstream pushes everything at once
+            assert first.stop(signal.SIGTERM, timeout=60) == 0
+            done_by_first = ledger.answered(ids)
+            assert "drain ended" in first.log
+            assert "waiting" in first.log and "evict" in first.log
+            assert "results were not confirmed" not in first.log
+            stats = master.stats()
+            assert stats.completed == done_by_first  # all it ran was delivered
+            assert stats.pending == len(ids) - done_by_first  # the rest is queued again
+            assert stats.pending >= 500  # it started nothing new (it held ~950 at SIGTERM)
+            second = start_node(tmp_path, join, node_config(master.address), "second")
+            results = asyncio.run(collect(join, ids))
+            time.sleep(0.5)
+            assert check_values(results, ids, values) == 0
+            assert all(ledger.frames[i] == 1 for i in ids)
+            assert second.stop() == 0
+            record(
+                f"SIGTERM, 1000 in flight (upstream); {len(ids) - done_by_first} re-queued",
+                len(ids),
+                len(results),
+                0,
+                duplicated(ledger, len(results), first, second),
+            )
+        finally:
+            first.close()
+            if second is not None:
+                second.close()
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path, recorded: ResultLedger) -> None:
+    ledger = recorded
+    join = tmp_path / "join.json"
+    slow_failover_ms = 3000  # a drain waits 3.2 x this for its eviction: ~10 s
+    config = node_config(failover_timeout_ms=slow_failover_ms)
+    with MasterThread(Config(failover_timeout_ms=slow_failover_ms), join_path=str(join)) as master:
+        config["master_addresses"] = [master.address]
+        first = start_node(tmp_path, join, config, "first")
+        second: NodeProcess | None = None
+        try:
+            first.wait_for_log("node ready")
+            first.record_children()
+            tasks, values = heavy_tasks(0, 1000, terms=550)
+            ids = asyncio.run(submit(join, tasks))
+            wait_until(lambda: master.stats().completed >= 10, 60, "the node has started")
+            first.proc.send_signal(signal.SIGTERM)
+            first.wait_for_log("to evict this node")
+            second_signal_at = time.monotonic()
+            assert first.stop(signal.SIGTERM, timeout=30) == 0
+            assert time.monotonic() - second_signal_at < 5.0  # the eviction wait was cut short
+            assert "second stop request: stopping now" in first.log
+            assert first.leftover_children() == []
+            second = start_node(tmp_path, join, config, "second")
+            results = asyncio.run(collect(join, ids, timeout=120))
+            time.sleep(0.5)
+            assert check_values(results, ids, values) == 0
+            assert second.stop() == 0
+            record(
+                "SIGTERM twice: stop at once, then a second node",
+                1000,
+                len(results),
+                0,
+                duplicated(ledger, len(results), first, second),
+            )
+        finally:
+            first.close()
+            if second is not None:
+                second.close()
+
+
+def test_sigkill_of_the_supervisor_leaves_no_process_or_file(tmp_path: Path) -> None:
+    join = tmp_path / "join.json"
+    node_id = f"faults-{os.getpid()}"
+    shm_before = set(os.listdir("/dev/shm"))
+    with MasterThread(Config(failover_timeout_ms=FAILOVER_MS), join_path=str(join)) as master:
+        config = node_config(master.address, node_id=node_id)
+        node = start_node(tmp_path, join, config, "first")
+        try:
+            node.wait_for_log("node ready")
+            tasks, _ = heavy_tasks(0, 400, terms=550)
+            asyncio.run(submit(join, tasks))
+            wait_until(lambda: master.stats().active > 0, 30, "the workers are busy")
+            children = node.record_children()
+            assert len(children) >= 3  # the forkserver (and its resource tracker), 2 workers
+            # The forkserver's socket lives in the node's directory, not in a pymp-* of /tmp.
+            direct = psutil.Process(node.proc.pid).children()
+            (forkserver,) = [c for c in direct if "forkserver" in " ".join(c.cmdline())]
+            sockets = [c.laddr for c in forkserver.net_connections(kind="unix") if c.laddr]
+            assert sockets and all(
+                path.startswith(f"/dev/shm/cpnode-{node_id}/") for path in sockets
+            ), sockets
+            pid = node.proc.pid
+            node.proc.kill()
+            node.proc.wait(10)
+            assert node.leftover_children(timeout=10) == []
+        finally:
+            node.close()
+        # What the killed node left in /dev/shm goes when a node with its node_id starts.
+        again = start_node(tmp_path, join, config, "again")
+        try:
+            again.wait_for_log("node ready")
+            again.record_children()
+            assert again.stop() == 0
+            assert again.leftover_children() == []
+        finally:
+            again.close()
+    leftovers = {
+        name
+        for name in set(os.listdir("/dev/shm")) - shm_before
+        if node_id in name or name.startswith((f"pym-{pid}-", f"pym-{again.proc.pid}-"))
+    }
+    assert leftovers == set()
+
+
+def test_a_udp_task_to_a_silent_port_ends_at_task_timeout_ms(
+    tmp_path: Path, recorded: ResultLedger
+) -> None:
+    ledger = recorded
+    join = tmp_path / "join.json"
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent,
+        MasterThread(Config(failover_timeout_ms=FAILOVER_MS), join_path=str(join)) as master,
+    ):
+        silent.bind(("127.0.0.1", 0))  # receives, never answers
+        config = node_config(master.address, role="Internet", task_timeout_ms=500)
+        node = start_node(tmp_path, join, config, "node")
+        try:
+            node.wait_for_log("node ready")
+            address = f"127.0.0.1:{silent.getsockname()[1]}"
+            tasks: list[m.Task] = [m.Udp(address, b"ping %d" % i) for i in range(20)]
+            ids = asyncio.run(submit(join, tasks))
+            results = asyncio.run(collect(join, ids, timeout=60))
+            for ident in ids:
+                result = results[ident]
+                assert isinstance(result, m.Error), result
+                assert "task_timeout_ms" in result.message
+            assert node.stop() == 0
+            record(
+                "Udp to a silent port, task_timeout_ms = 500 (node)",
+                len(ids),
+                len(results),
+                0,
+                duplicated(ledger, len(results), node),
+            )
+        finally:
+            node.close()
+
+
+# --- worker faults, pool level -----------------------------------------------------------------
+
+
+class PoolRun:
+    """A WorkerPool and a Dispatcher in this process; results are collected per id."""
+
+    def __init__(
+        self, size: int, limits: WorkerLimits, executors: dict[str, str] | None = None
+    ) -> None:
+        self.results: dict[str, list[m.Result]] = collections.defaultdict(list)
+        self.ready_pids: list[int] = []
+        self.dispatcher = Dispatcher(16, self._deliver)
+        settings = WorkerSettings(executors=executors or {})
+        self.pool = WorkerPool(
+            size,
+            settings,
+            on_results=self.dispatcher.results,
+            on_worker_ready=self._ready,
+            on_worker_lost=self.dispatcher.worker_lost,
+            start_method="spawn",  # children of this process, gone when the pool stops
+            limits=limits,
+        )
+        self.dispatcher.pool = self.pool
+
+    def _ready(self, worker: Worker) -> None:
+        assert worker.pid is not None
+        self.ready_pids.append(worker.pid)
+        self.dispatcher.worker_ready(worker)
+
+    def _deliver(self, blob: bytes, count: int) -> None:
+        payloads = FrameDecoder().feed(blob)
+        assert len(payloads) == count
+        for payload in payloads:
+            message = codec.decode(payload)
+            assert isinstance(message, m.TaskResult)
+            self.results[message.id].append(message.result)
+
+    def submit(self, ident: str, expression: str) -> None:
+        payload = codec.encode_payload(m.AssignTask(ident, m.Compute(expression)))
+        self.dispatcher.accept(ident, payload)
+
+    async def wait(self, ids: list[str], timeout: float = 60.0) -> None:
+        await await_until(lambda: all(i in self.results for i in ids), timeout, "all answered")
+        await asyncio.sleep(0.2)  # a second answer would arrive meanwhile
+
+    def once_each(self, ids: list[str]) -> bool:
+        return all(len(self.results[i]) == 1 for i in ids) and len(self.results) == len(ids)
+
+
+SLOW = {"Compute": "tests.slowtasks:compute"}
+
+
+def test_a_task_past_task_timeout_ms_gets_its_worker_replaced_and_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        run = PoolRun(1, WorkerLimits(task_timeout_ms=300), SLOW)
+        await run.pool.start()
+        try:
+            first_pid = run.ready_pids[0]
+            before = [f"b{i}" for i in range(20)]
+            after = [f"a{i}" for i in range(20)]
+            for ident in before:
+                run.submit(ident, "1+1")
+            run.submit("slow", "sleep 30")
+            for ident in after:
+                run.submit(ident, "2+2")
+            ids = [*before, "slow", *after]
+            await run.wait(ids)
+            (error,) = run.results["slow"]
+            assert isinstance(error, m.Error)
+            assert "task_timeout_ms = 300 ms" in error.message
+            assert all(run.results[i] == [m.Number(2.0)] for i in before)
+            assert all(run.results[i] == [m.Number(4.0)] for i in after)
+            assert run.once_each(ids)
+            assert len(run.ready_pids) == 2 and run.ready_pids[1] != first_pid
+            assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == (
+                psutil.STATUS_ZOMBIE
+            )
+            # The results before the slow task left the worker while it slept: not retried.
+            assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+            record("task past task_timeout_ms (pool)", len(ids), len(run.results), 0, 0)
+        finally:
+            await run.pool.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_that_exits_on_start_is_respawned_with_backoff(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        run = PoolRun(1, WorkerLimits(), {"Compute": "tests.no_such_module:compute"})
+        with pytest.raises(RuntimeError, match="died at start: exit code 3"):
+            await run.pool.start()
+        try:
+            await asyncio.sleep(3.0)
+            deaths = [r for r in caplog.records if "died: exit code 3" in r.getMessage()]
+            # Without backoff: a respawn every ~0.1 s. With it: 0.05, 0.1, 0.2, 0.4, 0.8, 1.6 s.
+            assert 3 <= len(deaths) <= 9, len(deaths)
+            assert any("keeps dying" in r.getMessage() for r in caplog.records)
+            assert run.pool.workers[0].restarts >= 3
+        finally:
+            await run.pool.stop()
+        assert run.pool.workers[0].process is None
+
+    asyncio.run(scenario())
+
+
+def test_max_tasks_per_child_recycles_workers_between_tasks() -> None:
+    async def scenario() -> None:
+        run = PoolRun(2, WorkerLimits(max_tasks_per_child=40))
+        await run.pool.start()
+        try:
+            ids = [f"t{i}" for i in range(400)]
+            for i, ident in enumerate(ids):
+                run.submit(ident, f"{i}*2")
+            await run.wait(ids)
+            assert all(run.results[f"t{i}"] == [m.Number(i * 2.0)] for i in range(400))
+            assert run.once_each(ids)
+            assert len(set(run.ready_pids)) >= 10  # 400 / 40, every one a fresh process
+            assert run.pool.restarts_by_cause["recycled: max_tasks_per_child"] >= 8
+            record("max_tasks_per_child = 40 (pool)", 400, len(run.results), 0, 0)
+        finally:
+            await run.pool.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_above_its_memory_limit_is_recycled_between_tasks() -> None:
+    async def scenario() -> None:
+        run = PoolRun(1, WorkerLimits(memory_limit_mb=150), SLOW)
+        await run.pool.start()
+        try:
+            first_pid = run.ready_pids[0]
+            run.submit("grow", "grow 200")
+            await run.wait(["grow"])
+            assert run.results["grow"] == [m.Number(1.0)]
+            await await_until(lambda: len(run.ready_pids) >= 2, 10, "a fresh worker")
+            assert run.ready_pids[1] != first_pid
+            ids = [f"t{i}" for i in range(50)]
+            for i, ident in enumerate(ids):
+                run.submit(ident, f"{i}+1")
+            await run.wait([*ids, "grow"])
+            assert run.once_each(["grow", *ids])
+            assert run.pool.restarts_by_cause["recycled: memory_limit_mb"] == 1
+            record("worker above memory limit recycled (pool)", 51, len(run.results), 0, 0)
+        finally:
+            await run.pool.stop()
+
+    asyncio.run(scenario())
