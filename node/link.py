@@ -58,6 +58,8 @@ _HEARTBEAT_FRAME = codec.encode(m.HEARTBEAT)
 _ACK_PAYLOAD = b'"HeartbeatAck"'
 _ASSIGN_PREFIX = b'{"AssignTask":'
 _BACKOFF_FIRST_S = 0.1
+# Results written before a Heartbeat is sent to have them confirmed (besides the periodic ones).
+CONFIRM_EVERY_RESULTS = 4096
 # Upper bounds (seconds) of the heartbeat round-trip and lateness histograms.
 HEARTBEAT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -162,6 +164,7 @@ class MasterLink:
         self.last_write_at = 0.0
         self.last_heartbeat_at = 0.0
         self.heartbeating = True
+        self._results_since_heartbeat = 0
         self.draining = False
         self._results_waiter: asyncio.Future[None] | None = None  # draining, outbox empty
         self._closing = False
@@ -212,6 +215,11 @@ class MasterLink:
         self.results_sent += count
         if self.state is LinkState.REGISTERED:
             self._write_entry(entry)
+            self._results_since_heartbeat += count
+            if self._results_since_heartbeat >= CONFIRM_EVERY_RESULTS and self.heartbeating:
+                # During a burst the periodic heartbeat is seconds away: ask for confirmation
+                # now, so the outbox (and the dispatcher's memory of answered ids) stays small.
+                self.send_heartbeat()
         elif self._results_waiter is not None and not self._results_waiter.done():
             self._results_waiter.set_result(None)
 
@@ -264,6 +272,7 @@ class MasterLink:
             return
         assert connection.transport is not None
         connection.transport.write(_HEARTBEAT_FRAME)
+        self._results_since_heartbeat = 0
         self.bytes_written += len(_HEARTBEAT_FRAME)
         self.frames_written += 1
         self._heartbeats_sent += 1

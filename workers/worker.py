@@ -39,7 +39,8 @@ from workers.channel import HEADER, READY, RESULTS, SKIPPED, STATS
 from workers.logformat import configure_logging
 from workers.tasks import TaskRunner, WorkerSettings
 
-FLUSH_AFTER_S = 0.002
+FLUSH_AFTER_S = 0.002  # the main thread flushes between tasks this often
+SLOW_TASK_FLUSH_S = 0.02  # the flusher thread, while one task runs longer than this
 STATS_EVERY_S = 0.5
 RECV_BYTES = 1 << 20
 _PR_SET_PDEATHSIG = 1
@@ -108,10 +109,11 @@ def worker_main(sock: socket.socket, settings: WorkerSettings, index: int, progr
 class _ResultSender:
     """The worker's only writer to the channel: results as they finish, stats, READY.
 
-    The main thread queues results and flushes at the end of each batch; while a batch runs
-    (`busy` set) a daemon thread flushes every FLUSH_AFTER_S, so a finished result is not held
-    back by a slow task after it, and a worker killed for a time limit takes no finished result
-    with it. One lock keeps messages whole and results in order.
+    The main thread queues results and flushes between tasks every FLUSH_AFTER_S and at the
+    end of each batch; while a batch runs (`busy` set) a daemon thread flushes what a slow task
+    holds back, every SLOW_TASK_FLUSH_S, so a worker killed for a time limit takes no finished
+    result with it. (The thread wakes rarely: each wake costs the main thread a GIL handoff.)
+    One lock keeps messages whole and results in order.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -135,7 +137,7 @@ class _ResultSender:
     def _flush_while_busy(self) -> None:
         while True:
             self.busy.wait()
-            time.sleep(FLUSH_AFTER_S)
+            time.sleep(SLOW_TASK_FLUSH_S)
             try:
                 self.flush()
             except OSError:  # the channel is gone; the main thread sees it too
@@ -174,9 +176,13 @@ def _serve(
         payloads = decoder.feed(data)
         if not payloads:
             continue
-        busy.set()
         skipped = 0
+        flushed = clock()
+        # The flusher thread matters only once a finished result could wait behind the next
+        # task; waking it for a lone task would only add a thread switch to its round trip.
+        remaining = len(payloads)
         for payload in payloads:
+            remaining -= 1
             seq += 1
             if seq > progress[RUN_LIMIT]:
                 # Not run. Recorded as finished before it is recorded as started, so the
@@ -189,6 +195,13 @@ def _serve(
             progress[STARTED] = seq
             frames.append(frame(run(payload)))
             progress[FINISHED] = seq
+            if remaining:
+                if not busy.is_set():
+                    busy.set()
+                    flushed = clock()
+                elif clock() - flushed > FLUSH_AFTER_S:
+                    sender.flush()
+                    flushed = clock()
         busy.clear()
         sender.flush()
         if skipped:
