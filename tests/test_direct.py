@@ -19,7 +19,6 @@ from node.config import Config
 from node.direct import DirectClient, DirectLinkRefused
 from node.master import MasterThread
 from node.protocol import messages as m
-from shm.nodedir import claim_node_dir
 from tests.netservers import TcpEcho, free_port
 from tests.nodeproc import NodeProcess
 from tests.test_node import run_tasks
@@ -162,10 +161,6 @@ def test_tasks_at_a_lost_peer_run_here(
         node.wait_for_log("re-run or answered here")
     finally:
         node.close()
-        # The killed peer could not remove its directory in /dev/shm; the next claim of its
-        # node_id (what its restart would do) clears what it left.
-        peer_process.proc.wait(10)
-        claim_node_dir("/dev/shm", f"disk-{master.port}").release()
 
 
 def test_cpnode_submit_direct(
