@@ -204,6 +204,9 @@ def _start_local_master(join_path: Path, port: int, log_level: str) -> subproces
         "--log-level",
         log_level,
     ]
+    # File times come from a coarse clock: allow a second (a master still running from then
+    # would hold the port, and ours would exit).
+    started = time.time() - 1.0
     master = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -212,22 +215,16 @@ def _start_local_master(join_path: Path, port: int, log_level: str) -> subproces
                 f"the local master exited with status {master.returncode} (is port {port} in use?)"
             )
         try:
-            if load_join(str(join_path)).port == port and _listening(port):
+            # The master writes join.json once it listens; an older file may name the same
+            # port and token, so only a file written after the start counts.
+            if join_path.stat().st_mtime >= started and load_join(str(join_path)).port == port:
                 return master
-        except ConfigError:
+        except (ConfigError, FileNotFoundError):
             pass
         time.sleep(0.05)
     master.kill()
     master.wait()
     raise ConfigError(f"the local master did not start within 15 s on port {port}")
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 if __name__ == "__main__":
