@@ -24,7 +24,7 @@ class NodeProcess:
     def __init__(self, tmp: Path, join: Path, config: dict[str, object], *args: str) -> None:
         # An explicit node_id, so that what a killed node leaves in shm_dir can be found.
         config = {"node_id": f"test-{uuid.uuid4().hex[:12]}", **config}
-        self.node_id = str(config["node_id"])
+        self.node_id = config["node_id"]
         self.shm_dir = str(config.get("shm_dir", "/dev/shm"))
         self.config_path = tmp / "node-config.json"
         self.config_path.write_text(json.dumps(config))
@@ -87,11 +87,11 @@ class NodeProcess:
             if child.is_running():
                 child.kill()
         self._log.close()
-        if self.proc.returncode is not None and self.proc.returncode < 0:
+        if self.proc.returncode is not None and self.proc.returncode < 0 and self.node_id:
             # Killed (by the test or by the last resort above): clear its directory the way
             # the next start with its node_id would.
             with contextlib.suppress(NodeDirectoryInUse, OSError):
-                claim_node_dir(self.shm_dir, self.node_id).release()
+                claim_node_dir(self.shm_dir, str(self.node_id)).release()
 
     def leftover_children(self, timeout: float = 5.0) -> list[psutil.Process]:
         _, alive = psutil.wait_procs(self.children, timeout=timeout)

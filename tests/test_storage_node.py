@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from node.config import Config
+from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
 from tests.nodeproc import NodeProcess
 from tests.scripted import ScriptedMaster
+from tests.test_node import run_tasks
 
 DATA = Path(__file__).parent / "data"
 SHM = "/dev/shm"
@@ -165,3 +168,27 @@ def test_sigkill_then_restart_leaves_nothing_in_shm(
     finally:
         restarted.close()
     assert ours_in_shm(node_id) == []
+
+
+def test_two_nodes_on_one_host_never_share_a_directory(tmp_path: Path) -> None:
+    join = tmp_path / "join.json"
+    with MasterThread(Config(), join_path=str(join)) as master:
+        base = f"worker-{master.port}"  # what both derive without a node_id
+        nodes: list[NodeProcess] = []
+        try:
+            for name in ("a", "b"):
+                home = tmp_path / name
+                home.mkdir()
+                settings = {"master_addresses": [master.address], "node_id": None}
+                nodes.append(NodeProcess(home, join, settings, "--workers", "1"))
+                nodes[-1].wait_for_log("node ready")
+            assert f"node_id {base} is in use on this host; using {base}-2" in nodes[1].log
+            assert ours_in_shm(base) == [f"cpnode-{base}", f"cpnode-{base}-2"]
+            results = run_tasks(join, [m.Compute(f"{i}+1") for i in range(200)])
+            assert results == [m.Number(float(i + 1)) for i in range(200)]
+            for node in nodes:
+                assert node.stop() == 0
+        finally:
+            for node in nodes:
+                node.close()
+    assert ours_in_shm(base) == []
