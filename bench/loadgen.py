@@ -222,9 +222,10 @@ async def measure(
                 kind, tasks, burst, cpu, statistics.median(rtts) * 1000, wrong, main_cpu
             )
         finally:
+            # Wait off the loop: the node's drain needs this fake master to answer heartbeats.
             proc.terminate()
             try:
-                proc.wait(30)
+                await asyncio.to_thread(proc.wait, 30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
