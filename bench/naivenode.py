@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from concurrent.futures import ProcessPoolExecutor
 
 from _nodebase import connect, heartbeat, parse_args
@@ -21,12 +22,18 @@ def compute(expression: str) -> m.Result:
 
 
 async def main(workers: int) -> None:
+    # SIGTERM ends the read loop, so the pool below is shut down and its processes exit
+    # (killed outright, they would linger holding the load generator's stdout).
+    current = asyncio.current_task()
+    assert current is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
     reader, writer = await connect()
     beat = asyncio.ensure_future(heartbeat(writer))
     decoder = FrameDecoder()
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Future[None]] = set()
-    with ProcessPoolExecutor(workers) as pool:
+    pool = ProcessPoolExecutor(workers)
+    try:
 
         async def run(ident: str, expression: str) -> None:
             result = await loop.run_in_executor(pool, compute, expression)
@@ -42,7 +49,11 @@ async def main(workers: int) -> None:
                     task = asyncio.ensure_future(run(message.id, message.task.expression))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
-    beat.cancel()
+    except asyncio.CancelledError:
+        pass
+    finally:
+        beat.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 if __name__ == "__main__":
