@@ -203,6 +203,10 @@ def _start_local_master(join_path: Path, port: int, log_level: str) -> subproces
         f"127.0.0.1:{port}",
         "--log-level",
         log_level,
+        # Loopback only, where nodes and clients talk plain TCP: no certificate pair to make
+        # (and leave in the user's directory).
+        "--tls",
+        "never",
     ]
     # File times come from a coarse clock: allow a second (a master still running from then
     # would hold the port, and ours would exit).
