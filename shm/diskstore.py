@@ -45,10 +45,10 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from shm import space
+from shm.closing import Closing
 from shm.errors import FileError, InvalidPath, KeyNotFound, QuotaExceeded, StoreError
 
 __all__ = ["DEFAULT_RESERVE_BYTES", "MIB", "DiskStore", "UsageLedger"]
@@ -66,7 +66,7 @@ _READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class DiskStore:
+class DiskStore(Closing):
     """Confined files below ``storage_dir``; open one per process, close it when done.
 
     With a ``quota_bytes``, ``ledger_dir`` names the directory of the usage ledger that all
@@ -167,17 +167,6 @@ class DiskStore:
         if self._root is not None:
             os.close(self._root)
             self._root = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- inside ------------------------------------------------------------------------------
 

@@ -27,10 +27,10 @@ import hashlib
 import os
 import struct
 from collections.abc import Iterator
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from shm import space
+from shm.closing import Closing
 from shm.errors import FileError, InvalidKey, KeyNotFound, StoreError
 from shm.nodedir import MEM_DIR, node_dir_path
 
@@ -43,7 +43,7 @@ _READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class MemoryStore:
+class MemoryStore(Closing):
     """The memory store of node ``node_id``; open one per process, close it when done.
 
     ``reserve_bytes`` is left free in ``shm_dir`` by every store (for payload segments).
@@ -149,17 +149,6 @@ class MemoryStore:
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _entries(self) -> Iterator[tuple[str, int]]:
         with os.scandir(self._fd) as entries:

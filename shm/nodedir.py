@@ -25,9 +25,9 @@ import os
 import re
 import shutil
 import stat
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
+from shm.closing import Closing
 from shm.errors import NodeDirectoryInUse
 from shm.segments import sweep_segments
 
@@ -56,7 +56,7 @@ def node_dir_path(shm_dir: str | os.PathLike[str], node_id: str) -> str:
     return os.path.join(os.fspath(shm_dir), node_prefix(node_id))
 
 
-class NodeDirectory:
+class NodeDirectory(Closing):
     """A claimed node directory; ``release`` (or leaving the ``with`` block) removes it."""
 
     def __init__(self, shm_dir: str, node_id: str, dir_fd: int, lock_fd: int) -> None:
@@ -73,6 +73,9 @@ class NodeDirectory:
     def released(self) -> bool:
         return self._lock_fd is None
 
+    def close(self) -> None:
+        self.release()
+
     def release(self) -> None:
         """Remove the directory, this node's segments and the lock, then unlock."""
         if self._dir_fd is None or self._lock_fd is None:
@@ -86,17 +89,6 @@ class NodeDirectory:
             os.close(self._lock_fd)
             os.close(self._dir_fd)
             self._lock_fd = self._dir_fd = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         state = "released" if self.released else "held"

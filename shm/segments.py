@@ -32,10 +32,10 @@ import mmap
 import os
 import re
 import uuid
-from types import TracebackType
 from typing import Final, Self
 
 from shm import space
+from shm.closing import Closing
 
 __all__ = ["SEGMENT_NAME", "PayloadSegment", "sweep_segments"]
 
@@ -45,7 +45,7 @@ SEGMENT_NAME: Final = re.compile(r"(?P<prefix>[A-Za-z0-9_.-]+)-seg-[0-9a-f]{32}"
 _PREFIX: Final = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class PayloadSegment:
+class PayloadSegment(Closing):
     """A blob in a file under ``shm_dir``, mapped into this process.
 
     ``buffer`` is a memoryview of the mapping (read-only for ``open`` without ``writable``).
@@ -154,17 +154,6 @@ class PayloadSegment:
         except FileNotFoundError:
             return False
         return True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
