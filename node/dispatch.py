@@ -38,6 +38,7 @@ from typing import Protocol
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import frame
+from shm.segments import read_spilled, spilled
 from workers.pool import Worker, WorkerLoss, WorkerPool, WorkerStatus
 
 log = logging.getLogger("cpnode.dispatch")
@@ -77,6 +78,7 @@ class Dispatcher:
         # answers through `io_finished` or gives the task back with `run_locally`.
         self.offload: Callable[[str, bytes], bool] | None = None
         self.received_by_type: collections.Counter[str] = collections.Counter()
+        self.shm_dir: str | None = None  # where spilled payloads live (see shm.segments)
         self._flush_scheduled = False
         self._accepting = True
         self.handed_back = 0  # tasks dropped while draining (the master re-queues them)
@@ -152,12 +154,13 @@ class Dispatcher:
             self._replies[ident] = reply
         if kind in _IO_TASKS and self.io_runner is not None:
             self.io_running += 1
-            self.io_runner(ident, payload)
+            self.io_runner(ident, self._whole(payload))
             return
         offload = self.offload
         if (
             offload is not None
             and reply is None
+            and spilled(payload) is None  # a peer gets small tasks only
             and not self.has_capacity()
             and offload(ident, payload)
         ):
@@ -165,6 +168,17 @@ class Dispatcher:
             return
         self._pending.append((ident, payload))
         self._schedule_flush()
+
+    def _whole(self, payload: bytes) -> bytes:
+        """The payload itself, for the rare consumer of a spilled one that is not a worker (a
+        huge Tcp/Udp task): read from its segment, off the hot path."""
+        if spilled(payload) is None or self.shm_dir is None:
+            return payload
+        try:
+            return read_spilled(self.shm_dir, payload)
+        except OSError as error:
+            log.error("cannot read a spilled payload: %s", error)
+            return payload
 
     def _resend(self, ident: str, payload: bytes) -> bool:
         """Answer a repeated `ident` with its result awaiting confirmation, when it is the same

@@ -49,8 +49,9 @@ from node.histogram import Histogram
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
-from node.protocol.framing import FrameDecoder, frame
+from node.protocol.framing import FrameDecoder, SpillFactory, frame
 from node.tls import ClientTls, TlsVerifyError, client_tls_for, verify_failure, wants_tls
+from shm.segments import discard_spilled, spilled
 
 log = logging.getLogger("cpnode.link")
 
@@ -83,7 +84,7 @@ class NoMasterError(CpnodeError):
 class _Connection(asyncio.Protocol):
     def __init__(self, link: MasterLink) -> None:
         self.link = link
-        self.decoder = FrameDecoder(link.config.max_frame_bytes)
+        self.decoder = FrameDecoder(link.config.max_frame_bytes, spill=link.spill)
         self.transport: asyncio.Transport | None = None
         self.authenticated: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -165,6 +166,9 @@ class MasterLink:
         self.last_heartbeat_at = 0.0
         self.heartbeating = True
         self._results_since_heartbeat = 0
+        # Where bodies of large frames go as they arrive (set once the node has claimed its
+        # directory in shm_dir); None keeps them in memory.
+        self.spill: SpillFactory | None = None
         self.draining = False
         self._results_waiter: asyncio.Future[None] | None = None  # draining, outbox empty
         self._closing = False
@@ -293,6 +297,23 @@ class MasterLink:
     # ------------------------------------------------------------------------------- incoming
 
     def on_payload(self, payload: bytes) -> None:
+        reference = spilled(payload)
+        if reference is not None:
+            # A large body went to a shared-memory segment as it arrived; route it by its head.
+            head = reference[2]
+            try:
+                ident = codec.assign_task_id(head) or codec.peek(head).id
+            except RemoteProtocolError:
+                ident = None
+            if ident is not None and head.startswith(_ASSIGN_PREFIX):
+                self._on_assign(ident, payload)
+            else:
+                self.frames_skipped += 1
+                log.warning(
+                    "skipping a large frame that is no AssignTask (%d-byte head)", len(head)
+                )
+                discard_spilled(self.config.shm_dir, payload)
+            return
         if payload.startswith(_ASSIGN_PREFIX):
             ident = codec.assign_task_id(payload)
             if ident is not None:

@@ -37,10 +37,15 @@ from node.link import LinkState, MasterLink, NoMasterError
 from node.protocol import messages as m
 from shm.errors import NodeDirectoryInUse
 from shm.nodedir import NodeDirectory, claim_node_dir
+from shm.segments import IncomingSegment
+from shm.space import free_bytes
 from workers.pool import WorkerLimits, WorkerPool
 from workers.tasks import WorkerSettings
 
 log = logging.getLogger("cpnode.node")
+
+# Free space a spilled frame leaves in shm_dir (the memory store and other payloads need it).
+SPILL_RESERVE_BYTES = 64 << 20
 
 
 class NodeStatus(enum.Enum):
@@ -175,6 +180,19 @@ class Node:
             return claimed
         raise AssertionError("unreachable")
 
+    def _spill(self, length: int) -> IncomingSegment | None:
+        """A segment for a large frame's body (workers map it in place), or None to keep it in
+        memory when shm_dir lacks the room."""
+        if free_bytes(self.config.shm_dir) < length + SPILL_RESERVE_BYTES:
+            return None
+        try:
+            return IncomingSegment(self.config.shm_dir, self.node_dir.segment_prefix, length)
+        except OSError as error:
+            log.warning(
+                "cannot spill a %d-byte frame to %s: %s", length, self.config.shm_dir, error
+            )
+            return None
+
     async def _run(self) -> int:
         self.status = NodeStatus.STARTING
         try:
@@ -183,6 +201,8 @@ class Node:
             log.error("cannot claim this node's directory in %s: %s", self.config.shm_dir, error)
             self.status = NodeStatus.STOPPED
             return 2
+        self.link.spill = self._spill
+        self.dispatcher.shm_dir = self.config.shm_dir
         self.pool.run_dir = self.node_dir.path  # the forkserver's socket goes with it
         try:
             await self.pool.start()

@@ -28,6 +28,7 @@ instead of a SIGBUS in the middle of a copy.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -175,3 +176,94 @@ def sweep_segments(shm_dir: str | os.PathLike[str], prefix: str) -> list[str]:
                 continue
             removed.append(entry.name)
     return removed
+
+
+SPILL_MARK: Final = b"\x00"
+"""First byte of a spilled payload's reference: no JSON payload starts with NUL."""
+SPILL_HEAD_BYTES: Final = 4096
+
+
+class IncomingSegment:
+    """A large frame body written into a segment as its bytes arrive off the socket (a
+    `FrameDecoder` spill): the supervisor never holds it in memory, and the worker that runs
+    the task maps it in place.
+
+    Nothing is reserved up front (a peer's announced length is not allocated); a write that
+    finds the filesystem full unlinks the file, and the reference then carries the reason for
+    the worker's `Error`. `finish` returns the reference: `SPILL_MARK`, the segment name, NUL,
+    the error text (empty when none), NUL, and the first `SPILL_HEAD_BYTES` of the body (for
+    a look at its variant and id).
+    """
+
+    def __init__(self, shm_dir: str | os.PathLike[str], prefix: str, size: int) -> None:
+        if not _PREFIX.fullmatch(prefix):
+            raise ValueError(f"segment prefix must match {_PREFIX.pattern}, got {prefix!r}")
+        self.name = f"{prefix}-seg-{uuid.uuid4().hex}"
+        self.path = os.path.join(os.fspath(shm_dir), self.name)
+        self.size = size
+        self.error = ""
+        self._head = bytearray()
+        self._offset = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd: int | None = os.open(self.path, flags, 0o600)
+
+    def write(self, data: bytes) -> None:
+        if len(self._head) < SPILL_HEAD_BYTES:
+            self._head += data[: SPILL_HEAD_BYTES - len(self._head)]
+        if self._fd is None:
+            return
+        try:
+            space.write_all(self._fd, data, self.path, self._offset)
+        except OSError as error:  # StoreFullError included
+            self.error = f"the payload does not fit in {os.path.dirname(self.path)}: {error}"
+            self._discard()
+            return
+        self._offset += len(data)
+
+    def finish(self) -> bytes:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        return (
+            SPILL_MARK + self.name.encode() + b"\x00" + self.error.encode() + b"\x00"
+            + bytes(self._head)
+        )  # fmt: skip
+
+    def _discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def spilled(payload: bytes) -> tuple[str, str, bytes] | None:
+    """(segment name, error text, head) of a spilled payload's reference, else None."""
+    if payload[:1] != SPILL_MARK:
+        return None
+    name, error, head = payload[1:].split(b"\x00", 2)
+    return name.decode(), error.decode(), head
+
+
+def read_spilled(shm_dir: str | os.PathLike[str], payload: bytes) -> bytes:
+    """The whole payload a reference stands for, read and unlinked (the rare paths that need
+    it as bytes); a payload that is no reference comes back unchanged."""
+    reference = spilled(payload)
+    if reference is None:
+        return payload
+    name, error, _ = reference
+    if error:
+        raise OSError(error)
+    segment = PayloadSegment.open(shm_dir, name, unlink=True)
+    try:
+        return bytes(segment.buffer)
+    finally:
+        segment.close()
+
+
+def discard_spilled(shm_dir: str | os.PathLike[str], payload: bytes) -> None:
+    """Remove the segment of a reference that will not be run."""
+    reference = spilled(payload)
+    if reference is not None and reference[0]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(os.fspath(shm_dir), reference[0]))

@@ -343,3 +343,40 @@ def test_protocol_package_loads_no_io_modules() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+class ListSpill:
+    """A spill that collects the body in a list (the node's writes it to a segment)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def finish(self) -> bytes:
+        return b"\x00ref:" + str(self.length).encode()
+
+
+def test_large_bodies_go_to_the_spill_as_they_arrive_in_any_split() -> None:
+    spills: list[ListSpill] = []
+
+    def spill(length: int) -> ListSpill:
+        spills.append(ListSpill(length))
+        return spills[-1]
+
+    big = b"x" * 5000
+    stream = p.frame(b"small") + p.frame(big) + p.frame(b"after")
+    for cut in (1, 3, 4, 10, 999, 5003, len(stream) - 2):
+        spills.clear()
+        decoder = p.FrameDecoder(spill=spill, spill_from=1000)
+        out = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert out == [b"small", b"\x00ref:5000", b"after"]
+        assert len(spills) == 1 and b"".join(spills[0].chunks) == big
+        assert decoder.pending == 0
+
+
+def test_a_declined_spill_keeps_the_body_in_memory() -> None:
+    decoder = p.FrameDecoder(spill=lambda length: None, spill_from=10)
+    assert decoder.feed(p.frame(b"y" * 50)) == [b"y" * 50]

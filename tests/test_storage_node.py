@@ -14,9 +14,12 @@ from node.config import Config
 from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
+from shm.nodedir import claim_node_dir
+from shm.segments import IncomingSegment
 from tests.nodeproc import NodeProcess
 from tests.scripted import ScriptedMaster
 from tests.test_node import run_tasks
+from workers.tasks import TaskRunner, WorkerSettings
 
 DATA = Path(__file__).parent / "data"
 SHM = "/dev/shm"
@@ -192,3 +195,20 @@ def test_two_nodes_on_one_host_never_share_a_directory(tmp_path: Path) -> None:
             for node in nodes:
                 node.close()
     assert ours_in_shm(base) == []
+
+
+def test_a_spilled_payload_runs_in_place_and_its_segment_goes(tmp_path: Path) -> None:
+    node_id = f"test-spill-{os.getpid()}"
+    blob = bytes(range(256)) * 1024
+    payload = codec.encode_payload(m.AssignTask("big", m.DiskWrite("spilled.bin", blob)))
+    with claim_node_dir(SHM, node_id) as node_dir:
+        segment = IncomingSegment(SHM, node_dir.segment_prefix, len(payload))
+        for start in range(0, len(payload), 65536):
+            segment.write(payload[start : start + 65536])
+        reference = segment.finish()
+        assert len(reference) < 5000 and segment.name in os.listdir(SHM)
+        settings = WorkerSettings(node_id=node_id, storage_dir=str(tmp_path / "storage"))
+        result = TaskRunner(settings).run_payload(reference)
+        assert result == b'{"TaskResult":{"id":"big","result":"Written"}}'
+        assert (tmp_path / "storage" / "spilled.bin").read_bytes() == blob
+        assert segment.name not in os.listdir(SHM)  # the worker took it over and removed it

@@ -42,11 +42,11 @@ _BLOB_HEAD = re.compile(
 _BLOB_TAIL: Final = b"}}}}"
 
 
-def decode_blob_task(payload: bytes) -> tuple[str, m.Task] | None:
+def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
     """(id, task) of a large `StoreData`/`DiskWrite` payload written as every master writes
     it, decoding its byte array with the vectorised codec; None for anything else (the generic
     decoder then handles it). Raises `ByteArrayError` for a malformed array."""
-    if len(payload) < BLOB_FAST_PATH_BYTES or not payload.endswith(_BLOB_TAIL):
+    if len(payload) < BLOB_FAST_PATH_BYTES or payload[-len(_BLOB_TAIL) :] != _BLOB_TAIL:
         return None
     head = _BLOB_HEAD.match(payload, 0, 64 * 1024)
     if head is None:

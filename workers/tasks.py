@@ -25,6 +25,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from shm.bytesjson import ByteArrayError
+from shm.segments import PayloadSegment, spilled
 from workers.expr import ExpressionError, evaluate_complex, evaluate_compute
 from workers.stats import TaskStats
 from workers.storage import BLOB_FAST_PATH_BYTES, StorageTasks, decode_blob_task
@@ -117,23 +118,50 @@ class TaskRunner:
         self.stats.record(kind, _ERROR_RESULT in result, time.perf_counter() - started)
         return result
 
-    def _run_decoded(self, payload: bytes) -> tuple[str, bytes]:
+    def _run_spilled(self, name: str, error: str, head: bytes) -> tuple[str, bytes]:
+        """Run a task whose payload the supervisor wrote to a segment: map it, run it in place,
+        and remove the segment (this worker now owns it)."""
+        if error:
+            return "spilled", codec.task_result_payload(_id_of(head), m.Error(error))
+        try:
+            segment = PayloadSegment.open(self.settings.shm_dir, name, unlink=True)
+        except (OSError, ValueError) as exc:
+            message = f"the task's payload segment {name} is gone: {exc}"
+            return "spilled", codec.task_result_payload(_id_of(head), m.Error(message))
+        try:
+            return self._run_decoded(segment.buffer, head)
+        finally:
+            segment.close()
+
+    def _run_decoded(
+        self, payload: bytes | memoryview, payload_head: bytes | None = None
+    ) -> tuple[str, bytes]:
+        """Run any task by decoding it; `payload_head` (the first bytes, for the id in an
+        error) is given when `payload` is a mapped segment."""
+        if payload_head is None:
+            assert type(payload) is bytes
+            reference = spilled(payload)
+            if reference is not None:
+                return self._run_spilled(*reference)
+            payload_head = payload
         try:
             blob = decode_blob_task(payload)
             if blob is not None:
                 ident, task = blob
-                head = b'{"TaskResult":{"id":' + codec.json_str(ident)
-                return type(task).__name__, head + b',"result":' + self.run_task(task) + b"}}"
+                result_head = b'{"TaskResult":{"id":' + codec.json_str(ident)
+                return type(task).__name__, result_head + b',"result":' + self.run_task(
+                    task
+                ) + b"}}"
             message = codec.decode(payload)
         except (RemoteProtocolError, ByteArrayError) as exc:
-            ident = _id_of(payload)
-            return "malformed", codec.task_result_payload(ident, m.Error(f"malformed task: {exc}"))
+            error = m.Error(f"malformed task: {exc}")
+            return "malformed", codec.task_result_payload(_id_of(payload_head), error)
         if type(message) is not m.AssignTask:
             error = m.Error(f"not a task: {type(message).__name__}")
-            return "malformed", codec.task_result_payload(_id_of(payload), error)
-        head = b'{"TaskResult":{"id":' + codec.json_str(message.id)
+            return "malformed", codec.task_result_payload(_id_of(payload_head), error)
+        result_head = b'{"TaskResult":{"id":' + codec.json_str(message.id)
         kind = type(message.task).__name__
-        return kind, head + b',"result":' + self.run_task(message.task) + b"}}"
+        return kind, result_head + b',"result":' + self.run_task(message.task) + b"}}"
 
     @staticmethod
     def _run_expression(payload: bytes) -> bytes | None:

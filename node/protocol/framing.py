@@ -13,7 +13,8 @@ merely announces (the body buffer grows with what actually arrives).
 from __future__ import annotations
 
 import struct
-from typing import Final
+from collections.abc import Callable
+from typing import Final, Protocol
 
 from node.protocol.errors import FrameTooLarge, LocalProtocolError
 
@@ -23,6 +24,19 @@ MAX_WIRE_LENGTH: Final = 0xFFFF_FFFF
 _HEADER: Final = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from
 _pack_header = _HEADER.pack
+
+
+class Spill(Protocol):
+    """Where the body of a large frame goes instead of memory (see `FrameDecoder`)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> bytes:
+        """The payload to hand on in place of the body (a reference the consumer resolves)."""
+        ...
+
+
+SpillFactory = Callable[[int], Spill | None]  # body length -> a spill, or None to decline
 
 
 def frame(payload: bytes) -> bytes:
@@ -35,12 +49,27 @@ def frame(payload: bytes) -> bytes:
 class FrameDecoder:
     """Incremental frame splitter; sans-I/O: feed it bytes, get payloads."""
 
-    __slots__ = ("_body", "_header", "_limit", "_need", "received")
+    __slots__ = (
+        "_body", "_header", "_limit", "_need", "_sink", "_sink_left", "received", "spill",
+        "spill_from",
+    )  # fmt: skip
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        *,
+        spill: SpillFactory | None = None,
+        spill_from: int = 1 << 20,
+    ) -> None:
         if max_frame_bytes < 0:
             raise ValueError("max_frame_bytes must be >= 0")
         self._limit = max_frame_bytes
+        # Bodies of `spill_from` bytes or more go to `spill(length)` as they arrive, when it
+        # accepts them: the caller decides where (a shared-memory segment), this stays I/O-free.
+        self.spill = spill
+        self.spill_from = spill_from
+        self._sink: Spill | None = None
+        self._sink_left = 0
         self._header = bytearray()
         self._body = bytearray()
         self._need = -1  # body length of the frame being assembled, -1 while reading a header
@@ -86,11 +115,25 @@ class FrameDecoder:
                     header.clear()
                 if length > limit:
                     raise FrameTooLarge(length, limit)
+                if length >= self.spill_from and length and self.spill is not None:
+                    sink = self.spill(length)
+                    if sink is not None:
+                        self._sink, self._sink_left, self._need = sink, length, length
+                        continue
                 if end - pos >= length:
                     out.append(data[pos : pos + length])
                     pos += length
                     continue
                 self._need = length
+            elif self._sink is not None:
+                take = min(self._sink_left, end - pos)
+                self._sink.write(data[pos : pos + take])
+                pos += take
+                self._sink_left -= take
+                if not self._sink_left:
+                    out.append(self._sink.finish())
+                    self._sink = None
+                    self._need = -1
             else:
                 body = self._body
                 take = min(need - len(body), end - pos)
