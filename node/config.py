@@ -25,12 +25,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
 from node.errors import ConfigError
+from node.files import replace_atomically
 from node.protocol.messages import Role
 from workers.logformat import FORMATS as LOG_FORMATS
 from workers.logformat import LEVELS as LOG_LEVELS
@@ -914,26 +914,8 @@ def write_join(path: str | os.PathLike[str], info: JoinInfo) -> None:
     permissions, not even for a moment. Raises ConfigError when the file cannot be written.
     """
     label = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(label))
     text = json.dumps({"token": info.token, "ip": info.ip, "port": info.port}, indent=2) + "\n"
     try:
-        # mkstemp creates the file 0600 from the start, whatever the umask.
-        descriptor, temporary = tempfile.mkstemp(prefix=".join-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, label)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
-        # The rename is durable only once the directory entry is on disk too.
-        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+        replace_atomically(label, lambda file: file.write(text.encode()))
     except OSError as error:
         raise ConfigError(f"{label}: cannot write join file: {error.strerror or error}") from None

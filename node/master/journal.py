@@ -43,20 +43,19 @@ upstream would lose) and its completed results; the original is kept beside it a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import orjson
 
 from node.errors import CpnodeError
+from node.files import replace_atomically
 from node.protocol import RemoteProtocolError, result_from_json, result_to_json, task_from_json
 from node.protocol import messages as m
 
@@ -440,37 +439,23 @@ class Journal:
     def _rewrite(self, snapshot: _Snapshot) -> Any:
         if self._failed:
             return None
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            descriptor, temporary = tempfile.mkstemp(
-                prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=directory
-            )
-            try:
-                with os.fdopen(descriptor, "wb") as out:
-                    chunk = [HEADER]
-                    for id_json, task_json in snapshot.tasks:
-                        chunk.append(submit_record(id_json, task_json))
-                        if len(chunk) >= _MAX_BATCH:
-                            out.write(b"".join(chunk))
-                            chunk.clear()
-                    for ident, result_json, at in snapshot.results:
-                        chunk.append(result_record(orjson.dumps(ident), result_json, at))
-                        if len(chunk) >= _MAX_BATCH:
-                            out.write(b"".join(chunk))
-                            chunk.clear()
+
+        def fill(out: BinaryIO) -> None:
+            chunk = [HEADER]
+            for id_json, task_json in snapshot.tasks:
+                chunk.append(submit_record(id_json, task_json))
+                if len(chunk) >= _MAX_BATCH:
                     out.write(b"".join(chunk))
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temporary)
-                raise
-            directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory_fd)
-            finally:
-                os.close(directory_fd)
+                    chunk.clear()
+            for ident, result_json, at in snapshot.results:
+                chunk.append(result_record(orjson.dumps(ident), result_json, at))
+                if len(chunk) >= _MAX_BATCH:
+                    out.write(b"".join(chunk))
+                    chunk.clear()
+            out.write(b"".join(chunk))
+
+        try:
+            replace_atomically(self.path, fill)
             return open(self.path, "ab")
         except OSError as error:
             self._fail(error)
