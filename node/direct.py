@@ -56,6 +56,7 @@ from node.tls import (
     verify_failure,
     wants_tls,
 )
+from workers.channel import Frames
 
 __all__ = [
     "DirectClient",
@@ -264,11 +265,13 @@ class DirectConnection(asyncio.Protocol):
         renamed = m.AssignTask(self.prefix + ident, message.task)
         return renamed.id, codec.encode_payload(renamed)
 
-    def send_results(self, blob: bytes, count: int) -> None:
+    def send_results(self, blob: Frames, count: int) -> None:
         """The dispatcher's reply sink: `count` result frames with renamed ids."""
         if self.phase is not _Phase.OPEN:
             log.debug("%s %s: closed; dropping %d results", self.what, self.peer, count)
             return
+        if type(blob) is memoryview:  # one big frame mapped from a segment: rare here
+            blob = blob.tobytes()
         out: list[bytes] = []
         position = 0
         head, prefix = len(_RESULT_HEAD), self._prefix_bytes

@@ -39,6 +39,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import frame
 from shm.segments import read_spilled, spilled
+from workers.channel import Frames
 from workers.pool import Worker, WorkerLoss, WorkerPool, WorkerStatus
 
 log = logging.getLogger("cpnode.dispatch")
@@ -50,13 +51,13 @@ class ResultOutbox(Protocol):
     results_sent: int  # results handed to the link so far (cumulative)
     results_confirmed: int  # of those, confirmed by the master (always the oldest)
 
-    def find_result(self, ident: str) -> bytes | None:
+    def find_result(self, ident: str) -> Frames | None:
         """The result frame for `ident` while it awaits confirmation, else None."""
         ...
 
 
 class Dispatcher:
-    def __init__(self, prefetch: int, send_results: Callable[[bytes, int], None]) -> None:
+    def __init__(self, prefetch: int, send_results: Callable[[Frames, int], None]) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
         self.prefetch = prefetch
@@ -73,7 +74,7 @@ class Dispatcher:
         self.io_runner: Callable[[str, bytes], None] | None = None
         self.io_running = 0
         # Where the results of direct-link tasks go, by id (node/direct.py).
-        self._replies: dict[str, Callable[[bytes, int], None]] = {}
+        self._replies: dict[str, Callable[[Frames, int], None]] = {}
         # Takes a master task the workers have no room for (True) or declines it (False); it
         # answers through `io_finished` or gives the task back with `run_locally`.
         self.offload: Callable[[str, bytes], bool] | None = None
@@ -120,7 +121,7 @@ class Dispatcher:
     # ------------------------------------------------------------------------------- input
 
     def accept(
-        self, ident: str, payload: bytes, reply: Callable[[bytes, int], None] | None = None
+        self, ident: str, payload: bytes, reply: Callable[[Frames, int], None] | None = None
     ) -> None:
         """Queue an `AssignTask` payload (its id read by `codec.peek`); its result goes to
         `reply` when given (a direct link), else to the master."""
@@ -219,12 +220,12 @@ class Dispatcher:
         self._pending.append((ident, payload))
         self._schedule_flush()
 
-    def _route(self, blob: bytes, idents: list[str]) -> None:
+    def _route(self, blob: Frames, idents: list[str]) -> None:
         """Send result frames (one per id, in order) to the master or the links they came
         from; runs of frames with the same destination go out in one write."""
         replies = self._replies
-        destination: Callable[[bytes, int], None] | None = None
-        run: list[bytes] = []
+        destination: Callable[[Frames, int], None] | None = None
+        run: list[Frames] = []
         position = 0
         for ident in idents:
             size = int.from_bytes(blob[position : position + 4], "big") + 4
@@ -311,7 +312,7 @@ class Dispatcher:
             self._workers.append(worker)
         self._schedule_flush()
 
-    def results(self, worker: Worker, count: int, blob: bytes) -> None:
+    def results(self, worker: Worker, count: int, blob: Frames) -> None:
         assigned = worker.assigned
         held = self._held
         running = self._running

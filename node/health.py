@@ -317,6 +317,14 @@ class NodeCollector:
         for cause, count in sorted(pool.restarts_by_cause.items()):
             restarts.add_metric([cause], count)
         yield restarts
+        segments = CounterMetricFamily(
+            "cpnode_segment_frames",
+            "Large frames handed between the supervisor and workers through shared memory.",
+            labels=["direction"],
+        )
+        segments.add_metric(["to_worker"], node.frames_spilled)
+        segments.add_metric(["from_worker"], pool.result_segments)
+        yield segments
 
         # Master link.
         yield _gauge(

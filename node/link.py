@@ -51,7 +51,8 @@ from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
 from node.protocol.framing import FrameDecoder, SpillFactory, frame
 from node.tls import ClientTls, TlsVerifyError, client_tls_for, verify_failure, wants_tls
-from shm.segments import discard_spilled, spilled
+from shm.segments import SPILL_HEAD_BYTES, discard_spilled, spilled
+from workers.channel import Frames
 
 log = logging.getLogger("cpnode.link")
 
@@ -211,8 +212,9 @@ class MasterLink:
         """Results written (or waiting to be) that the master has not confirmed yet."""
         return self._unconfirmed_results
 
-    def send_results(self, blob: bytes, count: int) -> None:
-        """Queue `count` wire-ready `TaskResult` frames; written now when connected."""
+    def send_results(self, blob: Frames, count: int) -> None:
+        """Queue `count` wire-ready `TaskResult` frames; written now when connected. A view
+        of a mapped segment is written from the mapping, which goes with the entry."""
         entry: list[object] = [None, blob, count]
         self._outbox.append(entry)
         self._unconfirmed_results += count
@@ -234,12 +236,16 @@ class MasterLink:
         if outbox and outbox[-1][0] is not None and outbox[-1][0] > self._heartbeats_sent:  # type: ignore[operator]
             self.send_heartbeat()
 
-    def find_result(self, ident: str) -> bytes | None:
+    def find_result(self, ident: str) -> Frames | None:
         """The result frame for `ident` while it awaits confirmation (a rare look-up: it
         decodes the outbox), else None."""
         head = b'{"TaskResult":{"id":' + codec.json_str(ident) + b","
         for entry in reversed(self._outbox):
-            blob: bytes = entry[1]  # type: ignore[assignment]
+            blob: Frames = entry[1]  # type: ignore[assignment]
+            if type(blob) is memoryview:  # one big frame, mapped from a segment
+                if blob[4 : 4 + len(head)] == head:
+                    return blob
+                continue
             if head not in blob:
                 continue
             for payload in FrameDecoder(len(blob)).feed(blob):
@@ -251,8 +257,12 @@ class MasterLink:
         """Ids of the results the master has not confirmed (decoded now: for a final log)."""
         ids: list[str] = []
         for entry in self._outbox:
-            blob: bytes = entry[1]  # type: ignore[assignment]
-            for payload in FrameDecoder(len(blob)).feed(blob):
+            blob: Frames = entry[1]  # type: ignore[assignment]
+            if type(blob) is memoryview:  # one big frame: its head says whose
+                payloads = [blob[4 : 4 + SPILL_HEAD_BYTES].tobytes()]
+            else:
+                payloads = FrameDecoder(len(blob)).feed(blob)
+            for payload in payloads:
                 try:
                     ident = codec.peek(payload).id
                 except RemoteProtocolError:
@@ -264,7 +274,7 @@ class MasterLink:
         connection = self._connection
         assert connection is not None and connection.transport is not None
         entry[0] = self._heartbeats_sent + 1
-        blob: bytes = entry[1]  # type: ignore[assignment]
+        blob: Frames = entry[1]  # type: ignore[assignment]
         connection.transport.write(blob)
         self.bytes_written += len(blob)
         self.frames_written += entry[2]  # type: ignore[operator]

@@ -39,13 +39,11 @@ from shm.errors import NodeDirectoryInUse
 from shm.nodedir import NodeDirectory, claim_node_dir
 from shm.segments import IncomingSegment
 from shm.space import free_bytes
+from workers.channel import SEGMENT_RESERVE_BYTES, Frames
 from workers.pool import WorkerLimits, WorkerPool
 from workers.tasks import WorkerSettings
 
 log = logging.getLogger("cpnode.node")
-
-# Free space a spilled frame leaves in shm_dir (the memory store and other payloads need it).
-SPILL_RESERVE_BYTES = 64 << 20
 
 
 class NodeStatus(enum.Enum):
@@ -108,6 +106,7 @@ class Node:
         self.link.on_connection_info = self.direct.connection_info
         self._stop = asyncio.Event()
         self._signals = 0
+        self.frames_spilled = 0  # large frames from the master written to a segment
         self.health: HealthServer | None = None
         if config.health_listen is not None:
             self.health = HealthServer(self, *parse_address(config.health_listen))
@@ -116,7 +115,7 @@ class Node:
     def ready(self) -> bool:
         return self.status is NodeStatus.READY and self.link.state is LinkState.REGISTERED
 
-    def _deliver(self, blob: bytes, count: int) -> None:
+    def _deliver(self, blob: Frames, count: int) -> None:
         self.link.send_results(blob, count)
 
     def _registered(self) -> None:
@@ -183,15 +182,17 @@ class Node:
     def _spill(self, length: int) -> IncomingSegment | None:
         """A segment for a large frame's body (workers map it in place), or None to keep it in
         memory when shm_dir lacks the room."""
-        if free_bytes(self.config.shm_dir) < length + SPILL_RESERVE_BYTES:
+        if free_bytes(self.config.shm_dir) < length + SEGMENT_RESERVE_BYTES:
             return None
         try:
-            return IncomingSegment(self.config.shm_dir, self.node_dir.segment_prefix, length)
+            segment = IncomingSegment(self.config.shm_dir, self.node_dir.segment_prefix, length)
         except OSError as error:
             log.warning(
                 "cannot spill a %d-byte frame to %s: %s", length, self.config.shm_dir, error
             )
             return None
+        self.frames_spilled += 1
+        return segment
 
     async def _run(self) -> int:
         self.status = NodeStatus.STARTING

@@ -33,12 +33,13 @@ import mmap
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from typing import Final, Self
 
 from shm import space
 from shm.closing import Closing
 
-__all__ = ["SEGMENT_NAME", "PayloadSegment", "sweep_segments"]
+__all__ = ["SEGMENT_NAME", "PayloadSegment", "sweep_segments", "write_segment"]
 
 SEGMENT_NAME: Final = re.compile(r"(?P<prefix>[A-Za-z0-9_.-]+)-seg-[0-9a-f]{32}")
 """What a segment's file name looks like; ``open`` refuses anything else."""
@@ -148,6 +149,16 @@ class PayloadSegment(Closing):
                 f"the numpy array made from it) before close()"
             ) from error
 
+    def detach(self) -> memoryview:
+        """Hand the mapping over to a view of it: return ``buffer`` and forget it here. The
+        mapping is unmapped when the last reference to that view (or a slice of it) is gone,
+        so a consumer can pass it on (to a transport's write queue, say) without tracking
+        when the last writer finished with it."""
+        view = self.buffer
+        self._buffer = None
+        self._mapping = None
+        return view
+
     def unlink(self) -> bool:
         """Remove the segment's file; return False if it was already gone."""
         try:
@@ -176,6 +187,43 @@ def sweep_segments(shm_dir: str | os.PathLike[str], prefix: str) -> list[str]:
                 continue
             removed.append(entry.name)
     return removed
+
+
+def write_segment(
+    shm_dir: str | os.PathLike[str],
+    prefix: str,
+    pieces: Sequence[bytes | bytearray | memoryview],
+    *,
+    reserve_bytes: int = 0,
+) -> str:
+    """Create a segment holding ``pieces`` back to back and return its name (the producer's
+    side when the bytes already exist: written with ``pwrite``, never mapped here).
+
+    Raises ``StoreFullError`` when ``shm_dir`` lacks the room (plus ``reserve_bytes``), or
+    ``OSError``; nothing is left behind then. The consumer opens it with ``unlink=True``.
+    """
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"segment prefix must match {_PREFIX.pattern}, got {prefix!r}")
+    size = sum(len(piece) for piece in pieces)
+    directory = os.fspath(shm_dir)
+    space.check_free(directory, size, reserve_bytes, f"a payload segment of {size} bytes")
+    name = f"{prefix}-seg-{uuid.uuid4().hex}"
+    path = os.path.join(directory, name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        # No posix_fallocate: every byte is written before the consumer maps the file, so a
+        # full filesystem is an ENOSPC from write (StoreFullError) here, never a SIGBUS there.
+        offset = 0
+        for piece in pieces:
+            space.write_all(fd, piece, path, offset)
+            offset += len(piece)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return name
 
 
 SPILL_MARK: Final = b"\x00"

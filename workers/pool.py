@@ -3,6 +3,7 @@
     WorkerPool.start() ─ spawn N processes (forkserver) ─ each sends READY ─ pool is up
     WorkerPool.send(worker, ids, frames) ──socketpair──▶ worker process
     worker process ──RESULTS──▶ on_results(worker, count, blob)      (in completion order)
+                   ──RESULT_SEGMENT──▶ map + unlink ──▶ on_results(worker, 1, mapped view)
     process sentinel readable ──▶ on_worker_lost(worker, WorkerLoss) ─ respawn (backoff if
                                                                        it keeps dying)
     watchdog timer ─ progress slots ──▶ a task past task_timeout_ms: SIGKILL its worker
@@ -40,7 +41,11 @@ from typing import Any
 import orjson
 import psutil
 
-from workers.channel import HEADER, READY, RESULTS, SKIPPED, STATS
+from node.protocol import codec
+from node.protocol import messages as m
+from node.protocol.framing import frame
+from shm.segments import PayloadSegment
+from workers.channel import HEADER, READY, RESULT_SEGMENT, RESULTS, SKIPPED, STATS, Frames
 from workers.stats import merge
 from workers.tasks import WorkerSettings
 from workers.worker import (
@@ -143,27 +148,39 @@ class _Channel(asyncio.Protocol):
         self._buffer = bytearray()
 
     def data_received(self, data: bytes) -> None:
+        # Usually `data` holds whole messages: read them from it, each body copied once; a
+        # message split across reads waits in `_buffer`.
         buffer = self._buffer
-        buffer += data
+        if buffer:
+            buffer += data
+        chunk = buffer if buffer else data
+        view = memoryview(chunk)
         size = HEADER.size
         pos = 0
-        while len(buffer) - pos >= size:
-            kind, count, length = HEADER.unpack_from(buffer, pos)
-            end = pos + size + length
-            if len(buffer) < end:
-                break
-            body = bytes(buffer[pos + size : end])
-            pos = end
-            if kind == RESULTS:
-                self._pool._results(self._worker, count, body)
-            elif kind == READY:
-                self._pool._ready(self._worker, int(body))
-            elif kind == STATS:
-                self._worker.stats = orjson.loads(body)
-            elif kind == SKIPPED:
-                self._pool._skipped(self._worker, count)
-        if pos:
+        try:
+            while len(chunk) - pos >= size:
+                kind, count, length = HEADER.unpack_from(chunk, pos)
+                end = pos + size + length
+                if len(chunk) < end:
+                    break
+                body = view[pos + size : end].tobytes()
+                pos = end
+                if kind == RESULTS:
+                    self._pool._results(self._worker, count, body)
+                elif kind == RESULT_SEGMENT:
+                    self._pool._result_segment(self._worker, body.decode())
+                elif kind == READY:
+                    self._pool._ready(self._worker, int(body))
+                elif kind == STATS:
+                    self._worker.stats = orjson.loads(body)
+                elif kind == SKIPPED:
+                    self._pool._skipped(self._worker, count)
+        finally:
+            view.release()
+        if chunk is buffer:
             del buffer[:pos]
+        elif pos < len(data):
+            buffer += memoryview(data)[pos:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Death is handled through the process sentinel, which also covers a worker that
@@ -179,7 +196,7 @@ class WorkerPool:
         size: int,
         settings: WorkerSettings,
         *,
-        on_results: Callable[[Worker, int, bytes], None],
+        on_results: Callable[[Worker, int, Frames], None],
         on_worker_ready: Callable[[Worker], None],
         on_worker_lost: Callable[[Worker, WorkerLoss], None],
         on_skipped: Callable[[Worker, int], None] = lambda worker, count: None,
@@ -211,6 +228,7 @@ class WorkerPool:
         self.run_dir: str | None = None
         self.restarts_by_cause: collections.Counter[str] = collections.Counter()
         self._retired_stats: dict[str, list[float]] = {}  # of processes that are gone
+        self.result_segments = 0  # results that came back through a payload segment
 
     def task_stats(self) -> dict[str, list[float]]:
         """Per task type: completed, failed, seconds, histogram (see `workers.stats`)."""
@@ -342,7 +360,24 @@ class WorkerPool:
         if worker.status is WorkerStatus.RETIRING and not worker.assigned:
             self._close_channel(worker)
 
-    def _results(self, worker: Worker, count: int, blob: bytes) -> None:
+    def _result_segment(self, worker: Worker, name: str) -> None:
+        """A result the worker wrote to a segment: take the segment over (the file goes now,
+        the mapping when the last view of it does) and pass the mapped frame on. A segment
+        that cannot be mapped still answers the task, with an `Error`."""
+        try:
+            segment = PayloadSegment.open(self.settings.shm_dir, name, unlink=True)
+        except (OSError, ValueError) as error:
+            log.error("worker %d: cannot map its result segment %s: %s", worker.index, name, error)
+            ident = worker.assigned[0] if worker.assigned else ""
+            lost = m.Error(
+                f"the task's result was lost on its way from worker {worker.index}: {error}"
+            )
+            self._results(worker, 1, frame(codec.task_result_payload(ident, lost)))
+            return
+        self.result_segments += 1
+        self._results(worker, 1, segment.detach())
+
+    def _results(self, worker: Worker, count: int, blob: Frames) -> None:
         worker.tasks_done += count
         worker.received += count
         self._on_results(worker, count, blob)

@@ -35,7 +35,18 @@ import time
 from typing import Any, Final
 
 from node.protocol.framing import FrameDecoder, frame
-from workers.channel import HEADER, READY, RESULTS, SKIPPED, STATS
+from shm.nodedir import node_prefix
+from shm.segments import write_segment
+from workers.channel import (
+    HEADER,
+    READY,
+    RESULT_SEGMENT,
+    RESULT_SEGMENT_BYTES,
+    RESULTS,
+    SEGMENT_RESERVE_BYTES,
+    SKIPPED,
+    STATS,
+)
 from workers.logformat import configure_logging
 from workers.tasks import TaskRunner, WorkerSettings
 
@@ -95,7 +106,7 @@ def worker_main(sock: socket.socket, settings: WorkerSettings, index: int, progr
         sock.close()
         sys.exit(EXIT_SETUP_FAILED)
     pid = str(os.getpid()).encode()
-    sender = _ResultSender(sock)
+    sender = _ResultSender(sock, settings.shm_dir, node_prefix(settings.node_id))
     try:
         sender.send(HEADER.pack(READY, 0, len(pid)) + pid)
         slot = memoryview(progress).cast("B").cast("q")  # faster to index than the ctypes array
@@ -114,10 +125,15 @@ class _ResultSender:
     holds back, every SLOW_TASK_FLUSH_S, so a worker killed for a time limit takes no finished
     result with it. (The thread wakes rarely: each wake costs the main thread a GIL handoff.)
     One lock keeps messages whole and results in order.
+
+    A result too big for the socket pair goes through a payload segment (`send_large`).
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, shm_dir: str, segment_prefix: str) -> None:
         self._sock = sock
+        self._shm_dir = shm_dir
+        self._segment_prefix = segment_prefix
+        self._warned_no_room = False
         self._lock = threading.Lock()
         self.frames: collections.deque[bytes] = collections.deque()
         self.busy = threading.Event()
@@ -133,6 +149,30 @@ class _ResultSender:
             count = len(frames)
             if count:
                 _send_results(self._sock, [frames.popleft() for _ in range(count)])
+
+    def send_large(self, payload: bytes) -> None:
+        """Send one big result frame through a payload segment, after the results queued
+        before it; through the socket when `shm_dir` has no room for it."""
+        frames = self.frames
+        header = len(payload).to_bytes(4, "big")
+        with self._lock:
+            if frames:
+                _send_results(self._sock, [frames.popleft() for _ in range(len(frames))])
+            try:
+                name = write_segment(
+                    self._shm_dir,
+                    self._segment_prefix,
+                    [header, payload],
+                    reserve_bytes=SEGMENT_RESERVE_BYTES,
+                )
+            except OSError as error:  # StoreFullError included
+                if not self._warned_no_room:
+                    self._warned_no_room = True
+                    log.warning("large results go through the socket instead: %s", error)
+                _send_results(self._sock, [header + payload])
+                return
+            body = name.encode()
+            self._sock.sendall(HEADER.pack(RESULT_SEGMENT, 1, len(body)) + body)
 
     def _flush_while_busy(self) -> None:
         while True:
@@ -193,7 +233,11 @@ def _serve(
                 continue
             progress[STARTED_AT_NS] = clock_ns()
             progress[STARTED] = seq
-            frames.append(frame(run(payload)))
+            result = run(payload)
+            if len(result) < RESULT_SEGMENT_BYTES:
+                frames.append(frame(result))
+            else:
+                sender.send_large(result)
             progress[FINISHED] = seq
             if remaining:
                 if not busy.is_set():

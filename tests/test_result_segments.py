@@ -1,0 +1,132 @@
+"""Big results come back from a real worker process through a payload segment (or, when
+shm_dir has no room, through the socket pair), whole and in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from node.dispatch import Dispatcher
+from node.protocol import codec
+from node.protocol import messages as m
+from node.protocol.framing import FrameDecoder
+from shm.errors import StoreFullError
+from shm.segments import PayloadSegment, write_segment
+from tests.test_shm_segments import SHM, mounted_tmpfs, ours
+from workers.channel import RESULT_SEGMENT_BYTES, Frames
+from workers.pool import Worker, WorkerPool
+from workers.tasks import WorkerSettings
+
+BIG = bytes(range(256)) * 2048  # 512 KiB of data: a ~1.8 MB result frame
+SMALL = b"small"
+
+
+def test_write_segment_holds_the_pieces_and_a_detached_view_outlives_the_object() -> None:
+    prefix = f"cpnode-t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    name = write_segment(SHM, prefix, [b"head:", memoryview(BIG), bytearray(b":tail")])
+    assert ours(prefix) == [name]
+    segment = PayloadSegment.open(SHM, name, unlink=True)
+    assert ours(prefix) == []
+    view = segment.detach()
+    assert segment.closed
+    del segment
+    assert view[:5] == b"head:" and view[-5:] == b":tail" and view[5:-5] == BIG
+    view.release()
+
+
+def test_write_segment_on_a_full_tmpfs_leaves_nothing(tmp_path: Path) -> None:
+    prefix = f"cpnode-t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as tiny:
+        with pytest.raises(StoreFullError, match="short by"):  # psutil's look, first
+            write_segment(tiny, prefix, [BIG, BIG, BIG])
+        with pytest.raises(StoreFullError, match="keep 600000 bytes free"):
+            write_segment(tiny, prefix, [BIG], reserve_bytes=600_000)
+        assert ours(prefix, str(tiny)) == []
+
+
+class PoolRun:
+    """One real worker process behind a Dispatcher; frames delivered to the master side are
+    kept as they came (bytes, or a mapped view)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.delivered: list[tuple[type, int, list[m.Message]]] = []
+        self.dispatcher = Dispatcher(16, self._deliver)
+        self.pool = WorkerPool(
+            1,
+            settings,
+            on_results=self.dispatcher.results,
+            on_worker_ready=self._ready,
+            on_worker_lost=self.dispatcher.worker_lost,
+            start_method="spawn",
+        )
+        self.dispatcher.pool = self.pool
+
+    def _ready(self, worker: Worker) -> None:
+        self.dispatcher.worker_ready(worker)
+
+    def _deliver(self, blob: Frames, count: int) -> None:
+        payloads = FrameDecoder().feed(blob)
+        assert len(payloads) == count
+        self.delivered.append((type(blob), count, [codec.decode(p) for p in payloads]))
+
+    def results(self) -> list[m.Message]:
+        return [message for _, _, messages in self.delivered for message in messages]
+
+    async def run(self, tasks: list[tuple[str, m.Task]]) -> None:
+        for ident, task in tasks:
+            self.dispatcher.accept(ident, codec.encode_payload(m.AssignTask(ident, task)))
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(self.results()) < len(tasks):
+            assert asyncio.get_running_loop().time() < deadline, self.delivered
+            await asyncio.sleep(0.02)
+
+
+def run_reads(settings: WorkerSettings, storage: Path) -> PoolRun:
+    """Small, big, small, big DiskReads in one batch, through one worker."""
+    (storage / "big.bin").write_bytes(BIG)
+    (storage / "small.bin").write_bytes(SMALL)
+    tasks: list[tuple[str, m.Task]] = [
+        (f"t{i}", m.DiskRead("big.bin" if i % 2 else "small.bin")) for i in range(4)
+    ]
+
+    async def scenario() -> PoolRun:
+        run = PoolRun(settings)
+        await run.pool.start()
+        try:
+            await run.run(tasks)
+        finally:
+            await run.pool.stop()
+        return run
+
+    run = asyncio.run(scenario())
+    expected = [
+        m.TaskResult(ident, m.Bytes(BIG if i % 2 else SMALL)) for i, (ident, _) in enumerate(tasks)
+    ]
+    assert run.results() == expected  # every result whole, in order
+    return run
+
+
+def test_a_big_result_comes_back_through_a_segment_in_order(tmp_path: Path) -> None:
+    node_id = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    settings = WorkerSettings(node_id=node_id, storage_dir=str(tmp_path), shm_dir=SHM)
+    run = run_reads(settings, tmp_path)
+    assert run.pool.result_segments == 2
+    mapped = [(kind, count) for kind, count, _ in run.delivered if kind is memoryview]
+    assert mapped == [(memoryview, 1), (memoryview, 1)]
+    big_frame = len(codec.encode(m.TaskResult("t1", m.Bytes(BIG))))
+    assert big_frame >= RESULT_SEGMENT_BYTES
+    assert ours(f"cpnode-{node_id}") == []  # taken over and unlinked on arrival
+
+
+def test_without_room_in_shm_dir_a_big_result_takes_the_socket(tmp_path: Path) -> None:
+    node_id = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with mounted_tmpfs(tmp_path / "tiny", "4m") as tiny:
+        settings = WorkerSettings(node_id=node_id, storage_dir=str(tmp_path), shm_dir=str(tiny))
+        run = run_reads(settings, tmp_path)
+        assert run.pool.result_segments == 0
+        assert all(kind is bytes for kind, _, _ in run.delivered)
+        assert os.listdir(tiny) == []
