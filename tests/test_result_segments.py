@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from node.config import Config, JoinInfo
 from node.dispatch import Dispatcher
+from node.link import MasterLink
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder
@@ -130,3 +132,27 @@ def test_without_room_in_shm_dir_a_big_result_takes_the_socket(tmp_path: Path) -
         assert run.pool.result_segments == 0
         assert all(kind is bytes for kind, _, _ in run.delivered)
         assert os.listdir(tiny) == []
+
+
+def test_the_outbox_finds_and_lists_a_result_held_as_a_mapping() -> None:
+    """What the master link does with an unconfirmed mapped result: find it for a repeated
+    id, name it in the final log of undelivered results."""
+    link = MasterLink(
+        Config(),
+        JoinInfo("token", "127.0.0.1", 9),
+        m.Role.Worker,
+        on_assign=lambda ident, payload: None,
+        has_capacity=lambda: True,
+    )
+    first = codec.encode(m.TaskResult("a", m.Number(1.0)))
+    second = codec.encode(m.TaskResult("b", m.Error("no")))
+    big = codec.encode(m.TaskResult("big", m.Bytes(BIG)))
+    prefix = f"cpnode-t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    view = PayloadSegment.open(SHM, write_segment(SHM, prefix, [big]), unlink=True).detach()
+    link.send_results(first + second, 2)
+    link.send_results(view, 1)
+    assert link.unconfirmed == 3
+    assert link.undelivered_ids() == ["a", "b", "big"]
+    assert link.find_result("big") is view
+    assert link.find_result("b") == second
+    assert link.find_result("c") is None
