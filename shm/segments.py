@@ -33,7 +33,7 @@ import mmap
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Final, Self
 
 from shm import space
@@ -192,19 +192,21 @@ def sweep_segments(shm_dir: str | os.PathLike[str], prefix: str) -> list[str]:
 def write_segment(
     shm_dir: str | os.PathLike[str],
     prefix: str,
-    pieces: Sequence[bytes | bytearray | memoryview],
+    pieces: Iterable[bytes | bytearray | memoryview],
+    size: int,
     *,
     reserve_bytes: int = 0,
 ) -> str:
-    """Create a segment holding ``pieces`` back to back and return its name (the producer's
-    side when the bytes already exist: written with ``pwrite``, never mapped here).
+    """Create a segment holding ``pieces`` back to back, ``size`` bytes in all, and return its
+    name (the producer's side when the bytes are produced in pieces, an encoder's output say:
+    written with ``pwrite`` as they come, never mapped here).
 
     Raises ``StoreFullError`` when ``shm_dir`` lacks the room (plus ``reserve_bytes``), or
-    ``OSError``; nothing is left behind then. The consumer opens it with ``unlink=True``.
+    ``OSError``; ``ValueError`` when the pieces do not add up to ``size``. Nothing is left
+    behind then. The consumer opens it with ``unlink=True``.
     """
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"segment prefix must match {_PREFIX.pattern}, got {prefix!r}")
-    size = sum(len(piece) for piece in pieces)
     directory = os.fspath(shm_dir)
     space.check_free(directory, size, reserve_bytes, f"a payload segment of {size} bytes")
     name = f"{prefix}-seg-{uuid.uuid4().hex}"
@@ -216,8 +218,12 @@ def write_segment(
         # full filesystem is an ENOSPC from write (StoreFullError) here, never a SIGBUS there.
         offset = 0
         for piece in pieces:
+            if offset + len(piece) > size:
+                raise ValueError(f"segment {name}: pieces longer than the {size} bytes announced")
             space.write_all(fd, piece, path, offset)
             offset += len(piece)
+        if offset != size:
+            raise ValueError(f"segment {name}: {offset} bytes written, {size} announced")
     except BaseException:
         os.unlink(path)
         raise

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
+import psutil
 import pytest
 
 from node.config import Config, JoinInfo
@@ -21,6 +24,7 @@ from shm.segments import PayloadSegment, write_segment
 from tests.test_shm_segments import SHM, mounted_tmpfs, ours
 from workers.channel import RESULT_SEGMENT_BYTES, Frames
 from workers.pool import Worker, WorkerPool
+from workers.storage import STREAM_BYTES, BytesResult, bytes_result_json
 from workers.tasks import WorkerSettings
 
 BIG = bytes(range(256)) * 2048  # 512 KiB of data: a ~1.8 MB result frame
@@ -29,7 +33,8 @@ SMALL = b"small"
 
 def test_write_segment_holds_the_pieces_and_a_detached_view_outlives_the_object() -> None:
     prefix = f"cpnode-t{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    name = write_segment(SHM, prefix, [b"head:", memoryview(BIG), bytearray(b":tail")])
+    pieces = [b"head:", memoryview(BIG), bytearray(b":tail")]
+    name = write_segment(SHM, prefix, iter(pieces), len(BIG) + 10)
     assert ours(prefix) == [name]
     segment = PayloadSegment.open(SHM, name, unlink=True)
     assert ours(prefix) == []
@@ -44,9 +49,23 @@ def test_write_segment_on_a_full_tmpfs_leaves_nothing(tmp_path: Path) -> None:
     prefix = f"cpnode-t{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with mounted_tmpfs(tmp_path / "tiny", "1m") as tiny:
         with pytest.raises(StoreFullError, match="short by"):  # psutil's look, first
-            write_segment(tiny, prefix, [BIG, BIG, BIG])
+            write_segment(tiny, prefix, [BIG, BIG, BIG], 3 * len(BIG))
         with pytest.raises(StoreFullError, match="keep 600000 bytes free"):
-            write_segment(tiny, prefix, [BIG], reserve_bytes=600_000)
+            write_segment(tiny, prefix, [BIG], len(BIG), reserve_bytes=600_000)
+
+        def racing() -> Iterator[bytes]:
+            """Another writer fills the tmpfs between psutil's look and the writes."""
+            yield BIG[:4096]
+            (tiny / "filler").write_bytes(b"\xff" * int(psutil.disk_usage(tiny).free))
+            yield BIG[4096:]
+
+        with pytest.raises(StoreFullError, match="filesystem is full"):
+            write_segment(tiny, prefix, racing(), len(BIG))
+        (tiny / "filler").unlink()
+        with pytest.raises(ValueError, match="pieces longer than the 10 bytes announced"):
+            write_segment(tiny, prefix, [BIG], 10)
+        with pytest.raises(ValueError, match="10 bytes written, 11 announced"):
+            write_segment(tiny, prefix, [BIG[:10]], 11)
         assert ours(prefix, str(tiny)) == []
 
 
@@ -148,7 +167,8 @@ def test_the_outbox_finds_and_lists_a_result_held_as_a_mapping() -> None:
     second = codec.encode(m.TaskResult("b", m.Error("no")))
     big = codec.encode(m.TaskResult("big", m.Bytes(BIG)))
     prefix = f"cpnode-t{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    view = PayloadSegment.open(SHM, write_segment(SHM, prefix, [big]), unlink=True).detach()
+    name = write_segment(SHM, prefix, [big], len(big))
+    view = PayloadSegment.open(SHM, name, unlink=True).detach()
     link.send_results(first + second, 2)
     link.send_results(view, 1)
     assert link.unconfirmed == 3
@@ -156,3 +176,27 @@ def test_the_outbox_finds_and_lists_a_result_held_as_a_mapping() -> None:
     assert link.find_result("big") is view
     assert link.find_result("b") == second
     assert link.find_result("c") is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytes(STREAM_BYTES),  # every value one digit
+        bytes([9, 10, 99, 100, 255]) * (STREAM_BYTES // 5 + 1),  # every width change
+        os.urandom(3 * (1 << 20) + 7),  # chunks of 1 MiB and a ragged tail
+        bytes(range(256)) * 4096 + b"\x07",  # a chunk boundary right before the last byte
+    ],
+    ids=["zeros", "widths", "random", "boundary"],
+)
+def test_a_bytes_result_streams_exactly_what_the_codec_writes(data: bytes) -> None:
+    answer = bytes_result_json(data)
+    assert isinstance(answer, BytesResult)
+    head, tail = b'{"TaskResult":{"id":"x","result":', b"}}"
+    enclosed = answer.enclosed(head, tail)
+    text = b"".join(enclosed.pieces())
+    assert len(enclosed) == len(text)  # announced before a piece is encoded
+    assert text == codec.encode_payload(m.TaskResult("x", m.Bytes(data)))
+    assert bytes(answer) == b'{"Bytes":' + orjson.dumps(list(data)) + b"}"
+    assert bytes_result_json(data[: STREAM_BYTES - 1]) == bytes(
+        BytesResult(data[: STREAM_BYTES - 1])
+    )

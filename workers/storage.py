@@ -20,9 +20,10 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
+import numpy as np
 import orjson
 
 from node.protocol import codec
@@ -59,7 +60,67 @@ def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
     return ident, m.DiskWrite(name, data)
 
 
-def bytes_result_json(data: bytes) -> bytes:
+STREAM_BYTES: Final = 256 * 1024
+"""Blobs from this size on make a `BytesResult`: their JSON (3.6 times longer for random
+bytes) is never assembled in memory."""
+_STREAM_CHUNK: Final = 1 << 20  # blob bytes encoded at a time
+
+
+class BytesResult:
+    """The JSON of a `Bytes` result for a big blob, inside its envelope (`head` and `tail`:
+    the rest of the `TaskResult` payload), produced piece by piece where it goes: the worker
+    writes the pieces into a payload segment, so the whole text exists only there. ``len()``
+    is its exact length, known before any piece is encoded; ``bytes()`` joins it (the rare
+    path through memory)."""
+
+    __slots__ = ("_size", "data", "head", "tail")
+
+    def __init__(self, data: bytes, head: bytes = b"", tail: bytes = b"") -> None:
+        self.data = data
+        self.head = head
+        self.tail = tail
+        values = np.frombuffer(data, dtype=np.uint8)
+        digits = len(data) + int(np.count_nonzero(values >= 10) + np.count_nonzero(values >= 100))
+        commas = max(len(data) - 1, 0)
+        self._size = len(head) + len(_BYTES_OPEN) + digits + commas + len(_BYTES_CLOSE) + len(tail)
+
+    def enclosed(self, head: bytes, tail: bytes) -> BytesResult:
+        """The same result inside `head` ... `tail` as well."""
+        result = BytesResult.__new__(BytesResult)
+        result.data = self.data
+        result.head = head + self.head
+        result.tail = self.tail + tail
+        result._size = self._size + len(head) + len(tail)
+        return result
+
+    def __len__(self) -> int:
+        return self._size
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        """The text in order: envelope, then the array `_STREAM_CHUNK` blob bytes at a time."""
+        yield self.head + _BYTES_OPEN
+        data = memoryview(self.data)
+        for start in range(0, len(data), _STREAM_CHUNK):
+            if start:
+                yield b","
+            yield memoryview(encode_byte_array(data[start : start + _STREAM_CHUNK]))[1:-1]
+        yield _BYTES_CLOSE + self.tail
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces())
+
+
+Answer = bytes | BytesResult
+"""An executor's encoded result: the JSON text, or a big `Bytes` result to stream."""
+
+_BYTES_OPEN: Final = b'{"Bytes":['
+_BYTES_CLOSE: Final = b"]}"
+
+
+def bytes_result_json(data: bytes) -> bytes | BytesResult:
+    """`{"Bytes":[...]}`: a `BytesResult` for a big blob, else the text itself."""
+    if len(data) >= STREAM_BYTES:
+        return BytesResult(data)
     return b'{"Bytes":' + encode_byte_array(data) + b"}"
 
 
@@ -83,8 +144,8 @@ class StorageTasks:
         self._memory: MemoryStore | None = None
         self._disk: DiskStore | None = None
 
-    def executors(self) -> dict[type, Callable[[m.Task], bytes]]:
-        table: dict[type, Callable[[m.Task], bytes]] = {
+    def executors(self) -> dict[type, Callable[[m.Task], Answer]]:
+        table: dict[type, Callable[[m.Task], Answer]] = {
             m.StoreData: self._store_data,
             m.RetrieveData: self._retrieve_data,
             m.DiskWrite: self._disk_write,
@@ -128,7 +189,7 @@ class StorageTasks:
             self.memory.store(task.key, task.data)
         return b'"Stored"'
 
-    def _retrieve_data(self, task: m.Task) -> bytes:
+    def _retrieve_data(self, task: m.Task) -> Answer:
         assert isinstance(task, m.RetrieveData)
         store = self.disk if self.role is m.Role.Disk else self.memory
         return bytes_result_json(store.retrieve(task.key))
@@ -138,7 +199,7 @@ class StorageTasks:
         self.disk.write(task.path, task.data)
         return b'"Written"'
 
-    def _disk_read(self, task: m.Task) -> bytes:
+    def _disk_read(self, task: m.Task) -> Answer:
         assert isinstance(task, m.DiskRead)
         return bytes_result_json(self.disk.read(task.path))
 
@@ -151,8 +212,8 @@ class StorageTasks:
         return codec.result_to_json(m.Response(self.disk.get_storage_report()))
 
 
-def _answering_errors(run: Callable[[m.Task], bytes]) -> Callable[[m.Task], bytes]:
-    def answer(task: m.Task) -> bytes:
+def _answering_errors(run: Callable[[m.Task], Answer]) -> Callable[[m.Task], Answer]:
+    def answer(task: m.Task) -> Answer:
         try:
             return run(task)
         except StoreError as error:

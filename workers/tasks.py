@@ -28,7 +28,13 @@ from shm.bytesjson import ByteArrayError
 from shm.segments import PayloadSegment, spilled
 from workers.expr import ExpressionError, evaluate_complex, evaluate_compute
 from workers.stats import TaskStats
-from workers.storage import BLOB_FAST_PATH_BYTES, StorageTasks, decode_blob_task
+from workers.storage import (
+    BLOB_FAST_PATH_BYTES,
+    Answer,
+    BytesResult,
+    StorageTasks,
+    decode_blob_task,
+)
 
 log = logging.getLogger("cpnode.worker")
 
@@ -76,7 +82,7 @@ class TaskRunner:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.stats = TaskStats()
-        self._executors: dict[type, Callable[[m.Task], bytes]] = {
+        self._executors: dict[type, Callable[[m.Task], Answer]] = {
             m.Compute: lambda t: compute_result_json(t.expression),  # type: ignore[union-attr]
             m.ComplexMath: lambda t: complex_result_json(t.expression),  # type: ignore[union-attr]
         }
@@ -92,7 +98,7 @@ class TaskRunner:
             self._executors[_task_type(kind)] = load_executor(spec)
         self._expression_fast_path = not {"Compute", "ComplexMath"} & settings.executors.keys()
 
-    def run_task(self, task: m.Task) -> bytes:
+    def run_task(self, task: m.Task) -> Answer:
         """Execute `task`; return its encoded result (never raises for a task's own failure)."""
         executor = self._executors.get(type(task))
         if executor is None:
@@ -105,9 +111,11 @@ class TaskRunner:
             log.exception("task %s failed", type(task).__name__)
             return codec.result_to_json(m.Error(f"{type(task).__name__} failed: {exc!r}"))
 
-    def run_payload(self, payload: bytes) -> bytes:
-        """Decode an `AssignTask` payload, run it, return the `TaskResult` payload."""
+    def run_payload(self, payload: bytes) -> Answer:
+        """Decode an `AssignTask` payload, run it, return the `TaskResult` payload (a big
+        `Bytes` result as a `BytesResult`, for the worker to stream)."""
         started = time.perf_counter()
+        result: Answer | None
         # A large payload is a blob task: parsing it whole just to find out would cost seconds.
         fast = self._expression_fast_path and len(payload) < BLOB_FAST_PATH_BYTES
         result = self._run_expression(payload) if fast else None
@@ -115,10 +123,11 @@ class TaskRunner:
             kind = "Compute" if b'"task":{"Compute"' in payload else "ComplexMath"
         else:
             kind, result = self._run_decoded(payload)
-        self.stats.record(kind, _ERROR_RESULT in result, time.perf_counter() - started)
+        error = type(result) is bytes and _ERROR_RESULT in result
+        self.stats.record(kind, error, time.perf_counter() - started)
         return result
 
-    def _run_spilled(self, name: str, error: str, head: bytes) -> tuple[str, bytes]:
+    def _run_spilled(self, name: str, error: str, head: bytes) -> tuple[str, Answer]:
         """Run a task whose payload the supervisor wrote to a segment: map it, run it in place,
         and remove the segment (this worker now owns it)."""
         if error:
@@ -135,7 +144,7 @@ class TaskRunner:
 
     def _run_decoded(
         self, payload: bytes | memoryview, payload_head: bytes | None = None
-    ) -> tuple[str, bytes]:
+    ) -> tuple[str, Answer]:
         """Run any task by decoding it; `payload_head` (the first bytes, for the id in an
         error) is given when `payload` is a mapped segment."""
         if payload_head is None:
@@ -149,9 +158,7 @@ class TaskRunner:
             if blob is not None:
                 ident, task = blob
                 result_head = b'{"TaskResult":{"id":' + codec.json_str(ident)
-                return type(task).__name__, result_head + b',"result":' + self.run_task(
-                    task
-                ) + b"}}"
+                return type(task).__name__, _enveloped(result_head, self.run_task(task))
             message = codec.decode(payload)
         except (RemoteProtocolError, ByteArrayError) as exc:
             error = m.Error(f"malformed task: {exc}")
@@ -161,7 +168,7 @@ class TaskRunner:
             return "malformed", codec.task_result_payload(_id_of(payload_head), error)
         result_head = b'{"TaskResult":{"id":' + codec.json_str(message.id)
         kind = type(message.task).__name__
-        return kind, result_head + b',"result":' + self.run_task(message.task) + b"}}"
+        return kind, _enveloped(result_head, self.run_task(message.task))
 
     @staticmethod
     def _run_expression(payload: bytes) -> bytes | None:
@@ -187,6 +194,13 @@ class TaskRunner:
         return (
             b'{"TaskResult":{"id":' + orjson.dumps(ident) + b',"result":' + run(expression) + b"}}"
         )
+
+
+def _enveloped(result_head: bytes, answer: Answer) -> Answer:
+    """The `TaskResult` payload: `result_head` (up to the id), then the result."""
+    if isinstance(answer, BytesResult):
+        return answer.enclosed(result_head + b',"result":', b"}}")
+    return result_head + b',"result":' + answer + b"}}"
 
 
 def load_executor(spec: str) -> Callable[[m.Task], bytes]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import itertools
 import logging
 import os
 import select
@@ -32,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any, Final
 
 from node.protocol.framing import FrameDecoder, frame
@@ -48,6 +50,7 @@ from workers.channel import (
     STATS,
 )
 from workers.logformat import configure_logging
+from workers.storage import Answer, BytesResult
 from workers.tasks import TaskRunner, WorkerSettings
 
 FLUSH_AFTER_S = 0.002  # the main thread flushes between tasks this often
@@ -150,11 +153,14 @@ class _ResultSender:
             if count:
                 _send_results(self._sock, [frames.popleft() for _ in range(count)])
 
-    def send_large(self, payload: bytes) -> None:
+    def send_large(self, payload: Answer) -> None:
         """Send one big result frame through a payload segment, after the results queued
-        before it; through the socket when `shm_dir` has no room for it."""
+        before it (a `BytesResult` is encoded straight into the segment); through the socket
+        when `shm_dir` has no room for it."""
         frames = self.frames
         header = len(payload).to_bytes(4, "big")
+        pieces: Iterable[bytes | memoryview]
+        pieces = payload.pieces() if isinstance(payload, BytesResult) else (payload,)
         with self._lock:
             if frames:
                 _send_results(self._sock, [frames.popleft() for _ in range(len(frames))])
@@ -162,14 +168,15 @@ class _ResultSender:
                 name = write_segment(
                     self._shm_dir,
                     self._segment_prefix,
-                    [header, payload],
+                    itertools.chain((header,), pieces),
+                    len(header) + len(payload),
                     reserve_bytes=SEGMENT_RESERVE_BYTES,
                 )
             except OSError as error:  # StoreFullError included
                 if not self._warned_no_room:
                     self._warned_no_room = True
                     log.warning("large results go through the socket instead: %s", error)
-                _send_results(self._sock, [header + payload])
+                _send_results(self._sock, [header + bytes(payload)])
                 return
             body = name.encode()
             self._sock.sendall(HEADER.pack(RESULT_SEGMENT, 1, len(body)) + body)
@@ -235,7 +242,7 @@ def _serve(
             progress[STARTED] = seq
             result = run(payload)
             if len(result) < RESULT_SEGMENT_BYTES:
-                frames.append(frame(result))
+                frames.append(frame(bytes(result)))
             else:
                 sender.send_large(result)
             progress[FINISHED] = seq
