@@ -8,10 +8,11 @@ Decoding, for text longer than ``SMALL_TEXT``::
 
     text ─ strip whitespace, check "[" … "]" ─► region between the brackets
     region ─ split at commas into ~256 KiB chunks (the temporaries stay in the CPU cache)
-      chunk ─ copy into a padded buffer ─► comma mask ─► comma positions (np.flatnonzero)
-            ─ gather the three characters before each comma (last, tens, hundreds digit)
-            ─ one count check proves every element is 1-3 digits ─► value, range, leading zero
-            ─► output slice
+      chunk ─ copy into a padded buffer, read as two-byte lanes ─► two digit planes
+            ─ per lane: comma at its even or odd byte? (never both: that is an empty element)
+            ─ pick the three digits before the lane's comma (last, tens, hundreds) by parity
+            ─ count checks prove every element is 1-3 digits ─► value, range, leading zero
+            ─ comma lanes (np.flatnonzero over half the text) ─► one gather ─► output slice
       whitespace in a chunk ─► removed (after checking it never splits a number), then as above
     any chunk that fails ─► _diagnose(): a plain scan of that chunk names the element and offset
 
@@ -43,6 +44,10 @@ small enough for the temporaries to stay in cache."""
 
 _COMMA: Final = ord(",")
 _ZERO: Final = ord("0")
+_DIGIT_COMMA: Final = (_COMMA - _ZERO) & 0xFF
+"""A comma in a digit plane (the byte minus ``ord("0")``, wrapping)."""
+_FILLER: Final = ord("/")
+"""Pads the lanes to an even length: neither a digit nor a comma."""
 _WHITESPACE: Final = frozenset(b" \t\n\r")
 _WS_TABLE: Final = np.zeros(256, dtype=np.bool_)
 _WS_TABLE[list(_WHITESPACE)] = True
@@ -184,11 +189,23 @@ class _ChunkDecoder:
     """Decodes one chunk (whole elements, without the commas around it) at a time, into
     buffers reused from chunk to chunk.
 
-    The chunk is copied behind three comma bytes and followed by one, so that every element
-    (including the first and the last) ends at a comma and has three readable bytes before it.
-    For the element ending at comma ``i`` the gathers read ``c`` (last digit, at ``i-1``),
-    ``t`` (``i-2``) and ``h`` (``i-3``); ``t`` and ``h`` count as digits of this element only
-    while no comma came between.
+    The chunk is copied behind four comma bytes and followed by one (and a filler byte up to
+    an even length), so that every element ends at a comma with three readable bytes before
+    it. That text ``T`` is read as *lanes* of two bytes, lane ``k`` holding ``T[2k]`` and
+    ``T[2k+1]``, split into two digit planes ``D0[k] = T[2k] - 48`` and ``D1[k] = T[2k+1] - 48``
+    (uint8, wrapping). Two commas never share a lane in valid text, so one comma lane stands
+    for one element and the lanes (half the text) are the unit of all the arithmetic:
+
+    ========================  ===================================  ===============
+    comma at                  hundreds ``h``, tens ``t``, last ``c``  lane mask
+    ========================  ===================================  ===============
+    ``T[2k]`` (even)          ``D1[k-2]``, ``D0[k-1]``, ``D1[k-1]``  ``e``
+    ``T[2k+1]`` (odd)         ``D0[k-1]``, ``D1[k-1]``, ``D0[k]``    ``o``
+    ========================  ===================================  ===============
+
+    Each of ``h``, ``t``, ``c`` is ``min(even | ~e, odd | ~o)`` (``~`` as 0/255 bytes): the
+    candidate of the lane's parity, or 255 (not a digit) in a lane without a comma. ``t`` and
+    ``h`` count as digits of the element only while no comma came between.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -197,15 +214,23 @@ class _ChunkDecoder:
 
     def _grow(self, capacity: int) -> None:
         self._capacity = capacity
-        self._padded: U8 = np.full(capacity + 4, _COMMA, dtype=np.uint8)
-        self._commas: Bools = np.empty(capacity + 1, dtype=np.bool_)
-        elements = capacity // 2 + 1
-        self._c: U8 = np.empty(elements, dtype=np.uint8)
-        self._t: U8 = np.empty(elements, dtype=np.uint8)
-        self._h: U8 = np.empty(elements, dtype=np.uint8)
-        self._t_digit: Bools = np.empty(elements, dtype=np.bool_)
-        self._h_digit: Bools = np.empty(elements, dtype=np.bool_)
-        self._floor: U8 = np.empty(elements, dtype=np.uint8)
+        lanes = (capacity + 6) // 2 + 1
+        self._text: U8 = np.full(2 * lanes, _COMMA, dtype=np.uint8)
+        self._d0: U8 = np.empty(lanes, dtype=np.uint8)
+        self._d1: U8 = np.empty(lanes, dtype=np.uint8)
+        self._even: Bools = np.empty(lanes, dtype=np.bool_)
+        self._odd: Bools = np.empty(lanes, dtype=np.bool_)
+        self._comma: Bools = np.empty(lanes, dtype=np.bool_)
+        self._not_even: U8 = np.empty(lanes, dtype=np.uint8)
+        self._not_odd: U8 = np.empty(lanes, dtype=np.uint8)
+        self._c: U8 = np.empty(lanes, dtype=np.uint8)
+        self._t: U8 = np.empty(lanes, dtype=np.uint8)
+        self._h: U8 = np.empty(lanes, dtype=np.uint8)
+        self._scratch: U8 = np.empty(lanes, dtype=np.uint8)
+        self._c_digit: Bools = np.empty(lanes, dtype=np.bool_)
+        self._t_digit: Bools = np.empty(lanes, dtype=np.bool_)
+        self._h_digit: Bools = np.empty(lanes, dtype=np.bool_)
+        self._floor: U8 = np.empty(lanes, dtype=np.uint8)
 
     def decode(self, chunk: U8, out: U8) -> int | None:
         """Write the chunk's values to the start of ``out``; return how many, or None when the
@@ -224,51 +249,73 @@ class _ChunkDecoder:
             return None
         if length > self._capacity:
             self._grow(length)
-        padded = self._padded
-        padded[3 : length + 3] = chunk
-        padded[length + 3] = _COMMA
-        commas = self._commas[: length + 1]
-        np.equal(padded[3 : length + 4], _COMMA, out=commas)
-        ends = np.flatnonzero(commas)
+        end = length + 5
+        lanes = (end + 1) // 2
+        text = self._text
+        text[4 : length + 4] = chunk
+        text[length + 4] = _COMMA
+        text[end : 2 * lanes] = _FILLER
+        pairs = text[: 2 * lanes].view(np.uint16)
+        d0, d1 = self._d0[:lanes], self._d1[:lanes]
+        np.copyto(d0, pairs, casting="unsafe")
+        np.right_shift(pairs, 8, out=d1, casting="unsafe")
+        np.subtract(d0, _ZERO, out=d0)
+        np.subtract(d1, _ZERO, out=d1)
+        # Lanes 0 and 1 are the leading commas; lane k looks back into lanes k-1 and k-2.
+        size = lanes - 2
+        even, odd, comma = self._even[:size], self._odd[:size], self._comma[:size]
+        np.equal(d0[2:], _DIGIT_COMMA, out=even)
+        np.equal(d1[2:], _DIGIT_COMMA, out=odd)
+        np.logical_or(even, odd, out=comma)
+        ends = np.flatnonzero(comma)
         n = len(ends)
-        if n > (length + 1) // 2:
-            return None
-        c, t, h = self._c[:n], self._t[:n], self._h[:n]
-        np.take(padded[2:], ends, out=c, mode="clip")
-        np.take(padded[1:], ends, out=t, mode="clip")
-        np.take(padded, ends, out=h, mode="clip")
-        np.subtract(c, _ZERO, out=c)
-        np.subtract(t, _ZERO, out=t)
-        np.subtract(h, _ZERO, out=h)
-        t_digit, h_digit = self._t_digit[:n], self._h_digit[:n]
+        if n != np.count_nonzero(even) + np.count_nonzero(odd):
+            return None  # two commas in one lane: an empty element
+        not_even, not_odd = self._not_even[:size], self._not_odd[:size]
+        np.subtract(even.view(np.uint8), 1, out=not_even)
+        np.subtract(odd.view(np.uint8), 1, out=not_odd)
+        c, t, h = self._c[:size], self._t[:size], self._h[:size]
+        self._select(c, d1[1:-1], d0[2:])
+        self._select(t, d0[1:-1], d1[1:-1])
+        self._select(h, d1[:-2], d0[1:-1])
+        c_digit, t_digit, h_digit = self._c_digit[:size], self._t_digit[:size], self._h_digit[:size]
+        np.less_equal(c, 9, out=c_digit)
         np.less_equal(t, 9, out=t_digit)
         np.less_equal(h, 9, out=h_digit)
         np.logical_and(h_digit, t_digit, out=h_digit)
-        # Counted digits never exceed an element's real length once its last character is a
-        # digit, so equal totals prove that every element is exactly its 1-3 counted digits.
+        # Lanes without a comma hold 255s and count nothing. Counted digits never exceed an
+        # element's real length once its last character is a digit, so equal totals prove
+        # that every element is exactly its 1-3 counted digits.
         counted = n + np.count_nonzero(t_digit) + np.count_nonzero(h_digit)
-        if counted != length - (n - 1) or int(c.max()) > 9:
+        if np.count_nonzero(c_digit) != n or counted != length - (n - 1):
             return None
-        np.multiply(t, t_digit, out=t)
         np.multiply(h, h_digit, out=h)
         if int(h.max()) > 2:
             return None
+        np.multiply(t, t_digit, out=t)
         # The smallest value an element of its length may have is 0, 10 or 100; a leading zero
         # makes it smaller. With the hundreds digit at most 2 the uint8 sum wraps exactly for
         # 256-299, to 0-43: below 100 too.
-        floor = self._floor[:n]
+        floor = self._floor[:size]
         np.multiply(h_digit.view(np.uint8), 9, out=floor)
         np.add(floor, t_digit.view(np.uint8), out=floor)
         np.multiply(floor, 10, out=floor)
-        np.multiply(t, 10, out=t)
-        np.add(t, c, out=t)
-        np.multiply(h, 100, out=h)
+        np.multiply(h, 10, out=h)
         np.add(h, t, out=h)
-        np.less(h, floor, out=t_digit)
-        if t_digit.any():
+        np.multiply(h, 10, out=h)
+        np.add(h, c, out=h)
+        np.less(h, floor, out=c_digit)
+        if c_digit.any():
             return None
-        out[:n] = h
+        np.take(h, ends, out=out[:n])
         return n
+
+    def _select(self, target: U8, even: U8, odd: U8) -> None:
+        """``target = min(even | ~e, odd | ~o)``: the candidate of each lane's comma parity."""
+        scratch = self._scratch[: len(target)]
+        np.bitwise_or(even, self._not_even[: len(target)], out=target)
+        np.bitwise_or(odd, self._not_odd[: len(target)], out=scratch)
+        np.minimum(target, scratch, out=target)
 
 
 def _without_whitespace(chunk: U8) -> U8 | None:

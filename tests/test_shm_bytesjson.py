@@ -263,3 +263,17 @@ def test_digits_without_commas_for_longer_than_a_chunk() -> None:
         decode_byte_array(text)
     assert caught.value.element == 1
     assert "above 255" in caught.value.reason
+
+
+@pytest.mark.parametrize("path", [name for name in PATHS if name != "orjson path"])
+@pytest.mark.parametrize("head", ["", "1,", "12,", "123,", "1,2,"])
+@pytest.mark.parametrize(("bad", "reason"), [(",", "empty element"), ("0", "leading zero")])
+def test_errors_at_either_byte_of_a_lane(path: str, head: str, bad: str, reason: str) -> None:
+    """The vectorised decoder reads two bytes per lane: a fault must be found whichever byte
+    of a lane it falls on (the heads shift it by one byte at a time)."""
+    for tail in ["5", "25", "125"]:
+        text = f"[{head}12,{bad}{tail},7]".encode()
+        with PATHS[path](), pytest.raises(ByteArrayError) as caught:
+            decode_byte_array(text)
+        assert reason in caught.value.reason, text
+        assert caught.value.element == head.count(",") + 1, text
