@@ -31,6 +31,7 @@ import asyncio
 import collections
 import logging
 import re
+import struct
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -63,9 +64,9 @@ class Dispatcher:
         self.prefetch = prefetch
         self._send_results = send_results
         self._pending: collections.deque[tuple[str, bytes]] = collections.deque()
-        self._held: set[str] = set()  # ids pending or assigned
-        # Payloads of the tasks workers hold, to re-dispatch those a dead worker never started.
-        self._running: dict[str, bytes] = {}
+        # Payloads of the tasks pending or held by a worker, by id: a repeated id joins its task,
+        # and a dead worker's tasks are dispatched again from here.
+        self._held: dict[str, bytes] = {}
         self._retried: set[str] = set()  # ids already retried once after a worker died
         self._workers: list[Worker] = []
         self.pool: WorkerPool | None = None
@@ -78,7 +79,8 @@ class Dispatcher:
         # Takes a master task the workers have no room for (True) or declines it (False); it
         # answers through `io_finished` or gives the task back with `run_locally`.
         self.offload: Callable[[str, bytes], bool] | None = None
-        self.received_by_type: collections.Counter[str] = collections.Counter()
+        # Tasks received by type, but for `Compute`: the common kind is `received` less these.
+        self._received_other_types: collections.Counter[str] = collections.Counter()
         self.shm_dir: str | None = None  # where spilled payloads live (see shm.segments)
         self._flush_scheduled = False
         self._accepting = True
@@ -105,6 +107,15 @@ class Dispatcher:
         return len(self._pending)
 
     @property
+    def received_by_type(self) -> collections.Counter[str]:
+        """Tasks accepted so far, by type (a fresh count)."""
+        counts = collections.Counter(self._received_other_types)
+        compute = self.received - sum(counts.values())
+        if compute:
+            counts["Compute"] = compute
+        return counts
+
+    @property
     def held(self) -> int:
         """Tasks accepted and not yet answered (pending + running)."""
         return len(self._held)
@@ -125,7 +136,8 @@ class Dispatcher:
     ) -> None:
         """Queue an `AssignTask` payload (its id read by `codec.peek`); its result goes to
         `reply` when given (a direct link), else to the master."""
-        if ident in self._held:
+        held = self._held
+        if ident in held:
             self.joined_duplicates += 1
             return
         if (ident in self._answered or ident in self._answered_before) and self._resend(
@@ -140,17 +152,29 @@ class Dispatcher:
             self.handed_back += 1
             self.last_handed_back_at = time.monotonic()
             return
-        self._held.add(ident)
+        if not held:
+            self.idle.clear()
+        held[ident] = payload
         self.received += 1
-        self.idle.clear()
+        # The common task, without the regex: quotes inside a JSON string are escaped, so the
+        # mark can only be the task's own variant. As the master writes it, the mark follows
+        # the id (an id with escapes or non-ASCII text is longer than `ident`: then the search
+        # below finds it).
+        if (
+            reply is None
+            and self.offload is None
+            and payload.startswith(_COMPUTE_AFTER_ID, _ID_START + len(ident))
+        ):
+            self._pending.append((ident, payload))
+            if not self._flush_scheduled:
+                self._schedule_flush()
+            return
         if payload.find(_COMPUTE_MARK, 0, 512) >= 0:
-            # The common task, without the regex: quotes inside a JSON string are escaped, so
-            # the mark can only be the task's own variant.
             kind = "Compute"
         else:
             match = _TASK_VARIANT.search(payload, 0, 4096)
             kind = match.group(1).decode() if match is not None else "malformed"
-        self.received_by_type[kind] += 1
+            self._received_other_types[kind] += 1
         if reply is not None:
             self._replies[ident] = reply
         if kind in _IO_TASKS and self.io_runner is not None:
@@ -208,7 +232,7 @@ class Dispatcher:
         """The answer for `ident` from the I/O runner or a direct peer (a wire-ready
         `TaskResult` frame)."""
         self.io_running -= 1
-        self._held.discard(ident)
+        self._held.pop(ident, None)
         self.completed += 1
         reply = self._replies.pop(ident, None) if self._replies else None
         (reply or self._send_results)(result_frame, 1)
@@ -249,7 +273,7 @@ class Dispatcher:
         self._accepting = False
         dropped = [ident for ident, _ in self._pending]
         for ident in dropped:
-            self._held.discard(ident)
+            self._held.pop(ident, None)
         if self._replies:  # a direct peer has no master to take its tasks back: answer them
             stopping = m.Error("the node is stopping")
             for ident in [ident for ident in dropped if ident in self._replies]:
@@ -270,9 +294,8 @@ class Dispatcher:
         handed_back = 0
         for _ in range(count):
             ident = assigned.popleft()
-            self._held.discard(ident)
+            del self._held[ident]
             self._retried.discard(ident)
-            del self._running[ident]
             reply = self._replies.pop(ident, None) if self._replies else None
             if reply is not None:
                 reply(frame(codec.task_result_payload(ident, stopping)), 1)
@@ -299,11 +322,14 @@ class Dispatcher:
             if room <= 0 or not pending:
                 continue
             take = min(room, len(pending))
-            batch = [pending.popleft() for _ in range(take)]
-            self._running.update(batch)
-            blob = b"".join([frame(payload) for _, payload in batch])
+            ids = []
+            frames: list[bytes] = []
+            for _ in range(take):
+                ident, payload = pending.popleft()
+                ids.append(ident)
+                frames += (_pack_length(len(payload)), payload)  # one copy, in the join
             assert self.pool is not None
-            self.pool.send(worker, [ident for ident, _ in batch], blob)
+            self.pool.send(worker, ids, b"".join(frames))
 
     # ------------------------------------------------------------------------------- workers
 
@@ -315,22 +341,20 @@ class Dispatcher:
     def results(self, worker: Worker, count: int, blob: Frames) -> None:
         assigned = worker.assigned
         held = self._held
-        running = self._running
-        answered = self._answered
-        routed: list[str] | None = [] if self._replies else None
-        for _ in range(count):
-            ident = assigned.popleft()
-            held.discard(ident)
-            answered[ident] = running.pop(ident)
-            if routed is not None:
-                routed.append(ident)
+        if count == len(assigned):
+            ids = list(assigned)
+            assigned.clear()
+        else:
+            popleft = assigned.popleft
+            ids = [popleft() for _ in range(count)]
+        self._answered.update(zip(ids, map(held.pop, ids), strict=True))
         if self._retried:  # rare: only after a worker died
             self._retried.intersection_update(held)
         self.completed += count
-        if routed is None:
-            self._send_results(blob, count)
+        if self._replies:
+            self._route(blob, ids)
         else:
-            self._route(blob, routed)
+            self._send_results(blob, count)
         self._forget_confirmed()
         if self._pending:
             self._schedule_flush()
@@ -351,7 +375,7 @@ class Dispatcher:
         errored: list[str] = []
         for position in range(loss.started):
             ident = assigned.popleft()
-            payload = self._running.pop(ident)
+            payload = self._held[ident]
             running = loss.running and position == loss.started - 1
             if running and loss.timeout_ms:
                 error = m.Error(
@@ -366,7 +390,7 @@ class Dispatcher:
                 when = "while running" if running else "after running (its result was lost)"
                 error = m.Error(f"worker {worker.index} died {when} this task: {loss.how}")
             self._retried.discard(ident)
-            self._held.discard(ident)
+            del self._held[ident]
             errors.append(frame(codec.task_result_payload(ident, error)))
             errored.append(ident)
         if requeue:
@@ -376,7 +400,7 @@ class Dispatcher:
         if errors:
             self.completed += len(errors)
             self._route(b"".join(errors), errored)
-        never_started = [(ident, self._running.pop(ident)) for ident in assigned]
+        never_started = [(ident, self._held[ident]) for ident in assigned]
         assigned.clear()
         if never_started:
             log.warning(
@@ -396,6 +420,9 @@ _IDEMPOTENT = frozenset(
     {b"Compute", b"ComplexMath", b"RetrieveData", b"DiskRead", b"GetGlobalRam", b"GetStorage"}
 )
 _COMPUTE_MARK = b'"task":{"Compute":'
+_ID_START = len(b'{"AssignTask":{"id":"')
+_COMPUTE_AFTER_ID = b'",' + _COMPUTE_MARK
+_pack_length = struct.Struct(">I").pack
 _IO_TASKS = frozenset({"HttpRequest", "Tcp", "Udp"})
 _TASK_VARIANT = re.compile(rb'"task"\s*:\s*(?:\{\s*)?"([A-Za-z]+)"')
 

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.protocol import codec
+from node.protocol import messages as m
 from workers import expr
 from workers.expr import (
     MAX_EXPRESSION_BYTES,
@@ -25,6 +27,7 @@ from workers.expr import (
     format_complex,
     format_rust_f64,
 )
+from workers.tasks import TaskRunner, WorkerSettings
 
 VECTORS = Path(__file__).parent / "data" / "compute_vectors.jsonl"
 INF = math.inf
@@ -505,6 +508,124 @@ def test_well_formed_expressions_never_fail_to_parse(text: str) -> None:
         assert evaluate_complex(text).endswith("i")
     except ExpressionError as error:
         assert str(error) == "unsupported token" or str(error).startswith("unknown var ")
+
+
+# --- The plain fast path ------------------------------------------------------------------------
+
+
+def reference_outcome(expression: str) -> float | str:
+    """What the full parser and stack machine give: a value, or the error text."""
+    try:
+        return expr._run_real(expr._parse(expression))
+    except (expr._SyntaxFailure, ExpressionError) as error:
+        return str(error)
+
+
+PLAIN_NUMBERS = st.one_of(
+    NUMBERS,
+    st.sampled_from(["0", "0.", "00.0", "0e0", "5.", "1e308", "1e999", "2.5E-3", "1e+2"]),
+)
+PLAIN_SPACE = st.sampled_from(["", "", " ", "  ", "\t", "\r\n"])
+PLAIN_EXPRESSIONS = st.builds(
+    lambda first, rest, lead, trail: lead + first + "".join(rest) + trail,
+    PLAIN_NUMBERS,
+    st.lists(
+        st.builds(
+            "".join, st.tuples(PLAIN_SPACE, st.sampled_from("+-*/%"), PLAIN_SPACE, PLAIN_NUMBERS)
+        ),
+        max_size=7,
+    ),
+    PLAIN_SPACE,
+    PLAIN_SPACE,
+)
+
+
+@settings(max_examples=2000)
+@given(PLAIN_EXPRESSIONS)
+def test_plain_expressions_take_the_fast_path_with_meval_s_exact_value(text: str) -> None:
+    value = expr.plain_value(text.encode())
+    assert value is not None
+    reference = reference_outcome(text)
+    assert isinstance(reference, float)
+    assert_same_float(value, reference)
+    if math.isfinite(reference):
+        assert_same_float(evaluate_compute(text), reference)
+
+
+@pytest.mark.parametrize("operators", ["", "+", "-*", "/%", "*/", "-/-", "+%*-", "/-/+*%", "-" * 9])
+@pytest.mark.parametrize(
+    "numbers", [("7", "3", "0", "2.5", "1e300"), ("0", "0.", "5", "1e999", "3")]
+)
+def test_every_operator_sequence_folds_like_meval(operators: str, numbers: tuple[str, ...]) -> None:
+    # Zero divisors (Python raises, IEEE does not), signed zeros, overflow and nan.
+    text = numbers[0] + "".join(
+        op + numbers[(k + 1) % len(numbers)] for k, op in enumerate(operators)
+    )
+    value = expr.plain_value(text.encode())
+    assert value is not None
+    reference = reference_outcome(text)
+    assert isinstance(reference, float)
+    assert_same_float(value, reference)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "-1",
+        "+1",
+        "1+-2",
+        "1+",
+        "(1)",
+        "2^3",
+        "1e",
+        "1e+",
+        ".5",
+        "1..2",
+        "1 2",
+        "pi",
+        "1+2)",
+        "1\x0b+2",
+        "1\u00a0+2",
+        "\u0661+2",
+        "1_0",
+        "inf",
+        "nan",
+        "1" * 10_001,
+    ],
+)
+def test_anything_but_a_plain_expression_is_left_to_the_parser(text: str) -> None:
+    assert expr.plain_value(text.encode()) is None
+
+
+def test_the_task_runner_s_plain_path_answers_like_the_decoding_path() -> None:
+    runner = TaskRunner(WorkerSettings())
+    for ident, text in [
+        ("t1", "12345+3*2"),
+        ("id with spaces/{}[]:,", " 1e21 * 10 "),
+        ("t2", "1/3"),
+        ("t3", "0.1+0.2"),
+        ("t4", "1e-7*1"),
+        ("t5", "1/0"),  # not finite: an Error
+        ("t6", "0/0"),
+        ("t7", "5%0"),
+        ("t8", "2^0.5"),  # not plain
+        ("é", "1+1"),  # not ASCII
+        ("t9", "1" * 10_001),  # too long
+    ]:
+        payload = codec.encode_payload(m.AssignTask(ident, m.Compute(text)))
+        expected = codec.task_result_payload(ident, _compute_result(text))
+        assert runner.run_payload(payload) == expected, (ident, text)
+        assert runner._run_decoded(payload)[1] == expected
+
+
+def _compute_result(text: str) -> m.Result:
+    try:
+        value = evaluate_compute(text)
+    except ExpressionError as error:
+        return m.Error(str(error))
+    return m.Number(value) if math.isfinite(value) else codec.non_finite_error(value)
 
 
 def test_module_imports_only_the_standard_library() -> None:

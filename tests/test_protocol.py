@@ -253,6 +253,26 @@ def test_peek_reads_variant_and_id_from_the_head(
     assert tuple(p.peek(payload)) == head
 
 
+@pytest.mark.parametrize(
+    ("payload", "ident"),
+    [
+        (b'{"AssignTask":{"id":"t-1","task":"GetStorage"}}', "t-1"),
+        (b'{"AssignTask":{"id":"","task":"GetStorage"}}', ""),
+        ('{"AssignTask":{"id":"é€","task":"GetStorage"}}'.encode(), "é€"),
+        (b'{"AssignTask":{"id":"a\\"b","task":"GetStorage"}}', None),  # escaped: use peek
+        (b'{"AssignTask":{"id":"a\\\\b","task":"GetStorage"}}', None),
+        (b'{"AssignTask":{"id":"\xff","task":"GetStorage"}}', None),  # not UTF-8
+        (b'{"AssignTask":{"id":"open', None),
+        (b'{"AssignTask": {"id":"spaced","task":"GetStorage"}}', None),
+        (b'{"TaskResult":{"id":"r","result":"Stored"}}', None),
+    ],
+)
+def test_assign_task_id_reads_only_the_id_as_masters_write_it(
+    payload: bytes, ident: str | None
+) -> None:
+    assert codec.assign_task_id(payload) == ident
+
+
 def test_peek_does_not_read_a_large_body() -> None:
     payload = (
         b'{"AssignTask":{"id":"big","task":{"StoreData":{"key":"k","data":['

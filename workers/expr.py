@@ -12,7 +12,10 @@ Data flow::
                   shunting-yard  items)                                    (evaluate_complex)
 
 Both entry points cache their outcome (value or error text) per expression string: evaluation is
-pure, and a cluster tends to send the same expressions again and again.
+pure, and a cluster tends to send the same expressions again and again. A plain expression
+(unsigned numbers and `+ - * / %` only, the common case) skips the parser: `plain_value` folds it
+directly with the same operations in the same order; the task runner matches such a `Compute`
+in the raw payload and calls `evaluate_plain` on its bytes.
 
 Grammar (meval 0.2; whitespace is space, tab, CR and LF only, and may appear between any tokens)::
 
@@ -60,11 +63,15 @@ from typing import Final, NamedTuple
 __all__ = [
     "MAX_EXPRESSION_BYTES",
     "MAX_NESTING_DEPTH",
+    "PLAIN_EXPRESSION",
+    "PLAIN_JSON_EXPRESSION",
     "ExpressionError",
     "evaluate_complex",
     "evaluate_compute",
+    "evaluate_plain",
     "format_complex",
     "format_rust_f64",
+    "plain_value",
 ]
 
 MAX_EXPRESSION_BYTES: Final = 10_000
@@ -107,7 +114,20 @@ _LEXEME: Final = re.compile(
     r"|.",  # anything else: always unexpected, so all five groups are empty
     re.DOTALL,
 )
-_PLAIN_NUMBER: Final = re.compile(r"[ \t\r\n]*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)[ \t\r\n]*")
+# The plain subset (see `plain_value`): unsigned numbers joined by `+ - * / %`, with meval's
+# whitespace around them (a regex source). A sign after `e` always belongs to an exponent in it.
+# Nothing in it needs backtracking, so every quantifier is possessive (faster to match).
+_NUMBER: Final = r"[0-9]++(?:\.[0-9]*+)?+(?:[eE][+-]?+[0-9]++)?+"
+_WHITESPACE: Final = r"[ \t\r\n]*+"
+PLAIN_EXPRESSION: Final = (
+    rf"{_WHITESPACE}{_NUMBER}(?:{_WHITESPACE}[-+*/%]{_WHITESPACE}{_NUMBER})*+{_WHITESPACE}"
+)
+# The same as the raw text of a JSON string, where tab, CR and LF can only appear escaped.
+PLAIN_JSON_EXPRESSION: Final = rf" *+{_NUMBER}(?: *+[-+*/%] *+{_NUMBER})*+ *+"
+_PLAIN: Final = re.compile(PLAIN_EXPRESSION.encode())
+_PLAIN_SPLIT: Final = re.compile(rf"{_WHITESPACE}(?<![eE])([-+*/%]){_WHITESPACE}".encode())
+_NOT_OPERATORS: Final = b"0123456789. \t\r\n"
+_OPERATORS_TO_SPACES: Final = bytes.maketrans(b"+-*/%", b"     ")
 
 # Binary operators and unary minus ("~") by meval's precedence; "(" and function markers rank 0 so
 # that popping operators stops at them.
@@ -233,6 +253,65 @@ def _too_deep(expression: str, index: int) -> _SyntaxFailure:
         f"Parentheses nested deeper than {MAX_NESTING_DEPTH} levels at byte "
         f"{_byte_offset(expression, index)}."
     )
+
+
+# --- The plain fast path -------------------------------------------------------------------------
+# Most expressions a cluster sends are plain: unsigned numbers joined by + - * / %, no name,
+# parenthesis, sign or `^`. For those, meval's program is "fold the products left to right, then
+# the sums", so the value comes without tokens or a program, by the same IEEE operations in the
+# same order (`_fold_plain`).
+
+
+def plain_value(expression: bytes) -> float | None:
+    """The value of a plain expression (`PLAIN_EXPRESSION`, as UTF-8 bytes), exactly as meval
+    computes it; None for any other expression (`evaluate_compute` answers those)."""
+    if len(expression) > MAX_EXPRESSION_BYTES or _PLAIN.fullmatch(expression) is None:
+        return None
+    return evaluate_plain(expression)
+
+
+def evaluate_plain(expression: bytes) -> float:
+    """The value of `expression`, which the caller matched against `PLAIN_EXPRESSION` (or
+    `PLAIN_JSON_EXPRESSION`) and bounded by `MAX_EXPRESSION_BYTES`."""
+    operators = expression.translate(None, _NOT_OPERATORS)
+    if _LOWER_E in operators or _UPPER_E in operators:  # an exponent, whose sign is no operator
+        parts = _PLAIN_SPLIT.split(expression)
+        operators = b"".join(parts[1::2])
+        numbers = parts[::2]
+    else:
+        numbers = expression.translate(_OPERATORS_TO_SPACES).split()
+    values = list(map(float, numbers))  # float() takes meval's whitespace around a number
+    if not operators:
+        return values[0]
+    return _fold_plain(operators, values)
+
+
+def _fold_plain(operators: bytes, values: list[float]) -> float:
+    term = values[0]
+    total = 0.0
+    adding = 0  # the + or - (as a byte) between `total` and `term`; 0 before the first
+    for symbol, value in zip(operators, values[1:], strict=True):
+        if symbol == _TIMES:
+            term *= value
+        elif symbol == _OVER:
+            term = _divide(term, value)
+        elif symbol == _MODULO:
+            term = _remainder(term, value)
+        else:
+            if not adding:
+                total = term
+            elif adding == _PLUS:
+                total += term
+            else:
+                total -= term
+            adding = symbol
+            term = value
+    if not adding:
+        return term
+    return total + term if adding == _PLUS else total - term
+
+
+_PLUS, _TIMES, _OVER, _MODULO, _LOWER_E, _UPPER_E = b"+*/%eE"
 
 
 # --- Rust f64 semantics ---------------------------------------------------------------------
@@ -650,9 +729,10 @@ _CACHED_LENGTH: Final = 512
 
 
 def _compute(expression: str) -> float | _Rejected:
-    plain = _PLAIN_NUMBER.fullmatch(expression)
-    if plain is not None:
-        return float(plain.group(1))
+    if expression.isascii():
+        value = plain_value(expression.encode("ascii"))
+        if value is not None:
+            return value
     try:
         return _run_real(_parse(expression))
     except _SyntaxFailure as failure:
