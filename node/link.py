@@ -113,9 +113,17 @@ class _Connection(asyncio.Protocol):
             if first != b"OK":
                 log.debug("master answered %r to the token", first[:100])
                 return
+        # The common frame, an AssignTask as every master writes it, goes straight to the
+        # dispatcher; anything else takes `on_payload`.
+        assign_id = codec.assign_task_id
+        on_assign = link._on_assign
         on_payload = link.on_payload
         for payload in payloads:
-            on_payload(payload)
+            ident = assign_id(payload)
+            if ident is not None:
+                on_assign(ident, payload)
+            else:
+                on_payload(payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.authenticated.done():

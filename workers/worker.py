@@ -253,7 +253,8 @@ def _serve(
                 elif clock() - flushed > FLUSH_AFTER_S:
                     sender.flush()
                     flushed = clock()
-        busy.clear()
+        if busy.is_set():  # (clearing takes a lock; a lone task never set it)
+            busy.clear()
         sender.flush()
         if skipped:
             sender.send(HEADER.pack(SKIPPED, skipped, 0))
