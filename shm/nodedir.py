@@ -6,7 +6,7 @@
         lock                             the holder's pid; flock'ed while the node runs
         mem/                             the memory store (``MemoryStore``)
         ledger/                          the disk store's usage ledger (``DiskStore``)
-    <shm_dir>/cpnode-<node_id>-seg-<uuid>   payload segments (``PayloadSegment``)
+    <shm_dir>/cpnode-<node_id>-seg-<hex>    payload segments (``PayloadSegment``)
 
 ``claim_node_dir`` takes an exclusive, non-blocking ``flock`` on ``lock``. Holding it proves no
 other live process uses this ``node_id``, so whatever is already there was left by a run that

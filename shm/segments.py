@@ -1,8 +1,9 @@
 """Payload segments: one blob handed from one process to another through shared memory.
 
-A segment is a file ``<prefix>-seg-<uuid>`` in ``shm_dir`` (a tmpfs, ``/dev/shm`` by default;
-the node's prefix is ``cpnode-<node_id>``), mapped with ``mmap`` by both sides. Only its name
-crosses the queue; the bytes are written once and read in place::
+A segment is a file ``<prefix>-seg-<creator><random>`` in ``shm_dir`` (a tmpfs, ``/dev/shm`` by
+default; the node's prefix is ``cpnode-<node_id>``, the creator is the pid of the process that
+made it), mapped with ``mmap`` by both sides. Only its name crosses the queue; the bytes are
+written once and read in place::
 
     producer                                        consumer
     seg = PayloadSegment.create(shm_dir, prefix, n)
@@ -15,7 +16,8 @@ crosses the queue; the bytes are written once and read in place::
 
 Ownership is explicit: whoever holds the segment last unlinks it — usually the consumer, at
 once with ``unlink=True``; the producer when the consumer never came (its worker died).
-``sweep_segments`` removes what a crashed run left under its prefix, and only that prefix.
+``sweep_segments`` removes what a crashed run left under its prefix, and only that prefix, or
+only what one dead process created (a worker killed while it wrote a result).
 
 Why files and ``mmap`` rather than ``multiprocessing.shared_memory``: on Python 3.11 every
 ``SharedMemory`` attach, the consumer's too, registers the segment with that process's resource
@@ -39,9 +41,11 @@ from typing import Final, Self
 from shm import space
 from shm.closing import Closing
 
-__all__ = ["SEGMENT_NAME", "PayloadSegment", "sweep_segments", "write_segment"]
+__all__ = ["SEGMENT_NAME", "PayloadSegment", "new_segment_name", "sweep_segments", "write_segment"]
 
-SEGMENT_NAME: Final = re.compile(r"(?P<prefix>[A-Za-z0-9_.-]+)-seg-[0-9a-f]{32}")
+SEGMENT_NAME: Final = re.compile(
+    r"(?P<prefix>[A-Za-z0-9_.-]+)-seg-(?P<creator>[0-9a-f]{8})[0-9a-f]{24}"
+)
 """What a segment's file name looks like; ``open`` refuses anything else."""
 
 _PREFIX: Final = re.compile(r"[A-Za-z0-9_.-]+")
@@ -71,7 +75,7 @@ class PayloadSegment(Closing):
     def create(
         cls, shm_dir: str | os.PathLike[str], prefix: str, size: int, *, reserve_bytes: int = 0
     ) -> Self:
-        """Create a segment of ``size`` bytes named ``<prefix>-seg-<uuid>``, mapped writable.
+        """Create a segment of ``size`` bytes named by ``new_segment_name``, mapped writable.
 
         Raises ``StoreFullError`` when ``shm_dir`` lacks ``size`` free bytes (plus
         ``reserve_bytes``); nothing is left behind then.
@@ -82,7 +86,7 @@ class PayloadSegment(Closing):
             raise ValueError(f"segment size must be >= 0, got {size}")
         directory = os.fspath(shm_dir)
         space.check_free(directory, size, reserve_bytes, f"a payload segment of {size} bytes")
-        name = f"{prefix}-seg-{uuid.uuid4().hex}"
+        name = new_segment_name(prefix)
         path = os.path.join(directory, name)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(path, flags, 0o600)
@@ -172,14 +176,26 @@ class PayloadSegment(Closing):
         return f"<PayloadSegment {self.name} {self.size} bytes {state}>"
 
 
-def sweep_segments(shm_dir: str | os.PathLike[str], prefix: str) -> list[str]:
+def new_segment_name(prefix: str) -> str:
+    """``<prefix>-seg-`` and 32 hex digits: the creating process's pid (8), then random (24),
+    so that what a process that died left behind can be found (``sweep_segments``)."""
+    return f"{prefix}-seg-{os.getpid():08x}{uuid.uuid4().hex[:24]}"
+
+
+def sweep_segments(
+    shm_dir: str | os.PathLike[str], prefix: str, *, creator: int | None = None
+) -> list[str]:
     """Remove every segment file in ``shm_dir`` whose name has exactly this ``prefix`` (a sibling
-    node whose id merely starts the same is never touched); return the names removed."""
+    node whose id merely starts the same is never touched) and, with ``creator``, only those
+    that process created; return the names removed."""
     removed = []
+    created_by = None if creator is None else f"{creator:08x}"
     with os.scandir(shm_dir) as entries:
         for entry in entries:
             match = SEGMENT_NAME.fullmatch(entry.name)
             if match is None or match["prefix"] != prefix:
+                continue
+            if created_by is not None and match["creator"] != created_by:
                 continue
             try:
                 os.unlink(entry.path)
@@ -209,7 +225,7 @@ def write_segment(
         raise ValueError(f"segment prefix must match {_PREFIX.pattern}, got {prefix!r}")
     directory = os.fspath(shm_dir)
     space.check_free(directory, size, reserve_bytes, f"a payload segment of {size} bytes")
-    name = f"{prefix}-seg-{uuid.uuid4().hex}"
+    name = new_segment_name(prefix)
     path = os.path.join(directory, name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags, 0o600)
@@ -252,7 +268,7 @@ class IncomingSegment:
     def __init__(self, shm_dir: str | os.PathLike[str], prefix: str, size: int) -> None:
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(f"segment prefix must match {_PREFIX.pattern}, got {prefix!r}")
-        self.name = f"{prefix}-seg-{uuid.uuid4().hex}"
+        self.name = new_segment_name(prefix)
         self.path = os.path.join(os.fspath(shm_dir), self.name)
         self.size = size
         self.error = ""

@@ -23,7 +23,7 @@ from shm.errors import StoreFullError
 from shm.segments import PayloadSegment, write_segment
 from tests.test_shm_segments import SHM, mounted_tmpfs, ours
 from workers.channel import RESULT_SEGMENT_BYTES, Frames
-from workers.pool import Worker, WorkerPool
+from workers.pool import Worker, WorkerLimits, WorkerPool
 from workers.storage import STREAM_BYTES, BytesResult, bytes_result_json
 from workers.tasks import WorkerSettings
 
@@ -73,7 +73,7 @@ class PoolRun:
     """One real worker process behind a Dispatcher; frames delivered to the master side are
     kept as they came (bytes, or a mapped view)."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, limits: WorkerLimits | None = None) -> None:
         self.delivered: list[tuple[type, int, list[m.Message]]] = []
         self.dispatcher = Dispatcher(16, self._deliver)
         self.pool = WorkerPool(
@@ -83,6 +83,7 @@ class PoolRun:
             on_worker_ready=self._ready,
             on_worker_lost=self.dispatcher.worker_lost,
             start_method="spawn",
+            limits=limits,
         )
         self.dispatcher.pool = self.pool
 
@@ -200,3 +201,31 @@ def test_a_bytes_result_streams_exactly_what_the_codec_writes(data: bytes) -> No
     assert bytes_result_json(data[: STREAM_BYTES - 1]) == bytes(
         BytesResult(data[: STREAM_BYTES - 1])
     )
+
+
+def test_a_worker_killed_while_writing_a_result_leaves_no_segment() -> None:
+    """The worker wrote a segment and never sent its name (killed at task_timeout_ms): the pool
+    removes what that process created, and only that."""
+    node_id = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    prefix = f"cpnode-{node_id}"
+    settings = WorkerSettings(node_id=node_id, executors={"Compute": "tests.slowtasks:compute"})
+    mine = write_segment(SHM, prefix, [b"in flight to a worker"], 21)  # the supervisor's kind
+
+    async def scenario() -> PoolRun:
+        run = PoolRun(settings, WorkerLimits(task_timeout_ms=500))
+        await run.pool.start()
+        try:
+            await run.run([("orphan", m.Compute(f"orphan {prefix}")), ("after", m.Compute("1+1"))])
+        finally:
+            await run.pool.stop()
+        return run
+
+    try:
+        run = asyncio.run(scenario())
+        orphan, after = run.results()
+        assert isinstance(orphan, m.TaskResult) and isinstance(orphan.result, m.Error)
+        assert "task_timeout_ms = 500" in orphan.result.message
+        assert after == m.TaskResult("after", m.Number(2.0))
+        assert ours(prefix) == [mine]
+    finally:
+        os.unlink(os.path.join(SHM, mine))

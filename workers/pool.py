@@ -44,7 +44,8 @@ import psutil
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import frame
-from shm.segments import PayloadSegment
+from shm.nodedir import node_prefix
+from shm.segments import PayloadSegment, sweep_segments
 from workers.channel import HEADER, READY, RESULT_SEGMENT, RESULTS, SKIPPED, STATS, Frames
 from workers.stats import merge
 from workers.tasks import WorkerSettings
@@ -471,6 +472,15 @@ class WorkerPool:
             # take them now, so they count as answered rather than lost.
             self._read_remaining(worker)
             self._close_channel(worker)
+        if worker.pid is not None:
+            # A result segment it was still writing (its message never came) is nobody's now.
+            orphans = sweep_segments(
+                self.settings.shm_dir, node_prefix(self.settings.node_id), creator=worker.pid
+            )
+            if orphans:
+                log.warning(
+                    "removed %d unfinished result segments of worker %d", len(orphans), worker.index
+                )
         self._retired_stats = merge([self._retired_stats, worker.stats])
         worker.stats = {}
         was_stopping = worker.status is WorkerStatus.STOPPING or self._stopping
