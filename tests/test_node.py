@@ -20,8 +20,8 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder
 from tests.nodeproc import NodeProcess
-from workers.channel import Frames
-from workers.pool import Worker, WorkerStatus
+from workers.pool import WorkerPool
+from workers.tasks import WorkerSettings
 
 DATA = Path(__file__).parent / "data"
 FAILOVER_MS = 400
@@ -153,51 +153,53 @@ def test_upstream_scheduling_burst_of_100000(tmp_path: Path) -> None:
             process.close()
 
 
-class _RecordingPool:
-    """Stands in for the WorkerPool: records what the dispatcher sends."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[list[str], bytes]] = []
-
-    def send(self, worker: Worker, ids: list[str], frames: bytes) -> None:
-        worker.assigned.extend(ids)
-        self.sent.append((ids, frames))
-
-
 def test_dispatcher_bookkeeping_on_the_compute_fast_path() -> None:
+    """Ids, types, duplicates, the prefetch bound and idle, with a real worker process (its
+    first task sleeps, so what the dispatcher holds can be looked at before any result)."""
+
     async def go() -> None:
-        delivered: list[tuple[Frames, int]] = []
-        dispatcher = Dispatcher(3, lambda blob, count: delivered.append((blob, count)))
-        pool = _RecordingPool()
-        dispatcher.pool = pool  # type: ignore[assignment]
-        worker = Worker(0, None)
-        worker.status = WorkerStatus.READY
-        dispatcher.worker_ready(worker)
-        tasks: list[tuple[str, m.Task]] = [
-            ("a", m.Compute("1+1")),
-            ("é", m.Compute("2+2")),  # non-ASCII id: found by the search
-            ("c", m.GetStorage()),
-            ("d", m.Compute("3+3")),
-        ]
-        payloads = {ident: codec.encode_payload(m.AssignTask(ident, task)) for ident, task in tasks}
-        for ident, payload in payloads.items():
-            dispatcher.accept(ident, payload)
-        dispatcher.accept("a", payloads["a"])  # a repeated id joins its task
-        assert not dispatcher.idle.is_set()
-        assert dispatcher.held == 4 and dispatcher.pending == 4
-        assert dispatcher.joined_duplicates == 1
-        assert dispatcher.received_by_type == {"Compute": 3, "GetStorage": 1}
-        await asyncio.sleep(0)  # the flush: at most `prefetch` tasks to the worker
-        assert [ids for ids, _ in pool.sent] == [["a", "é", "c"]]
-        assert FrameDecoder().feed(pool.sent[0][1]) == [payloads[i] for i in ("a", "é", "c")]
-        dispatcher.results(worker, 2, b"two results")
-        assert delivered == [(b"two results", 2)]
-        assert list(worker.assigned) == ["c"]
-        await asyncio.sleep(0)
-        assert [ids for ids, _ in pool.sent][1:] == [["d"]]
-        dispatcher.results(worker, 2, b"the rest")
-        assert not worker.assigned
+        delivered: list[bytes] = []
+        dispatcher = Dispatcher(3, lambda blob, count: delivered.extend(FrameDecoder().feed(blob)))
+        settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
+        pool = WorkerPool(
+            1,
+            settings,
+            on_results=dispatcher.results,
+            on_worker_ready=dispatcher.worker_ready,
+            on_worker_lost=dispatcher.worker_lost,
+            start_method="spawn",
+        )
+        dispatcher.pool = pool
+        await pool.start()
+        try:
+            tasks: list[tuple[str, m.Task]] = [
+                ("a", m.Compute("sleep 0.5")),
+                ("é", m.Compute("2+2")),  # non-ASCII id: found by the search
+                ("c", m.GetStorage()),
+                ("d", m.Compute("3+3")),
+            ]
+            payloads = {i: codec.encode_payload(m.AssignTask(i, task)) for i, task in tasks}
+            for ident, payload in payloads.items():
+                dispatcher.accept(ident, payload)
+            dispatcher.accept("a", payloads["a"])  # a repeated id joins its task
+            assert not dispatcher.idle.is_set()
+            assert dispatcher.held == 4 and dispatcher.pending == 4
+            assert dispatcher.joined_duplicates == 1
+            assert dispatcher.received_by_type == {"Compute": 3, "GetStorage": 1}
+            await asyncio.sleep(0.1)  # flushed: `prefetch` tasks to the worker, one waits
+            assert list(pool.workers[0].assigned) == ["a", "é", "c"]
+            assert dispatcher.pending == 1
+            await asyncio.wait_for(dispatcher.idle.wait(), 30)
+        finally:
+            await pool.stop()
+        results = {r.id: r.result for r in map(codec.decode, delivered)}  # type: ignore[union-attr]
+        assert results == {
+            "a": m.Number(0.0),
+            "é": m.Number(4.0),
+            "c": m.Error("No disk store configured"),
+            "d": m.Number(6.0),
+        }
+        assert len(delivered) == 4
         assert dispatcher.held == 0 and dispatcher.completed == 4
-        assert dispatcher.idle.is_set()
 
     asyncio.run(go())
