@@ -80,16 +80,7 @@ class PayloadSegment(Closing):
         Raises ``StoreFullError`` when ``shm_dir`` lacks ``size`` free bytes (plus
         ``reserve_bytes``); nothing is left behind then.
         """
-        if not _PREFIX.fullmatch(prefix):
-            raise ValueError(f"segment prefix must match {_PREFIX.pattern}, got {prefix!r}")
-        if size < 0:
-            raise ValueError(f"segment size must be >= 0, got {size}")
-        directory = os.fspath(shm_dir)
-        space.check_free(directory, size, reserve_bytes, f"a payload segment of {size} bytes")
-        name = new_segment_name(prefix)
-        path = os.path.join(directory, name)
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
+        name, path, fd = _new_segment_file(shm_dir, prefix, size, reserve_bytes, os.O_RDWR)
         try:
             space.reserve(fd, size, path, for_mapping=True)
             mapping = mmap.mmap(fd, size) if size else None
@@ -182,6 +173,23 @@ def new_segment_name(prefix: str) -> str:
     return f"{prefix}-seg-{os.getpid():08x}{uuid.uuid4().hex[:24]}"
 
 
+def _new_segment_file(
+    shm_dir: str | os.PathLike[str], prefix: str, size: int, reserve_bytes: int, access: int
+) -> tuple[str, str, int]:
+    """Check the prefix and the room for ``size`` bytes, then create a fresh segment file
+    opened with ``access``: (name, path, file descriptor)."""
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"segment prefix must match {_PREFIX.pattern}, got {prefix!r}")
+    if size < 0:
+        raise ValueError(f"segment size must be >= 0, got {size}")
+    directory = os.fspath(shm_dir)
+    space.check_free(directory, size, reserve_bytes, f"a payload segment of {size} bytes")
+    name = new_segment_name(prefix)
+    path = os.path.join(directory, name)
+    flags = access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return name, path, os.open(path, flags, 0o600)
+
+
 def sweep_segments(
     shm_dir: str | os.PathLike[str], prefix: str, *, creator: int | None = None
 ) -> list[str]:
@@ -221,14 +229,7 @@ def write_segment(
     ``OSError``; ``ValueError`` when the pieces do not add up to ``size``. Nothing is left
     behind then. The consumer opens it with ``unlink=True``.
     """
-    if not _PREFIX.fullmatch(prefix):
-        raise ValueError(f"segment prefix must match {_PREFIX.pattern}, got {prefix!r}")
-    directory = os.fspath(shm_dir)
-    space.check_free(directory, size, reserve_bytes, f"a payload segment of {size} bytes")
-    name = new_segment_name(prefix)
-    path = os.path.join(directory, name)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o600)
+    name, path, fd = _new_segment_file(shm_dir, prefix, size, reserve_bytes, os.O_WRONLY)
     try:
         # No posix_fallocate: every byte is written before the consumer maps the file, so a
         # full filesystem is an ENOSPC from write (StoreFullError) here, never a SIGBUS there.
