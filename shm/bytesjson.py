@@ -215,7 +215,7 @@ class _ChunkDecoder:
     def _grow(self, capacity: int) -> None:
         self._capacity = capacity
         lanes = (capacity + 6) // 2 + 1
-        self._text: U8 = np.full(2 * lanes, _COMMA, dtype=np.uint8)
+        self._text: U8 = np.full(2 * lanes + 2, _COMMA, dtype=np.uint8)
         self._d0: U8 = np.empty(lanes, dtype=np.uint8)
         self._d1: U8 = np.empty(lanes, dtype=np.uint8)
         self._even: Bools = np.empty(lanes, dtype=np.bool_)
@@ -258,7 +258,8 @@ class _ChunkDecoder:
         pairs = text[: 2 * lanes].view(np.uint16)
         d0, d1 = self._d0[:lanes], self._d1[:lanes]
         np.copyto(d0, pairs, casting="unsafe")
-        np.right_shift(pairs, 8, out=d1, casting="unsafe")
+        # The odd bytes are the low bytes of the lanes read one byte further on.
+        np.copyto(d1, text[1 : 2 * lanes + 1].view(np.uint16), casting="unsafe")
         np.subtract(d0, _ZERO, out=d0)
         np.subtract(d1, _ZERO, out=d1)
         # Lanes 0 and 1 are the leading commas; lane k looks back into lanes k-1 and k-2.
@@ -269,7 +270,7 @@ class _ChunkDecoder:
         np.logical_or(even, odd, out=comma)
         ends = np.flatnonzero(comma)
         n = len(ends)
-        if n != np.count_nonzero(even) + np.count_nonzero(odd):
+        if np.logical_and(even, odd, out=comma).any():
             return None  # two commas in one lane: an empty element
         not_even, not_odd = self._not_even[:size], self._not_odd[:size]
         np.subtract(even.view(np.uint8), 1, out=not_even)
@@ -289,10 +290,10 @@ class _ChunkDecoder:
         counted = n + np.count_nonzero(t_digit) + np.count_nonzero(h_digit)
         if np.count_nonzero(c_digit) != n or counted != length - (n - 1):
             return None
-        np.multiply(h, h_digit, out=h)
+        np.multiply(h, h_digit.view(np.uint8), out=h)
         if int(h.max()) > 2:
             return None
-        np.multiply(t, t_digit, out=t)
+        np.multiply(t, t_digit.view(np.uint8), out=t)
         # The smallest value an element of its length may have is 0, 10 or 100; a leading zero
         # makes it smaller. With the hundreds digit at most 2 the uint8 sum wraps exactly for
         # 256-299, to 0-43: below 100 too.
