@@ -1,6 +1,7 @@
 """Frames from the master → batches for workers; worker results → the master link.
 
-    MasterLink ──accept(id, payload)──▶ pending (FIFO) ──flush, once per loop turn──▶ workers
+    MasterLink ──accept_from_master([(id, payload), ...])──▶ pending (FIFO) ──flush, once per
+                                                              loop turn──▶ workers
     WorkerPool ──on_results(worker, n, frames)──▶ forget n ids ──▶ MasterLink.send_results
 
 The dispatcher knows where every task is (DESIGN contract 5): waiting in `pending`, or held by
@@ -131,6 +132,38 @@ class Dispatcher:
 
     # ------------------------------------------------------------------------------- input
 
+    def accept_from_master(self, tasks: list[tuple[str, bytes]]) -> None:
+        """`accept` for the AssignTasks of one read from the master, (id, payload) in order: a
+        new `Compute` goes straight to the queue; anything else (a repeated id, another task
+        type, a drain, offloading) takes `accept`."""
+        if not self._accepting or self.offload is not None:
+            for ident, payload in tasks:
+                self.accept(ident, payload)
+            return
+        held = self._held
+        answered = self._answered
+        answered_before = self._answered_before
+        pending = self._pending
+        queued = 0
+        for ident, payload in tasks:
+            # As the master writes it, the variant follows the id (an id with escapes or
+            # non-ASCII text is longer on the wire than `ident`: `accept` finds those).
+            if (
+                ident in held
+                or ident in answered
+                or ident in answered_before
+                or not payload.startswith(_COMPUTE_AFTER_ID, _ID_START + len(ident))
+            ):
+                self.accept(ident, payload)
+                continue
+            held[ident] = payload
+            pending.append((ident, payload))
+            queued += 1
+        if queued:
+            self.received += queued
+            self.idle.clear()
+            self._schedule_flush()
+
     def accept(
         self, ident: str, payload: bytes, reply: Callable[[Frames, int], None] | None = None
     ) -> None:
@@ -156,19 +189,8 @@ class Dispatcher:
             self.idle.clear()
         held[ident] = payload
         self.received += 1
-        # The common task, without the regex: quotes inside a JSON string are escaped, so the
-        # mark can only be the task's own variant. As the master writes it, the mark follows
-        # the id (an id with escapes or non-ASCII text is longer than `ident`: then the search
-        # below finds it).
-        if (
-            reply is None
-            and self.offload is None
-            and payload.startswith(_COMPUTE_AFTER_ID, _ID_START + len(ident))
-        ):
-            self._pending.append((ident, payload))
-            if not self._flush_scheduled:
-                self._schedule_flush()
-            return
+        # Without the regex for the common task: quotes inside a JSON string are escaped, so
+        # the mark can only be the task's own variant.
         if payload.find(_COMPUTE_MARK, 0, 512) >= 0:
             kind = "Compute"
         else:

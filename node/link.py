@@ -2,7 +2,7 @@
 
     endpoints (join.json's address, then master_addresses) ──connect──▶ token ──▶ "OK"
         ──▶ RegisterRole, GetConnectedNodes, Heartbeat ──▶ REGISTERED
-    bytes ──FrameDecoder──▶ payloads: AssignTask ──peek id──▶ on_assign(id, payload)
+    bytes ──FrameDecoder──▶ payloads: AssignTask ──peek id──▶ on_assign([(id, payload), ...])
                                       HeartbeatAck ──▶ confirm the outbox
                                       anything else ──decode──▶ log / skip
     results (wire-ready frames) ──▶ outbox ──write──▶ master
@@ -113,17 +113,22 @@ class _Connection(asyncio.Protocol):
             if first != b"OK":
                 log.debug("master answered %r to the token", first[:100])
                 return
-        # The common frame, an AssignTask as every master writes it, goes straight to the
-        # dispatcher; anything else takes `on_payload`.
+        # The common frame, an AssignTask as every master writes it, goes to the dispatcher
+        # with the others of this read, in one call; anything else takes `on_payload` (after
+        # the tasks before it).
         assign_id = codec.assign_task_id
-        on_assign = link._on_assign
-        on_payload = link.on_payload
+        tasks: list[tuple[str, bytes]] = []
         for payload in payloads:
             ident = assign_id(payload)
             if ident is not None:
-                on_assign(ident, payload)
-            else:
-                on_payload(payload)
+                tasks.append((ident, payload))
+                continue
+            if tasks:
+                link._on_assign(tasks)
+                tasks = []
+            link.on_payload(payload)
+        if tasks:
+            link._on_assign(tasks)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.authenticated.done():
@@ -141,7 +146,7 @@ class MasterLink:
         join: JoinInfo,
         role: m.Role,
         *,
-        on_assign: Callable[[str, bytes], None],
+        on_assign: Callable[[list[tuple[str, bytes]]], None],
         has_capacity: Callable[[], bool],
         on_registered: Callable[[], None] = lambda: None,
     ) -> None:
@@ -324,7 +329,7 @@ class MasterLink:
             except RemoteProtocolError:
                 ident = None
             if ident is not None and head.startswith(_ASSIGN_PREFIX):
-                self._on_assign(ident, payload)
+                self._on_assign([(ident, payload)])
             else:
                 self.frames_skipped += 1
                 log.warning(
@@ -335,7 +340,7 @@ class MasterLink:
         if payload.startswith(_ASSIGN_PREFIX):
             ident = codec.assign_task_id(payload)
             if ident is not None:
-                self._on_assign(ident, payload)
+                self._on_assign([(ident, payload)])
                 return
             try:
                 ident = codec.peek(payload).id
@@ -343,7 +348,7 @@ class MasterLink:
                 ident = None
                 log.warning("skipping an unreadable AssignTask frame: %s", exc)
             if ident is not None:
-                self._on_assign(ident, payload)
+                self._on_assign([(ident, payload)])
             else:
                 self.frames_skipped += 1
             return

@@ -96,7 +96,7 @@ class Node:
             config,
             join,
             config.role,
-            on_assign=self.dispatcher.accept,
+            on_assign=self.dispatcher.accept_from_master,
             has_capacity=self.dispatcher.has_capacity,
             on_registered=self._registered,
         )

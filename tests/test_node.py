@@ -179,9 +179,8 @@ def test_dispatcher_bookkeeping_on_the_compute_fast_path() -> None:
                 ("d", m.Compute("3+3")),
             ]
             payloads = {i: codec.encode_payload(m.AssignTask(i, task)) for i, task in tasks}
-            for ident, payload in payloads.items():
-                dispatcher.accept(ident, payload)
-            dispatcher.accept("a", payloads["a"])  # a repeated id joins its task
+            # One read's worth from the master, a repeated id in it: it joins its task.
+            dispatcher.accept_from_master([*payloads.items(), ("a", payloads["a"])])
             assert not dispatcher.idle.is_set()
             assert dispatcher.held == 4 and dispatcher.pending == 4
             assert dispatcher.joined_duplicates == 1

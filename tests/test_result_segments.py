@@ -161,7 +161,7 @@ def test_the_outbox_finds_and_lists_a_result_held_as_a_mapping() -> None:
         Config(),
         JoinInfo("token", "127.0.0.1", 9),
         m.Role.Worker,
-        on_assign=lambda ident, payload: None,
+        on_assign=lambda tasks: None,
         has_capacity=lambda: True,
     )
     first = codec.encode(m.TaskResult("a", m.Number(1.0)))
