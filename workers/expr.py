@@ -287,20 +287,25 @@ def evaluate_plain(expression: bytes) -> float:
 
 
 def _fold_plain(operators: bytes, values: list[float]) -> float:
+    """Products (`* / %`) left to right within each sum term, then the sum (`+ -`) left to
+    right: meval's program for a plain expression (`values` has one more item than
+    `operators`). The hot path: constants are read into locals once, not per operator."""
+    times, over, modulo, plus = _TIMES, _OVER, _MODULO, _PLUS
     term = values[0]
     total = 0.0
     adding = 0  # the + or - (as a byte) between `total` and `term`; 0 before the first
-    for symbol, value in zip(operators, values[1:], strict=True):
-        if symbol == _TIMES:
+    for index, symbol in enumerate(operators, 1):
+        value = values[index]
+        if symbol == times:
             term *= value
-        elif symbol == _OVER:
+        elif symbol == over:
             term = _divide(term, value)
-        elif symbol == _MODULO:
+        elif symbol == modulo:
             term = _remainder(term, value)
         else:
             if not adding:
                 total = term
-            elif adding == _PLUS:
+            elif adding == plus:
                 total += term
             else:
                 total -= term
@@ -308,7 +313,7 @@ def _fold_plain(operators: bytes, values: list[float]) -> float:
             term = value
     if not adding:
         return term
-    return total + term if adding == _PLUS else total - term
+    return total + term if adding == plus else total - term
 
 
 _PLUS, _TIMES, _OVER, _MODULO, _LOWER_E, _UPPER_E = b"+*/%eE"
