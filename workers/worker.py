@@ -204,6 +204,9 @@ def _serve(
     clock_ns = time.monotonic_ns
     frames = sender.frames
     busy = sender.busy
+    # Read per task: locals, not module globals.
+    started_at_ns, started, finished, run_limit = STARTED_AT_NS, STARTED, FINISHED, RUN_LIMIT
+    large = RESULT_SEGMENT_BYTES
     stats_sent = 0.0
     unsent = False  # tasks ran since the last STATS message
     seq = 0
@@ -224,36 +227,38 @@ def _serve(
         if not payloads:
             continue
         skipped = 0
-        flushed = clock()
+        flushed = 0.0
         # The flusher thread matters only once a finished result could wait behind the next
         # task; waking it for a lone task would only add a thread switch to its round trip.
+        flusher_on = False
         remaining = len(payloads)
         for payload in payloads:
             remaining -= 1
             seq += 1
-            if seq > progress[RUN_LIMIT]:
+            if seq > progress[run_limit]:
                 # Not run. Recorded as finished before it is recorded as started, so the
                 # supervisor's timeout check never sees it running.
-                progress[FINISHED] = seq
-                progress[STARTED] = seq
+                progress[finished] = seq
+                progress[started] = seq
                 skipped += 1
                 continue
-            progress[STARTED_AT_NS] = clock_ns()
-            progress[STARTED] = seq
+            progress[started_at_ns] = clock_ns()
+            progress[started] = seq
             result = run(payload)
-            if len(result) < RESULT_SEGMENT_BYTES:
+            if len(result) < large:
                 frames.append(frame(bytes(result)))
             else:
                 sender.send_large(result)
-            progress[FINISHED] = seq
+            progress[finished] = seq
             if remaining:
-                if not busy.is_set():
+                if not flusher_on:
+                    flusher_on = True
                     busy.set()
                     flushed = clock()
                 elif clock() - flushed > FLUSH_AFTER_S:
                     sender.flush()
                     flushed = clock()
-        if busy.is_set():  # (clearing takes a lock; a lone task never set it)
+        if flusher_on:
             busy.clear()
         sender.flush()
         if skipped:
