@@ -11,8 +11,9 @@ Each worker opens the stores on first use; the supervisor has claimed the node d
 quota ledger. Errors become `Error` results with upstream's texts.
 
 Large byte arrays skip the generic decoder: `decode_blob_task` finds the `data` array of a
-`StoreData`/`DiskWrite` payload by a look at its head and decodes it with the vectorised codec,
-and results carry their bytes through the vectorised encoder.
+`StoreData`/`DiskWrite` payload by a look at its head and decodes it with the vectorised codec.
+Results carry their bytes through the vectorised encoder; a big one is a `BytesResult`, which
+the worker encodes piece by piece straight into a payload segment (`workers.worker`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Task executors: one function per task type, run inside a worker process.
 
-    AssignTask payload ──TaskRunner.run_payload()──▶ TaskResult payload (bytes, wire-ready)
+    AssignTask payload ──TaskRunner.run_payload()──▶ TaskResult payload (bytes, wire-ready;
+                                                     a big `Bytes` result: a `BytesResult`)
 
 The runner decodes the payload itself (the supervisor only peeked at its id), executes the task
 and encodes the result, so the supervisor never pays for either. Everything a task can go

@@ -5,6 +5,8 @@
     channel ◀──(HEADER RESULTS count len, frames)◀── _ResultSender: flushed per read batch, and
                                                       every FLUSH_AFTER_S by its thread while a
                                                       batch runs
+    shm_dir ◀── a result frame of RESULT_SEGMENT_BYTES or more, written to a payload segment;
+    channel ◀── (HEADER RESULT_SEGMENT 1 len, its name), after the results before it
     progress slot (shared memory) ◀── before each task: started-at, started; after: finished
                                   ──▶ run limit: tasks past it are skipped, not run (a drain)
 
