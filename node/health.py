@@ -332,6 +332,11 @@ class NodeCollector:
             "1 while registered with a master.",
             float(link.state is LinkState.REGISTERED),
         )
+        yield _gauge(
+            "cpnode_results_mapped_bytes",
+            "Bytes of big unconfirmed results held in shm_dir mappings (their files are gone).",
+            link.mapped_bytes,
+        )
         yield _counter(
             "cpnode_master_connects", "Connections registered with a master.", link.connects
         )

@@ -170,6 +170,7 @@ class MasterLink:
         # (None: not written on this connection yet).
         self._outbox: collections.deque[list[object]] = collections.deque()
         self._unconfirmed_results = 0
+        self.mapped_bytes = 0  # of the unconfirmed results held as mapped segments
         self._heartbeats_sent = 0
         self._acks = 0
         self.last_bytes_at = 0.0
@@ -230,6 +231,8 @@ class MasterLink:
         of a mapped segment is written from the mapping, which goes with the entry."""
         entry: list[object] = [None, blob, count]
         self._outbox.append(entry)
+        if type(blob) is memoryview:
+            self.mapped_bytes += len(blob)
         self._unconfirmed_results += count
         self.results_sent += count
         if self.state is LinkState.REGISTERED:
@@ -403,7 +406,10 @@ class MasterLink:
             confirm_at = outbox[0][0]
             if confirm_at is None or confirm_at > acks:  # type: ignore[operator]
                 break
-            count: int = outbox.popleft()[2]  # type: ignore[assignment]
+            entry = outbox.popleft()
+            count: int = entry[2]  # type: ignore[assignment]
+            if type(entry[1]) is memoryview:
+                self.mapped_bytes -= len(entry[1])
             self._unconfirmed_results -= count
             self.results_confirmed += count
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,6 +131,9 @@ def test_large_blobs_cross_through_segments_both_ways(
     try:
         assert scripted.run(m.StoreData("blob", blob)) == m.Stored()
         assert scripted.run(m.RetrieveData("blob")) == m.Bytes(blob)
+        # Not confirmed yet (no heartbeat after it was answered): held as a mapping.
+        mapped = scrape(port)[("cpnode_results_mapped_bytes", ())]
+        assert mapped > 3 * len(blob)
         assert scripted.run(m.DiskWrite("sub/dir/blob.bin", blob)) == m.Written()
         assert (tmp_path / "storage" / "sub" / "dir" / "blob.bin").read_bytes() == blob
         assert scripted.run(m.DiskRead("sub/dir/blob.bin")) == m.Bytes(blob)
@@ -140,6 +144,12 @@ def test_large_blobs_cross_through_segments_both_ways(
         assert samples[(frames, (("direction", "to_worker"),))] == 2
         assert samples[(frames, (("direction", "from_worker"),))] == 3
         assert [name for name in ours_in_shm(node_id) if "-seg-" in name] == []
+        # Idle polls are heartbeats; once one is answered the mappings go.
+        deadline = time.monotonic() + 20
+        while scrape(port)[("cpnode_results_mapped_bytes", ())] != 0:
+            assert time.monotonic() < deadline, "mapped results never confirmed"
+            assert scripted.run(m.Compute("1+1")) == m.Number(2.0)
+            time.sleep(0.1)
     finally:
         stop_node(node, scripted)
         node.close()
