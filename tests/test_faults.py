@@ -79,6 +79,35 @@ def record(
     assert duplicated == 0
 
 
+async def answered_and_stopped(
+    name: str,
+    ledger: ResultLedger,
+    node: NodeProcess,
+    ids: list[str],
+    values: list[float],
+    *,
+    sent: int | None = None,
+) -> None:
+    """The end of a fake-master scenario: every id answered with its value, a clean stop, and
+    the scenario's row (nothing lost, nothing run twice)."""
+    for ident, value in zip(ids, values, strict=True):
+        assert ledger.results[ident] == m.Number(value)
+    assert await asyncio.to_thread(node.stop) == 0
+    record(
+        name,
+        len(ids) if sent is None else sent,
+        len([i for i in ids if i in ledger.results]),
+        duplicated(ledger, len(ids), node),
+        due=len(ids),
+    )
+
+
+def write_join(tmp_path: Path, port: int, token: str = TOKEN) -> Path:
+    join = tmp_path / "join.json"
+    join.write_text(f'{{"token": "{token}", "ip": "127.0.0.1", "port": {port}}}')
+    return join
+
+
 def answers_by(*nodes: NodeProcess) -> int:
     """Answers the nodes produced (executions), from their last log line."""
     total = 0
@@ -375,8 +404,7 @@ def test_a_master_that_stops_answering_is_left_for_the_next(
         spare = FakeMaster(TOKEN, ledger, "spare")
         await stuck.start()
         await spare.start()
-        join = tmp_path / "join.json"
-        join.write_text(f'{{"token": "{TOKEN}", "ip": "127.0.0.1", "port": {stuck.port}}}')
+        join = write_join(tmp_path, stuck.port)
         node = start_node(tmp_path, join, node_config(stuck.address, spare.address), "node")
         try:
             await await_log(node, "node ready")
@@ -389,15 +417,8 @@ def test_a_master_that_stops_answering_is_left_for_the_next(
             await asyncio.sleep(0.5)
             assert "is stuck" in node.log
             assert spare.results, "the node failed over and delivered there"
-            for ident, value in zip(ids, values, strict=True):
-                assert ledger.results[ident] == m.Number(value)
-            assert await asyncio.to_thread(node.stop) == 0
-            dup = duplicated(ledger, len(ids), node)
-            record(
-                "master deadlocks (OK, then silence) -> next address",
-                len(ids),
-                len([i for i in ids if i in ledger.results]),
-                dup,
+            await answered_and_stopped(
+                "master deadlocks (OK, then silence) -> next address", ledger, node, ids, values
             )
         finally:
             node.close()
@@ -413,8 +434,7 @@ def test_eviction_without_close_makes_the_node_reconnect(
     async def scenario() -> None:
         master = FakeMaster(TOKEN, ledger, "evicting")
         await master.start()
-        join = tmp_path / "join.json"
-        join.write_text(f'{{"token": "{TOKEN}", "ip": "127.0.0.1", "port": {master.port}}}')
+        join = write_join(tmp_path, master.port)
         node = start_node(tmp_path, join, node_config(master.address), "node")
         try:
             await await_log(node, "node ready")
@@ -428,15 +448,8 @@ def test_eviction_without_close_makes_the_node_reconnect(
             await asyncio.sleep(0.5)
             assert "no longer lists this node" in node.log
             assert len(master.connections) >= 2
-            for ident, value in zip(ids, values, strict=True):
-                assert ledger.results[ident] == m.Number(value)
-            assert await asyncio.to_thread(node.stop) == 0
-            dup = duplicated(ledger, len(ids), node)
-            record(
-                "evicted without close (zombie) -> reconnect",
-                len(ids),
-                len([i for i in ids if i in ledger.results]),
-                dup,
+            await answered_and_stopped(
+                "evicted without close (zombie) -> reconnect", ledger, node, ids, values
             )
         finally:
             node.close()
@@ -451,8 +464,7 @@ def test_a_repeated_assign_task_id_joins_the_running_task(
     async def scenario() -> None:
         master = FakeMaster(TOKEN, ledger, "repeating")
         await master.start()
-        join = tmp_path / "join.json"
-        join.write_text(f'{{"token": "{TOKEN}", "ip": "127.0.0.1", "port": {master.port}}}')
+        join = write_join(tmp_path, master.port)
         node = start_node(tmp_path, join, node_config(master.address), "node")
         try:
             await await_log(node, "node ready")
@@ -463,9 +475,14 @@ def test_a_repeated_assign_task_id_joins_the_running_task(
             master.assign(conn, pairs + pairs)  # every id twice, the second while in flight
             await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
             await asyncio.sleep(1.0)  # a second execution would answer meanwhile
-            for ident, value in zip(ids, values, strict=True):
-                assert ledger.results[ident] == m.Number(value)
-            assert await asyncio.to_thread(node.stop) == 0
+            await answered_and_stopped(
+                "every AssignTask id sent twice while in flight",
+                ledger,
+                node,
+                ids,
+                values,
+                sent=2 * len(ids),
+            )
             # Each second copy joined its task, or (when the first had already been answered
             # but not confirmed, a busy machine's timing) got that result sent again: one
             # execution per id either way, and every extra frame is such a resend.
@@ -477,14 +494,6 @@ def test_a_repeated_assign_task_id_joins_the_running_task(
             joined, resent = int(counts.group(1)), int(counts.group(2))
             assert joined == len(ids)
             assert sum(ledger.frames.values()) == len(ids) + resent
-            dup = duplicated(ledger, len(ids), node)
-            record(
-                "every AssignTask id sent twice while in flight",
-                2 * len(ids),
-                len([i for i in ids if i in ledger.results]),
-                dup,
-                due=len(ids),
-            )
         finally:
             node.close()
             await master.close()
@@ -501,8 +510,7 @@ def test_start_up_without_a_master_backs_off_then_retries_slowly_and_skips_a_bad
         late.behind_nat = True
         await wrong.start()
         refused, late_port = free_port(), free_port()
-        join = tmp_path / "join.json"
-        join.write_text(f'{{"token": "{TOKEN}", "ip": "127.0.0.1", "port": {wrong.port}}}')
+        join = write_join(tmp_path, wrong.port)
         addresses = [wrong.address, f"127.0.0.1:{refused}", f"127.0.0.1:{late_port}"]
         config = node_config(*addresses, max_retries=2, retry_interval_ms=300)
         node = start_node(tmp_path, join, config, "node")
@@ -521,14 +529,8 @@ def test_start_up_without_a_master_backs_off_then_retries_slowly_and_skips_a_bad
             ids = [f"t{i}" for i in range(len(tasks))]
             late.submit(zip(ids, tasks, strict=True))
             await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
-            for ident, value in zip(ids, values, strict=True):
-                assert ledger.results[ident] == m.Number(value)
-            assert await asyncio.to_thread(node.stop) == 0
-            record(
-                "no master at start, bad token, then a late one",
-                len(ids),
-                len([i for i in ids if i in ledger.results]),
-                duplicated(ledger, len(ids), node),
+            await answered_and_stopped(
+                "no master at start, bad token, then a late one", ledger, node, ids, values
             )
         finally:
             node.close()

@@ -23,6 +23,7 @@ from node.master import MasterThread
 from node.protocol import messages as m
 from node.supervisor import Node
 from tests.nodeproc import NodeProcess
+from tests.test_node import run_tasks
 from workers.logformat import JsonFormatter, configure_logging
 
 FAILOVER_MS = 400
@@ -75,16 +76,6 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
-
-
-def run_tasks(join: Path, tasks: list[m.Task], timeout: float = 60.0) -> list[m.Result]:
-    async def go() -> list[m.Result]:
-        async with Client.connect(join, timeout=timeout) as client:
-            ids = await client.submit_many(tasks)
-            results = await client.results(ids, timeout=timeout)
-            return [results[i] for i in ids]
-
-    return asyncio.run(go())
 
 
 def submit(join: Path, tasks: list[m.Task]) -> None:
