@@ -62,6 +62,8 @@ _ASSIGN_PREFIX = b'{"AssignTask":'
 _BACKOFF_FIRST_S = 0.1
 # Results written before a Heartbeat is sent to have them confirmed (besides the periodic ones).
 CONFIRM_EVERY_RESULTS = 4096
+# A heartbeat more than half an interval late is logged, at most this often (seconds).
+_LATE_WARN_EVERY_S = 10.0
 # Upper bounds (seconds) of the heartbeat round-trip and lateness histograms.
 HEARTBEAT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -179,6 +181,8 @@ class MasterLink:
         self.last_progress_at = 0.0  # when the master last took bytes from us, or sent some
         self.last_write_at = 0.0
         self.last_heartbeat_at = 0.0
+        self._late_heartbeats = 0  # more than half an interval late, since the last warning
+        self._late_warned_at = -_LATE_WARN_EVERY_S
         self.heartbeating = True
         self._results_since_heartbeat = 0
         # Where bodies of large frames go as they arrive (set once the node has claimed its
@@ -601,8 +605,28 @@ class MasterLink:
                 poll > 0 and now - self.last_write_at >= poll and self._has_capacity()
             ):
                 if since >= interval and self._heartbeats_sent:
-                    self.heartbeat_lateness.observe(since - interval)
+                    self._observe_lateness(now, since - interval, interval)
                 self.send_heartbeat()
+
+    def _observe_lateness(self, now: float, late: float, interval: float) -> None:
+        """Record how late a periodic heartbeat left; warn (at most every _LATE_WARN_EVERY_S)
+        when it was later than half an interval: the master evicts a node silent for two
+        failover timeouts, four intervals, so an operator should hear of it well before."""
+        self.heartbeat_lateness.observe(late)
+        if late <= interval / 2:
+            return
+        self._late_heartbeats += 1
+        if now - self._late_warned_at >= _LATE_WARN_EVERY_S:
+            log.warning(
+                "heartbeat to master %s left %.0f ms late (every %.0f ms planned; %d late since"
+                " the last warning): the event loop was blocked or the host is overloaded",
+                self.peer,
+                late * 1000,
+                interval * 1000,
+                self._late_heartbeats,
+            )
+            self._late_warned_at = now
+            self._late_heartbeats = 0
 
     def _note_progress(self, now: float) -> None:
         """A master that still takes our bytes off the wire is slow, not stuck: a large backlog

@@ -156,6 +156,13 @@ def start_node(tmp: Path, join: Path, config: dict[str, object], name: str) -> N
     return NodeProcess(home, join, config, "--workers", "2")
 
 
+def link_events(node: NodeProcess) -> str:
+    """The node's log lines about its master link (late heartbeats, lost connections, a
+    stuck master): why it reconnected, for a failing assertion's message."""
+    words = ("late", "stuck", "lost", "evicted", "registered", "connecting")
+    return "\n".join(line for line in node.log.splitlines() if any(w in line for w in words))
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -283,8 +290,8 @@ def test_kill_9_a_random_worker_20_times_during_20000_tasks(
             assert kills == 20
             assert node.log.count("died: signal SIGKILL") == 20
             assert errors <= kills  # only a task hit twice (retried once, then killed again)
-            assert node.log.count("registered with master") == 1
-            assert all(ledger.frames[i] == 1 for i in ids)
+            assert node.log.count("registered with master") == 1, link_events(node)
+            assert all(ledger.frames[i] == 1 for i in ids), link_events(node)
             assert node.stop() == 0
             dup = duplicated(ledger, len(results), node)
             record("kill -9 a random worker x20, 20,000 tasks", len(ids), len(results), dup)
@@ -573,7 +580,7 @@ def test_sigterm_with_1000_tasks_in_flight_hands_back_the_rest(
             results = asyncio.run(collect(join, ids))
             time.sleep(0.5)
             assert check_values(results, ids, values) == 0
-            assert all(ledger.frames[i] == 1 for i in ids)
+            assert all(ledger.frames[i] == 1 for i in ids), link_events(first) + link_events(second)
             assert second.stop() == 0
             record(
                 f"SIGTERM, 1000 in flight (upstream); {len(ids) - done_by_first} re-queued",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -113,6 +114,23 @@ def test_node_is_not_evicted_while_every_worker_computes(
     assert not [r for r in caplog.records if "evicted" in r.getMessage()]
     assert "connection to master" not in node.log
     assert master.stats().eligible_nodes == 1
+
+
+def test_a_late_heartbeat_is_logged(tmp_path: Path, node: NodeProcess) -> None:
+    # A supervisor stopped for longer than a heartbeat interval (failover_timeout_ms / 2) but
+    # not long enough to be evicted: its next heartbeat leaves late, and it says so.
+    assert node.proc.pid is not None
+    os.kill(node.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.45)
+    finally:
+        os.kill(node.proc.pid, signal.SIGCONT)
+    node.wait_for_log("left", timeout=10)
+    (line,) = [line for line in node.log.splitlines() if "heartbeat to master" in line]
+    assert "WARNING" in line and "ms late (every 200 ms planned; 1 late" in line
+    assert "the event loop was blocked or the host is overloaded" in line
+    results = run_tasks(tmp_path / "join.json", [m.Compute("1+1")], timeout=30)
+    assert results == [m.Number(2.0)]
 
 
 def test_sigterm_stops_cleanly_with_no_children_left(node: NodeProcess) -> None:

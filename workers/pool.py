@@ -63,6 +63,9 @@ log = logging.getLogger("cpnode.pool")
 
 _RESPAWN_BACKOFF_MAX_S = 5.0
 _STABLE_AFTER_S = 10.0
+# A dead worker's exit code is looked for every _REAP_RETRY_S, for at most _REAP_WAIT_S.
+_REAP_RETRY_S = 0.005
+_REAP_WAIT_S = 1.0
 MEMORY_CHECK_S = 1.0
 
 
@@ -462,10 +465,24 @@ class WorkerPool:
         process = worker.process
         assert process is not None
         self._forget_process(worker)
-        # The sentinel can turn readable a moment before the process can be reaped (its pipe
-        # closes as it exits): a join that waits is needed for the exit code. It is exiting,
-        # so the wait is short.
-        process.join(1.0)
+        self._reap(worker, process, time.monotonic() + _REAP_WAIT_S)
+
+    def _reap(
+        self, worker: Worker, process: multiprocessing.process.BaseProcess, deadline: float
+    ) -> None:
+        """Read the dead worker's exit code without blocking the event loop: the sentinel can
+        turn readable a moment before the process can be reaped (its pipe closes as it exits),
+        so look again shortly, until `deadline`."""
+        if worker.process is not process:  # stop() reaped it meanwhile
+            return
+        process.join(0)
+        if process.exitcode is None and time.monotonic() < deadline:
+            assert self._loop is not None
+            self._loop.call_later(_REAP_RETRY_S, self._reap, worker, process, deadline)
+            return
+        self._worker_died(worker, process)
+
+    def _worker_died(self, worker: Worker, process: multiprocessing.process.BaseProcess) -> None:
         how = describe_exit(process.exitcode)
         if worker.transport is not None:
             # Results the worker wrote just before it died may still wait in the socket;
