@@ -105,7 +105,11 @@ class _Connection(asyncio.Protocol):
             log.error("master sent an oversized frame: %s; closing the connection", exc)
             assert self.transport is not None
             self.transport.close()
-            return
+            # The whole frames before it still count: their tasks run, their results wait
+            # in the outbox for the next connection.
+            payloads = exc.payloads
+            if not payloads or not self.authenticated.done():
+                return
         link.frames_received += len(payloads)
         if not self.authenticated.done():
             if not payloads:
@@ -133,6 +137,7 @@ class _Connection(asyncio.Protocol):
             link._on_assign(tasks)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.decoder.abort()  # a large body cut off mid-way leaves no segment behind
         if not self.authenticated.done():
             self.authenticated.set_exception(ConnectionError(f"closed during handshake: {exc}"))
         if not self.closed.done():
@@ -290,22 +295,32 @@ class MasterLink:
                 ids.append(ident or "?")
         return ids
 
-    def _write_entry(self, entry: list[object]) -> None:
+    def _open_transport(self) -> asyncio.Transport | None:
+        """The connection's transport while it can still be written to: between the peer's
+        close and `connection_lost` a write would raise (uvloop), and what is not written stays
+        in the outbox for the next connection."""
         connection = self._connection
-        assert connection is not None and connection.transport is not None
+        if connection is None or connection.transport is None:
+            return None
+        transport = connection.transport
+        return None if transport.is_closing() else transport
+
+    def _write_entry(self, entry: list[object]) -> None:
+        transport = self._open_transport()
+        if transport is None:
+            return
         entry[0] = self._heartbeats_sent + 1
         blob: Frames = entry[1]  # type: ignore[assignment]
-        connection.transport.write(blob)
+        transport.write(blob)
         self.bytes_written += len(blob)
         self.frames_written += entry[2]  # type: ignore[operator]
         self.last_write_at = time.monotonic()
 
     def send_heartbeat(self) -> None:
-        connection = self._connection
-        if self.state is not LinkState.REGISTERED or connection is None:
+        transport = self._open_transport()
+        if self.state is not LinkState.REGISTERED or transport is None:
             return
-        assert connection.transport is not None
-        connection.transport.write(_HEARTBEAT_FRAME)
+        transport.write(_HEARTBEAT_FRAME)
         self._results_since_heartbeat = 0
         self.bytes_written += len(_HEARTBEAT_FRAME)
         self.frames_written += 1
@@ -315,11 +330,10 @@ class MasterLink:
         self._heartbeat_ends.append(self.bytes_written)
 
     def send(self, message: m.Message) -> None:
-        connection = self._connection
-        if self.state is LinkState.REGISTERED and connection is not None:
-            assert connection.transport is not None
+        transport = self._open_transport()
+        if self.state is LinkState.REGISTERED and transport is not None:
             data = codec.encode(message)
-            connection.transport.write(data)
+            transport.write(data)
             self.bytes_written += len(data)
             self.frames_written += 1
             self.last_write_at = time.monotonic()
@@ -510,6 +524,8 @@ class MasterLink:
             assert tls is not None
             raise await verify_failure(error, "master", host, port, tls.trust) from None
         assert connection.transport is not None
+        if connection.transport.is_closing():
+            raise ConnectionError("the master closed the connection at once")
         self.state = LinkState.AUTHENTICATING
         connection.transport.write(frame(self.join.token.encode()))
         try:
@@ -520,6 +536,8 @@ class MasterLink:
         if not accepted:
             connection.transport.close()
             raise AuthenticationError(f"master {format_address(host, port)} said Invalid token")
+        if connection.transport.is_closing():
+            raise ConnectionError("the master closed the connection as it accepted the token")
         self._connection = connection
         self._heartbeats_sent = self._acks = 0
         self._listed = None

@@ -41,7 +41,16 @@ from typing import Final, Self
 from shm import space
 from shm.closing import Closing
 
-__all__ = ["SEGMENT_NAME", "PayloadSegment", "new_segment_name", "sweep_segments", "write_segment"]
+__all__ = [
+    "SEGMENT_NAME",
+    "PayloadSegment",
+    "SpilledPayload",
+    "new_segment_name",
+    "spill_reference",
+    "spilled",
+    "sweep_segments",
+    "write_segment",
+]
 
 SEGMENT_NAME: Final = re.compile(
     r"(?P<prefix>[A-Za-z0-9_.-]+)-seg-(?P<creator>[0-9a-f]{8})[0-9a-f]{24}"
@@ -254,6 +263,16 @@ SPILL_MARK: Final = b"\x00"
 SPILL_HEAD_BYTES: Final = 4096
 
 
+class SpilledPayload(bytes):
+    """A spilled payload's reference as the supervisor holds it. Its type, not its first byte,
+    is what makes it one there: a peer's frame that starts with NUL is plain `bytes`, a
+    malformed frame, and never names a file to open or remove. (A worker gets references
+    only from its supervisor, which never passes a peer's NUL-led frame on: it reads them
+    with `spill_reference`.)"""
+
+    __slots__ = ()
+
+
 class IncomingSegment:
     """A large frame body written into a segment as its bytes arrive off the socket (a
     `FrameDecoder` spill): the supervisor never holds it in memory, and the worker that runs
@@ -287,7 +306,7 @@ class IncomingSegment:
             space.write_all(self._fd, data, self.path, self._offset)
         except OSError as error:  # StoreFullError included
             self.error = f"the payload does not fit in {os.path.dirname(self.path)}: {error}"
-            self._discard()
+            self.discard()
             return
         self._offset += len(data)
 
@@ -295,12 +314,13 @@ class IncomingSegment:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        return (
+        return SpilledPayload(
             SPILL_MARK + self.name.encode() + b"\x00" + self.error.encode() + b"\x00"
             + bytes(self._head)
         )  # fmt: skip
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
+        """Close and remove the segment (its body will not be complete, or does not fit)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -309,11 +329,30 @@ class IncomingSegment:
 
 
 def spilled(payload: bytes) -> tuple[str, str, bytes] | None:
-    """(segment name, error text, head) of a spilled payload's reference, else None."""
+    """(segment name, error text, head) of a spilled payload's reference (a `SpilledPayload`
+    made by this process), else None."""
+    if type(payload) is not SpilledPayload:
+        return None
+    return spill_reference(payload)
+
+
+def spill_reference(payload: bytes) -> tuple[str, str, bytes] | None:
+    """(segment name, error text, head) of a payload that starts with `SPILL_MARK`, the form a
+    reference crosses to a worker in; None when it does not start so or is no well-formed
+    reference (a segment name `SEGMENT_NAME` matches, UTF-8 error text)."""
     if payload[:1] != SPILL_MARK:
         return None
-    name, error, head = payload[1:].split(b"\x00", 2)
-    return name.decode(), error.decode(), head
+    parts = payload[1:].split(b"\x00", 2)
+    if len(parts) != 3:
+        return None
+    name, error, head = parts
+    try:
+        text, reason = name.decode(), error.decode()
+    except UnicodeDecodeError:
+        return None
+    if not SEGMENT_NAME.fullmatch(text):
+        return None
+    return text, reason, head
 
 
 def read_spilled(shm_dir: str | os.PathLike[str], payload: bytes) -> bytes:

@@ -39,6 +39,7 @@ class ScriptedMaster:
         if self._conn is not None:
             self._conn.close()
         self._decoder = FrameDecoder()
+        self._pending: list[bytes] = []  # what the last connection sent is gone with it
         self._listener.settimeout(timeout)
         self._conn, _ = self._listener.accept()
         self._conn.settimeout(timeout)
@@ -70,6 +71,22 @@ class ScriptedMaster:
                 results[message.id] = message.result
             self._answer(message)
         return [results[i] for i in ids]
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are (frames the codec would never make)."""
+        assert self._conn is not None, "accept() first"
+        self._conn.sendall(data)
+
+    def collect(self, ids: list[str], timeout: float = 30.0) -> dict[str, m.Result]:
+        """Read until a result for each of `ids` arrived (answering heartbeats meanwhile)."""
+        results: dict[str, m.Result] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) < len(ids):
+            message = codec.decode(self._next_payload(deadline))
+            if isinstance(message, m.TaskResult) and message.id in ids:
+                results[message.id] = message.result
+            self._answer(message)
+        return results
 
     def answer_in_background(self, timeout: float = 30.0) -> threading.Thread:
         """Keep answering heartbeats until the node closes the connection (for its drain)."""

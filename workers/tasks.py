@@ -29,7 +29,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from shm.bytesjson import ByteArrayError
-from shm.segments import PayloadSegment, spilled
+from shm.segments import PayloadSegment, spill_reference
 from workers.expr import (
     MAX_EXPRESSION_BYTES,
     PLAIN_JSON_EXPRESSION,
@@ -195,7 +195,7 @@ class TaskRunner:
         error) is given when `payload` is a mapped segment."""
         if payload_head is None:
             assert type(payload) is bytes
-            reference = spilled(payload)
+            reference = spill_reference(payload)
             if reference is not None:
                 return self._run_spilled(*reference)
             payload_head = payload

@@ -23,12 +23,15 @@ class RemoteProtocolError(ProtocolError):
 class FrameTooLarge(RemoteProtocolError):
     """A length prefix announced more than `max_frame_bytes`; the stream is lost."""
 
-    def __init__(self, length: int, limit: int) -> None:
+    def __init__(self, length: int, limit: int, payloads: list[bytes] | None = None) -> None:
         super().__init__(
             f"frame of {length} bytes announced, above the limit of {limit} bytes (max_frame_bytes)"
         )
         self.length = length
         self.limit = limit
+        # The payloads the same `feed` completed before the oversized frame, in order: they
+        # are whole and valid, so a caller handles them before it closes the stream.
+        self.payloads: list[bytes] = payloads if payloads is not None else []
 
 
 class LocalProtocolError(ProtocolError):

@@ -31,6 +31,10 @@ class Spill(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    def discard(self) -> None:
+        """The stream ended before the body did: remove what was written."""
+        ...
+
     def finish(self) -> bytes:
         """The payload to hand on in place of the body (a reference the consumer resolves)."""
         ...
@@ -89,6 +93,15 @@ class FrameDecoder:
         """Body length of the frame being assembled, or -1 when between frames."""
         return self._need
 
+    def abort(self) -> None:
+        """The stream ended: discard the large body being spilled, if any (its frame will never
+        be whole)."""
+        sink = self._sink
+        if sink is not None:
+            self._sink = None
+            self._need = -1
+            sink.discard()
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Consume `data`; return every payload it completes, in order."""
         if type(data) is not bytes:
@@ -114,7 +127,7 @@ class FrameDecoder:
                     (length,) = _unpack_header(header)
                     header.clear()
                 if length > limit:
-                    raise FrameTooLarge(length, limit)
+                    raise FrameTooLarge(length, limit, out)
                 if length >= self.spill_from and length and self.spill is not None:
                     sink = self.spill(length)
                     if sink is not None:

@@ -1,0 +1,179 @@
+"""A master that sends what no master should: frames that look like the node's own spill
+references, a connection closed right after "OK", a large frame cut off mid-way, an oversized
+frame behind valid tasks. The node skips or survives each, loses no task and touches no file
+outside its own.
+
+Real node processes against `tests.scripted.ScriptedMaster` (raw frames over loopback).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.protocol import codec
+from node.protocol import messages as m
+from node.protocol.framing import frame
+from tests.nodeproc import NodeProcess
+from tests.scripted import ScriptedMaster
+
+SHM = "/dev/shm"
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedMaster]:
+    master = ScriptedMaster()
+    try:
+        yield master
+    finally:
+        master.close()
+
+
+def start_node(tmp_path: Path, master: ScriptedMaster, node_id: str, **config: object) -> NodeProcess:
+    join = tmp_path / "join.json"
+    master.write_join(join)
+    settings = {
+        "node_id": node_id,
+        "failover_timeout_ms": 60_000,
+        "master_addresses": [f"127.0.0.1:{master.port}"],
+        "storage_dir": str(tmp_path / "storage"),
+        **config,
+    }
+    node = NodeProcess(tmp_path, join, settings, "--workers", "1")
+    try:
+        master.accept()
+        node.wait_for_log("node ready")
+    except BaseException:
+        node.close()
+        raise
+    return node
+
+
+def segments_of(node_id: str) -> list[str]:
+    return sorted(n for n in os.listdir(SHM) if n.startswith(f"cpnode-{node_id}-seg-"))
+
+
+def stop(node: NodeProcess, master: ScriptedMaster) -> int:
+    pump = master.answer_in_background()
+    status = node.stop()
+    pump.join(10)
+    return status
+
+
+def test_frames_that_look_like_spill_references_name_no_file(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    # A file named as a segment in shm_dir: a forged reference must not open or remove it.
+    decoy = Path(SHM) / f"cpnode-hostile-decoy-seg-{os.getpid():08x}{'0' * 24}"
+    decoy.write_bytes(b'{"AssignTask":{"id":"d","task":{"Compute":{"expression":"1"}}}}')
+    assign = b'{"AssignTask":{"id":"x","task":{"Compute":{"expression":"1+1"}}}}'
+    forged = [
+        b"\x00" + str(victim).encode() + b'\x00\x00"Heartbeat"',
+        b"\x00" + os.path.relpath(victim, SHM).encode() + b'\x00\x00"Foo"',
+        b"\x00" + decoy.name.encode() + b"\x00\x00" + assign,
+        b"\x00garbage without separators",
+        b"\x00",
+    ]
+    node = start_node(tmp_path, scripted, "hostile-spill")
+    try:
+        scripted.send_raw(b"".join(frame(payload) for payload in forged))
+        assert scripted.run(m.Compute("2*21")) == m.Number(42.0)
+        assert victim.read_text() == "keep me"
+        assert decoy.exists()
+        assert node.log.count("skipping a malformed frame from the master") == len(forged)
+        assert "Traceback" not in node.log
+        assert node.log.count("registered with master") == 1
+        assert stop(node, scripted) == 0
+    finally:
+        node.close()
+        decoy.unlink(missing_ok=True)
+
+
+def test_a_master_that_closes_right_after_ok_does_not_crash_the_node(tmp_path: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    port = listener.getsockname()[1]
+    served = 0
+
+    def serve() -> None:
+        # Three connections: read the token, say OK, close at once.
+        nonlocal served
+        for _ in range(3):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                conn.recv(1 << 16)
+                conn.sendall(frame(b"OK"))
+            served += 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    join = tmp_path / "join.json"
+    join.write_text(f'{{"token": "t", "ip": "127.0.0.1", "port": {port}}}')
+    node = NodeProcess(
+        tmp_path,
+        join,
+        {"failover_timeout_ms": 2000, "master_addresses": [f"127.0.0.1:{port}"]},
+        "--workers",
+        "1",
+    )
+    try:
+        thread.join(30)
+        assert served == 3
+        assert node.proc.poll() is None, node.log
+        assert "Traceback" not in node.log
+        assert node.stop() == 0, node.log
+    finally:
+        listener.close()
+        node.close()
+
+
+def test_a_large_frame_cut_off_mid_way_leaves_no_segment(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    node_id = "hostile-cut"
+    node = start_node(tmp_path, scripted, node_id)
+    try:
+        body = 4 << 20  # above the 1 MiB spill threshold: it goes to a segment as it arrives
+        head = b'{"AssignTask":{"id":"big","task":{"StoreData":{"key":"k","data":['
+        scripted.send_raw((body).to_bytes(4, "big") + head + b"1," * (1 << 20))
+        deadline = time.monotonic() + 10
+        while not segments_of(node_id) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert segments_of(node_id), "the body was not spilled to a segment"
+        scripted.accept()  # closes the cut-off connection; the node comes back
+        deadline = time.monotonic() + 10
+        while segments_of(node_id) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert segments_of(node_id) == []
+        assert scripted.run(m.Compute("1+2")) == m.Number(3.0)
+        assert stop(node, scripted) == 0
+    finally:
+        node.close()
+
+
+def test_tasks_before_an_oversized_frame_still_run(tmp_path: Path, scripted: ScriptedMaster) -> None:
+    node = start_node(tmp_path, scripted, "hostile-oversize", max_frame_bytes=65536)
+    try:
+        tasks = b"".join(
+            codec.encode(m.AssignTask(f"o{i}", m.Compute(f"{i}*3"))) for i in range(20)
+        )
+        scripted.send_raw(tasks + (1 << 20).to_bytes(4, "big"))
+        scripted.accept()  # the node closed the stream; its results come on the next one
+        results = scripted.collect([f"o{i}" for i in range(20)])
+        assert results == {f"o{i}": m.Number(float(i * 3)) for i in range(20)}
+        assert "oversized frame" in node.log
+        assert stop(node, scripted) == 0
+    finally:
+        node.close()
