@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and print how to submit work: a whole cluster on one machine",
     )
     parser.add_argument(
-        "--local-master-port", type=int, default=55000, metavar="PORT",
-        help="port of the --local-master (default 55000)",
+        "--local-master-port", type=_port, default=55000, metavar="PORT",
+        help="port of the --local-master, 1-65535 (default 55000); it reads the node's CONFIG",
     )  # fmt: skip
     parser.add_argument(
         "--log-format", choices=LOG_FORMATS, metavar="FORMAT",
@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.local_master:
             join_path = Path(args.join or os.environ.get("CPCLUSTER_JOIN") or "join.json")
-            master = _start_local_master(join_path, args.local_master_port, config.log_level)
+            master = _start_local_master(
+                join_path, args.local_master_port, config.log_level, args.config
+            )
             join = load_join(str(join_path))
             print(
                 f"local master listening on {join.address}; submit work with:\n"
@@ -192,13 +194,30 @@ def _run(config: Config, join: JoinInfo, start_method: str, requests: list[str])
     return uvloop.run(run())
 
 
-def _start_local_master(join_path: Path, port: int, log_level: str) -> subprocess.Popen[bytes]:
-    """Start `cpnode-master` on 127.0.0.1:PORT and wait until its join.json names that port."""
+def _port(text: str) -> int:
+    """argparse type of a TCP port to listen on."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1-65535")
+    return port
+
+
+def _start_local_master(
+    join_path: Path, port: int, log_level: str, config_path: str | None
+) -> subprocess.Popen[bytes]:
+    """Start `cpnode-master` on 127.0.0.1:PORT and wait until its join.json names that port.
+    It reads the node's config file (the same `failover_timeout_ms`, so the heartbeats it
+    expects are the ones the node sends), and runs in a session of its own: Ctrl-C in the
+    terminal reaches the node, which drains to it and then stops it."""
     env = dict(os.environ, CPCLUSTER_JOIN=str(join_path))
     command = [
         sys.executable,
         "-m",
         "node.master.cli",
+        *([os.path.abspath(config_path)] if config_path else []),
         "--listen",
         f"127.0.0.1:{port}",
         "--log-level",
@@ -211,7 +230,7 @@ def _start_local_master(join_path: Path, port: int, log_level: str) -> subproces
     # File times come from a coarse clock: allow a second (a master still running from then
     # would hold the port, and ours would exit).
     started = time.time() - 1.0
-    master = subprocess.Popen(command, env=env)
+    master = subprocess.Popen(command, env=env, start_new_session=True)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if master.poll() is not None:
