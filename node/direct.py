@@ -449,13 +449,7 @@ class DirectServer:
 
     def run_task(self, link: DirectConnection, ident: str, payload: bytes) -> None:
         """Hand a peer's task to the dispatcher; its result goes back on `link`."""
-        try:
-            internal, renamed = link.rename(ident, payload)
-        except (RemoteProtocolError, AssertionError) as error:
-            failure = m.Error(f"malformed task: {error}")
-            link._write(frame(codec.task_result_payload(ident, failure)))
-            return
-        self.dispatcher.accept(internal, renamed, reply=link.send_results)
+        hand_over(self.dispatcher, link, ident, payload)
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -862,10 +856,10 @@ class DirectLinks:
         )  # fmt: skip
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        task.add_done_callback(_log_link_failure)
 
     def _run_task(self, link: DirectConnection, ident: str, payload: bytes) -> None:
-        internal, renamed = link.rename(ident, payload)
-        self.dispatcher.accept(internal, renamed, reply=link.send_results)
+        hand_over(self.dispatcher, link, ident, payload)
 
     async def close(self) -> None:
         for task in self._pending:
@@ -877,3 +871,21 @@ class DirectLinks:
             link.close()
         if self.server is not None:
             await self.server.close()
+
+
+def hand_over(dispatcher: Dispatcher, link: DirectConnection, ident: str, payload: bytes) -> None:
+    """Queue a peer's task under the link's prefix; its result goes back on `link`. A task the
+    renaming cannot read is answered `Error` at once."""
+    try:
+        internal, renamed = link.rename(ident, payload)
+    except (RemoteProtocolError, AssertionError) as error:
+        failure = m.Error(f"malformed task: {error}")
+        link._write(frame(codec.task_result_payload(ident, failure)))
+        return
+    dispatcher.accept(internal, renamed, reply=link.send_results)
+
+
+def _log_link_failure(task: asyncio.Task[DirectConnection | None]) -> None:
+    """A link opened for a `ConnectionInfo` runs in the background: say why it failed."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the direct link the master told us of failed: %s", task.exception())

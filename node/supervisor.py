@@ -213,15 +213,17 @@ class Node:
             self.node_dir.release()
             self.status = NodeStatus.STOPPED
             return 1
-        await self.io.start()
-        await self.direct.start()
-        self.status = NodeStatus.CONNECTING
-        link_task = asyncio.ensure_future(self.link.run())
-        stop_task = asyncio.ensure_future(self._stop.wait())
+        link_task: asyncio.Task[None] | None = None
+        stop_task: asyncio.Task[bool] | None = None
         try:
-            done, _ = await asyncio.wait(
-                {link_task, stop_task}, return_when=asyncio.FIRST_COMPLETED
-            )
+            # Inside the try: should either fail, the workers stop and the directory goes.
+            await self.io.start()
+            await self.direct.start()
+            self.status = NodeStatus.CONNECTING
+            link_task = asyncio.ensure_future(self.link.run())
+            stop_task = asyncio.ensure_future(self._stop.wait())
+            tasks: set[asyncio.Future[object]] = {link_task, stop_task}  # type: ignore[arg-type]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if link_task in done:
                 exc = link_task.exception()
                 if isinstance(exc, NoMasterError):
@@ -232,10 +234,12 @@ class Node:
             await self.drain()
             return 0
         finally:
-            stop_task.cancel()
+            if stop_task is not None:
+                stop_task.cancel()
             self.link.close()
-            link_task.cancel()
-            await asyncio.gather(link_task, return_exceptions=True)
+            if link_task is not None:
+                link_task.cancel()
+                await asyncio.gather(link_task, return_exceptions=True)
             await self.direct.close()
             await self.io.close()
             await self.pool.stop(timeout=0 if self._forced else 5.0)
