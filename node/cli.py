@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         metavar="LEVEL",
-        help="error, warn, info, debug or trace (default from config: info)",
+        help="error, warn, info, debug, trace or off (default from config: info)",
     )
     parser.add_argument(
         "--join", metavar="PATH", help="join.json to use (default: $CPCLUSTER_JOIN or ./join.json)"
