@@ -14,8 +14,16 @@ from node.protocol.framing import FrameDecoder, frame
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workers", type=int, default=2)
+    parser = argparse.ArgumentParser(
+        description="A benchmark node: joins the master named by $CPCLUSTER_JOIN (else "
+        "./join.json) and answers its tasks until the master closes the connection."
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="worker processes (default 2; the null node computes nothing and has none)",
+    )
     return parser.parse_args()
 
 
@@ -26,7 +34,10 @@ async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     writer.write(frame(join["token"].encode()))
     decoder = FrameDecoder()
     while True:
-        answers = decoder.feed(await reader.read(64))
+        data = await reader.read(64)
+        if not data:
+            raise ConnectionError("the master closed the connection before answering the token")
+        answers = decoder.feed(data)
         if answers:
             assert answers[0] == b"OK", answers[0]
             break

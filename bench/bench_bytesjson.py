@@ -1,7 +1,8 @@
 """shm.bytesjson against the orjson baseline, for 1 MiB and 16 MiB of random bytes.
 
     pytest bench/bench_bytesjson.py --benchmark-enable      (pytest-benchmark table, per group)
-    python bench/bench_bytesjson.py                          (MB/s of the blob, and the speed-up)
+    python bench/bench_bytesjson.py [--sizes 1MiB 16MiB] [--rounds N]
+                                                             (MB/s of the blob, and the speed-up)
 
 The baseline is what the node would do without shm.bytesjson: ``bytes(orjson.loads(text))`` to
 decode, ``orjson.dumps(list(data))`` to encode. MB/s counts blob bytes (the JSON text is about
@@ -10,6 +11,7 @@ decode, ``orjson.dumps(list(data))`` to encode. MB/s counts blob bytes (the JSON
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Callable
@@ -77,8 +79,23 @@ def _best(function: Callable[[bytes], bytes], arg: bytes, rounds: int) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="shm.bytesjson against the orjson baseline: MB/s of decoding and encoding "
+        "a JSON byte array of random bytes, and the speed-up (best of interleaved rounds).",
+    )
+    parser.add_argument(
+        "--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
+        help=f"blob sizes to measure (default: {' '.join(SIZES)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds per function, best kept (default 5)"
+    )
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     print(f"{'':14}{'ours MB/s':>12}{'orjson MB/s':>13}{'speed-up':>10}")
-    for name, size in SIZES.items():
+    for name in args.sizes:
+        size = SIZES[name]
         data = os.urandom(size)
         text = orjson.dumps(list(data))
         pairs = {
@@ -88,7 +105,7 @@ def main() -> None:
         for operation, (ours, baseline, arg) in pairs.items():
             # Interleaved rounds, best of each: fair on a machine that is busy with other work.
             ours_best = baseline_best = float("inf")
-            for _ in range(5):
+            for _ in range(args.rounds):
                 ours_best = min(ours_best, _best(ours, arg, 1))
                 baseline_best = min(baseline_best, _best(baseline, arg, 1))
             print(

@@ -35,15 +35,23 @@ def echo(sock: socket.socket) -> None:
         sock.sendall(data)
 
 
+def _recv(sock: socket.socket) -> bytes:
+    """What the peer sent; EOFError when it is gone (a dead peer would spin the loops forever)."""
+    data = sock.recv(1 << 16)
+    if not data:
+        raise EOFError("the peer closed the socket (did it die?)")
+    return data
+
+
 def _results_message(sock: socket.socket) -> None:
     """Read messages until a RESULTS one (a worker also sends READY and STATS)."""
     buffer = b""
     while True:
         while len(buffer) < HEADER.size:
-            buffer += sock.recv(1 << 16)
+            buffer += _recv(sock)
         kind, _, length = HEADER.unpack_from(buffer)
         while len(buffer) < HEADER.size + length:
-            buffer += sock.recv(1 << 16)
+            buffer += _recv(sock)
         if kind == RESULTS:
             return
         buffer = buffer[HEADER.size + length :]
@@ -63,7 +71,7 @@ def round_trips(kind: str, samples: int) -> list[float]:
     theirs.close()
     try:
         if kind == "worker":
-            ours.recv(64)  # READY
+            _recv(ours)  # READY
         times = []
         for i in range(samples):
             message = frame(codec.encode_payload(m.AssignTask(f"t{i}", m.Compute(f"{i}+1*2"))))
@@ -72,7 +80,7 @@ def round_trips(kind: str, samples: int) -> list[float]:
             if kind == "echo":
                 received = 0
                 while received < len(message):
-                    received += len(ours.recv(1 << 16))
+                    received += len(_recv(ours))
             else:
                 _results_message(ours)
             times.append((time.perf_counter_ns() - started) / 1000)
@@ -87,8 +95,10 @@ def round_trips(kind: str, samples: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=2000)
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument(
+        "--samples", type=int, default=2000, help="round trips per peer (default 2000)"
+    )
     args = parser.parse_args()
     print("| peer | median µs | p10 µs |\n|---|---|---|")
     for kind in ("echo", "worker"):

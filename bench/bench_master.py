@@ -49,6 +49,8 @@ class Figures:
     total_s: float  # until the client had read every result through GetTaskResult
     master_peak_rss_mib: float
     master_cpu_s: float  # user + system time the master spent during the run
+    results: int  # distinct ids whose result the client read back, with the nodes' answer
+    wrong: int  # results read back that were not the nodes' answer
 
     @property
     def tasks_per_s(self) -> float:
@@ -60,7 +62,8 @@ class Figures:
             f"{self.tasks_per_s:,.0f} tasks/s end to end ({self.total_s:.2f} s; all accepted "
             f"after {self.submit_s:.2f} s, all completed after {self.complete_s:.2f} s); "
             f"master CPU {self.master_cpu_s:.2f} s ({self.tasks / self.master_cpu_s:,.0f} tasks "
-            f"per master CPU second); master peak RSS {self.master_peak_rss_mib:.1f} MiB"
+            f"per master CPU second); master peak RSS {self.master_peak_rss_mib:.1f} MiB; "
+            f"{self.results} results read back, {self.wrong} wrong"
         )
 
 
@@ -192,7 +195,9 @@ class _Client(_Peer):
             self.waiter.set_result(None)
 
 
-async def _run(port: int, tasks: int, nodes: int, scheduling: str) -> tuple[float, float, float]:
+async def _run(
+    port: int, tasks: int, nodes: int, scheduling: str
+) -> tuple[float, float, float, int, int]:
     loop = asyncio.get_running_loop()
     done = [0]
     finished: asyncio.Future[float] = loop.create_future()
@@ -225,21 +230,24 @@ async def _run(port: int, tasks: int, nodes: int, scheduling: str) -> tuple[floa
         completed = await asyncio.wait_for(finished, 300)
         await heartbeats
 
+        received: dict[str, object] = {}
         remaining = ids
         while remaining:
             polled = client.expect(len(remaining))
             client.transport.write(b"".join(encode(m.GetTaskResult(i)) for i in remaining))
             await asyncio.wait_for(polled, 120)
-            pending = {
-                orjson.loads(reply)["TaskResult"]["id"]
-                for reply in client.replies
-                if reply.startswith(b'{"TaskResult"')
-            }
-            remaining = [ident for ident in remaining if ident not in pending]
+            for reply in client.replies:
+                if reply.startswith(b'{"TaskResult"'):
+                    answer = orjson.loads(reply)["TaskResult"]
+                    received[answer["id"]] = answer["result"]
+            remaining = [ident for ident in remaining if ident not in received]
             if remaining:
                 await asyncio.sleep(0.01)
         end = time.perf_counter()
-        return submitted - start, completed - start, end - start
+        # What came back, checked against what the fake nodes answered (Number 2.0 each).
+        right = sum(1 for ident in ids if received.get(ident) == {"Number": 2.0})
+        wrong = len(received) - right
+        return submitted - start, completed - start, end - start, right, wrong
     finally:
         for peer in peers:
             if peer.transport is not None:
@@ -263,13 +271,17 @@ def measure(tasks: int = 100_000, nodes: int = 2, scheduling: str = "fifo") -> F
         process = psutil.Process(master.process.pid)
         before = process.cpu_times()
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            submit_s, complete_s, total_s = runner.run(_run(master.port, tasks, nodes, scheduling))
+            submit_s, complete_s, total_s, results, wrong = runner.run(
+                _run(master.port, tasks, nodes, scheduling)
+            )
         after = process.cpu_times()
         cpu = after.user + after.system - before.user - before.system
         peak = _peak_rss_mib(master.process.pid)
     finally:
         master.stop()
-    return Figures(tasks, nodes, scheduling, submit_s, complete_s, total_s, peak, cpu)
+    return Figures(
+        tasks, nodes, scheduling, submit_s, complete_s, total_s, peak, cpu, results, wrong
+    )
 
 
 def test_master_100k_tasks(benchmark):  # type: ignore[no-untyped-def]
@@ -282,7 +294,8 @@ def test_master_100k_tasks(benchmark):  # type: ignore[no-untyped-def]
         master_cpu_s=round(result.master_cpu_s, 2),
     )
     print(result.summary())
-    assert result.tasks == 100_000
+    # Every task's result was read back from the master, each the fake nodes' answer.
+    assert (result.results, result.wrong) == (100_000, 0)
 
 
 def main() -> None:
@@ -291,7 +304,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--scheduling", choices=("fifo", "upstream"), default="fifo")
     args = parser.parse_args()
-    print(measure(args.tasks, args.nodes, args.scheduling).summary())
+    figures = measure(args.tasks, args.nodes, args.scheduling)
+    print(figures.summary())
+    if (figures.results, figures.wrong) != (figures.tasks, 0):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

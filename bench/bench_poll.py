@@ -5,13 +5,17 @@ therefore polls with a `Heartbeat` every `poll_interval_ms`; this measures the s
 latency of one task at a time through `cpnode-master --scheduling upstream` (which reproduces
 that pushing) for several intervals, in one run.
 
-    python bench/bench_poll.py                       # prints a table
+    python bench/bench_poll.py [--intervals MS ...] [--samples N]    # prints a table
     python -m pytest bench/bench_poll.py -o python_files='bench_*.py' --benchmark-enable
+
+Ctrl-C or SIGTERM stops the node it started (and the master) before it exits.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import signal
 import statistics
 import sys
 import tempfile
@@ -55,21 +59,45 @@ def measure(poll_ms: int, samples: int) -> list[float]:
                 node.wait_for_log("node ready")
                 return asyncio.run(latencies(join, samples))
             finally:
-                node.stop()
-                node.close()
+                try:
+                    node.stop()
+                finally:
+                    node.close()  # SIGKILL as a last resort; closes its log
 
 
 def test_poll_interval_latency(benchmark: Any) -> None:
     benchmark.pedantic(measure, args=(50, 20), rounds=1, iterations=1)
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    # Unwind like Ctrl-C, so that every `finally` stops what it started.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Submit-to-result latency of one task at a time through a master with "
+        "upstream scheduling, for several poll_interval_ms values of a real node.",
+    )
+    parser.add_argument(
+        "--intervals", type=int, nargs="+", default=list(INTERVALS_MS), metavar="MS",
+        help=f"poll_interval_ms values to measure (default {' '.join(map(str, INTERVALS_MS))})",
+    )  # fmt: skip
+    parser.add_argument("--samples", type=int, default=100, help="tasks per interval (default 100)")
+    args = parser.parse_args()
+    if args.samples < 1:
+        parser.error("--samples must be at least 1")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     print("| poll_interval_ms | median ms | p90 ms |\n|---|---|---|")
-    for poll in INTERVALS_MS:
-        values = sorted(measure(poll, 100))
-        median = statistics.median(values) * 1000
-        p90 = values[int(len(values) * 0.9)] * 1000
-        print(f"| {poll} | {median:.1f} | {p90:.1f} |", flush=True)
+    try:
+        for poll in args.intervals:
+            values = sorted(measure(poll, args.samples))
+            median = statistics.median(values) * 1000
+            p90 = values[int(len(values) * 0.9)] * 1000
+            print(f"| {poll} | {median:.1f} | {p90:.1f} |", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: node and master stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

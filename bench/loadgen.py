@@ -10,6 +10,9 @@ level without computing, the ceiling for any node) and `naive` (bench/naivenode.
 one `ProcessPoolExecutor.submit` per task, the baseline).
 
     python bench/loadgen.py --tasks 100000 --workers 2          # prints the table
+
+Every result of a computing node is checked against the task's value (`wrong` column; `-` for
+the null node, which answers 0 on purpose); the exit status is 1 when any was wrong.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ class Measurement:
     burst_s: float
     cpu_s: float
     rtt_ms: float
-    wrong: int
+    wrong: int | None  # results that were not the task's value; None: not checked (null node)
     main_cpu_s: float  # the node's main process (our supervisor) alone
 
     @property
@@ -208,16 +211,18 @@ async def measure(
             main_after, children_after = tree_cpu_seconds(ps)
             main_cpu = main_after - main_before
             cpu = main_cpu + children_after - children_before
-            wrong = 0
-            if kind != "null":
-                for i in range(tasks):
-                    result = codec.decode(master.results[f"t{i}"])
-                    assert isinstance(result, m.TaskResult)
-                    if result.result != m.Number(expression(i)[1]):
-                        wrong += 1
             rtts = []
             for i in range(rtt_samples):
                 rtts.append(await master.push([(f"r{i}", expression(i)[0])], timeout))
+            wrong = None
+            if kind != "null":  # the null node answers 0 without computing
+                expected = [(f"t{i}", expression(i)[1]) for i in range(tasks)]
+                expected += [(f"r{i}", expression(i)[1]) for i in range(rtt_samples)]
+                wrong = 0
+                for ident, value in expected:
+                    result = codec.decode(master.results[ident])
+                    if not isinstance(result, m.TaskResult) or result.result != m.Number(value):
+                        wrong += 1
             return Measurement(
                 kind, tasks, burst, cpu, statistics.median(rtts) * 1000, wrong, main_cpu
             )
@@ -249,7 +254,7 @@ def table(results: list[Measurement]) -> str:
         vs_naive = f"{r.tasks_per_s / by['naive'].tasks_per_s:.1f}x" if "naive" in by else "-"
         rtt_null = f"{r.rtt_ms / by['null'].rtt_ms:.2f}x" if "null" in by else "-"
         lines.append(
-            f"| {r.node} | {r.tasks} | {r.tasks_per_s:,.0f} | {r.cpu_us_per_task:.1f} ({r.main_cpu_s / r.tasks * 1e6:.1f}) | {r.rtt_ms:.3f} | {r.wrong} "
+            f"| {r.node} | {r.tasks} | {r.tasks_per_s:,.0f} | {r.cpu_us_per_task:.1f} ({r.main_cpu_s / r.tasks * 1e6:.1f}) | {r.rtt_ms:.3f} | {'-' if r.wrong is None else r.wrong} "
             f"| {vs_null} | {vs_naive} | {rtt_null} |"
         )
     return "\n".join(lines)
@@ -270,12 +275,19 @@ def main() -> None:
         "--naive-tasks", type=int, default=None, help="tasks for the naive node (default: --tasks)"
     )
     args = parser.parse_args()
+    unknown = set(args.nodes.split(",")) - set(NODES)
+    if unknown:
+        parser.error(f"--nodes: unknown {', '.join(sorted(unknown))} (known: {', '.join(NODES)})")
     results = []
     for kind in args.nodes.split(","):
         n = args.naive_tasks if kind == "naive" and args.naive_tasks else args.tasks
         results.extend(run_all([kind], n, args.workers, args.rtt_samples, args.timeout))
         print(orjson.dumps(results[-1].__dict__).decode(), file=sys.stderr, flush=True)
     print(table(results))
+    wrong = {r.node: r.wrong for r in results if r.wrong}
+    if wrong:
+        print(f"wrong results: {wrong}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,22 +7,33 @@ key is a path and follows the same rules; unlike upstream, ``../x`` cannot escap
 key with ``/`` creates its subdirectories as a ``DiskWrite`` path does.
 
 Confinement. A path is split on ``/``; empty and ``.`` parts are dropped; an absolute path, a
-``..`` part, a NUL, a part that looks like our temporary files, or nothing left at all is
-``InvalidPath`` ("Invalid path"); a path of 4096 bytes or more gets the ``ENAMETOOLONG`` error
-upstream gets from the system. The directories are then opened one by one with
-``openat(O_NOFOLLOW | O_DIRECTORY)`` from a descriptor of ``storage_dir``, and the file is opened,
-created and renamed relative to its directory's descriptor. A symlink is never followed,
+``..`` part, a NUL, text that is not valid Unicode (a lone surrogate), a part that looks like our
+temporary files, or nothing left at all is ``InvalidPath`` ("Invalid path"). A path of 4096
+bytes or more gets the ``ENAMETOOLONG`` error upstream gets from the system; a path that names a
+directory (ending in ``/`` or ``/.``) gets the system's errors too: ``EISDIR`` to write it, and
+to read it ``ENOENT``, ``ENOTDIR`` or ``EISDIR`` as the name is missing, a file or a directory.
+``RetrieveData`` answers "Key not found" for those three errors only; any other keeps its own
+text. The directories are then opened one by one with
+``openat(O_NOFOLLOW | O_DIRECTORY)`` from a descriptor of ``storage_dir``, and the file is opened
+or renamed into place relative to its directory's descriptor. A symlink is never followed,
 wherever it points — including one swapped in between a check and its use, since nothing is
 ever looked up by path twice.
 
 Writes::
 
-    check quota (a first look) and free space ─► .cpnode-tmp-<pid>-<uuid> beside the target:
+    check quota (a first look) and free space ─► .cpnode-tmp-<pid>-<uuid> in storage_dir:
     posix_fallocate, write ─► under the ledger's flock: measure the old file, check the quota,
-    rename over the target, add (new size - old size) to the ledger
+    add (new size - old size) to the ledger, rename over the target (in its directory)
 
 A refused write leaves the old content as it was. Only the commit holds the lock, so workers
-write their data in parallel and the quota still holds for all of them together.
+write their data in parallel and the quota still holds for all of them together. The count
+changes before the rename (and back if the rename fails), so a writer killed at any point
+leaves either a ledger that is right or its temporary file. Temporary files all live directly
+in ``storage_dir`` (the tree is one filesystem: the rename crosses directories, not devices), so
+what a killed worker left is found with one look at one directory: the pool calls
+``sweep_temporary(pid)`` as soon as it sees a worker die, which removes them and, with a quota,
+recounts the ledger from the files. (Counting after the rename instead leaves a wide window:
+renaming over a big file frees its blocks, and a kill then loses the count with no trace.)
 
 Quota. ``quota_bytes`` (``disk_space_mb`` * 1,048,576) counts the size of every regular file
 below ``storage_dir`` — ``StoreData`` and ``DiskWrite`` alike (upstream counts ``StoreData`` only).
@@ -51,7 +62,7 @@ from shm import space
 from shm.closing import Closing
 from shm.errors import FileError, InvalidPath, KeyNotFound, QuotaExceeded, StoreError
 
-__all__ = ["DEFAULT_RESERVE_BYTES", "MIB", "DiskStore", "UsageLedger"]
+__all__ = ["DEFAULT_RESERVE_BYTES", "MIB", "DiskStore", "UsageLedger", "has_temporary_files"]
 
 MIB: Final = 1_048_576
 """Bytes per ``disk_space_mb``."""
@@ -60,6 +71,7 @@ DEFAULT_RESERVE_BYTES: Final = 16 * MIB
 """Free space every write leaves on the filesystem under ``storage_dir``, unless told otherwise."""
 
 _TEMPORARY: Final = ".cpnode-tmp-"
+_NO_SUCH_KEY: Final = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EISDIR))
 _PATH_MAX: Final = 4096
 _DIRECTORY: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -106,7 +118,9 @@ class DiskStore(Closing):
 
     def write(self, path: str, data: bytes | bytearray | memoryview) -> None:
         """``DiskWrite``: put ``data`` in the file at ``path``, creating its directories."""
-        dirs, leaf = _split(path)
+        dirs, leaf, directory = _split(path)
+        if directory:
+            raise FileError(errno.EISDIR, path)
         try:
             with self._parent(path, dirs, create=True) as parent:
                 self._write(parent, leaf, path, data)
@@ -117,10 +131,10 @@ class DiskStore(Closing):
 
     def read(self, path: str) -> bytes:
         """``DiskRead``: the content of the file at ``path``."""
-        dirs, leaf = _split(path)
+        dirs, leaf, directory = _split(path)
         try:
             with self._parent(path, dirs, create=False) as parent:
-                return self._read(parent, leaf, path)
+                return self._read(parent, leaf, path, directory=directory)
         except StoreError:
             raise
         except OSError as error:
@@ -131,11 +145,14 @@ class DiskStore(Closing):
         self.write(key, data)
 
     def retrieve(self, key: str) -> bytes:
-        """``RetrieveData`` on a Disk node; ``KeyNotFound`` when there is no such file."""
+        """``RetrieveData`` on a Disk node; ``KeyNotFound`` when ``key`` names no file (it is
+        missing, below a file, or a directory); other errors as ``read`` raises them."""
         try:
             return self.read(key)
         except FileError as error:
-            raise KeyNotFound(key) from error
+            if error.errno in _NO_SUCH_KEY:
+                raise KeyNotFound(key) from error
+            raise
 
     def get_storage_report(self) -> str:
         """The ``GetStorage`` response: ``free: N bytes`` (quota minus use), then ``name: N
@@ -144,6 +161,21 @@ class DiskStore(Closing):
         files = sorted(self._top_level_files())
         lines += [f"{name}: {size} bytes\n" for name, size in files] or ["No entries found\n"]
         return "".join(lines)
+
+    def sweep_temporary(self, pid: int) -> list[str]:
+        """Remove the temporary files of process ``pid``, which died in the middle of a write
+        (if ``pid`` runs, it is a new process and nothing is removed); return their names.
+
+        With a quota, finding any recounts the ledger from the files, under its lock: the
+        writer may have died after counting its file and before renaming it into place.
+        """
+        if self._ledger is None:
+            return self._remove_temporary(pid)
+        with self._ledger.locked() as usage:
+            removed = self._remove_temporary(pid)
+            if removed:
+                usage.used = self._scan_usage()
+        return removed
 
     # --- accounting --------------------------------------------------------------------------
 
@@ -194,6 +226,7 @@ class DiskStore(Closing):
     def _write(
         self, parent: int, leaf: str, path: str, data: bytes | bytearray | memoryview
     ) -> None:
+        root = self._root_fd
         size = memoryview(data).nbytes
         old = _existing_size(parent, leaf, path)
         if self._ledger is not None and self.quota_bytes is not None:
@@ -204,7 +237,7 @@ class DiskStore(Closing):
         temporary = space.temporary_name(_TEMPORARY)
         temporary_path = os.path.join(self.path, temporary)
         try:
-            fd = os.open(temporary, _CREATE, 0o644, dir_fd=parent)
+            fd = os.open(temporary, _CREATE, 0o644, dir_fd=root)
         except OSError as error:
             raise FileError.from_os_error(error, path) from error
         try:
@@ -213,14 +246,16 @@ class DiskStore(Closing):
                 space.write_all(fd, data, temporary_path)
             finally:
                 os.close(fd)
-            self._commit(parent, temporary, leaf, path, size)
+            self._commit(root, temporary, parent, leaf, path, size)
         except BaseException:
-            space.unlink_quietly(temporary, parent)
+            space.unlink_quietly(temporary, root)
             raise
 
-    def _commit(self, parent: int, temporary: str, leaf: str, path: str, size: int) -> None:
+    def _commit(
+        self, root: int, temporary: str, parent: int, leaf: str, path: str, size: int
+    ) -> None:
         if self._ledger is None or self.quota_bytes is None:
-            _rename(parent, temporary, leaf, path)
+            _rename(root, temporary, parent, leaf, path)
             return
         with self._ledger.locked() as usage:
             change = size - _existing_size(parent, leaf, path)
@@ -228,10 +263,14 @@ class DiskStore(Closing):
                 raise QuotaExceeded(
                     path=path, used=usage.used, change=change, quota=self.quota_bytes
                 )
-            _rename(parent, temporary, leaf, path)
-            usage.used += change
+            usage.used += change  # written at once, before the rename: see "Writes" above
+            try:
+                _rename(root, temporary, parent, leaf, path)
+            except BaseException:
+                usage.used -= change
+                raise
 
-    def _read(self, parent: int, leaf: str, path: str) -> bytes:
+    def _read(self, parent: int, leaf: str, path: str, *, directory: bool) -> bytes:
         try:
             fd = os.open(leaf, _READ, dir_fd=parent)
         except OSError as error:
@@ -242,11 +281,22 @@ class DiskStore(Closing):
             mode = os.fstat(fd)
             if stat.S_ISDIR(mode.st_mode):
                 raise FileError(errno.EISDIR, path)
+            if directory:  # "file/": the system finds no directory there
+                raise FileError(errno.ENOTDIR, path)
             if not stat.S_ISREG(mode.st_mode):
                 raise InvalidPath(path, "not a regular file")
             return space.read_all(fd, mode.st_size)
         finally:
             os.close(fd)
+
+    def _remove_temporary(self, pid: int) -> list[str]:
+        prefix = f"{_TEMPORARY}{pid}-"
+        removed = []
+        for name in os.listdir(self._root_fd):
+            if name.startswith(prefix) and not space.writer_alive(name, _TEMPORARY):
+                space.unlink_quietly(name, self._root_fd)
+                removed.append(name)
+        return removed
 
     def _top_level_files(self) -> Iterator[tuple[str, int]]:
         with os.scandir(self._root_fd) as entries:
@@ -301,10 +351,24 @@ class UsageLedger:
     _MAGIC: Final = b"cpnodeDU"
 
     class Usage:
-        """The count while the lock is held; set ``used`` to change it."""
+        """The count while the lock is held; setting ``used`` writes it to the ledger at once
+        (a process killed later in the block leaves what it last set)."""
 
-        def __init__(self, used: int) -> None:
-            self.used = used
+        def __init__(self, ledger: UsageLedger, fd: int, used: int) -> None:
+            self._ledger = ledger
+            self._fd = fd
+            self._used = used
+
+        @property
+        def used(self) -> int:
+            return self._used
+
+        @used.setter
+        def used(self, value: int) -> None:
+            value = max(0, value)
+            if value != self._used:
+                self._ledger._write(self._fd, value)
+                self._used = value
 
     def __init__(self, path: str, scan: Callable[[], int]) -> None:
         self.path = path
@@ -336,7 +400,7 @@ class UsageLedger:
 
     @contextmanager
     def locked(self) -> Iterator[UsageLedger.Usage]:
-        """Hold the lock; what the block leaves in ``used`` is written back (unless it raises)."""
+        """Hold the lock; the block reads and sets the count through the ``Usage`` it gets."""
         with self._threads:
             fd = self._file
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -345,10 +409,7 @@ class UsageLedger:
                 if used is None:
                     used = self._scan()
                     self._write(fd, used)
-                usage = UsageLedger.Usage(used)
-                yield usage
-                if usage.used != used:
-                    self._write(fd, usage.used)
+                yield UsageLedger.Usage(self, fd, used)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -374,10 +435,26 @@ class UsageLedger:
         os.pwrite(fd, self._FORMAT.pack(self._MAGIC, max(0, used)), 0)
 
 
-def _split(path: str) -> tuple[list[str], str]:
-    """Return ``path``'s directories and file name, or raise ``InvalidPath`` (or, for a path
-    longer than the system allows, ``FileError`` as upstream gets it)."""
-    if len(path.encode(errors="surrogateescape")) >= _PATH_MAX:
+def has_temporary_files(storage_dir: str | os.PathLike[str], pid: int) -> bool:
+    """Whether process ``pid`` left temporary files in ``storage_dir`` (False when there is no
+    such directory): a look before opening the store to ``sweep_temporary`` them."""
+    prefix = f"{_TEMPORARY}{pid}-"
+    try:
+        with os.scandir(storage_dir) as entries:
+            return any(entry.name.startswith(prefix) for entry in entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _split(path: str) -> tuple[list[str], str, bool]:
+    """Return ``path``'s directories, its file name, and whether it names a directory (ends in
+    ``/`` or ``/.``); or raise ``InvalidPath`` (or, for a path longer than the system allows,
+    ``FileError`` as upstream gets it)."""
+    try:
+        encoded = path.encode()
+    except UnicodeEncodeError as error:
+        raise InvalidPath(path, f"not valid Unicode text ({error.reason})") from None
+    if len(encoded) >= _PATH_MAX:
         raise FileError(errno.ENAMETOOLONG, path)
     if "\x00" in path:
         raise InvalidPath(path, "contains NUL")
@@ -391,7 +468,7 @@ def _split(path: str) -> tuple[list[str], str]:
             raise InvalidPath(path, "'..' leaves the directory")
         if part.startswith(_TEMPORARY):
             raise InvalidPath(path, "reserved name")
-    return parts[:-1], parts[-1]
+    return parts[:-1], parts[-1], path.rpartition("/")[2] in ("", ".")
 
 
 def _open_directory(parent: int, name: str, path: str, *, create: bool) -> int:
@@ -434,9 +511,9 @@ def _existing_size(parent: int, leaf: str, path: str) -> int:
     raise InvalidPath(path, "not a regular file")
 
 
-def _rename(parent: int, temporary: str, leaf: str, path: str) -> None:
+def _rename(root: int, temporary: str, parent: int, leaf: str, path: str) -> None:
     try:
-        os.rename(temporary, leaf, src_dir_fd=parent, dst_dir_fd=parent)
+        os.rename(temporary, leaf, src_dir_fd=root, dst_dir_fd=parent)
     except OSError as error:
         if isinstance(error, StoreError):
             raise

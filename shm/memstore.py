@@ -9,6 +9,9 @@ volatile: gone when the node stops)::
                        ─► rename over the key's file (atomic: readers see old or new, never half)
     retrieve(key)      open the key's file ─► read it (an open file is never changed in place)
 
+A worker killed in the middle of a ``store`` leaves its temporary file; the pool removes it as
+soon as it sees the worker die (``sweep_temporary(pid)``).
+
 File names never contain the key's characters, so any key is just a key — ``../x``,
 ``/etc/passwd``, a NUL, 10,000 characters, the empty string. A key whose UTF-8 form takes at most
 150 bytes is stored as ``k`` + its URL-safe base64 (no padding), and listing decodes the name. A
@@ -133,12 +136,14 @@ class MemoryStore(Closing):
             return "No entries found\n"
         return "".join(f"{key}: {size} bytes\n" for key, size in entries)
 
-    def sweep_temporary(self) -> list[str]:
+    def sweep_temporary(self, pid: int | None = None) -> list[str]:
         """Remove temporary files of processes that died in the middle of a ``store`` (a worker
-        killed at its time limit); return their names."""
+        killed at its time limit) — only those of ``pid``, if given (the pool names a worker
+        it saw die); return their names. A running process's files are never touched."""
+        prefix = _TEMPORARY if pid is None else f"{_TEMPORARY}{pid}-"
         removed = []
         for name in os.listdir(self._fd):
-            if not name.startswith(_TEMPORARY):
+            if not name.startswith(prefix):
                 continue
             if not space.writer_alive(name, _TEMPORARY):
                 space.unlink_quietly(name, self._fd)

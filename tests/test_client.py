@@ -49,6 +49,7 @@ from node.config import JoinInfo
 from node.errors import ConfigError
 from node.master import MasterThread
 from node.submit_cli import ProgressBar, main, rust_display
+from tests.conftest import LoopbackGuard
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -411,8 +412,12 @@ def test_refused_connection_names_the_address() -> None:
     run(scenario())
 
 
-def test_a_master_that_is_not_local_needs_a_usable_ca_before_any_connection() -> None:
+def test_a_master_that_is_not_local_needs_a_usable_ca_before_any_connection(
+    loopback_only: LoopbackGuard,
+) -> None:
     # TLS is chosen by the address alone, so the CA is checked before anything is dialed.
+    # `connect()` is not awaited and no event loop runs, so nothing can be dialed; should that
+    # change, `loopback_only` refuses a connect to 203.0.113.7 before any packet leaves.
     with pytest.raises(ConfigError, match="`ca_cert` is not a usable PEM certificate"):
         Client.connect(host="203.0.113.7", port=55000, token=TOKEN, ca_cert="not a certificate")
     with pytest.raises(ConfigError, match="no such file"):
@@ -420,17 +425,16 @@ def test_a_master_that_is_not_local_needs_a_usable_ca_before_any_connection() ->
 
 
 def test_submit_many_ten_thousand(backend: Cluster) -> None:
-    async def scenario() -> float:
+    # Its speed is measured in bench/ (bench_master.py, loadgen.py), not asserted here.
+    async def scenario() -> None:
         async with Client.connect(backend.join) as client:
-            started = time.monotonic()
             ids = await client.submit_many(p.Compute(f"{i}+1") for i in range(10_000))
             assert len(set(ids)) == 10_000
             results = await client.results(ids, timeout=30)
             assert list(results) == ids
             assert [results[i] for i in ids] == [p.Number(i + 1.0) for i in range(10_000)]
-            return time.monotonic() - started
 
-    assert run(scenario(), timeout=60) < 20
+    run(scenario(), timeout=60)
 
 
 def test_concurrent_requests_share_one_connection(backend: Cluster) -> None:
@@ -462,6 +466,8 @@ def test_result_timeout_names_the_id_and_keeps_what_arrived(backend: Cluster) ->
     run(scenario())
 
 
+CLIENT_TIMEOUT = 0.3
+
 MISBEHAVIOUR = [
     pytest.param("mute", MasterTimeout, "did not answer the token", id="mute"),
     pytest.param("silent", MasterTimeout, "sent nothing for 0.3 s", id="silent"),
@@ -478,10 +484,12 @@ def test_a_misbehaving_master_gives_a_clear_error(
         started = time.monotonic()
         with pytest.raises(error, match=message):
             async with Client.connect(
-                host=master.host, port=master.port, token=TOKEN, timeout=0.3
+                host=master.host, port=master.port, token=TOKEN, timeout=CLIENT_TIMEOUT
             ) as client:
                 await client.submit(p.Compute("1+2"))
-        assert time.monotonic() - started < 3
+        if error is MasterTimeout:
+            # The client's own timeout ended the wait: once, not once per step or retry.
+            assert time.monotonic() - started < 10 * CLIENT_TIMEOUT
 
     with fake_master(behaviour) as master:
         run(scenario(master))
@@ -633,7 +641,12 @@ def test_cli_batch_progress_bar_on_a_terminal(cluster: Cluster) -> None:
         cwd=ROOT,
     ) as process:
         os.close(follower)
-        stdout, _ = process.communicate(tasks, timeout=30)
+        try:
+            stdout, _ = process.communicate(tasks, timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate(timeout=10)
+            raise
         terminal = b""
         with contextlib.suppress(OSError):  # EIO once the child's side is closed
             while chunk := os.read(leader, 4096):
@@ -759,14 +772,23 @@ def test_progress_bar_redraws_one_line() -> None:
             pass
 
     terminal = Terminal()
+    started = time.monotonic()
     bar = ProgressBar(terminal)  # type: ignore[arg-type]
-    bar.update(1, 4)
-    bar.update(2, 4)  # within 0.1 s of the last draw: skipped
-    bar.update(4, 4)  # the last one is always drawn
+    for done in range(1, 1001):
+        bar.update(done, 1000)
     bar.finish()
-    assert terminal.text.count("\r") == 2
-    assert terminal.text.endswith("] 100%  4/4 tasks  0.0 s\n")
-    assert "[" + "#" * 8 + "-" * 22 + "]  25%  1/4 tasks" in terminal.text
+    elapsed = time.monotonic() - started
+    draws = terminal.text.split("\r")
+    # Each draw returns to the start of the one line; the line ends only when the bar finishes.
+    assert draws[0] == ""
+    assert all("\n" not in draw for draw in draws[1:-1])
+    assert draws[-1].endswith("\n") and draws[-1].count("\n") == 1
+    # The first update and the last are always drawn, the ones between at most ten times a
+    # second: 1,000 updates are not 1,000 draws. (Bounded by the time the loop took, which
+    # cannot flake: the bar cannot have seen more time pass than this test did.)
+    assert draws[1].startswith("[" + "-" * 30 + "]   0%  1/1,000 tasks  ")
+    assert re.fullmatch(r"\[#{30}\] 100%  1,000/1,000 tasks  \d+\.\d s\n", draws[-1]), draws[-1]
+    assert 2 <= len(draws) - 1 <= 2 + elapsed / 0.1
 
 
 def test_connect_rejects_a_bad_timeout() -> None:

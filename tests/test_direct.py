@@ -53,7 +53,9 @@ def start_node(
 def peer(tmp_path: Path, master: MasterThread) -> Iterator[tuple[NodeProcess, int]]:
     port = free_port()
     # A Disk node: the master routes no Compute to it, so what it computes came over a link.
-    process = start_node(tmp_path, "peer", master, {"direct_port": port, "role": "Disk"})
+    process = start_node(
+        tmp_path, "peer", master, {"direct_port": port, "direct_host": "127.0.0.1", "role": "Disk"}
+    )
     try:
         process.wait_for_log("accepting direct links on")
         yield process, port
@@ -215,9 +217,15 @@ def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
                 await asyncio.sleep(0.02)
         assert client is not None
         async with client:
+            link = await asyncio.wait_for(opening, TIMEOUT)
+            # The link this test dialed in on won: it is the one kept (and the only one), and
+            # it is the inbound end, not the node's own dial to [::1] (which nothing answers).
+            assert link is not None
+            assert links == {link}
+            assert link.dialer is False
             result = await client.run(m.Compute("anything"), TIMEOUT)
-        link = await asyncio.wait_for(opening, TIMEOUT)
-        assert (link is not None and link in links) or link is not None
+            # The task went over the winning link.
+            assert link.tasks_run == 1
         link.close()
         return result
 

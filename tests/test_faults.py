@@ -611,10 +611,13 @@ def test_a_second_signal_stops_at_once(tmp_path: Path, recorded: ResultLedger) -
             wait_until(lambda: master.stats().completed >= 10, 60, "the node has started")
             first.proc.send_signal(signal.SIGTERM)
             first.wait_for_log("to evict this node")
-            second_signal_at = time.monotonic()
             assert first.stop(signal.SIGTERM, timeout=30) == 0
-            assert time.monotonic() - second_signal_at < 5.0  # the eviction wait was cut short
-            assert "second stop request: stopping now" in first.log
+            # The eviction wait (~10 s) was cut short: after the second request the node closed
+            # while still registered, which it logs only when its wait ends early (an eviction
+            # ends it quietly; the drain's own deadline is 30 s away).
+            log = first.log
+            second_request = log.index("second stop request: stopping now")
+            assert "the drain ended before the master evicted this node" in log[second_request:]
             assert first.leftover_children() == []
             second = start_node(tmp_path, join, config, "second")
             results = asyncio.run(collect(join, ids, timeout=120))
@@ -758,6 +761,10 @@ class PoolRun:
     def once_each(self, ids: list[str]) -> bool:
         return all(len(self.results[i]) == 1 for i in ids) and len(self.results) == len(ids)
 
+    def duplicated(self) -> int:
+        """Answers beyond the first for each id."""
+        return sum(len(answers) - 1 for answers in self.results.values())
+
 
 SLOW = {"Compute": "tests.slowtasks:compute"}
 
@@ -791,7 +798,7 @@ def test_a_task_past_task_timeout_ms_gets_its_worker_replaced_and_an_error(
             )
             # The results before the slow task left the worker while it slept: not retried.
             assert not [r for r in caplog.records if "retrying" in r.getMessage()]
-            record("task past task_timeout_ms (pool)", len(ids), len(run.results), 0)
+            record("task past task_timeout_ms (pool)", len(ids), len(run.results), run.duplicated())
         finally:
             await run.pool.stop()
 
@@ -805,13 +812,22 @@ def test_a_worker_that_exits_on_start_is_respawned_with_backoff(
         run = PoolRun(1, WorkerLimits(), {"Compute": "tests.no_such_module:compute"})
         with pytest.raises(RuntimeError, match="died at start: exit code 3"):
             await run.pool.start()
+
+        def delays() -> list[str]:
+            found = (
+                re.search(r"keeps dying; respawning in (\d+\.\d+) s", r.getMessage())
+                for r in caplog.records
+            )
+            return [match.group(1) for match in found if match]
+
         try:
-            await asyncio.sleep(3.0)
+            # Each crash in a row doubles the delay before the next respawn (0.05 s first):
+            # read from what the pool logs, not from how many crashes fit in some seconds.
+            await await_until(lambda: len(delays()) >= 4, 60, "four respawns with backoff")
+            assert delays()[:4] == ["0.10", "0.20", "0.40", "0.80"]
             deaths = [r for r in caplog.records if "died: exit code 3" in r.getMessage()]
-            # Without backoff: a respawn every ~0.1 s. With it: 0.05, 0.1, 0.2, 0.4, 0.8, 1.6 s.
-            assert 3 <= len(deaths) <= 9, len(deaths)
-            assert any("keeps dying" in r.getMessage() for r in caplog.records)
-            assert run.pool.workers[0].restarts >= 3
+            assert len(deaths) >= 5
+            assert run.pool.workers[0].restarts >= 5
         finally:
             await run.pool.stop()
         assert run.pool.workers[0].process is None
@@ -832,7 +848,7 @@ def test_max_tasks_per_child_recycles_workers_between_tasks() -> None:
             assert run.once_each(ids)
             assert len(set(run.ready_pids)) >= 10  # 400 / 40, every one a fresh process
             assert run.pool.restarts_by_cause["recycled: max_tasks_per_child"] >= 8
-            record("max_tasks_per_child = 40 (pool)", len(ids), len(run.results), 0)
+            record("max_tasks_per_child = 40 (pool)", len(ids), len(run.results), run.duplicated())
         finally:
             await run.pool.stop()
 
@@ -856,7 +872,12 @@ def test_a_worker_above_its_memory_limit_is_recycled_between_tasks() -> None:
             await run.wait([*ids, "grow"])
             assert run.once_each(["grow", *ids])
             assert run.pool.restarts_by_cause["recycled: memory_limit_mb"] == 1
-            record("worker above memory limit recycled (pool)", len(ids) + 1, len(run.results), 0)
+            record(
+                "worker above memory limit recycled (pool)",
+                len(ids) + 1,
+                len(run.results),
+                run.duplicated(),
+            )
         finally:
             await run.pool.stop()
 

@@ -35,7 +35,9 @@ def scripted() -> Iterator[ScriptedMaster]:
         master.close()
 
 
-def start_node(tmp_path: Path, master: ScriptedMaster, node_id: str, **config: object) -> NodeProcess:
+def start_node(
+    tmp_path: Path, master: ScriptedMaster, node_id: str, **config: object
+) -> NodeProcess:
     join = tmp_path / "join.json"
     master.write_join(join)
     settings = {
@@ -163,7 +165,9 @@ def test_a_large_frame_cut_off_mid_way_leaves_no_segment(
         node.close()
 
 
-def test_tasks_before_an_oversized_frame_still_run(tmp_path: Path, scripted: ScriptedMaster) -> None:
+def test_tasks_before_an_oversized_frame_still_run(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
     node = start_node(tmp_path, scripted, "hostile-oversize", max_frame_bytes=65536)
     try:
         tasks = b"".join(

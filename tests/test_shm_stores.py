@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
-from shm.diskstore import MIB, DiskStore
+from shm.diskstore import MIB, DiskStore, has_temporary_files
 from shm.errors import (
     FileError,
     InvalidKey,
@@ -125,6 +125,31 @@ def fill_under_quota(
             except QuotaExceeded:
                 refused += 1
     report.send((stored, refused))
+
+
+def keep_storing_big_blobs(
+    kind: str, shm_dir: str, node_id: str, storage: str, ledger: str, writing: Event
+) -> None:
+    """Store 2..8 MiB blobs under three keys (each write grows or shrinks a key) until killed."""
+    blobs = [bytes([size]) * (size * 2 * MIB) for size in range(1, 5)]
+    if kind == "memory":
+        store: MemoryStore | DiskStore = MemoryStore(shm_dir, node_id)
+    else:
+        store = DiskStore(storage, 64 * MIB, ledger, reserve_bytes=0)
+    round_ = 0
+    while True:
+        store.store(f"k{round_ % 3}", blobs[round_ % 4])
+        round_ += 1
+        writing.set()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = SPAWN.Process(target=int)
+    process.start()
+    process.join(DEADLINE)
+    assert process.pid is not None
+    return process.pid
 
 
 # --- the node directory -------------------------------------------------------------------------
@@ -344,6 +369,23 @@ def test_temporary_files_of_dead_writers_are_swept(memory: MemoryStore) -> None:
     os.unlink(Path(memory.path, f".tmp-{os.getpid()}-def"))
 
 
+def test_the_pool_sweeps_only_the_named_dead_writers_files(memory: MemoryStore) -> None:
+    first, second = dead_pid(), dead_pid()
+    for name in (f".tmp-{first}-a", f".tmp-{first}-b", f".tmp-{second}-c", f".tmp-{first}0-d"):
+        Path(memory.path, name).write_bytes(b"half")
+    Path(memory.path, f".tmp-{os.getpid()}-e").write_bytes(b"mine")
+    memory.store("kept", b"v")
+    assert sorted(memory.sweep_temporary(first)) == [f".tmp-{first}-a", f".tmp-{first}-b"]
+    assert memory.sweep_temporary(os.getpid()) == []  # alive: never removed from under it
+    assert memory.sweep_temporary(first) == []
+    assert sorted(os.listdir(memory.path)) == sorted(
+        [f".tmp-{second}-c", f".tmp-{first}0-d", f".tmp-{os.getpid()}-e", "ka2VwdA"]
+    )
+    assert memory.retrieve("kept") == b"v"
+    os.unlink(Path(memory.path, f".tmp-{os.getpid()}-e"))
+    assert sorted(memory.sweep_temporary()) == [f".tmp-{first}0-d", f".tmp-{second}-c"]
+
+
 def test_full_tmpfs_gives_a_clear_error_and_keeps_the_old_value(tmp_path: Path) -> None:
     node_id = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with (
@@ -435,6 +477,8 @@ HOSTILE_PATHS = [
     "./",
     "a//..",
     ".cpnode-tmp-1-x",
+    "\ud800",  # a lone surrogate: not text, so no file name
+    "a/\udcff",  # one that surrogateescape would turn into the byte 0xff
 ]
 
 
@@ -467,6 +511,66 @@ def test_names_and_paths_too_long_for_the_system(
                 attempt()
             assert str(caught.value) == "File name too long (os error 36)"
     assert tree(tmp_path) == ["storage"]
+
+
+@pytest.mark.parametrize(
+    ("path", "read_error"),
+    [
+        ("new/", "No such file or directory (os error 2)"),
+        ("file/", "Not a directory (os error 20)"),
+        ("dir/", "Is a directory (os error 21)"),
+        ("dir//", "Is a directory (os error 21)"),
+        ("dir/inner/", "Not a directory (os error 20)"),
+        ("dir/new/", "No such file or directory (os error 2)"),
+        ("file/.", "Not a directory (os error 20)"),
+        ("dir/.", "Is a directory (os error 21)"),
+    ],
+)
+def test_a_path_that_names_a_directory_is_never_a_file(
+    node_dir: NodeDirectory, tmp_path: Path, path: str, read_error: str
+) -> None:
+    """As the system (and upstream) answers it: writing there is EISDIR; reading says what is
+    there; RetrieveData finds no key. Nothing is created, nothing counted."""
+    storage = tmp_path / "storage"
+    with disk_store(node_dir, storage, MIB) as disk:
+        disk.write("file", b"f")
+        disk.write("dir/inner", b"i")
+        before = tree(storage)
+        for attempt in (lambda: disk.write(path, b"x"), lambda: disk.store(path, b"x")):
+            with pytest.raises(FileError) as caught:
+                attempt()
+            assert str(caught.value) == "Is a directory (os error 21)"
+        with pytest.raises(FileError) as caught:
+            disk.read(path)
+        assert str(caught.value) == read_error
+        with pytest.raises(KeyNotFound):
+            disk.retrieve(path)
+        assert tree(storage) == before
+        assert disk.used_bytes() == 2
+        assert disk.read("file") == b"f"
+
+
+@pytest.mark.parametrize(
+    ("key", "answer"),
+    [
+        ("nope", "Key not found"),  # ENOENT
+        ("missing/nope", "Key not found"),  # ENOENT on the way
+        ("file/below", "Key not found"),  # ENOTDIR
+        ("dir", "Key not found"),  # EISDIR
+        ("n" * 256, "File name too long (os error 36)"),  # not a missing key: the OS says why
+        ("../x", "Invalid path"),
+    ],
+)
+def test_retrieve_says_key_not_found_only_when_no_file_is_there(
+    node_dir: NodeDirectory, tmp_path: Path, key: str, answer: str
+) -> None:
+    with disk_store(node_dir, tmp_path / "storage", MIB) as disk:
+        disk.write("file", b"f")
+        disk.write("dir/inner", b"i")
+        with pytest.raises(StoreError) as caught:
+            disk.retrieve(key)
+        assert str(caught.value) == answer
+        assert isinstance(caught.value, KeyNotFound) == (answer == "Key not found")
 
 
 def test_deep_paths_work_and_are_counted(node_dir: NodeDirectory, tmp_path: Path) -> None:
@@ -680,6 +784,122 @@ def test_ledger_starts_from_a_scan_shared_by_every_process(
         first.write("top", bytes(120))
         assert second.used_bytes() == 420
         assert second.free_bytes() == MIB - 420
+
+
+def test_temporary_files_live_in_the_top_directory_only(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    """So one look at ``storage_dir`` finds what a dead writer left, however deep it wrote."""
+    storage = tmp_path / "storage"
+    with disk_store(node_dir, storage, 100 * MIB) as disk:
+        temporary = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                temporary.extend(str(p.relative_to(storage)) for p in storage.rglob(".cpnode-*"))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for round_ in range(300):
+                disk.write(f"a/b/c/deep{round_ % 3}", bytes(2 * MIB))
+                if temporary and round_ >= 3:
+                    break
+        finally:
+            stop.set()
+            watcher.join(DEADLINE)
+        assert temporary, "the watcher never saw a write in flight"
+        assert all("/" not in name for name in temporary)
+        assert disk.used_bytes() == 6 * MIB
+    assert tree(storage) == ["a", "a/b", "a/b/c", "a/b/c/deep0", "a/b/c/deep1", "a/b/c/deep2"]
+
+
+def test_sweeping_a_dead_writer_recounts_the_ledger(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    dead, other = dead_pid(), dead_pid()
+    assert not has_temporary_files(storage, dead)  # no directory yet: no error
+    with disk_store(node_dir, storage, MIB) as disk:
+        disk.write("kept", bytes(100))
+        disk.write("gone", bytes(5000))
+        os.unlink(storage / "gone")  # behind the ledger's back: it now counts 5000 too many
+        assert disk.used_bytes() == 5100
+        assert disk.sweep_temporary(dead) == []
+        assert disk.used_bytes() == 5100  # nothing found: no recount, the ledger is trusted
+        for name in (f".cpnode-tmp-{dead}-a", f".cpnode-tmp-{other}-b"):
+            (storage / name).write_bytes(bytes(700))
+        (storage / f".cpnode-tmp-{os.getpid()}-c").write_bytes(bytes(700))
+        assert has_temporary_files(storage, dead)
+        assert not has_temporary_files(storage, dead_pid())
+        assert disk.sweep_temporary(os.getpid()) == []  # alive
+        assert disk.sweep_temporary(dead) == [f".cpnode-tmp-{dead}-a"]
+        assert disk.used_bytes() == 100  # recounted from the files, temporary ones excluded
+        assert sorted(os.listdir(storage)) == [f".cpnode-tmp-{os.getpid()}-c", "kept"]
+        os.unlink(storage / f".cpnode-tmp-{os.getpid()}-c")
+    with DiskStore(storage, None, reserve_bytes=0) as unlimited:
+        (storage / f".cpnode-tmp-{dead}-d").write_bytes(b"x")
+        assert unlimited.sweep_temporary(dead) == [f".cpnode-tmp-{dead}-d"]
+    assert tree(storage) == ["kept"]
+
+
+def test_a_rename_that_fails_takes_its_count_back(node_dir: NodeDirectory, tmp_path: Path) -> None:
+    """The count changes before the rename; a real rename failure (another filesystem mounted
+    below ``storage_dir``: EXDEV) gives the system's error and leaves the ledger as it was."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    with mounted_tmpfs(storage / "mnt", "1m"), disk_store(node_dir, storage, MIB) as disk:
+        disk.write("kept", bytes(100))
+        with pytest.raises(FileError) as caught:
+            disk.write("mnt/file", bytes(500))
+        assert str(caught.value) == "Invalid cross-device link (os error 18)"
+        assert disk.used_bytes() == 100
+        assert sorted(os.listdir(storage)) == ["kept", "mnt"]
+        assert os.listdir(storage / "mnt") == []
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_a_writer_killed_mid_write_leaves_nothing_after_the_sweep(
+    node_dir: NodeDirectory, tmp_path: Path, kind: str
+) -> None:
+    """SIGKILL a real process while it writes 2..8 MiB blobs (each replacing a smaller or a
+    bigger one): its temporary file stays until ``sweep_temporary(pid)``; the disk ledger is
+    right whenever no temporary file is left, and right after the sweep when one is."""
+    storage = tmp_path / "storage"
+    directory = Path(node_dir.path, "mem") if kind == "memory" else storage
+    caught_mid_write = 0
+    with (
+        MemoryStore(SHM, node_dir.node_id) as memory,
+        disk_store(node_dir, storage, 64 * MIB) as disk,
+    ):
+        store: MemoryStore | DiskStore = memory if kind == "memory" else disk
+
+        def on_disk() -> int:
+            files = [p for p in storage.rglob("*") if p.is_file()]
+            return sum(p.stat().st_size for p in files if not p.name.startswith(".cpnode-tmp-"))
+
+        for _ in range(6):
+            writing = SPAWN.Event()
+            args = (kind, SHM, node_dir.node_id, str(storage), node_dir.ledger_dir, writing)
+            with child_process(keep_storing_big_blobs, *args) as process:
+                assert writing.wait(DEADLINE)
+                time.sleep(random.uniform(0.005, 0.05))
+                process.kill()
+                process.join(DEADLINE)
+                assert process.exitcode == -signal.SIGKILL
+            left = sorted(name for name in os.listdir(directory) if f"tmp-{process.pid}-" in name)
+            if not left:
+                assert disk.used_bytes() == on_disk()
+            assert sorted(store.sweep_temporary(process.pid)) == left
+            assert [name for name in os.listdir(directory) if "tmp-" in name] == []
+            assert disk.used_bytes() == on_disk()
+            caught_mid_write += bool(left)
+            if caught_mid_write >= 2:
+                break
+        assert caught_mid_write, "never killed in the middle of a write"
+        blob = store.retrieve("k0")  # what was stored before a kill is there, whole
+        assert blob == bytes([blob[0]]) * (blob[0] * 2 * MIB)
 
 
 def test_no_descriptor_outlives_its_owner(node_id: str, tmp_path: Path) -> None:

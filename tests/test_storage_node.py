@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from node.config import Config
 from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
+from node.protocol.framing import frame
+from shm.diskstore import MIB, DiskStore
 from shm.nodedir import claim_node_dir
 from shm.segments import IncomingSegment
 from tests.nodeproc import NodeProcess
 from tests.scripted import ScriptedMaster
 from tests.test_health import free_port, scrape
 from tests.test_node import run_tasks
+from tests.test_result_segments import PoolRun
+from tests.test_shm_segments import mounted_tmpfs
+from workers import tasks as worker_tasks
+from workers.channel import SEGMENT_RESERVE_BYTES
+from workers.storage import BLOB_FAST_PATH_BYTES, memory_reserve_bytes
 from workers.tasks import TaskRunner, WorkerSettings
 
 DATA = Path(__file__).parent / "data"
@@ -230,7 +241,183 @@ def test_a_spilled_payload_runs_in_place_and_its_segment_goes(tmp_path: Path) ->
         reference = segment.finish()
         assert len(reference) < 5000 and segment.name in os.listdir(SHM)
         settings = WorkerSettings(node_id=node_id, storage_dir=str(tmp_path / "storage"))
-        result = TaskRunner(settings).run_payload(reference)
+        # A worker gets the reference as plain bytes, off its socket pair.
+        result = TaskRunner(settings).run_payload(bytes(reference))
         assert result == b'{"TaskResult":{"id":"big","result":"Written"}}'
         assert (tmp_path / "storage" / "spilled.bin").read_bytes() == blob
         assert segment.name not in os.listdir(SHM)  # the worker took it over and removed it
+
+
+def blob_task_payload(ident: bytes, variant: str, name: bytes, size: int) -> bytes:
+    """An `AssignTask` of `variant` as a master writes it, with `ident` and `name` put in as
+    raw JSON string bodies (so they can hold what no encoder writes) and `size` bytes of data."""
+    field = b"key" if variant == "StoreData" else b"path"
+    data = b"[" + b",".join([b"7"] * size) + b"]"
+    head = b'{"AssignTask":{"id":"%s","task":{"%s":{"%s":"%s","data":' % (
+        ident,
+        variant.encode(),
+        field,
+        name,
+    )
+    return head + data + b"}}}}"
+
+
+BAD_STRINGS = [
+    pytest.param(rb"a\qb", id="unknown-escape"),
+    pytest.param(rb"\ud800", id="lone-surrogate"),
+    pytest.param(rb"\udc00x", id="lone-low-surrogate"),
+    pytest.param(b"a\x01b", id="control-character"),
+    pytest.param(rb"\u12", id="short-unicode-escape"),
+    pytest.param(b"\xff\xfe", id="not-utf8"),
+]
+SIZES = [10, BLOB_FAST_PATH_BYTES // 2 + 1, 600_000]  # small; the fast path; spilled (> 1 MiB)
+
+
+def test_large_tasks_with_a_bad_string_get_an_error_and_the_workers_live(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    """A bad string in the key or path of a large StoreData/DiskWrite once killed the worker
+    (the fast path's decoder raised); now it is answered as the same task, small, is."""
+    node_id = f"test-badblob-{os.getpid()}"
+    node = start_node(tmp_path, scripted, "Worker", node_id)
+    try:
+        for number, case in enumerate(BAD_STRINGS):
+            (bad,) = case.values
+            for variant in ("StoreData", "DiskWrite"):
+                answers = []
+                for step, size in enumerate(SIZES):
+                    ident = f"bad-{number}-{variant}-{step}"  # as long for each size
+                    payload = blob_task_payload(ident.encode(), variant, bad, size)
+                    assert (size > 10) == (len(payload) >= BLOB_FAST_PATH_BYTES)
+                    scripted.send_raw(frame(payload))
+                    answers.append(scripted.collect([ident])[ident])
+                assert isinstance(answers[0], m.Error), (case.id, answers[0])
+                assert answers[0].message.startswith("malformed task: malformed JSON: ")
+                assert answers == [answers[0]] * len(SIZES), case.id
+        assert scripted.run(m.StoreData("after", b"ok")) == m.Stored()
+        assert scripted.run(m.RetrieveData("after")) == m.Bytes(b"ok")
+        assert all(child.is_running() for child in node.children)  # no worker was replaced
+        assert "died" not in node.log
+        assert not (tmp_path / "storage").exists() or list((tmp_path / "storage").iterdir()) == []
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
+    assert ours_in_shm(node_id) == []
+
+
+def test_a_large_task_with_an_unreadable_id_is_answered_without_an_id(tmp_path: Path) -> None:
+    """The supervisor skips such a frame (it cannot say whose it is); a worker given one still
+    answers it rather than dying."""
+    runner = TaskRunner(WorkerSettings(storage_dir=str(tmp_path / "storage")))
+    # The id is what the supervisor's peek reads: nothing, or the raw text as it stands.
+    for bad, ident in ((rb"a\qb", ""), (rb"\ud800", ""), (b"a\x01b", "a\x01b")):
+        answers = [
+            runner.run_payload(blob_task_payload(bad, "DiskWrite", b"f", size)) for size in SIZES
+        ]
+        assert answers == [answers[0]] * len(SIZES)
+        result = codec.decode(answers[0])
+        assert isinstance(result, m.TaskResult) and result.id == ident
+        assert isinstance(result.result, m.Error)
+        assert result.result.message.startswith("malformed task: malformed JSON: ")
+    assert not (tmp_path / "storage").exists()
+
+
+def test_a_bug_while_running_one_task_is_its_error_not_the_workers_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injection (the one stand-in here): the blob decoder raises what no path expects,
+    as it did for a bad escape. The task gets an `Error` with its id, the traceback is logged,
+    and the runner goes on with the next task."""
+
+    def broken(payload: bytes | memoryview) -> None:
+        raise KeyError("a bug")
+
+    runner = TaskRunner(WorkerSettings(storage_dir=str(tmp_path / "storage")))
+    monkeypatch.setattr(worker_tasks, "decode_blob_task", broken)
+    payload = blob_task_payload(b"t-1", "StoreData", b"k", 40_000)
+    with caplog.at_level(logging.ERROR, logger="cpnode.worker"):
+        answer = runner.run_payload(payload)
+    assert codec.decode(answer) == m.TaskResult(
+        "t-1", m.Error("the worker failed to run this task: KeyError('a bug')")
+    )
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and "'t-1'" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
+    assert runner.stats.rows["failed"][1] == 1  # counted as a failed task
+    plain = b'{"AssignTask":{"id":"t-2","task":{"Compute":{"expression":"1+2"}}}}'
+    assert runner.run_payload(plain) == b'{"TaskResult":{"id":"t-2","result":{"Number":3.0}}}'
+
+
+def test_a_dead_workers_temporary_files_go_when_the_pool_sees_it_die(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real worker (Disk role, 1 MiB quota) is SIGKILLed; files named as its temporary files
+    stand for the store entry and disk file it was writing. The pool's death handling removes
+    them (and nobody else's) and recounts the quota ledger, which the writer may have left
+    counting a file that never arrived (here: one removed behind the ledger's back)."""
+    node_id = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    storage = tmp_path / "storage"
+    settings = WorkerSettings(
+        role=m.Role.Disk, node_id=node_id, storage_dir=str(storage), shm_dir=SHM, disk_space_mb=1
+    )
+
+    async def scenario(mem: Path, ledger_dir: str) -> tuple[list[str], list[str]]:
+        run = PoolRun(settings)
+        await run.pool.start()
+        try:
+            await run.run([("w", m.DiskWrite("gone.bin", bytes(5000)))])
+            worker = run.pool.workers[0]
+            pid = worker.pid
+            assert pid is not None
+            (storage / "gone.bin").unlink()
+            (mem / f".tmp-{pid}-entry").write_bytes(b"half an entry")
+            (storage / f".cpnode-tmp-{pid}-file").write_bytes(bytes(3000))
+            (mem / f".tmp-{os.getpid()}-live").write_bytes(b"a live writer's")
+            with DiskStore(storage, MIB, ledger_dir, reserve_bytes=0) as disk:
+                assert disk.used_bytes() == 5000  # counting a file that is not there
+            os.kill(pid, signal.SIGKILL)
+            deadline = asyncio.get_running_loop().time() + 30
+            while not run.pool.restarts_by_cause:
+                assert asyncio.get_running_loop().time() < deadline, "death never noticed"
+                await asyncio.sleep(0.02)
+            return sorted(os.listdir(mem)), sorted(os.listdir(storage))
+        finally:
+            await run.pool.stop()
+
+    with claim_node_dir(SHM, node_id) as node_dir, caplog.at_level(logging.WARNING):
+        mem = Path(node_dir.path, "mem")
+        in_memory, on_disk = asyncio.run(scenario(mem, node_dir.ledger_dir))
+        assert in_memory == [f".tmp-{os.getpid()}-live"]
+        assert on_disk == []
+        with DiskStore(storage, MIB, node_dir.ledger_dir, reserve_bytes=0) as disk:
+            assert disk.used_bytes() == 0
+        assert "removed 2 unfinished store files of worker 0" in caplog.text
+        (mem / f".tmp-{os.getpid()}-live").unlink()
+    assert ours_in_shm(node_id) == []
+
+
+def test_the_memory_store_keeps_room_for_payload_segments(tmp_path: Path) -> None:
+    if psutil.disk_usage(SHM).total >= 8 * SEGMENT_RESERVE_BYTES:
+        assert memory_reserve_bytes(SHM) == SEGMENT_RESERVE_BYTES
+    node_id = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with mounted_tmpfs(tmp_path / "tiny", "8m") as tiny, claim_node_dir(tiny, node_id):
+        # A small shm_dir (a container's /dev/shm) keeps an eighth, not 64 MiB: still usable.
+        assert memory_reserve_bytes(str(tiny)) == MIB
+        settings = WorkerSettings(node_id=node_id, storage_dir=str(tmp_path), shm_dir=str(tiny))
+        runner = TaskRunner(settings)
+        try:
+
+            def run(task: m.Task) -> m.Result:
+                answer = runner.run_payload(codec.encode_payload(m.AssignTask("t", task)))
+                message = codec.decode(bytes(answer))  # a big `Bytes` streams: join it
+                assert isinstance(message, m.TaskResult)
+                return message.result
+
+            assert run(m.StoreData("a", bytes(6 * MIB))) == m.Stored()
+            full = run(m.StoreData("b", bytes(MIB + MIB // 2)))  # fits the tmpfs, not the reserve
+            assert isinstance(full, m.Error)
+            assert "keep 1048576 bytes free" in full.message
+            assert run(m.RetrieveData("a")) == m.Bytes(bytes(6 * MIB))
+            assert run(m.RetrieveData("b")) == m.Error("Key not found")
+        finally:
+            runner.storage.close()

@@ -220,7 +220,12 @@ def test_cpnode_master_makes_a_self_signed_pair_and_serves_tls(tmp_path: Path) -
         assert info["ip"] == "127.0.0.1"
     finally:
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=TIMEOUT)
+        try:
+            _, err = process.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate(timeout=TIMEOUT)
+            raise
     assert process.returncode == 0, err
     assert "made a self-signed TLS certificate" in err
 

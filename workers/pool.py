@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import functools
 import logging
 import multiprocessing
 import os
@@ -48,7 +49,7 @@ from shm.nodedir import node_prefix
 from shm.segments import PayloadSegment, sweep_segments
 from workers.channel import HEADER, READY, RESULT_SEGMENT, RESULTS, SKIPPED, STATS, Frames
 from workers.stats import merge
-from workers.tasks import WorkerSettings
+from workers.tasks import WorkerSettings, sweep_dead_worker_files
 from workers.worker import (
     FINISHED,
     NO_RUN_LIMIT,
@@ -180,11 +181,13 @@ class _Channel(asyncio.Protocol):
                 elif kind == SKIPPED:
                     self._pool._skipped(self._worker, count)
         finally:
+            # Also when a handler raised: the messages before it were handled (its own too,
+            # `pos` is past it), and must not be handled again with the next read.
             view.release()
-        if chunk is buffer:
-            del buffer[:pos]
-        elif pos < len(data):
-            buffer += memoryview(data)[pos:]
+            if chunk is buffer:
+                del buffer[:pos]
+            elif pos < len(data):
+                buffer += memoryview(data)[pos:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Death is handled through the process sentinel, which also covers a worker that
@@ -498,6 +501,13 @@ class WorkerPool:
                 log.warning(
                     "removed %d unfinished result segments of worker %d", len(orphans), worker.index
                 )
+            # So are the temporary files of a store entry or disk file it was still writing:
+            # removed in a thread (with a quota, finding one recounts the whole storage_dir).
+            assert self._loop is not None
+            sweep = self._loop.run_in_executor(
+                None, sweep_dead_worker_files, self.settings, worker.pid
+            )
+            sweep.add_done_callback(functools.partial(_log_sweep, worker.index))
         self._retired_stats = merge([self._retired_stats, worker.stats])
         worker.stats = {}
         was_stopping = worker.status is WorkerStatus.STOPPING or self._stopping
@@ -595,6 +605,23 @@ def _unique_memory(pids: list[int]) -> dict[int, int]:
         except (psutil.Error, OSError):
             continue
     return usage
+
+
+def _log_sweep(index: int, sweep: asyncio.Future[list[str]]) -> None:
+    if sweep.cancelled():
+        return
+    error = sweep.exception()
+    if error is not None:  # cleaning up never keeps the dead worker's tasks from an answer
+        log.error("could not remove the temporary files of worker %d: %s", index, error)
+        return
+    unfinished = sweep.result()
+    if unfinished:
+        log.warning(
+            "removed %d unfinished store files of worker %d: %s",
+            len(unfinished),
+            index,
+            ", ".join(unfinished),
+        )
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

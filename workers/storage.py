@@ -8,10 +8,13 @@ GetGlobalRam, GetStorage (DESIGN contract 7, PROTOCOL.md "What each task does").
 
 Each worker opens the stores on first use; the supervisor has claimed the node directory in
 `shm_dir` before any worker starts, so every worker sees the same memory store and the same
-quota ledger. Errors become `Error` results with upstream's texts.
+quota ledger. Errors become `Error` results with upstream's texts. The memory store leaves
+room in `shm_dir` for payload segments (`memory_reserve_bytes`). When a worker dies, the pool
+calls `sweep_dead_writer` on its pid: what it was writing (temporary files) goes.
 
 Large byte arrays skip the generic decoder: `decode_blob_task` finds the `data` array of a
-`StoreData`/`DiskWrite` payload by a look at its head and decodes it with the vectorised codec.
+`StoreData`/`DiskWrite` payload by a look at its head and decodes it with the vectorised codec
+(a head it cannot read is left to the generic decoder, which names what is wrong).
 Results carry their bytes through the vectorised encoder; a big one is a `BytesResult`, which
 the worker encodes piece by piece straight into a payload segment (`workers.worker`).
 """
@@ -26,14 +29,16 @@ from typing import Final
 
 import numpy as np
 import orjson
+import psutil
 
 from node.protocol import codec
 from node.protocol import messages as m
 from shm.bytesjson import ByteArrayError, decode_byte_array, encode_byte_array
-from shm.diskstore import MIB, DiskStore
+from shm.diskstore import MIB, DiskStore, has_temporary_files
 from shm.errors import StoreError
 from shm.memstore import MemoryStore
 from shm.nodedir import LEDGER_DIR, node_dir_path
+from workers.channel import SEGMENT_RESERVE_BYTES
 
 # Below this the generic decoder is as fast and validates everything in one place.
 BLOB_FAST_PATH_BYTES: Final = 64 * 1024
@@ -46,15 +51,19 @@ _BLOB_TAIL: Final = b"}}}}"
 
 def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
     """(id, task) of a large `StoreData`/`DiskWrite` payload written as every master writes
-    it, decoding its byte array with the vectorised codec; None for anything else (the generic
-    decoder then handles it). Raises `ByteArrayError` for a malformed array."""
+    it, decoding its byte array with the vectorised codec; None for anything else, a bad
+    escape or control character in the id or key included (the generic decoder then answers
+    it). Raises `ByteArrayError` for a malformed array."""
     if len(payload) < BLOB_FAST_PATH_BYTES or payload[-len(_BLOB_TAIL) :] != _BLOB_TAIL:
         return None
     head = _BLOB_HEAD.match(payload, 0, 64 * 1024)
     if head is None:
         return None
-    ident = orjson.loads(head.group(1))
-    name = orjson.loads(head.group(3))
+    try:
+        ident = orjson.loads(head.group(1))
+        name = orjson.loads(head.group(3))
+    except orjson.JSONDecodeError:
+        return None
     data = decode_byte_array(memoryview(payload)[head.end() : len(payload) - len(_BLOB_TAIL)])
     if head.group(2) == b"StoreData":
         return ident, m.StoreData(name, data)
@@ -167,7 +176,8 @@ class StorageTasks:
     @property
     def memory(self) -> MemoryStore:
         if self._memory is None:
-            self._memory = MemoryStore(self.shm_dir, self.node_id)
+            reserve = memory_reserve_bytes(self.shm_dir)
+            self._memory = MemoryStore(self.shm_dir, self.node_id, reserve_bytes=reserve)
         return self._memory
 
     @property
@@ -179,6 +189,21 @@ class StorageTasks:
             else:  # as upstream: files on every role, the quota only on Disk nodes
                 self._disk = DiskStore(self.storage_dir, None)
         return self._disk
+
+    def sweep_dead_writer(self, pid: int) -> list[str]:
+        """Remove the temporary files process ``pid`` (a worker that died) left in the memory
+        store and in `storage_dir`; return their names. A look at two directories when there
+        are none; a missing directory (the node is stopping, nothing was written) is no error."""
+        removed = []
+        try:
+            memory = self.memory
+        except FileNotFoundError:
+            pass
+        else:
+            removed += memory.sweep_temporary(pid)
+        if has_temporary_files(self.storage_dir, pid):
+            removed += self.disk.sweep_temporary(pid)
+        return removed
 
     # ----------------------------------------------------------------------------- tasks
 
@@ -211,6 +236,13 @@ class StorageTasks:
         if self.role is not m.Role.Disk:
             return codec.result_to_json(m.Error("No disk store configured"))
         return codec.result_to_json(m.Response(self.disk.get_storage_report()))
+
+
+def memory_reserve_bytes(shm_dir: str) -> int:
+    """What the memory store leaves free in `shm_dir` for payload segments: what a segment
+    itself leaves (`SEGMENT_RESERVE_BYTES`), but at most an eighth of a small filesystem, so a
+    64 MiB `/dev/shm` (a container's default) still holds store entries."""
+    return min(SEGMENT_RESERVE_BYTES, int(psutil.disk_usage(shm_dir).total) // 8)
 
 
 def _answering_errors(run: Callable[[m.Task], Answer]) -> Callable[[m.Task], Answer]:

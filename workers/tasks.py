@@ -5,7 +5,9 @@
 
 The runner decodes the payload itself (the supervisor only peeked at its id), executes the task
 and encodes the result, so the supervisor never pays for either. Everything a task can go
-wrong with ends as an `Error` result naming the reason: a result is always produced.
+wrong with ends as an `Error` result naming the reason: a result is always produced, and a bug
+met while running one task (logged with its traceback) is that task's `Error`, never the end
+of the worker.
 
 A `Compute` with a plain expression, as masters write it, is read with one regex match and
 answered without decoding (`_PLAIN_COMPUTE`, `workers.expr.evaluate_plain`). Other `Compute` and
@@ -125,13 +127,7 @@ class TaskRunner:
             m.Compute: lambda t: compute_result_json(t.expression),  # type: ignore[union-attr]
             m.ComplexMath: lambda t: complex_result_json(t.expression),  # type: ignore[union-attr]
         }
-        self.storage = StorageTasks(
-            settings.role,
-            node_id=settings.node_id,
-            shm_dir=settings.shm_dir,
-            storage_dir=settings.storage_dir,
-            disk_space_mb=settings.disk_space_mb,
-        )
+        self.storage = storage_tasks(settings)
         self._executors.update(self.storage.executors())
         for kind, spec in settings.executors.items():
             self._executors[_task_type(kind)] = load_executor(spec)
@@ -152,23 +148,27 @@ class TaskRunner:
 
     def run_payload(self, payload: bytes) -> Answer:
         """Decode an `AssignTask` payload, run it, return the `TaskResult` payload (a big
-        `Bytes` result as a `BytesResult`, for the worker to stream)."""
+        `Bytes` result as a `BytesResult`, for the worker to stream). Never raises: a bug met
+        on the way is logged and answered as the task's `Error`."""
         started = _perf_counter()
         result: Answer | None
-        if self._expression_fast_path:
-            plain = _PLAIN_COMPUTE(payload)
-            if plain is not None:
-                result = _plain_compute_result(*plain.groups())
-                if result is not None:
-                    self.stats.record("Compute", False, _perf_counter() - started)
-                    return result
-        # A large payload is a blob task: parsing it whole just to find out would cost seconds.
-        fast = self._expression_fast_path and len(payload) < BLOB_FAST_PATH_BYTES
-        result = self._run_expression(payload) if fast else None
-        if result is not None:
-            kind = "Compute" if b'"task":{"Compute"' in payload else "ComplexMath"
-        else:
-            kind, result = self._run_decoded(payload)
+        try:
+            if self._expression_fast_path:
+                plain = _PLAIN_COMPUTE(payload)
+                if plain is not None:
+                    result = _plain_compute_result(*plain.groups())
+                    if result is not None:
+                        self.stats.record("Compute", False, _perf_counter() - started)
+                        return result
+            # A large payload is a blob task: parsing it whole to find out would cost seconds.
+            fast = self._expression_fast_path and len(payload) < BLOB_FAST_PATH_BYTES
+            result = self._run_expression(payload) if fast else None
+            if result is not None:
+                kind = "Compute" if b'"task":{"Compute"' in payload else "ComplexMath"
+            else:
+                kind, result = self._run_decoded(payload)
+        except Exception as exc:
+            kind, result = "failed", _failure_result(payload, exc)
         error = type(result) is bytes and _ERROR_RESULT in result
         self.stats.record(kind, error, _perf_counter() - started)
         return result
@@ -267,6 +267,38 @@ def _task_type(name: str) -> type:
     if not isinstance(kind, type) or kind not in typing.get_args(m.Task):
         raise ValueError(f"executor for {name!r}: not a task type")
     return kind
+
+
+def storage_tasks(settings: WorkerSettings) -> StorageTasks:
+    """The storage executors of a worker with these settings (stores open on first use)."""
+    return StorageTasks(
+        settings.role,
+        node_id=settings.node_id,
+        shm_dir=settings.shm_dir,
+        storage_dir=settings.storage_dir,
+        disk_space_mb=settings.disk_space_mb,
+    )
+
+
+def sweep_dead_worker_files(settings: WorkerSettings, pid: int) -> list[str]:
+    """Remove what the dead worker ``pid`` was writing into the stores (the pool calls this
+    from the supervisor); return the names of the files removed."""
+    storage = storage_tasks(settings)
+    try:
+        return storage.sweep_dead_writer(pid)
+    finally:
+        storage.close()
+
+
+def _failure_result(payload: bytes, exc: Exception) -> bytes:
+    """The `TaskResult` payload for a task whose run raised `exc`: a bug, logged with its
+    traceback; the answer names the exception."""
+    reference = spill_reference(payload)
+    head = payload if reference is None else reference[2]
+    ident = _id_of(head)
+    log.error("task %r failed inside the worker", ident, exc_info=exc)
+    error = m.Error(f"the worker failed to run this task: {exc!r}")
+    return codec.task_result_payload(ident, error)
 
 
 def _id_of(payload: bytes) -> str:
