@@ -181,3 +181,21 @@ def test_tasks_before_an_oversized_frame_still_run(
         assert stop(node, scripted) == 0
     finally:
         node.close()
+
+
+def test_a_result_above_max_frame_bytes_is_an_error_not_a_lost_task(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    node = start_node(tmp_path, scripted, "hostile-bigresult", max_frame_bytes=65536)
+    try:
+        # 20,000 bytes of 255 are 80,000 bytes of JSON: no frame under the limit holds them.
+        (tmp_path / "storage").mkdir(exist_ok=True)
+        (tmp_path / "storage" / "big.bin").write_bytes(b"\xff" * 20_000)
+        (tmp_path / "storage" / "small.bin").write_bytes(b"\xff" * 1_000)
+        big, small = scripted.run_many([m.DiskRead("big.bin"), m.DiskRead("small.bin")])
+        assert isinstance(big, m.Error)
+        assert "above the limit of 65536 bytes (max_frame_bytes)" in big.message
+        assert small == m.Bytes(b"\xff" * 1_000)
+        assert stop(node, scripted) == 0
+    finally:
+        node.close()

@@ -169,6 +169,14 @@ class TaskRunner:
                 kind, result = self._run_decoded(payload)
         except Exception as exc:
             kind, result = "failed", _failure_result(payload, exc)
+        limit = self.settings.max_frame_bytes
+        if len(result) > limit:  # a DiskRead of a huge file: no frame can carry it
+            head = payload if (ref := spill_reference(payload)) is None else ref[2]
+            text = (
+                f"the result would be a frame of {len(result)} bytes, above the limit of"
+                f" {limit} bytes (max_frame_bytes)"
+            )
+            result = codec.task_result_payload(_id_of(head), m.Error(text))
         error = type(result) is bytes and _ERROR_RESULT in result
         self.stats.record(kind, error, _perf_counter() - started)
         return result
