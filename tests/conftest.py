@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from tests.scripted import ScriptedMaster
+
 settings.register_profile("cpnode", deadline=None)
 settings.load_profile("cpnode")
 
@@ -113,3 +115,13 @@ def loopback_only() -> Iterator[LoopbackGuard]:
     attempts = list(_guard.attempts)
     _guard.attempts.clear()
     assert attempts == [], f"traffic off loopback was attempted (and refused): {attempts}"
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedMaster]:
+    """A `tests.scripted.ScriptedMaster` on loopback, closed after the test."""
+    master = ScriptedMaster()
+    try:
+        yield master
+    finally:
+        master.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder, frame
+from tests.nodeproc import NodeProcess
 
 TOKEN = "scripted-token"
 
@@ -63,13 +64,7 @@ class ScriptedMaster:
         self._conn.sendall(
             b"".join(codec.encode(m.AssignTask(i, t)) for i, t in zip(ids, tasks, strict=True))
         )
-        results: dict[str, m.Result] = {}
-        deadline = time.monotonic() + timeout
-        while len(results) < len(ids):
-            message = codec.decode(self._next_payload(deadline))
-            if isinstance(message, m.TaskResult) and message.id in ids:
-                results[message.id] = message.result
-            self._answer(message)
+        results = self.collect(ids, timeout)
         return [results[i] for i in ids]
 
     def send_raw(self, data: bytes) -> None:
@@ -131,3 +126,11 @@ class ScriptedMaster:
         if self._conn is not None:
             self._conn.close()
         self._listener.close()
+
+
+def stop_node(node: NodeProcess, master: ScriptedMaster) -> int:
+    """SIGTERM while the master keeps answering, so the drain can confirm the last results."""
+    pump = master.answer_in_background()
+    status = node.stop()
+    pump.join(10)
+    return status

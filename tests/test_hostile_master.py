@@ -12,27 +12,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import frame
 from tests.nodeproc import NodeProcess
-from tests.scripted import ScriptedMaster
+from tests.scripted import ScriptedMaster, stop_node
 
 SHM = "/dev/shm"
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedMaster]:
-    master = ScriptedMaster()
-    try:
-        yield master
-    finally:
-        master.close()
 
 
 def start_node(
@@ -61,13 +49,6 @@ def segments_of(node_id: str) -> list[str]:
     return sorted(n for n in os.listdir(SHM) if n.startswith(f"cpnode-{node_id}-seg-"))
 
 
-def stop(node: NodeProcess, master: ScriptedMaster) -> int:
-    pump = master.answer_in_background()
-    status = node.stop()
-    pump.join(10)
-    return status
-
-
 def test_frames_that_look_like_spill_references_name_no_file(
     tmp_path: Path, scripted: ScriptedMaster
 ) -> None:
@@ -93,7 +74,7 @@ def test_frames_that_look_like_spill_references_name_no_file(
         assert node.log.count("skipping a malformed frame from the master") == len(forged)
         assert "Traceback" not in node.log
         assert node.log.count("registered with master") == 1
-        assert stop(node, scripted) == 0
+        assert stop_node(node, scripted) == 0
     finally:
         node.close()
         decoy.unlink(missing_ok=True)
@@ -160,7 +141,7 @@ def test_a_large_frame_cut_off_mid_way_leaves_no_segment(
             time.sleep(0.01)
         assert segments_of(node_id) == []
         assert scripted.run(m.Compute("1+2")) == m.Number(3.0)
-        assert stop(node, scripted) == 0
+        assert stop_node(node, scripted) == 0
     finally:
         node.close()
 
@@ -178,7 +159,7 @@ def test_tasks_before_an_oversized_frame_still_run(
         results = scripted.collect([f"o{i}" for i in range(20)])
         assert results == {f"o{i}": m.Number(float(i * 3)) for i in range(20)}
         assert "oversized frame" in node.log
-        assert stop(node, scripted) == 0
+        assert stop_node(node, scripted) == 0
     finally:
         node.close()
 
@@ -196,6 +177,6 @@ def test_a_result_above_max_frame_bytes_is_an_error_not_a_lost_task(
         assert isinstance(big, m.Error)
         assert "above the limit of 65536 bytes (max_frame_bytes)" in big.message
         assert small == m.Bytes(b"\xff" * 1_000)
-        assert stop(node, scripted) == 0
+        assert stop_node(node, scripted) == 0
     finally:
         node.close()

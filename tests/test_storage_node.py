@@ -9,7 +9,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -24,7 +23,7 @@ from shm.diskstore import MIB, DiskStore
 from shm.nodedir import claim_node_dir
 from shm.segments import IncomingSegment
 from tests.nodeproc import NodeProcess
-from tests.scripted import ScriptedMaster
+from tests.scripted import ScriptedMaster, stop_node
 from tests.test_health import free_port, scrape
 from tests.test_node import run_tasks
 from tests.test_result_segments import PoolRun
@@ -40,23 +39,6 @@ SHM = "/dev/shm"
 
 def ours_in_shm(node_id: str) -> list[str]:
     return sorted(name for name in os.listdir(SHM) if name.startswith(f"cpnode-{node_id}"))
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedMaster]:
-    master = ScriptedMaster()
-    try:
-        yield master
-    finally:
-        master.close()
-
-
-def stop_node(node: NodeProcess, master: ScriptedMaster) -> int:
-    """SIGTERM while the master keeps answering, so the drain can confirm the last results."""
-    pump = master.answer_in_background()
-    status = node.stop()
-    pump.join(10)
-    return status
 
 
 def start_node(
