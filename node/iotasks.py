@@ -53,6 +53,8 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from node.protocol.framing import frame
+from shm.bytesjson import ByteArrayError
+from workers.storage import decode_blob_task
 
 __all__ = ["InternetPorts", "IoTaskRunner", "NetworkPolicy", "NetworkRefused"]
 
@@ -382,11 +384,21 @@ class IoTaskRunner:
         self._on_done(ident, result_frame)
 
     async def _execute(self, ident: str, payload: bytes) -> bytes:
-        try:
-            message = codec.decode(payload)
-        except RemoteProtocolError as exc:
-            return _result_frame(ident, m.Error(f"malformed task: {exc}"))
-        task = message.task if isinstance(message, m.AssignTask) else None
+        task: m.Task | None = None
+        if len(payload) > _OFFLOAD_BYTES:
+            # A big byte array: decoded in a thread by the vectorised codec, which lets go of
+            # the GIL (orjson would hold it, and the event loop, for 75 ms per MiB of data).
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(ByteArrayError):  # the decoder below says what is wrong
+                blob = await loop.run_in_executor(None, decode_blob_task, payload)
+                if blob is not None:
+                    task = blob[1]
+        if task is None:
+            try:
+                message = codec.decode(payload)
+            except RemoteProtocolError as exc:
+                return _result_frame(ident, m.Error(f"malformed task: {exc}"))
+            task = message.task if isinstance(message, m.AssignTask) else None
         try:
             async with asyncio.timeout(self._timeout):
                 match task:

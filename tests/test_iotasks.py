@@ -4,7 +4,9 @@ role's ports, and a node that keeps heartbeating through 200 slow URLs."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from node.iotasks import IoTaskRunner, NetworkPolicy
 from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
+from node.protocol.errors import RemoteProtocolError
 from tests.conftest import LoopbackGuard
 from tests.netservers import HttpServer, TcpEcho, UdpEcho, free_port
 from tests.nodeproc import NodeProcess
@@ -83,6 +86,12 @@ def http() -> Iterator[HttpServer]:
 
 def run(config: Config, tasks: list[m.Task], timeout: float = 30.0) -> list[m.Result]:
     """Run `tasks` on an IoTaskRunner; results in task order."""
+    payloads = [codec.encode_payload(m.AssignTask(str(i), task)) for i, task in enumerate(tasks)]
+    return run_payloads(config, payloads, timeout)
+
+
+def run_payloads(config: Config, payloads: list[bytes], timeout: float = 30.0) -> list[m.Result]:
+    """Run `AssignTask` payloads with the ids "0", "1", ... on an IoTaskRunner."""
 
     async def go() -> list[m.Result]:
         results: dict[str, m.Result] = {}
@@ -93,19 +102,19 @@ def run(config: Config, tasks: list[m.Task], timeout: float = 30.0) -> list[m.Re
             assert isinstance(message, m.TaskResult) and message.id == ident
             assert ident not in results, "answered twice"
             results[ident] = message.result
-            if len(results) == len(tasks):
+            if len(results) == len(payloads):
                 every.set()
 
         runner = IoTaskRunner(config, done)
         await runner.start()
         try:
-            for index, task in enumerate(tasks):
-                runner.submit(str(index), codec.encode_payload(m.AssignTask(str(index), task)))
+            for index, payload in enumerate(payloads):
+                runner.submit(str(index), payload)
             async with asyncio.timeout(timeout):
                 await every.wait()
         finally:
             await runner.close()
-        return [results[str(index)] for index in range(len(tasks))]
+        return [results[str(index)] for index in range(len(payloads))]
 
     return asyncio.run(go())
 
@@ -266,6 +275,30 @@ def test_policy_applies_to_tcp_and_udp() -> None:
 def test_tcp_writes_and_reads_one_reply() -> None:
     with TcpEcho(lambda data: b"echo:" + data) as echo:
         assert one(Config(), m.Tcp(f"127.0.0.1:{echo.port}", b"ping")) == m.Bytes(b"echo:ping")
+
+
+def test_tcp_with_megabytes_of_data_arrives_whole() -> None:
+    # Above 1 MiB of payload the array is decoded off the event loop (vectorised, in a
+    # thread): the peer must still get every byte, in order.
+    data = os.urandom(2 << 20)
+    received = bytearray()
+
+    def digest_when_whole(chunk: bytes) -> bytes:
+        received.extend(chunk)
+        return hashlib.sha256(received).hexdigest().encode() if len(received) == len(data) else b""
+
+    with TcpEcho(digest_when_whole) as echo:
+        result = one(Config(), m.Tcp(f"127.0.0.1:{echo.port}", data))
+    assert result == m.Bytes(hashlib.sha256(data).hexdigest().encode())
+
+
+def test_a_big_tcp_task_with_a_bad_array_gets_the_decoders_error() -> None:
+    payload = codec.encode_payload(m.AssignTask("0", m.Tcp("127.0.0.1:9", bytes(1 << 20))))
+    bad = payload.replace(b'"data":[0,', b'"data":[256,', 1)
+    with pytest.raises(RemoteProtocolError) as expected:
+        codec.decode(bad)
+    (result,) = run_payloads(Config(), [bad])
+    assert result == m.Error(f"malformed task: {expected.value}")
 
 
 def test_tcp_reads_at_most_tcp_read_bytes() -> None:

@@ -43,15 +43,23 @@ from workers.channel import SEGMENT_RESERVE_BYTES
 # Below this the generic decoder is as fast and validates everything in one place.
 BLOB_FAST_PATH_BYTES: Final = 64 * 1024
 _BLOB_HEAD = re.compile(
-    rb'\{"AssignTask":\{"id":("(?:[^"\\]|\\.)*"),"task":\{"(StoreData|DiskWrite)":'
-    rb'\{"(?:key|path)":("(?:[^"\\]|\\.)*"),"data":'
+    rb'\{"AssignTask":\{"id":("(?:[^"\\]|\\.)*"),"task":\{"(StoreData|DiskWrite|Tcp|Udp)":'
+    rb'\{"(?:key|path|addr)":("(?:[^"\\]|\\.)*"),"data":'
 )
+_BLOB_TASKS: Final[dict[bytes, Callable[[str, bytes], m.Task]]] = {
+    b"StoreData": m.StoreData,
+    b"DiskWrite": m.DiskWrite,
+    b"Tcp": m.Tcp,
+    b"Udp": m.Udp,
+}
 _BLOB_TAIL: Final = b"}}}}"
 
 
 def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
-    """(id, task) of a large `StoreData`/`DiskWrite` payload written as every master writes
-    it, decoding its byte array with the vectorised codec; None for anything else, a bad
+    """(id, task) of a large `StoreData`/`DiskWrite`/`Tcp`/`Udp` payload written as every
+    master writes it, decoding its byte array with the vectorised codec (numpy, which lets go
+    of the GIL: the supervisor runs this in a thread for big `Tcp`/`Udp` tasks without
+    stalling its event loop); None for anything else, a bad
     escape or control character in the id or key included (the generic decoder then answers
     it). Raises `ByteArrayError` for a malformed array."""
     if len(payload) < BLOB_FAST_PATH_BYTES or payload[-len(_BLOB_TAIL) :] != _BLOB_TAIL:
@@ -65,9 +73,7 @@ def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
     except orjson.JSONDecodeError:
         return None
     data = decode_byte_array(memoryview(payload)[head.end() : len(payload) - len(_BLOB_TAIL)])
-    if head.group(2) == b"StoreData":
-        return ident, m.StoreData(name, data)
-    return ident, m.DiskWrite(name, data)
+    return ident, _BLOB_TASKS[head.group(2)](name, data)
 
 
 STREAM_BYTES: Final = 256 * 1024
