@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["role"] = parse_role(args.role)
         if args.health_port is not None:
             overrides["health_listen"] = f"127.0.0.1:{args.health_port}"
-        config = load_config(args.config, overrides=overrides)
+        config = load_config(args.config, overrides=overrides, override_source="command line")
     except ConfigError as exc:
         print(f"cpnode-supervisor: {exc}", file=sys.stderr)
         return 2

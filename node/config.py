@@ -770,14 +770,18 @@ def _read_json_object(label: str, kind: str) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | os.PathLike[str] | None, *, overrides: Mapping[str, object] | None = None
+    path: str | os.PathLike[str] | None,
+    *,
+    overrides: Mapping[str, object] | None = None,
+    override_source: str = "override",
 ) -> Config:
     """Load and check a config file; `None` means every default.
 
     JSON `null` for a field means its default (the upstream samples write `null`). Unknown fields
     are logged on `cpnode.config` and ignored. `overrides` (e.g. from the command line) replace
     file values field by field and are checked the same way; an override of `None` means "not
-    given". Raises ConfigError, listing every problem found, one per line.
+    given"; errors name them as `override_source` ("command line" from the CLIs). Raises
+    ConfigError, listing every problem found, one per line.
     """
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
@@ -792,10 +796,10 @@ def load_config(
                 sources[name] = label
     for name, value in (overrides or {}).items():
         if name not in _SPECS:
-            raise ConfigError(f"override: unknown field `{name}`")
+            raise ConfigError(f"{override_source}: unknown field `{name}`")
         if value is not None:
             values[name] = value
-            sources[name] = "override"
+            sources[name] = override_source
     return Config(**_check_fields(values, lambda name: sources[name]))
 
 

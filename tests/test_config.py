@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -358,6 +360,19 @@ def test_bad_override_names_the_override(tmp_path: Path) -> None:
         "override: `workers` must be a positive integer, got 0\n"
         f"{path} and override: `min_port` (55500) must not be greater than `max_port` (55100)"
     )
+
+
+def test_a_bad_flag_is_named_as_from_the_command_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--workers", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    expected = "cpnode-supervisor: command line: `workers` must be a positive integer, got 0"
+    assert done.stderr.strip() == expected
 
 
 def test_unknown_override_is_refused() -> None:

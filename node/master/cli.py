@@ -231,6 +231,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 "state_file": args.state_file,
                 "tls": args.tls,
             },
+            override_source="command line",
         )
         host, port = _listen_address(args.listen, config)
         token = _choose_token(args.token, args.new_token, join_path)
