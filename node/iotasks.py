@@ -53,7 +53,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from node.protocol.framing import frame
-from shm.bytesjson import ByteArrayError
+from shm.bytesjson import ByteArrayError, encode_byte_array
 from workers.storage import decode_blob_task
 
 __all__ = ["InternetPorts", "IoTaskRunner", "NetworkPolicy", "NetworkRefused"]
@@ -62,6 +62,7 @@ log = logging.getLogger("cpnode.io")
 
 # Bodies above this are decoded and encoded in a thread: a 16 MiB body takes tens of ms.
 _OFFLOAD_BYTES: Final = 1 << 20
+_EMPTY_ARRAY_END: Final = b"[]}}}"  # how an empty `Bytes` result payload ends
 _MAX_REDIRECTS: Final = 10  # as reqwest, which upstream uses
 _UDP_MAX_DATAGRAM: Final = 65535
 _PORT_BUSY: Final = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
@@ -405,9 +406,9 @@ class IoTaskRunner:
                     case m.HttpRequest(url):
                         return await self._http(ident, url)
                     case m.Tcp(addr, data):
-                        return _result_frame(ident, m.Bytes(await self._tcp(addr, data)))
+                        return await _bytes_frame(ident, await self._tcp(addr, data))
                     case m.Udp(addr, data):
-                        return _result_frame(ident, m.Bytes(await self._udp(addr, data)))
+                        return await _bytes_frame(ident, await self._udp(addr, data))
                     case _:
                         return _result_frame(ident, m.Error("not an HttpRequest, Tcp or Udp task"))
         except _TaskFailed as failure:
@@ -610,6 +611,18 @@ def _os_reason(error: OSError | None) -> str:
     if reason.startswith("Connect call failed") and error.errno:
         return os.strerror(error.errno)  # asyncio's text hides the reason the kernel gave
     return reason
+
+
+async def _bytes_frame(ident: str, data: bytes) -> bytes:
+    """The result frame of a `Bytes` answer. A big one (`tcp_read_bytes` allows 64 MiB) is
+    encoded in a thread by the vectorised codec, which lets go of the GIL, inside the envelope
+    the codec writes for an empty array."""
+    if len(data) <= _OFFLOAD_BYTES // 4:  # about 3.6 bytes of JSON per byte
+        return _result_frame(ident, m.Bytes(data))
+    empty = codec.task_result_payload(ident, m.Bytes(b""))
+    head, tail = empty[: -len(_EMPTY_ARRAY_END)], _EMPTY_ARRAY_END[2:]
+    array = await asyncio.get_running_loop().run_in_executor(None, encode_byte_array, data)
+    return frame(b"".join((head, array, tail)))
 
 
 def _result_frame(ident: str, result: m.Result) -> bytes:

@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from node import iotasks
 from node.config import Config
 from node.iotasks import IoTaskRunner, NetworkPolicy
 from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
+from node.protocol.framing import frame
 from tests.conftest import LoopbackGuard
 from tests.netservers import HttpServer, TcpEcho, UdpEcho, free_port
 from tests.nodeproc import NodeProcess
@@ -290,6 +292,23 @@ def test_tcp_with_megabytes_of_data_arrives_whole() -> None:
     with TcpEcho(digest_when_whole) as echo:
         result = one(Config(), m.Tcp(f"127.0.0.1:{echo.port}", data))
     assert result == m.Bytes(hashlib.sha256(data).hexdigest().encode())
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, (1 << 18) + 1, 1 << 20])
+def test_a_bytes_result_frame_is_the_codecs_at_any_size(size: int) -> None:
+    # Above 256 KiB the array is encoded in a thread by the vectorised codec: same bytes.
+    data = os.urandom(size)
+    ident = 'id "with" \\ escapes and ü'
+    expected = frame(codec.task_result_payload(ident, m.Bytes(data)))
+    assert asyncio.run(iotasks._bytes_frame(ident, data)) == expected
+
+
+def test_a_big_tcp_reply_comes_back_exactly() -> None:
+    reply = os.urandom(1 << 20)
+    with TcpEcho(lambda data: reply) as echo:
+        (result,) = run(Config(tcp_read_bytes=1 << 20), [m.Tcp(f"127.0.0.1:{echo.port}", b"go")])
+    assert isinstance(result, m.Bytes) and len(result.data) > 0
+    assert result.data == reply[: len(result.data)]
 
 
 def test_a_big_tcp_task_with_a_bad_array_gets_the_decoders_error() -> None:
