@@ -358,10 +358,12 @@ def test_a_dead_workers_temporary_files_go_when_the_pool_sees_it_die(
             with DiskStore(storage, MIB, ledger_dir, reserve_bytes=0) as disk:
                 assert disk.used_bytes() == 5000  # counting a file that is not there
             os.kill(pid, signal.SIGKILL)
+            # The pool sweeps in a thread once it sees the death: wait for its report.
             deadline = asyncio.get_running_loop().time() + 30
-            while not run.pool.restarts_by_cause:
-                assert asyncio.get_running_loop().time() < deadline, "death never noticed"
+            while "unfinished store files of worker 0" not in caplog.text:
+                assert asyncio.get_running_loop().time() < deadline, "no sweep after the death"
                 await asyncio.sleep(0.02)
+            assert run.pool.restarts_by_cause
             return sorted(os.listdir(mem)), sorted(os.listdir(storage))
         finally:
             await run.pool.stop()

@@ -59,9 +59,9 @@ def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
     """(id, task) of a large `StoreData`/`DiskWrite`/`Tcp`/`Udp` payload written as every
     master writes it, decoding its byte array with the vectorised codec (numpy, which lets go
     of the GIL: the supervisor runs this in a thread for big `Tcp`/`Udp` tasks without
-    stalling its event loop); None for anything else, a bad
-    escape or control character in the id or key included (the generic decoder then answers
-    it). Raises `ByteArrayError` for a malformed array."""
+    stalling its event loop); None for anything else, a bad escape or control character in
+    the id, key or address included (the generic decoder then answers it). Raises
+    `ByteArrayError` for a malformed array."""
     if len(payload) < BLOB_FAST_PATH_BYTES or payload[-len(_BLOB_TAIL) :] != _BLOB_TAIL:
         return None
     head = _BLOB_HEAD.match(payload, 0, 64 * 1024)
