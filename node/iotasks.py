@@ -389,11 +389,15 @@ class IoTaskRunner:
         if len(payload) > _OFFLOAD_BYTES:
             # A big byte array: decoded in a thread by the vectorised codec, which lets go of
             # the GIL (orjson would hold it, and the event loop, for 75 ms per MiB of data).
+            # A malformed array is answered from the codec's own diagnosis, as a worker answers
+            # a big StoreData: handing it to orjson here would stall the loop just the same.
             loop = asyncio.get_running_loop()
-            with contextlib.suppress(ByteArrayError):  # the decoder below says what is wrong
+            try:
                 blob = await loop.run_in_executor(None, decode_blob_task, payload)
-                if blob is not None:
-                    task = blob[1]
+            except ByteArrayError as exc:
+                return _result_frame(ident, m.Error(f"malformed task: {exc}"))
+            if blob is not None:
+                task = blob[1]
         if task is None:
             try:
                 message = codec.decode(payload)
