@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--local-master-port", type=_port, default=55000, metavar="PORT",
-        help="port of the --local-master, 1-65535 (default 55000); it reads the node's CONFIG",
+        help="port of the --local-master, 1-65535 (default 55000); it reads the node's CONFIG "
+        "(or, like the node, none)",
     )  # fmt: skip
     parser.add_argument(
         "--log-format", choices=LOG_FORMATS, metavar="FORMAT",
@@ -209,15 +210,17 @@ def _start_local_master(
     join_path: Path, port: int, log_level: str, config_path: str | None
 ) -> subprocess.Popen[bytes]:
     """Start `cpnode-master` on 127.0.0.1:PORT and wait until its join.json names that port.
-    It reads the node's config file (the same `failover_timeout_ms`, so the heartbeats it
-    expects are the ones the node sends), and runs in a session of its own: Ctrl-C in the
-    terminal reaches the node, which drains to it and then stops it."""
+    It reads the node's config file, or like the node none (the same `failover_timeout_ms`,
+    so the heartbeats it expects are the ones the node sends), and runs in a session of its
+    own: Ctrl-C in the terminal reaches the node, which drains to it and then stops it."""
     env = dict(os.environ, CPCLUSTER_JOIN=str(join_path))
     command = [
         sys.executable,
         "-m",
         "node.master.cli",
-        *([os.path.abspath(config_path)] if config_path else []),
+        # Without a CONFIG the node runs on built-in defaults: so must its master, whatever
+        # ./config.json (an upstream master's, say) says.
+        *([os.path.abspath(config_path)] if config_path else ["--no-config"]),
         "--listen",
         f"127.0.0.1:{port}",
         "--log-level",

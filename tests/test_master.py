@@ -674,6 +674,17 @@ def test_cli_writes_join_json_and_keeps_its_token_across_restarts(tmp_path):
     assert chosen["token"] == "shared-by-two-masters"
 
 
+def test_cli_no_config_ignores_config_json(tmp_path):
+    # What `cpnode-supervisor --local-master` passes when the node has no CONFIG: the master
+    # runs on the defaults too, whatever ./config.json says.
+    (tmp_path / "config.json").write_text("{broken")
+    code, err = _finish(_cli("--listen", "127.0.0.1:0", cwd=tmp_path))
+    assert code == 2 and "config.json" in err  # read when not told otherwise
+    assert _run_master_once(tmp_path, "--no-config")["ip"] == "127.0.0.1"
+    code, err = _finish(_cli(str(tmp_path / "config.json"), "--no-config", cwd=tmp_path))
+    assert code == 2 and "--no-config: not allowed with a CONFIG file" in err
+
+
 BAD_CONFIGS = {
     "window 0": ('{"window": 0}', "window"),
     "not JSON": ("{", "not valid JSON"),

@@ -46,7 +46,7 @@ files:
   CONFIG            the upstream config file (master_addresses, min_port, max_port,
                     failover_timeout_ms, state_file, log_level, ...) plus cpnode's window,
                     max_frame_bytes and result_ttl_s; default ./config.json when it exists,
-                    else built-in defaults
+                    else (or with --no-config) built-in defaults
   join.json         written at start (mode 0600) to $CPCLUSTER_JOIN, default ./join.json:
                     {"token", "ip", "port"}; nodes and cpnode-submit read it
   state file        pending and completed tasks, replayed at start (--state-file, config
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         metavar="CONFIG",
         help="config file (default: ./config.json when it exists, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--no-config",
+        action="store_true",
+        help="use the built-in defaults even when ./config.json exists (cpnode-supervisor "
+        "--local-master passes this when the node itself was given no CONFIG)",
     )
     parser.add_argument(
         "--log-level",
@@ -217,9 +223,12 @@ async def _serve(
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the master; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_config and args.config is not None:
+        parser.error("--no-config: not allowed with a CONFIG file")
     config_path = args.config
-    if config_path is None and os.path.exists(_DEFAULT_CONFIG):
+    if config_path is None and not args.no_config and os.path.exists(_DEFAULT_CONFIG):
         config_path = _DEFAULT_CONFIG
     join_path = default_join_path()
     try:
