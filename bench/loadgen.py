@@ -6,13 +6,15 @@
       round_trip(k): one task at a time, k times
 
 Nodes: `cpnode` (ours, `cpnode-supervisor`), `null` (bench/nullnode.py: answers at the protocol
-level without computing, the ceiling for any node) and `naive` (bench/naivenode.py: asyncio and
-one `ProcessPoolExecutor.submit` per task, the baseline).
+level without computing, the ceiling for any node), `relay` (bench/relaynode.py: the null node
+split into an event loop that only relays and `--workers` child processes that answer: the
+ceiling for a node shaped like ours, whose loop never computes) and `naive`
+(bench/naivenode.py: asyncio and one `ProcessPoolExecutor.submit` per task, the baseline).
 
     python bench/loadgen.py --tasks 100000 --workers 2          # prints the table
 
 Every result of a computing node is checked against the task's value (`wrong` column; `-` for
-the null node, which answers 0 on purpose); the exit status is 1 when any was wrong.
+the null and relay nodes, which answer 0 on purpose); the exit status is 1 when any was wrong.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from node.protocol.framing import FrameDecoder, frame
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token"
-NODES = ("cpnode", "null", "naive")
+NODES = ("cpnode", "null", "relay", "naive")
 
 
 def expression(i: int) -> tuple[str, float]:
@@ -139,7 +141,7 @@ class Measurement:
     burst_s: float
     cpu_s: float
     rtt_ms: float
-    wrong: int | None  # results that were not the task's value; None: not checked (null node)
+    wrong: int | None  # results that were not the task's value; None: not checked (null, relay)
     main_cpu_s: float  # the node's main process (our supervisor) alone
 
     @property
@@ -163,7 +165,7 @@ def node_command(kind: str, config_path: str, workers: int) -> list[str]:
             "--log-level",
             "warn",
         ]
-    script = {"null": "nullnode.py", "naive": "naivenode.py"}[kind]
+    script = {"null": "nullnode.py", "relay": "relaynode.py", "naive": "naivenode.py"}[kind]
     return [sys.executable, str(HERE / script), "--workers", str(workers)]
 
 
@@ -215,7 +217,7 @@ async def measure(
             for i in range(rtt_samples):
                 rtts.append(await master.push([(f"r{i}", expression(i)[0])], timeout))
             wrong = None
-            if kind != "null":  # the null node answers 0 without computing
+            if kind not in ("null", "relay"):  # these answer 0 without computing
                 expected = [(f"t{i}", expression(i)[1]) for i in range(tasks)]
                 expected += [(f"r{i}", expression(i)[1]) for i in range(rtt_samples)]
                 wrong = 0
@@ -269,7 +271,7 @@ def main() -> None:
     parser.add_argument("--rtt-samples", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument(
-        "--nodes", default=",".join(NODES), help="comma-separated: cpnode,null,naive"
+        "--nodes", default=",".join(NODES), help="comma-separated: cpnode,null,relay,naive"
     )
     parser.add_argument(
         "--naive-tasks", type=int, default=None, help="tasks for the naive node (default: --tasks)"
