@@ -5,6 +5,11 @@
       burst(n):      n AssignTask frames in one write, wait for n results, check each
       round_trip(k): one task at a time, k times
 
+Every node runs (each with its own fake master) for the whole run. The bursts go one node at a
+time; the round trips take turns, one per node, so a load that other jobs put on this shared
+machine slows every node's round trips alike (measured one node after the other, the null
+node's median round trip varied from 0.115 to 0.5 ms between runs, which made the ratio noise).
+
 Nodes: `cpnode` (ours, `cpnode-supervisor`), `null` (bench/nullnode.py: answers at the protocol
 level without computing, the ceiling for any node), `relay` (bench/relaynode.py: the null node
 split into an event loop that only relays and `--workers` child processes that answer: the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -185,66 +191,103 @@ def tree_cpu_seconds(process: psutil.Process) -> tuple[float, float]:
     return main, children
 
 
-async def measure(
-    kind: str, tasks: int, workers: int, rtt_samples: int, timeout: float
-) -> Measurement:
+@dataclass
+class Running:
+    """A node under test, joined to its own fake master."""
+
+    kind: str
+    master: FakeMaster
+    process: psutil.Process
+    tasks: int
+    rtts: list[float]
+
+
+async def start_node(
+    kind: str, tasks: int, workers: int, timeout: float, stack: contextlib.AsyncExitStack
+) -> Running:
+    """Start a node of `kind` against a new fake master, wait until it joined and warm it up
+    (worker start, caches of the parser); `stack` stops it (and its master) at the end."""
     master = FakeMaster()
     await master.start()
-    with tempfile.TemporaryDirectory(prefix="cpnode-bench-") as tmp:
-        join = Path(tmp, "join.json")
-        join.write_text(json.dumps({"token": TOKEN, "ip": "127.0.0.1", "port": master.port}))
-        config = Path(tmp, "config.json")
-        config.write_text(
-            json.dumps(
-                {"master_addresses": [f"127.0.0.1:{master.port}"], "failover_timeout_ms": 5000}
-            )
-        )
-        env = dict(os.environ, CPCLUSTER_JOIN=str(join))
-        proc = subprocess.Popen(node_command(kind, str(config), workers), env=env)
+    stack.push_async_callback(master.close)
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cpnode-bench-"))
+    join = Path(tmp, "join.json")
+    join.write_text(json.dumps({"token": TOKEN, "ip": "127.0.0.1", "port": master.port}))
+    config = Path(tmp, "config.json")
+    config.write_text(
+        json.dumps({"master_addresses": [f"127.0.0.1:{master.port}"], "failover_timeout_ms": 5000})
+    )
+    env = dict(os.environ, CPCLUSTER_JOIN=str(join))
+    proc = subprocess.Popen(node_command(kind, str(config), workers), env=env)
+
+    async def stop() -> None:
+        # Wait off the loop: the node's drain needs its fake master to answer heartbeats.
+        proc.terminate()
         try:
-            await asyncio.wait_for(master.registered.wait(), 60)
-            ps = psutil.Process(proc.pid)
-            # Warm up (worker start, caches of the parser), then measure.
-            warm = [(f"w{i}", expression(i)[0]) for i in range(min(2000, tasks))]
-            await master.push(warm, timeout)
-            await asyncio.sleep(0.2)
-            ids = [(f"t{i}", expression(i)[0]) for i in range(tasks)]
-            main_before, children_before = tree_cpu_seconds(ps)
-            generator_before = time.process_time()
-            burst = await master.push(ids, timeout)
-            generator_cpu = time.process_time() - generator_before
-            main_after, children_after = tree_cpu_seconds(ps)
-            main_cpu = main_after - main_before
-            cpu = main_cpu + children_after - children_before
-            rtts = []
-            for i in range(rtt_samples):
-                rtts.append(await master.push([(f"r{i}", expression(i)[0])], timeout))
-            wrong = None
-            if kind not in ("null", "relay"):  # these answer 0 without computing
-                expected = [(f"t{i}", expression(i)[1]) for i in range(tasks)]
-                expected += [(f"r{i}", expression(i)[1]) for i in range(rtt_samples)]
-                wrong = 0
-                for ident, value in expected:
-                    result = codec.decode(master.results[ident])
-                    if not isinstance(result, m.TaskResult) or result.result != m.Number(value):
-                        wrong += 1
-            rtt_ms = statistics.median(rtts) * 1000
-            return Measurement(kind, tasks, burst, cpu, rtt_ms, wrong, main_cpu, generator_cpu)
-        finally:
-            # Wait off the loop: the node's drain needs this fake master to answer heartbeats.
-            proc.terminate()
-            try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            await master.close()
+            await asyncio.to_thread(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    stack.push_async_callback(stop)
+    await asyncio.wait_for(master.registered.wait(), 60)
+    await master.push([(f"w{i}", expression(i)[0]) for i in range(min(2000, tasks))], timeout)
+    return Running(kind, master, psutil.Process(proc.pid), tasks, [])
 
 
-def run_all(
-    kinds: list[str], tasks: int, workers: int, rtt_samples: int, timeout: float
+async def burst(node: Running, timeout: float) -> tuple[float, float, float, float]:
+    """Push the node's burst; (seconds, node CPU, its main process's CPU, generator CPU)."""
+    ids = [(f"t{i}", expression(i)[0]) for i in range(node.tasks)]
+    main_before, children_before = tree_cpu_seconds(node.process)
+    generator_before = time.process_time()
+    seconds = await node.master.push(ids, timeout)
+    generator_cpu = time.process_time() - generator_before
+    main_after, children_after = tree_cpu_seconds(node.process)
+    main_cpu = main_after - main_before
+    return seconds, main_cpu + children_after - children_before, main_cpu, generator_cpu
+
+
+def wrong_results(node: Running, rtt_samples: int) -> int | None:
+    """Results that are not their task's value; None for the nodes that answer 0 on purpose."""
+    if node.kind in ("null", "relay"):
+        return None
+    expected = [(f"t{i}", expression(i)[1]) for i in range(node.tasks)]
+    expected += [(f"r{i}", expression(i)[1]) for i in range(rtt_samples)]
+    wrong = 0
+    for ident, value in expected:
+        result = codec.decode(node.master.results[ident])
+        if not isinstance(result, m.TaskResult) or result.result != m.Number(value):
+            wrong += 1
+    return wrong
+
+
+async def measure_all(
+    kinds: dict[str, int], workers: int, rtt_samples: int, timeout: float
 ) -> list[Measurement]:
-    return [asyncio.run(measure(k, tasks, workers, rtt_samples, timeout)) for k in kinds]
+    """Every node runs from start to end. The bursts go one node at a time (they would compete
+    for the CPUs); the round trips are interleaved, node after node, so that the load other
+    jobs put on this machine meanwhile weighs on every node alike."""
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [await start_node(k, n, workers, timeout, stack) for k, n in kinds.items()]
+        await asyncio.sleep(0.2)
+        bursts = {}
+        for node in nodes:
+            bursts[node.kind] = await burst(node, timeout)
+            print(f"{node.kind}: burst done", file=sys.stderr, flush=True)
+        for i in range(rtt_samples):
+            for node in nodes:
+                node.rtts.append(await node.master.push([(f"r{i}", expression(i)[0])], timeout))
+        results = []
+        for node in nodes:
+            seconds, cpu, main_cpu, generator_cpu = bursts[node.kind]
+            rtt_ms = statistics.median(node.rtts) * 1000
+            wrong = wrong_results(node, rtt_samples)
+            results.append(
+                Measurement(
+                    node.kind, node.tasks, seconds, cpu, rtt_ms, wrong, main_cpu, generator_cpu
+                )
+            )
+        return results
 
 
 def table(results: list[Measurement]) -> str:
@@ -282,11 +325,13 @@ def main() -> None:
     unknown = set(args.nodes.split(",")) - set(NODES)
     if unknown:
         parser.error(f"--nodes: unknown {', '.join(sorted(unknown))} (known: {', '.join(NODES)})")
-    results = []
-    for kind in args.nodes.split(","):
-        n = args.naive_tasks if kind == "naive" and args.naive_tasks else args.tasks
-        results.extend(run_all([kind], n, args.workers, args.rtt_samples, args.timeout))
-        print(orjson.dumps(results[-1].__dict__).decode(), file=sys.stderr, flush=True)
+    kinds = {
+        kind: args.naive_tasks if kind == "naive" and args.naive_tasks else args.tasks
+        for kind in args.nodes.split(",")
+    }
+    results = asyncio.run(measure_all(kinds, args.workers, args.rtt_samples, args.timeout))
+    for result in results:
+        print(orjson.dumps(result.__dict__).decode(), file=sys.stderr, flush=True)
     print(table(results))
     wrong = {r.node: r.wrong for r in results if r.wrong}
     if wrong:
