@@ -7,92 +7,62 @@
   put a packet on a network other than loopback (connect, sendto, sendmsg to an address outside
   127.0.0.0/8 and ::1, and the resolution of a host name other than `localhost`). The operation
   raises PermissionError before any system call and is recorded; the test fails at teardown
-  when anything was attempted. Code under test in a child process is not covered.
+  when anything was attempted.
+- Every Python process a test starts (nodes, masters, workers, CLIs) has that guard on for its
+  whole life: `pytest_configure` puts `tests/childguard` first on PYTHONPATH, whose
+  `sitecustomize` installs it, and names a log file; any test during which a child wrote a
+  refusal there fails.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
+from tests.childguard.sitecustomize import LOG_VARIABLE, LoopbackGuard
 from tests.scripted import ScriptedMaster
 
 settings.register_profile("cpnode", deadline=None)
 settings.load_profile("cpnode")
 
 
-_SENDS = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg"})
-_LOOKUPS = frozenset({"socket.gethostbyname", "socket.gethostbyname_ex"})
-_INET = (socket.AF_INET, socket.AF_INET6)
+_CHILD_LOG = Path(tempfile.gettempdir(), f"cpnode-test-loopback-{os.getpid()}.log")
 
 
-def _literal(host: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    text = host.decode() if isinstance(host, bytes) else str(host)
+def pytest_configure(config: pytest.Config) -> None:
+    """Give every Python process started from here on the loopback guard (see the module
+    docstring); before any test, so forkservers and workers started in this process get it."""
+    guard_dir = str(Path(__file__).parent / "childguard")
+    inherited = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([guard_dir, *([inherited] if inherited else [])])
+    os.environ[LOG_VARIABLE] = str(_CHILD_LOG)
+    _CHILD_LOG.unlink(missing_ok=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _CHILD_LOG.unlink(missing_ok=True)
+
+
+def _child_refusals() -> str:
     try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+        return _CHILD_LOG.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
-def _is_localhost(host: object) -> bool:
-    text = host.decode() if isinstance(host, bytes) else str(host)
-    return text.lower().rstrip(".") == "localhost"
-
-
-def _stays_on_this_host(host: object) -> bool:
-    """Whether a packet to `host` (an address or a name) cannot leave the machine."""
-    if _is_localhost(host):
-        return True
-    ip = _literal(host)
-    # 0.0.0.0 and :: as a destination mean this host.
-    return ip is not None and (ip.is_loopback or ip.is_unspecified)
-
-
-def _resolves_without_the_network(host: object) -> bool:
-    """getaddrinfo() of no host, of an address literal or of `localhost` asks no DNS server."""
-    return host is None or host in ("", b"") or _is_localhost(host) or _literal(host) is not None
-
-
-class LoopbackGuard:
-    """The audit hook behind `loopback_only`; `attempts` lists what it refused."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.attempts: list[tuple[str, str]] = []
-
-    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
-        if not self.active or not event.startswith("socket."):
-            return
-        if event in _SENDS:
-            sock, address = args
-            if (
-                address is None
-                or getattr(sock, "family", None) not in _INET
-                or _stays_on_this_host(address[0])
-            ):
-                return
-            self._refuse(event, repr(address))
-        elif event == "socket.getaddrinfo":
-            if not _resolves_without_the_network(args[0]):
-                self._refuse(event, repr(args[0]))
-        elif event in _LOOKUPS:
-            if not _stays_on_this_host(args[0]):
-                self._refuse(event, repr(args[0]))
-        elif event == "socket.gethostbyaddr" and not _stays_on_this_host(args[0]):
-            self._refuse(event, repr(args[0]))
-
-    def _refuse(self, event: str, target: str) -> None:
-        self.attempts.append((event, target))
-        raise PermissionError(f"loopback_only: {event} to {target} refused (off loopback)")
+@pytest.fixture(autouse=True)
+def _children_stay_on_loopback() -> Iterator[None]:
+    """Fail the test during which a child process tried to reach off loopback."""
+    before = len(_child_refusals())
+    yield
+    refused = _child_refusals()[before:]
+    assert not refused, f"a child process tried to reach off loopback (refused):\n{refused}"
 
 
 _guard: LoopbackGuard | None = None

@@ -583,7 +583,9 @@ def test_closing_the_master_closes_its_connections(start, connect):
 
 
 def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    environment = dict(os.environ, PYTHONPATH=str(ROOT), CPCLUSTER_JOIN=str(cwd / "join.json"))
+    # ROOT after what the session put on PYTHONPATH (the loopback guard, see conftest.py).
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
+    environment = dict(os.environ, PYTHONPATH=path, CPCLUSTER_JOIN=str(cwd / "join.json"))
     environment.update(env or {})
     return subprocess.Popen(
         [sys.executable, "-m", "node.master.cli", *args],

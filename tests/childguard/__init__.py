@@ -1,0 +1,1 @@
+"""The loopback guard of the tests' child processes (see `sitecustomize`)."""
