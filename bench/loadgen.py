@@ -56,6 +56,22 @@ def expression(i: int) -> tuple[str, float]:
     return f"{i}+{b}*2", float(i + b * 2)
 
 
+def assign_frames(tasks: list[tuple[str, str]]) -> bytes:
+    """The AssignTask frames of `tasks`, (id, expression) pairs, as one write."""
+    return b"".join(codec.encode(m.AssignTask(ident, m.Compute(expr))) for ident, expr in tasks)
+
+
+def wrong_answers(results: dict[str, bytes], expected: list[tuple[str, float]]) -> int:
+    """How many of `expected` (id, value) have no result or another value in `results`."""
+    wrong = 0
+    for ident, value in expected:
+        payload = results.get(ident)
+        result = None if payload is None else codec.decode(payload)
+        if not isinstance(result, m.TaskResult) or result.result != m.Number(value):
+            wrong += 1
+    return wrong
+
+
 class FakeMaster:
     """Serves one node connection; pushes tasks on demand and collects results."""
 
@@ -121,13 +137,17 @@ class FakeMaster:
             peer = writer.get_extra_info("peername")
             writer.write(codec.encode(m.ConnectedNodes((f"{peer[0]}:{peer[1]}",))))
 
-    async def push(self, tasks: list[tuple[str, str]], timeout: float) -> float:
-        """Write every AssignTask at once; return seconds until the last result arrived."""
+    async def push(
+        self, tasks: list[tuple[str, str]], timeout: float, blob: bytes | None = None
+    ) -> float:
+        """Write every AssignTask at once (`blob`: their frames, made beforehand by
+        `assign_frames`); return seconds until the last result arrived."""
         assert self._writer is not None
         loop = asyncio.get_running_loop()
         self._all_done = loop.create_future()
         self._outstanding += len(tasks)
-        blob = b"".join(codec.encode(m.AssignTask(ident, m.Compute(expr))) for ident, expr in tasks)
+        if blob is None:
+            blob = assign_frames(tasks)
         started = time.perf_counter()
         self._writer.write(blob)
         try:
@@ -253,12 +273,7 @@ def wrong_results(node: Running, rtt_samples: int) -> int | None:
         return None
     expected = [(f"t{i}", expression(i)[1]) for i in range(node.tasks)]
     expected += [(f"r{i}", expression(i)[1]) for i in range(rtt_samples)]
-    wrong = 0
-    for ident, value in expected:
-        result = codec.decode(node.master.results[ident])
-        if not isinstance(result, m.TaskResult) or result.result != m.Number(value):
-            wrong += 1
-    return wrong
+    return wrong_answers(node.master.results, expected)
 
 
 async def measure_all(
