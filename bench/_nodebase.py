@@ -49,3 +49,16 @@ async def heartbeat(writer: asyncio.StreamWriter) -> None:
     while True:
         await asyncio.sleep(2.5)
         writer.write(codec.encode(m.HEARTBEAT))
+
+
+_ZERO_RESULT = b',"result":{"Number":0.0}}}'
+
+
+def zero_results(payloads: list[bytes]) -> bytes:
+    """A `TaskResult` frame of 0 for every `AssignTask` among `payloads`, as one write: what
+    the null and relay nodes answer, computing nothing."""
+    return b"".join(
+        frame(b'{"TaskResult":{"id":' + codec.json_str(codec.peek(payload).id or "") + _ZERO_RESULT)
+        for payload in payloads
+        if payload.startswith(b'{"AssignTask":')
+    )

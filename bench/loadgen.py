@@ -38,6 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import orjson
 import psutil
@@ -49,6 +50,7 @@ from node.protocol.framing import FrameDecoder, frame
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token"
 NODES = ("cpnode", "null", "relay", "naive")
+ANSWER_ZERO: Final = frozenset({"null", "relay"})  # nodes that answer 0 without computing
 
 
 def expression(i: int) -> tuple[str, float]:
@@ -171,7 +173,7 @@ class Measurement:
     rtt_ms: float
     wrong: int | None  # results that were not the task's value; None: not checked (null, relay)
     main_cpu_s: float  # the node's main process (our supervisor) alone
-    generator_cpu_s: float = 0.0  # this process (the fake master) during the burst
+    generator_cpu_s: float  # this process (the fake master) during the burst
 
     @property
     def tasks_per_s(self) -> float:
@@ -277,7 +279,7 @@ async def burst(node: Running, round_: int, timeout: float) -> tuple[float, floa
 
 def wrong_results(node: Running, bursts: int, rtt_samples: int) -> int | None:
     """Results that are not their task's value; None for the nodes that answer 0 on purpose."""
-    if node.kind in ("null", "relay"):
+    if node.kind in ANSWER_ZERO:
         return None
     count = bursts * node.tasks
     expected = [(f"t{i}", expression(i)[1]) for i in range(count)]

@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 
 import uvloop
-from _nodebase import connect, heartbeat, parse_args
+from _nodebase import connect, heartbeat, parse_args, zero_results
 
-from node.protocol import codec
-from node.protocol.framing import FrameDecoder, frame
-
-_ZERO = b',"result":{"Number":0.0}}}'
+from node.protocol.framing import FrameDecoder
 
 
 async def main() -> None:
@@ -25,13 +22,8 @@ async def main() -> None:
         data = await reader.read(1 << 20)
         if not data:
             break
-        out = []
-        for payload in decoder.feed(data):
-            if payload.startswith(b'{"AssignTask":'):
-                ident = codec.peek(payload).id or ""
-                out.append(frame(b'{"TaskResult":{"id":' + codec.json_str(ident) + _ZERO))
-        if out:
-            writer.write(b"".join(out))
+        if out := zero_results(decoder.feed(data)):
+            writer.write(out)
     beat.cancel()
 
 

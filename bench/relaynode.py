@@ -23,12 +23,10 @@ import socket
 import struct
 
 import uvloop
-from _nodebase import connect, heartbeat, parse_args
+from _nodebase import connect, heartbeat, parse_args, zero_results
 
-from node.protocol import codec
 from node.protocol.framing import FrameDecoder, frame
 
-_ZERO = b',"result":{"Number":0.0}}}'
 _BATCH = struct.Struct(">I")  # child → loop: the byte length of a batch of result frames
 _BUFFER = 1 << 20
 
@@ -43,13 +41,8 @@ def child(sock: socket.socket, inherited: list[socket.socket]) -> None:
     buffer = bytearray(_BUFFER)
     view = memoryview(buffer)
     while count := sock.recv_into(buffer):
-        out = [
-            frame(b'{"TaskResult":{"id":' + codec.json_str(codec.peek(payload).id or "") + _ZERO)
-            for payload in decoder.feed(view[:count].tobytes())
-        ]
-        if out:
-            blob = b"".join(out)
-            sock.sendall(_BATCH.pack(len(blob)) + blob)
+        if out := zero_results(decoder.feed(view[:count].tobytes())):
+            sock.sendall(_BATCH.pack(len(out)) + out)
 
 
 class _Results(asyncio.Protocol):
@@ -103,7 +96,7 @@ if __name__ == "__main__":
     args = parse_args()
     # Forked before any event loop or thread exists, which is what makes fork safe here.
     context = multiprocessing.get_context("fork")
-    sockets = []
+    sockets: list[socket.socket] = []
     processes = []
     for _ in range(max(1, args.workers)):
         ours, theirs = socket.socketpair()
@@ -115,6 +108,6 @@ if __name__ == "__main__":
     try:
         uvloop.run(main(sockets))
     finally:
-        for process in processes:
-            process.terminate()
-            process.join(5)
+        for started in processes:
+            started.terminate()
+            started.join(5)
