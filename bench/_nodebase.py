@@ -1,4 +1,5 @@
-"""What the benchmark's null and naive nodes share: join.json, the handshake, heartbeats."""
+"""What the benchmark scripts share: the null, relay and naive nodes' join.json, handshake,
+heartbeats and zero answers, and a SIGTERM that unwinds like Ctrl-C."""
 
 from __future__ import annotations
 
@@ -62,3 +63,9 @@ def zero_results(payloads: list[bytes]) -> bytes:
         for payload in payloads
         if payload.startswith(b'{"AssignTask":')
     )
+
+
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    """A `signal.signal` handler for SIGTERM: unwind like Ctrl-C, so that every `finally`
+    (and `asyncio.run`'s cancellation of its tasks) stops what it started."""
+    raise KeyboardInterrupt

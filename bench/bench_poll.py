@@ -25,6 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _nodebase import stop_on_sigterm
+
 from node.client import Client
 from node.config import Config
 from node.master import MasterThread
@@ -69,11 +71,6 @@ def test_poll_interval_latency(benchmark: Any) -> None:
     benchmark.pedantic(measure, args=(50, 20), rounds=1, iterations=1)
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    # Unwind like Ctrl-C, so that every `finally` stops what it started.
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Submit-to-result latency of one task at a time through a master with "
@@ -87,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.samples < 1:
         parser.error("--samples must be at least 1")
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     print("| poll_interval_ms | median ms | p90 ms |\n|---|---|---|")
     try:
         for poll in args.intervals:

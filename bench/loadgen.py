@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from typing import Final
 
 import orjson
 import psutil
+from _nodebase import stop_on_sigterm
 
 from node.protocol import codec
 from node.protocol import messages as m
@@ -60,18 +62,30 @@ def expression(i: int) -> tuple[str, float]:
     return f"{i}+{b}*2", float(i + b * 2)
 
 
+def numbered(first: int, count: int) -> list[tuple[str, str]]:
+    """Tasks number `first` to `first + count - 1`: (id ``t<number>``, expression). A node's
+    tasks never share a number (warm-up, bursts and round trips take separate ranges), so every
+    expression is new to it, and `wrong_answers` knows each value from the id."""
+    return [(f"t{n}", expression(n)[0]) for n in range(first, first + count)]
+
+
+WARM_UP_FIRST: Final = 10**9  # task numbers of the warm-up; bursts count from 0
+ROUND_TRIP_FIRST: Final = 2 * 10**9  # and of the round trips
+
+
 def assign_frames(tasks: list[tuple[str, str]]) -> bytes:
     """The AssignTask frames of `tasks`, (id, expression) pairs, as one write."""
     return b"".join(codec.encode(m.AssignTask(ident, m.Compute(expr))) for ident, expr in tasks)
 
 
-def wrong_answers(results: dict[str, bytes], expected: list[tuple[str, float]]) -> int:
-    """How many of `expected` (id, value) have no result or another value in `results`."""
+def wrong_answers(results: dict[str, bytes]) -> int:
+    """How many of `results` (id -> TaskResult payload, ids from `numbered`) do not hold
+    their task's value."""
     wrong = 0
-    for ident, value in expected:
-        payload = results.get(ident)
-        result = None if payload is None else codec.decode(payload)
-        if not isinstance(result, m.TaskResult) or result.result != m.Number(value):
+    for ident, payload in results.items():
+        result = codec.decode(payload)
+        expected = m.Number(expression(int(ident[1:]))[1])
+        if not isinstance(result, m.TaskResult) or result.result != expected:
             wrong += 1
     return wrong
 
@@ -102,6 +116,14 @@ class FakeMaster:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._read(reader, writer)
+        finally:
+            # A node that dies fails the push it was answering at once, not after --timeout.
+            if self._all_done is not None and not self._all_done.done():
+                self._all_done.set_exception(ConnectionError("the node closed the connection"))
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder()
         authenticated = False
         try:
@@ -255,36 +277,22 @@ async def start_node(
 
     stack.push_async_callback(stop)
     await asyncio.wait_for(master.registered.wait(), 60)
-    await master.push([(f"w{i}", expression(i)[0]) for i in range(min(2000, tasks))], timeout)
+    await master.push(numbered(WARM_UP_FIRST, min(2000, tasks)), timeout)
     return Running(kind, master, psutil.Process(proc.pid), tasks, [])
 
 
-def burst_tasks(node: Running, round_: int) -> list[tuple[str, str]]:
-    """The tasks of burst `round_`: new ids and new expressions every round."""
-    first = round_ * node.tasks
-    return [(f"t{first + i}", expression(first + i)[0]) for i in range(node.tasks)]
-
-
 async def burst(node: Running, round_: int, timeout: float) -> tuple[float, float, float, float]:
-    """Push the node's burst; (seconds, node CPU, its main process's CPU, generator CPU)."""
-    tasks = burst_tasks(node, round_)
+    """Push the node's burst number `round_` (new tasks every round); (seconds, node CPU, its
+    main process's CPU, generator CPU). The frames are made before the clocks start."""
+    tasks = numbered(round_ * node.tasks, node.tasks)
+    blob = assign_frames(tasks)
     main_before, children_before = tree_cpu_seconds(node.process)
     generator_before = time.process_time()
-    seconds = await node.master.push(tasks, timeout)
+    seconds = await node.master.push(tasks, timeout, blob)
     generator_cpu = time.process_time() - generator_before
     main_after, children_after = tree_cpu_seconds(node.process)
     main_cpu = main_after - main_before
     return seconds, main_cpu + children_after - children_before, main_cpu, generator_cpu
-
-
-def wrong_results(node: Running, bursts: int, rtt_samples: int) -> int | None:
-    """Results that are not their task's value; None for the nodes that answer 0 on purpose."""
-    if node.kind in ANSWER_ZERO:
-        return None
-    count = bursts * node.tasks
-    expected = [(f"t{i}", expression(i)[1]) for i in range(count)]
-    expected += [(f"r{i}", expression(i)[1]) for i in range(rtt_samples)]
-    return wrong_answers(node.master.results, expected)
 
 
 async def measure_all(
@@ -304,13 +312,14 @@ async def measure_all(
             print(f"burst round {round_ + 1} of {bursts} done", file=sys.stderr, flush=True)
         for i in range(rtt_samples):
             for node in nodes:
-                node.rtts.append(await node.master.push([(f"r{i}", expression(i)[0])], timeout))
+                task = numbered(ROUND_TRIP_FIRST + i, 1)
+                node.rtts.append(await node.master.push(task, timeout))
         results = []
         for node in nodes:
             ranked = sorted(rounds[node.kind])
             seconds, cpu, main_cpu, generator_cpu = ranked[(len(ranked) - 1) // 2]
             rtt_ms = statistics.median(node.rtts) * 1000
-            wrong = wrong_results(node, bursts, rtt_samples)
+            wrong = None if node.kind in ANSWER_ZERO else wrong_answers(node.master.results)
             results.append(
                 Measurement(
                     node.kind, node.tasks, seconds, cpu, rtt_ms, wrong, main_cpu, generator_cpu
@@ -362,11 +371,17 @@ def main() -> None:
     if unknown:
         parser.error(f"--nodes: unknown {', '.join(sorted(unknown))} (known: {', '.join(NODES)})")
     kinds = {
-        kind: (args.naive_tasks or min(args.tasks, 20_000)) if kind == "naive" else args.tasks
+        kind: args.tasks
+        if kind != "naive"
+        else min(args.tasks, 20_000)
+        if args.naive_tasks is None
+        else args.naive_tasks
         for kind in args.nodes.split(",")
     }
     if min(args.bursts, args.rtt_samples, *kinds.values()) < 1:
         parser.error("--tasks, --naive-tasks, --bursts and --rtt-samples must be at least 1")
+    # SIGTERM unwinds like Ctrl-C, so that every node started is stopped.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     results = asyncio.run(
         measure_all(kinds, args.workers, args.bursts, args.rtt_samples, args.timeout)
     )

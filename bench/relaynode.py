@@ -1,4 +1,4 @@
-"""The relay node: the null node split across processes, the floor of any node shaped like ours.
+"""The relay node: the null node split across processes, the best a node shaped like ours can do.
 
 Its event loop only relays: it finds the frames of each read from the master and hands the
 `AssignTask` frames, unparsed beyond the variant, to its child processes (split evenly, one
@@ -63,6 +63,11 @@ class _Results(asyncio.Protocol):
             self._writer.write(pending[start + 4 : start + 4 + size])
             start += 4 + size
         del pending[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A child gone (dead, or stopped at the end): close the master's connection, so that
+        # a load generator waiting for that child's answers learns it at once.
+        self._writer.close()
 
 
 async def main(children: list[socket.socket]) -> None:
