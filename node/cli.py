@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from node.config import Config, JoinInfo, load_config, load_join, parse_role
+from node.config import Config, JoinInfo, load_config, load_join, parse_role, port_argument
 from node.errors import ConfigError
 from node.health import DEFAULT_PORT as DEFAULT_HEALTH_PORT
 from node.supervisor import Node
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and print how to submit work: a whole cluster on one machine",
     )
     parser.add_argument(
-        "--local-master-port", type=_port, default=55000, metavar="PORT",
+        "--local-master-port", type=port_argument, default=55000, metavar="PORT",
         help="port of the --local-master, 1-65535 (default 55000); it reads the node's CONFIG "
         "(or, like the node, none)",
     )  # fmt: skip
@@ -195,17 +195,6 @@ def _run(config: Config, join: JoinInfo, start_method: str, requests: list[str])
     return uvloop.run(run())
 
 
-def _port(text: str) -> int:
-    """argparse type of a TCP port to listen on."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is no port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is outside 1-65535")
-    return port
-
-
 def _start_local_master(
     join_path: Path, port: int, log_level: str, config_path: str | None
 ) -> subprocess.Popen[bytes]:
@@ -234,23 +223,28 @@ def _start_local_master(
     # would hold the port, and ours would exit).
     started = time.time() - 1.0
     master = subprocess.Popen(command, env=env, start_new_session=True)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if master.poll() is not None:
-            raise ConfigError(
-                f"the local master exited with status {master.returncode} (is port {port} in use?)"
-            )
-        try:
-            # The master writes join.json once it listens; an older file may name the same
-            # port and token, so only a file written after the start counts.
-            if join_path.stat().st_mtime >= started and load_join(str(join_path)).port == port:
-                return master
-        except (ConfigError, FileNotFoundError):
-            pass
-        time.sleep(0.05)
-    master.kill()
-    master.wait()
-    raise ConfigError(f"the local master did not start within 15 s on port {port}")
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if master.poll() is not None:
+                raise ConfigError(
+                    f"the local master exited with status {master.returncode}"
+                    f" (is port {port} in use?)"
+                )
+            try:
+                # The master writes join.json once it listens; an older file may name the same
+                # port and token, so only a file written after the start counts.
+                if join_path.stat().st_mtime >= started and load_join(str(join_path)).port == port:
+                    return master
+            except (ConfigError, FileNotFoundError):
+                pass
+            time.sleep(0.05)
+        raise ConfigError(f"the local master did not start within 15 s on port {port}")
+    except BaseException:
+        # Ctrl-C while it starts included: in a session of its own, it would not hear it.
+        master.kill()
+        master.wait()
+        raise
 
 
 if __name__ == "__main__":

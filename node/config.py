@@ -17,6 +17,7 @@ directory, as upstream reads them.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import enum
@@ -154,6 +155,13 @@ def _split_address(text: str) -> tuple[str, int]:
     if not 1 <= port <= 65535:
         raise _BadAddress(text, f"port {port} is out of range 1-65535")
     return host, port
+
+
+def port_argument(text: str) -> int:
+    """argparse type of a TCP port number on a command line (1-65535)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 def parse_address(text: str) -> tuple[str, int]:

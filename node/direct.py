@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hmac
 import itertools
 import logging
@@ -847,7 +848,7 @@ class DirectLinks:
 
     def connection_info(self, info: m.ConnectionInfo) -> None:
         """The master's answer to a `RequestConnection`: open that link, in the background."""
-        on_task = self.server.run_task if self.server is not None else self._run_task
+        on_task = functools.partial(hand_over, self.dispatcher)
         task = asyncio.ensure_future(
             accept_connection_info(
                 info, config=self.config, join=self.join, on_task=on_task, links=self.links,
@@ -857,9 +858,6 @@ class DirectLinks:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         task.add_done_callback(_log_link_failure)
-
-    def _run_task(self, link: DirectConnection, ident: str, payload: bytes) -> None:
-        hand_over(self.dispatcher, link, ident, payload)
 
     async def close(self) -> None:
         for task in self._pending:

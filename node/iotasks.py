@@ -52,7 +52,7 @@ from node.config import Config, parse_address
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
-from node.protocol.framing import frame
+from node.protocol.framing import frame, frame_joined
 from shm.bytesjson import ByteArrayError, encode_byte_array
 from workers.storage import decode_blob_task
 
@@ -625,8 +625,10 @@ async def _bytes_frame(ident: str, data: bytes) -> bytes:
         return _result_frame(ident, m.Bytes(data))
     empty = codec.task_result_payload(ident, m.Bytes(b""))
     head, tail = empty[: -len(_EMPTY_ARRAY_END)], _EMPTY_ARRAY_END[2:]
-    array = await asyncio.get_running_loop().run_in_executor(None, encode_byte_array, data)
-    return frame(b"".join((head, array, tail)))
+    # Joined and framed in the thread too: for 64 MiB of data, 240 MB of JSON.
+    return await asyncio.get_running_loop().run_in_executor(
+        None, lambda: frame_joined((head, encode_byte_array(data), tail))
+    )
 
 
 def _result_frame(ident: str, result: m.Result) -> bytes:

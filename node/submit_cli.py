@@ -29,7 +29,7 @@ from node.client import (
     ClientError,
     ResultTimeout,
 )
-from node.config import load_join, parse_address
+from node.config import load_join, parse_address, port_argument
 from node.direct import DirectClient, DirectError, DirectLinkRefused
 from node.errors import ConfigError
 from node.protocol import (
@@ -126,12 +126,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
-    return int(text)
-
-
 def _add_common_options(parser: argparse.ArgumentParser, *, on_subcommand: bool) -> None:
     """The connection and output options, accepted before or after the subcommand."""
 
@@ -150,7 +144,10 @@ def _add_common_options(parser: argparse.ArgumentParser, *, on_subcommand: bool)
         "--host", default=default(None), help="connect to HOST instead of join.json's ip"
     )
     group.add_argument(
-        "--port", type=_port, default=default(None), help="connect to PORT instead of join.json's"
+        "--port",
+        type=port_argument,
+        default=default(None),
+        help="connect to PORT instead of join.json's",
     )
     group.add_argument(
         "--token",

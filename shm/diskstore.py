@@ -263,11 +263,12 @@ class DiskStore(Closing):
                 raise QuotaExceeded(
                     path=path, used=usage.used, change=change, quota=self.quota_bytes
                 )
-            usage.used += change  # written at once, before the rename: see "Writes" above
+            before = usage.used
+            usage.used = before + change  # written at once, before the rename: see "Writes"
             try:
                 _rename(root, temporary, parent, leaf, path)
             except BaseException:
-                usage.used -= change
+                usage.used = before  # not `-= change`: the setter clamps a drifted sum at 0
                 raise
 
     def _read(self, parent: int, leaf: str, path: str, *, directory: bool) -> bytes:

@@ -321,6 +321,15 @@ def test_a_big_tcp_task_with_a_bad_array_gets_the_codecs_diagnosis() -> None:
     assert result == m.Error(f"malformed task: invalid JSON byte array: {reason}")
 
 
+def test_a_big_tcp_task_with_another_tasks_field_is_malformed() -> None:
+    # `key` is StoreData's field: the fast path must not read this as a Tcp task.
+    payload = codec.encode_payload(m.AssignTask("0", m.Tcp("127.0.0.1:9", bytes(1 << 20))))
+    bad = payload.replace(b'"addr":', b'"key":', 1)
+    (result,) = run_payloads(Config(), [bad])
+    assert isinstance(result, m.Error)
+    assert result.message.startswith("malformed task: ") and "addr" in result.message
+
+
 def test_tcp_reads_at_most_tcp_read_bytes() -> None:
     with TcpEcho(lambda data: b"z" * 5000) as echo:
         (default,) = run(Config(), [m.Tcp(f"127.0.0.1:{echo.port}", b"go")])

@@ -492,7 +492,9 @@ class WorkerPool:
             # take them now, so they count as answered rather than lost.
             self._read_remaining(worker)
             self._close_channel(worker)
-        if worker.pid is not None:
+        # A worker that exited by itself (status 0: its channel closed, at a stop or a retire)
+        # left nothing half-written; one that died or was killed may have.
+        if worker.pid is not None and process.exitcode != 0:
             # A result segment it was still writing (its message never came) is nobody's now.
             orphans = sweep_segments(
                 self.settings.shm_dir, node_prefix(self.settings.node_id), creator=worker.pid

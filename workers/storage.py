@@ -42,16 +42,19 @@ from workers.channel import SEGMENT_RESERVE_BYTES
 
 # Below this the generic decoder is as fast and validates everything in one place.
 BLOB_FAST_PATH_BYTES: Final = 64 * 1024
-_BLOB_HEAD = re.compile(
-    rb'\{"AssignTask":\{"id":("(?:[^"\\]|\\.)*"),"task":\{"(StoreData|DiskWrite|Tcp|Udp)":'
-    rb'\{"(?:key|path|addr)":("(?:[^"\\]|\\.)*"),"data":'
-)
+# Each blob task with the name of its text field: another field is no such task (the generic
+# decoder then says what is wrong with it).
 _BLOB_TASKS: Final[dict[bytes, Callable[[str, bytes], m.Task]]] = {
-    b"StoreData": m.StoreData,
-    b"DiskWrite": m.DiskWrite,
-    b"Tcp": m.Tcp,
-    b"Udp": m.Udp,
+    b'StoreData":{"key': m.StoreData,
+    b'DiskWrite":{"path': m.DiskWrite,
+    b'Tcp":{"addr': m.Tcp,
+    b'Udp":{"addr': m.Udp,
 }
+_BLOB_HEAD = re.compile(
+    rb'\{"AssignTask":\{"id":("(?:[^"\\]|\\.)*"),"task":\{"('
+    + b"|".join(map(re.escape, _BLOB_TASKS))
+    + rb')":("(?:[^"\\]|\\.)*"),"data":'
+)
 _BLOB_TAIL: Final = b"}}}}"
 
 

@@ -171,12 +171,11 @@ class TaskRunner:
             kind, result = "failed", _failure_result(payload, exc)
         limit = self.settings.max_frame_bytes
         if len(result) > limit:  # a DiskRead of a huge file: no frame can carry it
-            head = payload if (ref := spill_reference(payload)) is None else ref[2]
             text = (
                 f"the result would be a frame of {len(result)} bytes, above the limit of"
                 f" {limit} bytes (max_frame_bytes)"
             )
-            result = codec.task_result_payload(_id_of(head), m.Error(text))
+            result = codec.task_result_payload(_task_id(payload), m.Error(text))
         error = type(result) is bytes and _ERROR_RESULT in result
         self.stats.record(kind, error, _perf_counter() - started)
         return result
@@ -301,12 +300,17 @@ def sweep_dead_worker_files(settings: WorkerSettings, pid: int) -> list[str]:
 def _failure_result(payload: bytes, exc: Exception) -> bytes:
     """The `TaskResult` payload for a task whose run raised `exc`: a bug, logged with its
     traceback; the answer names the exception."""
-    reference = spill_reference(payload)
-    head = payload if reference is None else reference[2]
-    ident = _id_of(head)
+    ident = _task_id(payload)
     log.error("task %r failed inside the worker", ident, exc_info=exc)
     error = m.Error(f"the worker failed to run this task: {exc!r}")
     return codec.task_result_payload(ident, error)
+
+
+def _task_id(payload: bytes) -> str:
+    """The id of the task `payload` carries, or of the spilled task it refers to ("" when
+    there is none to read)."""
+    reference = spill_reference(payload)
+    return _id_of(payload if reference is None else reference[2])
 
 
 def _id_of(payload: bytes) -> str:
