@@ -128,6 +128,32 @@ class ScriptedMaster:
         self._listener.close()
 
 
+def start_node(
+    tmp_path: Path, master: ScriptedMaster, node_id: str, *, workers: int = 2, **config: object
+) -> NodeProcess:
+    """A node joined to `master` (plain TCP, a long failover timeout, `storage_dir` under
+    `tmp_path`, `config` on top), ready and its children recorded; stopped if it never gets
+    there."""
+    join = tmp_path / "join.json"
+    master.write_join(join)
+    settings = {
+        "node_id": node_id,
+        "failover_timeout_ms": 60_000,
+        "master_addresses": [f"127.0.0.1:{master.port}"],
+        "storage_dir": str(tmp_path / "storage"),
+        **config,
+    }
+    node = NodeProcess(tmp_path, join, settings, "--workers", str(workers))
+    try:
+        master.accept()
+        node.wait_for_log("node ready")
+        node.record_children()
+    except BaseException:
+        node.close()
+        raise
+    return node
+
+
 def stop_node(node: NodeProcess, master: ScriptedMaster) -> int:
     """SIGTERM while the master keeps answering, so the drain can confirm the last results."""
     pump = master.answer_in_background()

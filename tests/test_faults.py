@@ -827,6 +827,13 @@ def test_a_worker_that_exits_on_start_is_respawned_with_backoff(
             assert delays()[:4] == ["0.10", "0.20", "0.40", "0.80"]
             deaths = [r for r in caplog.records if "died: exit code 3" in r.getMessage()]
             assert len(deaths) >= 5
+            # And it waited that long: the death after each of the first three plans (the
+            # fourth plan was logged after that third death) came no sooner than the delay
+            # (a lower bound, which a slow machine only makes larger; 0.9 for clock jitter).
+            plans = [r for r in caplog.records if "keeps dying; respawning in" in r.getMessage()]
+            for plan, delay in zip(plans[:3], delays()[:3], strict=True):
+                after = next(d.created for d in deaths if d.created > plan.created)
+                assert after - plan.created >= 0.9 * float(delay), (delay, after - plan.created)
             assert run.pool.workers[0].restarts >= 5
         finally:
             await run.pool.stop()

@@ -18,31 +18,9 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import frame
 from tests.nodeproc import NodeProcess
-from tests.scripted import ScriptedMaster, stop_node
+from tests.scripted import ScriptedMaster, start_node, stop_node
 
 SHM = "/dev/shm"
-
-
-def start_node(
-    tmp_path: Path, master: ScriptedMaster, node_id: str, **config: object
-) -> NodeProcess:
-    join = tmp_path / "join.json"
-    master.write_join(join)
-    settings = {
-        "node_id": node_id,
-        "failover_timeout_ms": 60_000,
-        "master_addresses": [f"127.0.0.1:{master.port}"],
-        "storage_dir": str(tmp_path / "storage"),
-        **config,
-    }
-    node = NodeProcess(tmp_path, join, settings, "--workers", "1")
-    try:
-        master.accept()
-        node.wait_for_log("node ready")
-    except BaseException:
-        node.close()
-        raise
-    return node
 
 
 def segments_of(node_id: str) -> list[str]:
@@ -65,7 +43,7 @@ def test_frames_that_look_like_spill_references_name_no_file(
         b"\x00garbage without separators",
         b"\x00",
     ]
-    node = start_node(tmp_path, scripted, "hostile-spill")
+    node = start_node(tmp_path, scripted, "hostile-spill", workers=1)
     try:
         scripted.send_raw(b"".join(frame(payload) for payload in forged))
         assert scripted.run(m.Compute("2*21")) == m.Number(42.0)
@@ -126,7 +104,7 @@ def test_a_large_frame_cut_off_mid_way_leaves_no_segment(
     tmp_path: Path, scripted: ScriptedMaster
 ) -> None:
     node_id = "hostile-cut"
-    node = start_node(tmp_path, scripted, node_id)
+    node = start_node(tmp_path, scripted, node_id, workers=1)
     try:
         body = 4 << 20  # above the 1 MiB spill threshold: it goes to a segment as it arrives
         head = b'{"AssignTask":{"id":"big","task":{"StoreData":{"key":"k","data":['
@@ -149,7 +127,7 @@ def test_a_large_frame_cut_off_mid_way_leaves_no_segment(
 def test_tasks_before_an_oversized_frame_still_run(
     tmp_path: Path, scripted: ScriptedMaster
 ) -> None:
-    node = start_node(tmp_path, scripted, "hostile-oversize", max_frame_bytes=65536)
+    node = start_node(tmp_path, scripted, "hostile-oversize", max_frame_bytes=65536, workers=1)
     try:
         tasks = b"".join(
             codec.encode(m.AssignTask(f"o{i}", m.Compute(f"{i}*3"))) for i in range(20)
@@ -167,7 +145,7 @@ def test_tasks_before_an_oversized_frame_still_run(
 def test_a_result_above_max_frame_bytes_is_an_error_not_a_lost_task(
     tmp_path: Path, scripted: ScriptedMaster
 ) -> None:
-    node = start_node(tmp_path, scripted, "hostile-bigresult", max_frame_bytes=65536)
+    node = start_node(tmp_path, scripted, "hostile-bigresult", max_frame_bytes=65536, workers=1)
     try:
         # 20,000 bytes of 255 are 80,000 bytes of JSON: no frame under the limit holds them.
         (tmp_path / "storage").mkdir(exist_ok=True)

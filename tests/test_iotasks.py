@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import frame
+from shm.bytesjson import encode_byte_array
 from tests.conftest import LoopbackGuard
 from tests.netservers import HttpServer, TcpEcho, UdpEcho, free_port
 from tests.nodeproc import NodeProcess
@@ -302,12 +304,25 @@ def test_a_bytes_result_frame_is_the_codecs_at_any_size(size: int) -> None:
     assert asyncio.run(iotasks._bytes_frame(ident, data)) == expected
 
 
-def test_a_big_tcp_reply_comes_back_exactly() -> None:
+def test_a_big_tcp_reply_is_encoded_in_a_thread_and_comes_back_as_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `_tcp` answers with what one read returned (often 128 KiB of a 1 MiB reply here): with
+    # the offload threshold at 4 KiB, any such read takes the threaded encoder.
+    monkeypatch.setattr(iotasks, "_OFFLOAD_BYTES", 4096)
+    threads: list[str] = []
+
+    def encode(data: bytes) -> bytes:
+        threads.append(threading.current_thread().name)
+        return encode_byte_array(data)
+
+    monkeypatch.setattr(iotasks, "encode_byte_array", encode)
     reply = os.urandom(1 << 20)
     with TcpEcho(lambda data: reply) as echo:
         (result,) = run(Config(tcp_read_bytes=1 << 20), [m.Tcp(f"127.0.0.1:{echo.port}", b"go")])
-    assert isinstance(result, m.Bytes) and len(result.data) > 0
+    assert isinstance(result, m.Bytes) and len(result.data) > 1024
     assert result.data == reply[: len(result.data)]
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name
 
 
 def test_a_big_tcp_task_with_a_bad_array_gets_the_codecs_diagnosis() -> None:

@@ -889,11 +889,12 @@ def test_a_writer_killed_mid_write_leaves_nothing_after_the_sweep(
                 process.join(DEADLINE)
                 assert process.exitcode == -signal.SIGKILL
             left = sorted(name for name in os.listdir(directory) if f"tmp-{process.pid}-" in name)
-            if not left:
+            if kind == "disk" and not left:  # (the memory store has no ledger)
                 assert disk.used_bytes() == on_disk()
             assert sorted(store.sweep_temporary(process.pid)) == left
             assert [name for name in os.listdir(directory) if "tmp-" in name] == []
-            assert disk.used_bytes() == on_disk()
+            if kind == "disk":
+                assert disk.used_bytes() == on_disk()
             caught_mid_write += bool(left)
             if caught_mid_write >= 2:
                 break

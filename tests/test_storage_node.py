@@ -24,6 +24,7 @@ from shm.nodedir import claim_node_dir
 from shm.segments import IncomingSegment
 from tests.nodeproc import NodeProcess
 from tests.scripted import ScriptedMaster, stop_node
+from tests.scripted import start_node as scripted_start_node
 from tests.test_health import free_port, scrape
 from tests.test_node import run_tasks
 from tests.test_result_segments import PoolRun
@@ -44,22 +45,7 @@ def ours_in_shm(node_id: str) -> list[str]:
 def start_node(
     tmp_path: Path, master: ScriptedMaster, role: str, node_id: str, **config: object
 ) -> NodeProcess:
-    join = tmp_path / "join.json"
-    master.write_join(join)
-    settings = {
-        "role": role,
-        "node_id": node_id,
-        "failover_timeout_ms": 60_000,
-        "master_addresses": [f"127.0.0.1:{master.port}"],
-        "storage_dir": str(tmp_path / "storage"),
-        "shm_dir": SHM,
-        **config,
-    }
-    node = NodeProcess(tmp_path, join, settings, "--workers", "2")
-    master.accept()
-    node.wait_for_log("node ready")
-    node.record_children()
-    return node
+    return scripted_start_node(tmp_path, master, node_id, role=role, shm_dir=SHM, **config)
 
 
 def vectors(prefix: str) -> list[dict[str, object]]:
