@@ -18,8 +18,11 @@ Failure handling, each logged with its reason:
   with jitter (from 0.1 s), `max_retries` rounds, then `retry_interval_ms` between rounds, for
   as long as it takes. `Invalid token` rules that address out for good.
 - Stuck master: a heartbeat unanswered, no byte received and none of the bytes we wrote up
-  to that heartbeat taken off the wire for `failover_timeout_ms`: close, try the next address
-  first.
+  to that heartbeat taken off the wire for twice `failover_timeout_ms`: close, try the next
+  address first. Twice, as the master waits before it evicts a silent node: a master that is
+  only paused (a long GC, an overloaded host) keeps the node, and leaving it earlier would
+  throw away the acknowledgements it is about to send (every result since would go out again)
+  and, upstream, the tasks active on the closed connection.
 - Zombie connection: the upstream master evicts a node without closing its connection and
   never sends it a task again. Every `failover_timeout_ms` the link asks `GetConnectedNodes`;
   when the first answer on a connection listed our own address (it does not behind NAT, and
@@ -591,7 +594,7 @@ class MasterLink:
         """Heartbeat, idle poll, zombie query and stuck-master check."""
         interval = self.config.failover_timeout_ms / 2000
         poll = self.config.poll_interval_ms / 1000
-        stuck_after = self.config.failover_timeout_ms / 1000
+        stuck_after = 2 * self.config.failover_timeout_ms / 1000  # as the master's eviction
         query_every = self.config.failover_timeout_ms / 1000
         # A quarter of the poll interval: an idle node polls within 1.25 x poll_interval_ms.
         step = min(interval, poll / 4) if poll > 0 else interval

@@ -6,7 +6,8 @@ fake master that misbehaves on cue.
     record_new_masters()    instruments every local master a test starts to fill a ledger
     FakeMaster              asyncio, upstream-like scheduling: after each read from an eligible
                             node it pushes every pending task; `go_silent()` simulates the
-                            upstream deadlock (says OK, then nothing), `evict(conn)` evicts a
+                            upstream deadlock (says OK, then nothing), `pause(s)` a master
+                            that stalls for s seconds and carries on, `evict(conn)` evicts a
                             node without closing its connection (as upstream does)
 
 How the ledger tells a second answer from a legitimate repeat: until the master confirms a
@@ -243,6 +244,21 @@ class FakeMaster:
         """The upstream deadlock: from now on every connection (old or new) gets `OK` to its
         token and then nothing at all."""
         self.silent = True
+
+    def pause(self, seconds: float) -> None:
+        """A master that stalls (a long GC pause, an overloaded host) and then carries on: no
+        connection is read for `seconds` (the kernel still buffers what the node writes), then
+        everything is read and answered as usual."""
+        transports = [c.transport for c in self.node_connections() if c.transport is not None]
+        for transport in transports:
+            transport.pause_reading()
+
+        def resume() -> None:
+            for transport in transports:
+                if not transport.is_closing():
+                    transport.resume_reading()
+
+        asyncio.get_running_loop().call_later(seconds, resume)
 
     def evict(self, conn: FakeConnection) -> None:
         """What upstream's eviction does: re-queue the node's tasks, stop sending it any,

@@ -120,8 +120,13 @@ def answers_by(*nodes: NodeProcess) -> int:
 
 
 def duplicated(ledger: ResultLedger, answered: int, *nodes: NodeProcess) -> int:
-    """Ids answered twice at a master, plus answers the nodes produced beyond one per id."""
-    return len(set(ledger.duplicates)) + max(0, answers_by(*nodes) - answered)
+    """Ids answered twice at a master, plus answers the nodes produced beyond one per id.
+    When there are any, prints the nodes' link events (shown with a failing test's output)."""
+    count = len(set(ledger.duplicates)) + max(0, answers_by(*nodes) - answered)
+    if count:
+        for node in nodes:
+            print(f"{count} duplicated; link events of {node.node_id}:\n{link_events(node)}")
+    return count
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -432,6 +437,40 @@ def test_a_master_that_stops_answering_is_left_for_the_next(
             node.close()
             await stuck.close()
             await spare.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_master_that_stalls_for_less_than_its_eviction_time_is_kept(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    # The master evicts a node silent for 2 x failover_timeout_ms; a node that gave up on a
+    # stalled master sooner (it once did after 1 x) closed the connection while the master's
+    # acknowledgements were on their way, and sent every result since then once more.
+    failover_ms = 1000
+
+    async def scenario() -> None:
+        master = FakeMaster(TOKEN, ledger, "stalls")
+        await master.start()
+        join = write_join(tmp_path, master.port)
+        config = node_config(master.address, failover_timeout_ms=failover_ms)
+        node = start_node(tmp_path, join, config, "node")
+        try:
+            await await_log(node, "node ready")
+            tasks, values = heavy_tasks(0, 400, terms=100)
+            ids = [f"t{i}" for i in range(len(tasks))]
+            master.submit(zip(ids, tasks, strict=True))
+            await await_until(lambda: len(master.results) >= 50, 60, "50 results reach it")
+            master.pause(1.5 * failover_ms / 1000)
+            await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
+            assert "is stuck" not in node.log, link_events(node)
+            assert len(master.connections) == 1, link_events(node)
+            await answered_and_stopped(
+                "master stalls for 1.5 x failover_timeout_ms", ledger, node, ids, values
+            )
+        finally:
+            node.close()
+            await master.close()
 
     asyncio.run(scenario())
 
