@@ -394,7 +394,7 @@ class IoTaskRunner:
             loop = asyncio.get_running_loop()
             try:
                 blob = await loop.run_in_executor(None, decode_blob_task, payload)
-            except ByteArrayError as exc:
+            except (ByteArrayError, RemoteProtocolError) as exc:
                 return _result_frame(ident, m.Error(f"malformed task: {exc}"))
             if blob is not None:
                 task = blob[1]

@@ -38,7 +38,10 @@ import collections
 import enum
 import fcntl
 import logging
+import mmap
+import os
 import random
+import re
 import ssl
 import sys
 import termios
@@ -62,6 +65,22 @@ log = logging.getLogger("cpnode.link")
 _HEARTBEAT_FRAME = codec.encode(m.HEARTBEAT)
 _ACK_PAYLOAD = b'"HeartbeatAck"'
 _ASSIGN_PREFIX = b'{"AssignTask":'
+_ASSIGN_HEAD = re.compile(rb'\s*\{\s*"AssignTask"\s*:').match
+
+
+def _is_assign(payload: bytes) -> bool:
+    """An `AssignTask` as serde writes it, or with whitespace around its first key."""
+    return payload.startswith(_ASSIGN_PREFIX) or _ASSIGN_HEAD(payload, 0, 64) is not None
+
+
+def _head_id(head: bytes) -> str | None:
+    """The id in the head of a spilled payload (too short to parse as a whole)."""
+    try:
+        return codec.peek(head).id
+    except RemoteProtocolError:
+        return None
+
+
 _BACKOFF_FIRST_S = 0.1
 # Results written before a Heartbeat is sent to have them confirmed (besides the periodic ones).
 CONFIRM_EVERY_RESULTS = 4096
@@ -347,21 +366,22 @@ class MasterLink:
         reference = spilled(payload)
         if reference is not None:
             # A large body went to a shared-memory segment as it arrived; route it by its head.
-            head = reference[2]
-            try:
-                ident = codec.assign_task_id(head) or codec.peek(head).id
-            except RemoteProtocolError:
-                ident = None
-            if ident is not None and head.startswith(_ASSIGN_PREFIX):
-                self._on_assign([(ident, payload)])
-            else:
+            name, _, head = reference
+            if not _is_assign(head):
                 self.frames_skipped += 1
                 log.warning(
                     "skipping a large frame that is no AssignTask (%d-byte head)", len(head)
                 )
                 discard_spilled(self.config.shm_dir, payload)
+                return
+            ident = codec.assign_task_id(head) or _head_id(head) or self._spilled_id(name)
+            if ident is not None:
+                self._on_assign([(ident, payload)])
+            else:
+                self._skip_assign(f"{len(head)}-byte head of a large frame")
+                discard_spilled(self.config.shm_dir, payload)
             return
-        if payload.startswith(_ASSIGN_PREFIX):
+        if _is_assign(payload):
             ident = codec.assign_task_id(payload)
             if ident is not None:
                 self._on_assign([(ident, payload)])
@@ -374,7 +394,7 @@ class MasterLink:
             if ident is not None:
                 self._on_assign([(ident, payload)])
             else:
-                self.frames_skipped += 1
+                self._skip_assign(f"{len(payload)} bytes")
             return
         if payload == _ACK_PAYLOAD:
             self._acked()
@@ -391,6 +411,24 @@ class MasterLink:
             self.on_connection_info(message)
         else:
             log.debug("ignoring %s from the master", type(message).__name__)
+
+    def _skip_assign(self, what: str) -> None:
+        """An AssignTask without an id to answer it by (nothing else can be done with it)."""
+        self.frames_skipped += 1
+        log.warning("skipping an AssignTask frame without a readable id (%s)", what)
+
+    def _spilled_id(self, name: str) -> str | None:
+        """The id of a spilled AssignTask that its head does not show (written after the
+        byte array, say): read around the array in the mapped segment, not copied."""
+        try:
+            with (
+                open(os.path.join(self.config.shm_dir, name), "rb") as file,
+                mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+            ):
+                return codec.id_around_byte_array(mapped, "AssignTask")
+        except (OSError, ValueError) as error:
+            log.warning("cannot read the spilled payload %s: %s", name, error)
+            return None
 
     def _check_listed(self, addrs: tuple[str, ...]) -> None:
         """Zombie check: are we still among the master's connected nodes?"""

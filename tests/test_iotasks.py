@@ -295,6 +295,35 @@ def test_tcp_with_megabytes_of_data_arrives_whole() -> None:
     assert result == m.Bytes(hashlib.sha256(data).hexdigest().encode())
 
 
+def test_a_big_tcp_task_in_another_json_form_is_decoded_off_the_loop_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # "task" before "id", spaces: valid JSON no master writes. The array is still decoded by
+    # the vectorised codec in a thread, never by the generic decoder on the event loop.
+    data = os.urandom(2 << 20)
+    big_decodes: list[int] = []
+    generic = codec.decode
+
+    def decode(payload: bytes) -> m.Message:
+        if len(payload) > 1 << 20:
+            big_decodes.append(len(payload))
+        return generic(payload)
+
+    monkeypatch.setattr(codec, "decode", decode)
+    received = bytearray()
+
+    def digest_when_whole(chunk: bytes) -> bytes:
+        received.extend(chunk)
+        return hashlib.sha256(received).hexdigest().encode() if len(received) == len(data) else b""
+
+    with TcpEcho(digest_when_whole) as echo:
+        task = codec.task_to_json(m.Tcp(f"127.0.0.1:{echo.port}", data))
+        payload = b'{ "AssignTask" : { "task" : ' + task + b' , "id" : "0" } }'
+        (result,) = run_payloads(Config(), [payload])
+    assert result == m.Bytes(hashlib.sha256(data).hexdigest().encode())
+    assert big_decodes == []
+
+
 @pytest.mark.parametrize("size", [0, 1, 1000, (1 << 18) + 1, 1 << 20])
 def test_a_bytes_result_frame_is_the_codecs_at_any_size(size: int) -> None:
     # Above 256 KiB the array is encoded in a thread by the vectorised codec: same bytes.

@@ -244,7 +244,13 @@ def test_unknown_struct_fields_are_ignored_like_serde() -> None:
         (b'{"TaskResult":{"id":"r","result":"Stored"}}', ("TaskResult", "r")),
         (b'"HeartbeatAck"', ("HeartbeatAck", None)),
         (b'{"ConnectedNodes":[]}', ("ConnectedNodes", None)),
-        (b'{"AssignTask":{"task":"GetStorage","id":"late"}}', ("AssignTask", None)),
+        # Valid JSON that serde would not write: the id is found all the same.
+        (b'{"AssignTask":{"task":"GetStorage","id":"late"}}', ("AssignTask", "late")),
+        (b' {\n "AssignTask" : { "id" : "sp\\u00e9" } }', ("AssignTask", "sp\u00e9")),
+        (b'{"TaskResult":{"result":"Stored","id":"r2"}}', ("TaskResult", "r2")),
+        (b'{"AssignTask":{"task":"GetStorage","id":7}}', ("AssignTask", None)),  # no string
+        (b'{"AssignTask":{"task":"GetStorage","id":"cut', ("AssignTask", None)),
+        (b'{"Other":{"x":1,"id":"x"}}', ("Other", None)),  # no variant that carries an id
     ],
 )
 def test_peek_reads_variant_and_id_from_the_head(
@@ -280,6 +286,49 @@ def test_peek_does_not_read_a_large_body() -> None:
         + b"1]}}}}"
     )
     assert p.peek(payload) == ("AssignTask", "big")
+
+
+def _big_array(size: int = 200_000) -> bytes:
+    return orjson.dumps(list(bytes(range(256)) * (size // 256)))
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "ident"),
+    [
+        (b'{"AssignTask":{"task":{"Tcp":{"data":', b',"addr":"h:1"}},"id":"last[0]"}}', "last[0]"),
+        (b'{ "AssignTask" : { "id" : "a\\"b" , "task" : { "StoreData" : { "key" : "]" , '
+         b'"data" : ', b" } } } }", 'a"b'),
+        (b'{"TaskResult":{"result":{"Bytes":', b'},"id":"res"}}', "res"),
+    ],
+)  # fmt: skip
+def test_peek_finds_the_id_after_a_big_byte_array_without_parsing_it(
+    before: bytes, after: bytes, ident: str
+) -> None:
+    array = _big_array()
+    payload = before + array + after
+    assert p.peek(payload).id == ident
+    around = codec.around_byte_array(payload)
+    assert around is not None
+    assert payload[around[1] : around[2]] == array
+    assert codec.blob_marked(around[0])
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # The widest pair of brackets is in a string: the key looks like an array.
+        b'{"AssignTask":{"task":{"StoreData":{"data":[1],"key":"' + _big_array() + b'"}},"id":"k"}}',
+        # Nested arrays are no byte array.
+        b'{"AssignTask":{"task":{"Tcp":{"addr":"h:1","data":[' + _big_array() + b']}},"id":"n"}}',
+        # Too many brackets to look at.
+        b'{"AssignTask":{"task":{"Tcp":{"addr":"' + b"[]" * 100 + b'","data":'
+        + _big_array() + b'}},"id":"many"}}',
+        # Not a blob task: the array is in no place for bytes.
+        b'{"AssignTask":{"task":{"Compute":{"expression":' + _big_array() + b'}},"id":"c"}}',
+    ],
+)  # fmt: skip
+def test_peek_gives_no_id_when_the_big_array_is_not_the_blob(payload: bytes) -> None:
+    assert p.peek(payload).id is None
 
 
 # ---------------------------------------------------------------------------------- properties

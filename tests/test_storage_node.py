@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 
@@ -18,7 +19,9 @@ from node.config import Config
 from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
+from node.protocol.errors import RemoteProtocolError
 from node.protocol.framing import frame
+from shm.bytesjson import ByteArrayError
 from shm.diskstore import MIB, DiskStore
 from shm.nodedir import claim_node_dir
 from shm.segments import IncomingSegment
@@ -31,7 +34,7 @@ from tests.test_result_segments import PoolRun
 from tests.test_shm_segments import mounted_tmpfs
 from workers import tasks as worker_tasks
 from workers.channel import SEGMENT_RESERVE_BYTES
-from workers.storage import BLOB_FAST_PATH_BYTES, memory_reserve_bytes
+from workers.storage import BLOB_FAST_PATH_BYTES, decode_blob_task, memory_reserve_bytes
 from workers.tasks import TaskRunner, WorkerSettings
 
 DATA = Path(__file__).parent / "data"
@@ -267,6 +270,75 @@ def test_large_tasks_with_a_bad_string_get_an_error_and_the_workers_live(
         assert all(child.is_running() for child in node.children)  # no worker was replaced
         assert "died" not in node.log
         assert not (tmp_path / "storage").exists() or list((tmp_path / "storage").iterdir()) == []
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
+    assert ours_in_shm(node_id) == []
+
+
+def other_form(ident: str, task: m.Task) -> bytes:
+    """An `AssignTask` payload in valid JSON that no master writes: spaces, "task" first."""
+    return (
+        b' { "AssignTask" : { "task" : '
+        + codec.task_to_json(task)
+        + b' , "id" : '
+        + (codec.json_str(ident) + b" } } ")
+    )
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        m.StoreData('k "[1]"', bytes(range(256)) * 400),
+        m.DiskWrite("a/b.bin", os.urandom(100_000)),
+        m.Tcp("127.0.0.1:9", bytes(70_000)),
+        m.Udp("127.0.0.1:9", b"\xff" * 70_000),
+    ],
+    ids=lambda task: type(task).__name__,
+)
+def test_a_blob_task_in_another_json_form_decodes_as_the_generic_decoder_does(
+    task: m.Task,
+) -> None:
+    payload = other_form('id \\ "x"', task)
+    assert decode_blob_task(payload) == ('id \\ "x"', task)
+    assert decode_blob_task(memoryview(payload)) == ('id \\ "x"', task)  # a mapped segment
+    assert codec.decode(payload) == m.AssignTask('id \\ "x"', task)
+
+
+def test_a_malformed_blob_task_in_another_form_gets_the_generic_decoders_words() -> None:
+    array = orjson.dumps(list(bytes(100_000)))
+    no_addr = b'{"AssignTask":{"task":{"Tcp":{"data":' + array + b'}},"id":"x"}}'
+    with pytest.raises(RemoteProtocolError) as ours:
+        decode_blob_task(no_addr)
+    with pytest.raises(RemoteProtocolError) as generic:
+        codec.decode(no_addr)
+    assert str(ours.value) == str(generic.value) == "AssignTask.task.Tcp: missing field `addr`"
+    bad_byte = no_addr.replace(b"[0,0,0,", b"[0,0,300,", 1).replace(b"}}", b',"addr":"h:1"}}', 1)
+    with pytest.raises(ByteArrayError, match="300 is above 255"):
+        decode_blob_task(bad_byte)
+
+
+@pytest.mark.parametrize("size", [100_000, 512 * 1024], ids=["in-a-frame", "spilled"])
+def test_tasks_in_another_json_form_are_answered(
+    tmp_path: Path, scripted: ScriptedMaster, size: int
+) -> None:
+    """Such an AssignTask was skipped without a word (its id is not at its head), so the
+    master waited for ever; a big one's id is read around its byte array, in a frame (a
+    look in the payload) or in a segment (a look in the mapping)."""
+    node_id = f"test-other-form-{size}-{os.getpid()}"
+    node = start_node(tmp_path, scripted, "Worker", node_id)
+    blob = os.urandom(size)
+    try:
+        scripted.send_raw(
+            frame(other_form("c1", m.Compute("1+2")))
+            + frame(other_form("s1", m.StoreData("k", blob)))
+        )
+        assert scripted.collect(["c1", "s1"], timeout=30) == {
+            "c1": m.Number(3.0),
+            "s1": m.Stored(),
+        }
+        assert scripted.run(m.RetrieveData("k")) == m.Bytes(blob)
+        assert "skipping" not in node.log
         assert stop_node(node, scripted) == 0
     finally:
         node.close()

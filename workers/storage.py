@@ -13,14 +13,16 @@ room in `shm_dir` for payload segments (`memory_reserve_bytes`). When a worker d
 calls `sweep_dead_writer` on its pid: what it was writing (temporary files) goes.
 
 Large byte arrays skip the generic decoder: `decode_blob_task` finds the `data` array of a
-`StoreData`/`DiskWrite` payload by a look at its head and decodes it with the vectorised codec
-(a head it cannot read is left to the generic decoder, which names what is wrong).
+`StoreData`/`DiskWrite` payload by a look at its head (or, in another JSON form, by the
+brackets around it) and decodes it with the vectorised codec (what it cannot read is left to
+the generic decoder, which names what is wrong).
 Results carry their bytes through the vectorised encoder; a big one is a `BytesResult`, which
 the worker encodes piece by piece straight into a payload segment (`workers.worker`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -59,17 +61,18 @@ _BLOB_TAIL: Final = b"}}}}"
 
 
 def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
-    """(id, task) of a large `StoreData`/`DiskWrite`/`Tcp`/`Udp` payload written as every
-    master writes it, decoding its byte array with the vectorised codec (numpy, which lets go
-    of the GIL: the supervisor runs this in a thread for big `Tcp`/`Udp` tasks without
-    stalling its event loop); None for anything else, a bad escape or control character in
-    the id, key or address included (the generic decoder then answers it). Raises
-    `ByteArrayError` for a malformed array."""
-    if len(payload) < BLOB_FAST_PATH_BYTES or payload[-len(_BLOB_TAIL) :] != _BLOB_TAIL:
+    """(id, task) of a large `StoreData`/`DiskWrite`/`Tcp`/`Udp` payload, decoding its byte
+    array with the vectorised codec (numpy, which lets go of the GIL: the supervisor runs this
+    in a thread for big `Tcp`/`Udp` tasks without stalling its event loop). The form every
+    master writes is read by one regex; any other JSON form around the array (fields in
+    another order, whitespace, escapes) by the generic decoder with the array left out. None
+    for anything else (the generic decoder then answers it). Raises `ByteArrayError` for a
+    malformed array, `RemoteProtocolError` for a malformed task around it."""
+    if len(payload) < BLOB_FAST_PATH_BYTES:
         return None
     head = _BLOB_HEAD.match(payload, 0, 64 * 1024)
-    if head is None:
-        return None
+    if head is None or payload[-len(_BLOB_TAIL) :] != _BLOB_TAIL:
+        return _decode_blob_task_in_any_form(payload)
     try:
         ident = orjson.loads(head.group(1))
         name = orjson.loads(head.group(3))
@@ -77,6 +80,28 @@ def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
         return None
     data = decode_byte_array(memoryview(payload)[head.end() : len(payload) - len(_BLOB_TAIL)])
     return ident, _BLOB_TASKS[head.group(2)](name, data)
+
+
+def _decode_blob_task_in_any_form(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
+    """`decode_blob_task` for valid JSON that serde would not write (fields in another order,
+    whitespace, escapes): the generic decoder checks everything but the byte array, which it
+    gets empty (`codec.around_byte_array`); the vectorised codec decodes the array. None when
+    the array cannot be told apart. Raises `RemoteProtocolError` for a malformed task."""
+    text = payload if type(payload) is bytes else bytes(payload)  # a mapped segment: copied
+    around = codec.around_byte_array(text)
+    if around is None or not codec.blob_marked(around[0]):
+        return None
+    value, start, end = around
+    if "AssignTask" not in value:
+        return None  # a SubmitTask or TaskResult: no task for a node
+    (fields,) = value["AssignTask"]["task"].values()  # the shape blob_marked checked
+    fields["data"] = []
+    message = codec.message_from_json(value)
+    assert isinstance(message, m.AssignTask)
+    task = message.task
+    assert isinstance(task, m.StoreData | m.DiskWrite | m.Tcp | m.Udp)  # what blob_marked takes
+    data = decode_byte_array(memoryview(text)[start:end])
+    return message.id, dataclasses.replace(task, data=data)
 
 
 STREAM_BYTES: Final = 256 * 1024

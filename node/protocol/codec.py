@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 
@@ -359,8 +359,126 @@ def peek(payload: bytes) -> Head:
     match = _ANY_HEAD.match(head)
     if match is None:
         raise RemoteProtocolError("message: no variant name at the start of the payload")
-    name = match.group(1) or match.group(2)
-    return Head(name.decode("ascii"), None)
+    name = (match.group(1) or match.group(2)).decode("ascii")
+    if match.group(2) is not None and name in _ID_VARIANTS:
+        # Valid JSON in another form than serde writes ("id" after "task", spaces, ...): the
+        # id is looked up in the parsed payload, or around a big byte array.
+        return Head(name, _id_anywhere(payload, name))
+    return Head(name, None)
+
+
+_ID_VARIANTS: Final = frozenset({"AssignTask", "SubmitTask", "TaskResult"})
+_PARSE_WHOLE_BYTES: Final = 64 * 1024
+"""`peek` parses a payload whose id is not at its head whole up to this size; a longer one
+only around its byte array (`around_byte_array`)."""
+_MAX_BRACKETS: Final = 64
+"""`around_byte_array` gives up on a payload with more brackets than this (of each kind)."""
+
+
+class Searchable(Protocol):
+    """Bytes, or a read-only `mmap` of a payload in a segment."""
+
+    def find(self, sub: bytes, start: int = ..., /) -> int: ...
+    def __getitem__(self, index: slice, /) -> bytes: ...
+    def __len__(self) -> int: ...
+
+
+def _id_anywhere(payload: bytes, name: str) -> str | None:
+    if len(payload) > _PARSE_WHOLE_BYTES:
+        return id_around_byte_array(payload, name)
+    try:
+        value = _loads(payload)
+    except _JSONDecodeError:
+        return None
+    return _id_in(value, name)
+
+
+def id_around_byte_array(payload: Searchable, name: str) -> str | None:
+    """The id of a big `name` payload (`AssignTask`, ...) in any JSON form, read around its
+    byte array; None when `around_byte_array` cannot show it."""
+    around = around_byte_array(payload)
+    if around is None or not blob_marked(around[0]):
+        return None  # the widest array was not the blob's (a string held it, say)
+    return _id_in(around[0], name)
+
+
+def _id_in(value: object, name: str) -> str | None:
+    body = value.get(name) if type(value) is dict else None
+    ident = body.get("id") if type(body) is dict else None
+    return ident if type(ident) is str else None
+
+
+def around_byte_array(payload: Searchable) -> tuple[Any, int, int] | None:
+    """For a payload that is mostly one byte array (a blob task or result in any JSON form):
+    the payload parsed with that array replaced by ``0``, and the array's start and end
+    offsets (``payload[start:end]`` runs from ``[`` to ``]``).
+
+    The array is the widest pair of brackets with none between them, found with C-speed
+    ``find`` (no JSON parser reads the array); None when there is no such pair, more than
+    `_MAX_BRACKETS` brackets of a kind, more than `_PARSE_WHOLE_BYTES` around the array, or
+    what is around it is no JSON. The pair may sit inside a string: only a ``0`` found where
+    the blob belongs (`blob_marked`) proves it was the array.
+    """
+    opens, closes = _offsets(payload, b"["), _offsets(payload, b"]")
+    if not opens or not closes:
+        return None
+    best: tuple[int, int] | None = None
+    following = 0  # index in `closes` of the first ']' after the current '['
+    for index, start in enumerate(opens):
+        while following < len(closes) and closes[following] < start:
+            following += 1
+        if following == len(closes):
+            break
+        end = closes[following] + 1
+        if index + 1 < len(opens) and opens[index + 1] < end:
+            continue  # another '[' before this one closes: not a flat array
+        if best is None or end - start > best[1] - best[0]:
+            best = (start, end)
+    if best is None:
+        return None
+    start, end = best
+    if len(payload) - (end - start) > _PARSE_WHOLE_BYTES:
+        return None
+    try:
+        value = _loads(payload[:start] + b"0" + payload[end:])
+    except _JSONDecodeError:
+        return None
+    return value, start, end
+
+
+def blob_marked(value: object) -> bool:
+    """Whether a parsed `AssignTask`/`SubmitTask` (task `StoreData`, `DiskWrite`, `Tcp` or
+    `Udp`) or `TaskResult` (result `Bytes`) holds the integer ``0`` where its bytes go: the
+    mark `around_byte_array` leaves in place of the array."""
+    if type(value) is not dict or len(value) != 1:
+        return False
+    ((name, body),) = value.items()
+    if name not in _ID_VARIANTS or type(body) is not dict:
+        return False
+    inner = body.get("result" if name == "TaskResult" else "task")
+    if type(inner) is not dict or len(inner) != 1:
+        return False
+    ((variant, fields),) = inner.items()
+    if name == "TaskResult":
+        slot = fields if variant == "Bytes" else None
+    else:
+        slot = fields.get("data") if variant in _BLOB_VARIANTS and type(fields) is dict else None
+    return type(slot) is int and slot == 0
+
+
+_BLOB_VARIANTS: Final = frozenset({"StoreData", "DiskWrite", "Tcp", "Udp"})
+
+
+def _offsets(payload: Searchable, char: bytes) -> list[int] | None:
+    """Offsets of `char` in `payload` (memchr speed); None when there are too many."""
+    found: list[int] = []
+    position = payload.find(char)
+    while position >= 0:
+        if len(found) == _MAX_BRACKETS:
+            return None
+        found.append(position)
+        position = payload.find(char, position + 1)
+    return found
 
 
 # --------------------------------------------------------------------------------------- encode
