@@ -291,13 +291,7 @@ class DiskStore(Closing):
             os.close(fd)
 
     def _remove_temporary(self, pid: int) -> list[str]:
-        prefix = f"{_TEMPORARY}{pid}-"
-        removed = []
-        for name in os.listdir(self._root_fd):
-            if name.startswith(prefix) and not space.writer_alive(name, _TEMPORARY):
-                space.unlink_quietly(name, self._root_fd)
-                removed.append(name)
-        return removed
+        return space.remove_dead_temporaries(self._root_fd, _TEMPORARY, pid)
 
     def _top_level_files(self) -> Iterator[tuple[str, int]]:
         with os.scandir(self._root_fd) as entries:
@@ -439,12 +433,7 @@ class UsageLedger:
 def has_temporary_files(storage_dir: str | os.PathLike[str], pid: int) -> bool:
     """Whether process ``pid`` left temporary files in ``storage_dir`` (False when there is no
     such directory): a look before opening the store to ``sweep_temporary`` them."""
-    prefix = f"{_TEMPORARY}{pid}-"
-    try:
-        with os.scandir(storage_dir) as entries:
-            return any(entry.name.startswith(prefix) for entry in entries)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+    return space.has_temporary_files(storage_dir, _TEMPORARY, pid)
 
 
 def _split(path: str) -> tuple[list[str], str, bool]:

@@ -140,15 +140,7 @@ class MemoryStore(Closing):
         """Remove temporary files of processes that died in the middle of a ``store`` (a worker
         killed at its time limit) — only those of ``pid``, if given (the pool names a worker
         it saw die); return their names. A running process's files are never touched."""
-        prefix = _TEMPORARY if pid is None else f"{_TEMPORARY}{pid}-"
-        removed = []
-        for name in os.listdir(self._fd):
-            if not name.startswith(prefix):
-                continue
-            if not space.writer_alive(name, _TEMPORARY):
-                space.unlink_quietly(name, self._fd)
-                removed.append(name)
-        return removed
+        return space.remove_dead_temporaries(self._fd, _TEMPORARY, pid)
 
     def close(self) -> None:
         if self._dir_fd is not None:

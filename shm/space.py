@@ -148,6 +148,30 @@ def writer_alive(name: str, prefix: str) -> bool:
     return True
 
 
+def remove_dead_temporaries(dir_fd: int, prefix: str, pid: int | None = None) -> list[str]:
+    """Remove the temporary files (named by `temporary_name(prefix)`) in the directory
+    ``dir_fd`` whose writer died in the middle of a write, only those of ``pid`` when given;
+    return their names. A running process's files are never touched."""
+    start = prefix if pid is None else f"{prefix}{pid}-"
+    removed = []
+    for name in os.listdir(dir_fd):
+        if name.startswith(start) and not writer_alive(name, prefix):
+            unlink_quietly(name, dir_fd)
+            removed.append(name)
+    return removed
+
+
+def has_temporary_files(directory: str | os.PathLike[str], prefix: str, pid: int) -> bool:
+    """Whether process ``pid`` left temporary files (`temporary_name(prefix)`) in
+    ``directory`` (False when there is no such directory): a look before opening a store."""
+    start = f"{prefix}{pid}-"
+    try:
+        with os.scandir(directory) as entries:
+            return any(entry.name.startswith(start) for entry in entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def unlink_quietly(name: str, dir_fd: int) -> None:
     """Remove ``name`` from the directory ``dir_fd`` if it is still there."""
     with contextlib.suppress(FileNotFoundError):
