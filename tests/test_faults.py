@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import re
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -166,6 +167,24 @@ def link_events(node: NodeProcess) -> str:
     stuck master): why it reconnected, for a failing assertion's message."""
     words = ("late", "stuck", "lost", "evicted", "registered", "connecting")
     return "\n".join(line for line in node.log.splitlines() if any(w in line for w in words))
+
+
+@contextlib.asynccontextmanager
+async def fake_master_and_node(
+    tmp_path: Path, ledger: ResultLedger, name: str, **config: object
+) -> AsyncIterator[tuple[FakeMaster, NodeProcess]]:
+    """A `FakeMaster` named `name` and a ready node joined to it (`config` overrides
+    `node_config`'s); both stopped afterwards."""
+    master = FakeMaster(TOKEN, ledger, name)
+    await master.start()
+    join = write_join(tmp_path, master.port)
+    node = start_node(tmp_path, join, node_config(master.address, **config), "node")
+    try:
+        await await_log(node, "node ready")
+        yield master, node
+    finally:
+        node.close()
+        await master.close()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -450,13 +469,9 @@ def test_a_master_that_stalls_for_less_than_its_eviction_time_is_kept(
     failover_ms = 1000
 
     async def scenario() -> None:
-        master = FakeMaster(TOKEN, ledger, "stalls")
-        await master.start()
-        join = write_join(tmp_path, master.port)
-        config = node_config(master.address, failover_timeout_ms=failover_ms)
-        node = start_node(tmp_path, join, config, "node")
-        try:
-            await await_log(node, "node ready")
+        async with fake_master_and_node(
+            tmp_path, ledger, "stalls", failover_timeout_ms=failover_ms
+        ) as (master, node):
             tasks, values = heavy_tasks(0, 400, terms=100)
             ids = [f"t{i}" for i in range(len(tasks))]
             master.submit(zip(ids, tasks, strict=True))
@@ -468,9 +483,6 @@ def test_a_master_that_stalls_for_less_than_its_eviction_time_is_kept(
             await answered_and_stopped(
                 "master stalls for 1.5 x failover_timeout_ms", ledger, node, ids, values
             )
-        finally:
-            node.close()
-            await master.close()
 
     asyncio.run(scenario())
 
@@ -479,12 +491,7 @@ def test_eviction_without_close_makes_the_node_reconnect(
     tmp_path: Path, ledger: ResultLedger
 ) -> None:
     async def scenario() -> None:
-        master = FakeMaster(TOKEN, ledger, "evicting")
-        await master.start()
-        join = write_join(tmp_path, master.port)
-        node = start_node(tmp_path, join, node_config(master.address), "node")
-        try:
-            await await_log(node, "node ready")
+        async with fake_master_and_node(tmp_path, ledger, "evicting") as (master, node):
             tasks, values = heavy_tasks(0, 600, terms=400)
             ids = [f"t{i}" for i in range(len(tasks))]
             master.submit(zip(ids, tasks, strict=True))
@@ -498,9 +505,6 @@ def test_eviction_without_close_makes_the_node_reconnect(
             await answered_and_stopped(
                 "evicted without close (zombie) -> reconnect", ledger, node, ids, values
             )
-        finally:
-            node.close()
-            await master.close()
 
     asyncio.run(scenario())
 
@@ -509,12 +513,7 @@ def test_a_repeated_assign_task_id_joins_the_running_task(
     tmp_path: Path, ledger: ResultLedger
 ) -> None:
     async def scenario() -> None:
-        master = FakeMaster(TOKEN, ledger, "repeating")
-        await master.start()
-        join = write_join(tmp_path, master.port)
-        node = start_node(tmp_path, join, node_config(master.address), "node")
-        try:
-            await await_log(node, "node ready")
+        async with fake_master_and_node(tmp_path, ledger, "repeating") as (master, node):
             tasks, values = heavy_tasks(0, 300, terms=200)
             ids = [f"t{i}" for i in range(len(tasks))]
             pairs = list(zip(ids, tasks, strict=True))
@@ -541,9 +540,6 @@ def test_a_repeated_assign_task_id_joins_the_running_task(
             joined, resent = int(counts.group(1)), int(counts.group(2))
             assert joined == len(ids)
             assert sum(ledger.frames.values()) == len(ids) + resent
-        finally:
-            node.close()
-            await master.close()
 
     asyncio.run(scenario())
 
