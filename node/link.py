@@ -405,7 +405,9 @@ class MasterLink:
             self.frames_skipped += 1
             log.warning("skipping a malformed frame from the master: %s", exc)
             return
-        if isinstance(message, m.ConnectedNodes):
+        if isinstance(message, m.HeartbeatAck):  # in another form than `_ACK_PAYLOAD`
+            self._acked()
+        elif isinstance(message, m.ConnectedNodes):
             self._check_listed(message.addrs)
         elif isinstance(message, m.ConnectionInfo) and self.on_connection_info is not None:
             self.on_connection_info(message)

@@ -31,6 +31,7 @@ class ScriptedMaster:
         self._decoder = FrameDecoder()
         self._ids = itertools.count()
         self.role: m.Role | None = None
+        self.ack = codec.encode(m.HEARTBEAT_ACK)  # the frame that answers a Heartbeat
 
     def write_join(self, path: Path) -> None:
         path.write_text(json.dumps({"token": TOKEN, "ip": "127.0.0.1", "port": self.port}))
@@ -101,7 +102,7 @@ class ScriptedMaster:
     def _answer(self, message: m.Message) -> None:
         assert self._conn is not None
         if isinstance(message, m.Heartbeat):
-            self._conn.sendall(codec.encode(m.HEARTBEAT_ACK))
+            self._conn.sendall(self.ack)
         elif isinstance(message, m.GetConnectedNodes):
             peer = self._conn.getpeername()
             self._conn.sendall(codec.encode(m.ConnectedNodes((f"{peer[0]}:{peer[1]}",))))

@@ -1,7 +1,7 @@
 """A master that sends what no master should: frames that look like the node's own spill
 references, a connection closed right after "OK", a large frame cut off mid-way, an oversized
 frame behind valid tasks. The node skips or survives each, loses no task and touches no file
-outside its own.
+outside its own. And valid JSON in forms serde never writes, which the node reads all the same.
 
 Real node processes against `tests.scripted.ScriptedMaster` (raw frames over loopback).
 """
@@ -19,6 +19,7 @@ from node.protocol import messages as m
 from node.protocol.framing import frame
 from tests.nodeproc import NodeProcess
 from tests.scripted import ScriptedMaster, start_node, stop_node
+from tests.test_health import free_port, scrape
 
 SHM = "/dev/shm"
 
@@ -156,5 +157,29 @@ def test_a_result_above_max_frame_bytes_is_an_error_not_a_lost_task(
         assert "above the limit of 65536 bytes (max_frame_bytes)" in big.message
         assert small == m.Bytes(b"\xff" * 1_000)
         assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
+
+
+def test_heartbeat_acks_in_another_json_form_confirm_results(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    # `"HeartbeatAck"` with whitespace around it was ignored: no result was ever confirmed,
+    # and the node would have left the master as stuck.
+    scripted.ack = frame(b' "HeartbeatAck"\n')
+    port = free_port()
+    node = start_node(tmp_path, scripted, "other-form-acks", health_listen=f"127.0.0.1:{port}")
+    try:
+        assert scripted.run_many([m.Compute(f"{i}*2") for i in range(10)]) == [
+            m.Number(2.0 * i) for i in range(10)
+        ]
+        pump = scripted.answer_in_background()  # the idle node's polls are heartbeats
+        deadline = time.monotonic() + 20
+        while scrape(port)[("cpnode_results_unconfirmed", ())] != 0:
+            assert time.monotonic() < deadline, "results never confirmed"
+            time.sleep(0.05)
+        assert "skipping" not in node.log
+        assert node.stop() == 0
+        pump.join(10)
     finally:
         node.close()
