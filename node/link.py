@@ -46,7 +46,7 @@ import ssl
 import sys
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from node.config import Config, JoinInfo, format_address
@@ -71,6 +71,32 @@ _ASSIGN_HEAD = re.compile(rb'\s*\{\s*"AssignTask"\s*:').match
 def _is_assign(payload: bytes) -> bool:
     """An `AssignTask` as serde writes it, or with whitespace around its first key."""
     return payload.startswith(_ASSIGN_PREFIX) or _ASSIGN_HEAD(payload, 0, 64) is not None
+
+
+_RESULT_ID = re.compile(rb'\{"TaskResult":\{"id":"([^"\\]*+)"').match
+
+
+def _results_in(blob: Frames, *, unreadable: bool = False) -> Iterator[tuple[str, Frames]]:
+    """(id, payload) of each result frame in an outbox entry; a mapped frame (one big
+    result) as (id, the frame). Results without a readable id are left out, or given with the
+    id "" when `unreadable`."""
+    if type(blob) is memoryview:  # its head says whose
+        results: list[tuple[bytes, Frames]] = [(blob[4 : 4 + SPILL_HEAD_BYTES].tobytes(), blob)]
+    else:
+        results = [(payload, payload) for payload in FrameDecoder(len(blob)).feed(blob)]
+    for head, result in results:
+        match = _RESULT_ID(head)  # as the codec writes it: no regex search, no JSON
+        if match is not None and match[1].isascii():
+            ident: str | None = match[1].decode()
+        else:
+            try:
+                ident = codec.peek(head).id
+            except RemoteProtocolError:
+                ident = None
+        if ident is not None:
+            yield ident, result
+        elif unreadable:
+            yield "", result
 
 
 def _head_id(head: bytes) -> str | None:
@@ -200,6 +226,10 @@ class MasterLink:
         self._outbox: collections.deque[list[object]] = collections.deque()
         self._unconfirmed_results = 0
         self.mapped_bytes = 0  # of the unconfirmed results held as mapped segments
+        # id -> its result in the outbox (a payload, or a mapped frame): built by the first
+        # `find_result` after a confirmation, kept up to date by `send_results`, dropped by
+        # the next confirmation. Without it each repeated id would scan the whole outbox.
+        self._result_index: dict[str, Frames] | None = None
         self._heartbeats_sent = 0
         self._acks = 0
         self.last_bytes_at = 0.0
@@ -262,6 +292,8 @@ class MasterLink:
         of a mapped segment is written from the mapping, which goes with the entry."""
         entry: list[object] = [None, blob, count]
         self._outbox.append(entry)
+        if self._result_index is not None:
+            self._result_index.update(_results_in(blob))
         if type(blob) is memoryview:
             self.mapped_bytes += len(blob)
         self._unconfirmed_results += count
@@ -284,38 +316,25 @@ class MasterLink:
             self.send_heartbeat()
 
     def find_result(self, ident: str) -> Frames | None:
-        """The result frame for `ident` while it awaits confirmation (a rare look-up: it
-        decodes the outbox), else None."""
-        head = b'{"TaskResult":{"id":' + codec.json_str(ident) + b","
-        for entry in reversed(self._outbox):
-            blob: Frames = entry[1]  # type: ignore[assignment]
-            if type(blob) is memoryview:  # one big frame, mapped from a segment
-                if blob[4 : 4 + len(head)] == head:
-                    return blob
-                continue
-            if head not in blob:
-                continue
-            for payload in FrameDecoder(len(blob)).feed(blob):
-                if payload.startswith(head):
-                    return frame(payload)
-        return None
+        """The result frame for `ident` while it awaits confirmation, else None. The first
+        look-up after a confirmation indexes the outbox (decoding it); later ones are O(1)."""
+        index = self._result_index
+        if index is None:
+            index = self._result_index = {}
+            for entry in self._outbox:
+                index.update(_results_in(entry[1]))  # type: ignore[arg-type]
+        found = index.get(ident)
+        if found is None or type(found) is memoryview:
+            return found
+        return frame(found)
 
     def undelivered_ids(self) -> list[str]:
         """Ids of the results the master has not confirmed (decoded now: for a final log)."""
-        ids: list[str] = []
-        for entry in self._outbox:
-            blob: Frames = entry[1]  # type: ignore[assignment]
-            if type(blob) is memoryview:  # one big frame: its head says whose
-                payloads = [blob[4 : 4 + SPILL_HEAD_BYTES].tobytes()]
-            else:
-                payloads = FrameDecoder(len(blob)).feed(blob)
-            for payload in payloads:
-                try:
-                    ident = codec.peek(payload).id
-                except RemoteProtocolError:
-                    ident = None
-                ids.append(ident or "?")
-        return ids
+        return [
+            ident or "?"
+            for entry in self._outbox
+            for ident, _ in _results_in(entry[1], unreadable=True)  # type: ignore[arg-type]
+        ]
 
     def _open_transport(self) -> asyncio.Transport | None:
         """The connection's transport while it can still be written to: between the peer's
@@ -468,6 +487,7 @@ class MasterLink:
             if confirm_at is None or confirm_at > acks:  # type: ignore[operator]
                 break
             entry = outbox.popleft()
+            self._result_index = None
             count: int = entry[2]  # type: ignore[assignment]
             if type(entry[1]) is memoryview:
                 self.mapped_bytes -= len(entry[1])

@@ -13,6 +13,7 @@ import orjson
 import psutil
 import pytest
 
+from node import link as link_module
 from node.config import Config, JoinInfo
 from node.dispatch import Dispatcher
 from node.link import MasterLink
@@ -177,6 +178,63 @@ def test_the_outbox_finds_and_lists_a_result_held_as_a_mapping() -> None:
     assert link.find_result("big") is view
     assert link.find_result("b") == second
     assert link.find_result("c") is None
+
+
+def _link() -> MasterLink:
+    return MasterLink(
+        Config(),
+        JoinInfo("token", "127.0.0.1", 9),
+        m.Role.Worker,
+        on_assign=lambda tasks: None,
+        has_capacity=lambda: True,
+    )
+
+
+def test_repeated_ids_read_the_outbox_once_not_once_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A master that assigns thousands of tasks again while their results are unconfirmed (a
+    restarted master replaying its journal): each repeated id once scanned the whole outbox,
+    and 20,000 of them held the event loop for over a minute."""
+    scans: list[int] = []
+    results_in = link_module._results_in
+
+    def counted(blob: Frames, **options: bool) -> Iterator[tuple[str, Frames]]:
+        scans.append(1)
+        return results_in(blob, **options)
+
+    monkeypatch.setattr(link_module, "_results_in", counted)
+    link = _link()
+    dispatcher = Dispatcher(4, link.send_results)
+    dispatcher.outbox = link
+    ids = [f"t{i}" for i in range(2000)]
+    payloads = {i: codec.encode_payload(m.AssignTask(i, m.Compute("1+1"))) for i in ids}
+    for start in range(0, len(ids), 64):  # results as the workers return them, in batches
+        batch = ids[start : start + 64]
+        link.send_results(b"".join(codec.encode(m.TaskResult(i, m.Number(2.0))) for i in batch), 64)
+        dispatcher._answered.update((i, payloads[i]) for i in batch)
+    entries = len(link._outbox)
+    dispatcher.accept_from_master([(i, payloads[i]) for i in ids])
+    assert dispatcher.results_resent == len(ids)
+    # The index is built once (one scan per entry), then each resend adds its own entry.
+    assert len(scans) == entries + len(ids)
+    resent = b"".join(bytes(entry[1]) for entry in list(link._outbox)[entries:])  # type: ignore[call-overload]
+    assert resent == b"".join(codec.encode(m.TaskResult(i, m.Number(2.0))) for i in ids)
+
+
+def test_the_outbox_index_follows_new_results_and_confirmations() -> None:
+    link = _link()
+    link.send_results(codec.encode(m.TaskResult("a", m.Number(1.0))), 1)
+    assert link.find_result("a") == codec.encode(m.TaskResult("a", m.Number(1.0)))  # indexed
+    link.send_results(codec.encode(m.TaskResult("b", m.Number(2.0))), 1)  # after the index
+    link.send_results(codec.encode(m.TaskResult("a", m.Number(3.0))), 1)  # a later answer
+    assert link.find_result("b") == codec.encode(m.TaskResult("b", m.Number(2.0)))
+    assert link.find_result("a") == codec.encode(m.TaskResult("a", m.Number(3.0)))
+    # The master confirms the first two entries (written on a connection, then acked).
+    for entry in list(link._outbox)[:2]:
+        entry[0] = 1
+    link._acked()
+    assert link.unconfirmed == 1
+    assert link.find_result("b") is None
+    assert link.find_result("a") == codec.encode(m.TaskResult("a", m.Number(3.0)))
 
 
 @pytest.mark.parametrize(
