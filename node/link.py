@@ -385,7 +385,7 @@ class MasterLink:
         reference = spilled(payload)
         if reference is not None:
             # A large body went to a shared-memory segment as it arrived; route it by its head.
-            name, _, head = reference
+            name, error, head = reference
             if not _is_assign(head):
                 self.frames_skipped += 1
                 log.warning(
@@ -393,11 +393,18 @@ class MasterLink:
                 )
                 discard_spilled(self.config.shm_dir, payload)
                 return
-            ident = codec.assign_task_id(head) or _head_id(head) or self._spilled_id(name)
+            ident = codec.assign_task_id(head) or _head_id(head)
+            if ident is None and not error:
+                ident = self._spilled_id(name)
             if ident is not None:
                 self._on_assign([(ident, payload)])
+            elif error:  # the body went nowhere: no way to read the id after its head
+                self._skip_assign(f"a large frame, its id not in its head: {error}")
             else:
-                self._skip_assign(f"{len(head)}-byte head of a large frame")
+                self._skip_assign(
+                    "a large frame, its id neither in its head nor around a byte array; the node"
+                    " parses no frame that large on its event loop"
+                )
                 discard_spilled(self.config.shm_dir, payload)
             return
         if _is_assign(payload):
@@ -426,6 +433,8 @@ class MasterLink:
             return
         if isinstance(message, m.HeartbeatAck):  # in another form than `_ACK_PAYLOAD`
             self._acked()
+        elif isinstance(message, m.AssignTask):  # a form `_is_assign` missed (an escaped key)
+            self._on_assign([(message.id, payload)])
         elif isinstance(message, m.ConnectedNodes):
             self._check_listed(message.addrs)
         elif isinstance(message, m.ConnectionInfo) and self.on_connection_info is not None:
@@ -436,7 +445,7 @@ class MasterLink:
     def _skip_assign(self, what: str) -> None:
         """An AssignTask without an id to answer it by (nothing else can be done with it)."""
         self.frames_skipped += 1
-        log.warning("skipping an AssignTask frame without a readable id (%s)", what)
+        log.warning("skipping an AssignTask frame whose id cannot be read (%s)", what)
 
     def _spilled_id(self, name: str) -> str | None:
         """The id of a spilled AssignTask that its head does not show (written after the

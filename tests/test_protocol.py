@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -314,21 +315,27 @@ def test_peek_finds_the_id_after_a_big_byte_array_without_parsing_it(
 
 
 @pytest.mark.parametrize(
-    "payload",
+    "make",
     [
         # The widest pair of brackets is in a string: the key looks like an array.
-        b'{"AssignTask":{"task":{"StoreData":{"data":[1],"key":"' + _big_array() + b'"}},"id":"k"}}',
+        lambda a: b'{"AssignTask":{"task":{"StoreData":{"data":[1],"key":"' + a + b'"}},"id":"i"}}',
         # Nested arrays are no byte array.
-        b'{"AssignTask":{"task":{"Tcp":{"addr":"h:1","data":[' + _big_array() + b']}},"id":"n"}}',
+        lambda a: b'{"AssignTask":{"task":{"Tcp":{"addr":"h:1","data":[' + a + b']}},"id":"i"}}',
         # Too many brackets to look at.
-        b'{"AssignTask":{"task":{"Tcp":{"addr":"' + b"[]" * 100 + b'","data":'
-        + _big_array() + b'}},"id":"many"}}',
+        lambda a: b'{"AssignTask":{"task":{"Tcp":{"addr":"' + b"[]" * 100 + b'","data":' + a
+        + b'}},"id":"i"}}',
         # Not a blob task: the array is in no place for bytes.
-        b'{"AssignTask":{"task":{"Compute":{"expression":' + _big_array() + b'}},"id":"c"}}',
+        lambda a: b'{"AssignTask":{"task":{"Compute":{"expression":' + a + b'}},"id":"i"}}',
     ],
+    ids=["array-in-a-string", "nested", "many-brackets", "no-blob-task"],
 )  # fmt: skip
-def test_peek_gives_no_id_when_the_big_array_is_not_the_blob(payload: bytes) -> None:
-    assert p.peek(payload).id is None
+def test_peek_parses_up_to_1_mib_when_the_big_array_is_not_the_blob(
+    make: Callable[[bytes], bytes],
+) -> None:
+    below, above = make(_big_array(200_000)), make(_big_array(400_000))
+    assert 64 * 1024 < len(below) < 1 << 20 < len(above)
+    assert p.peek(below).id == "i"  # parsed whole: a few ms at most
+    assert p.peek(above).id is None  # the node parses no frame that large on its event loop
 
 
 # ---------------------------------------------------------------------------------- properties

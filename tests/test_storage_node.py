@@ -345,6 +345,42 @@ def test_tasks_in_another_json_form_are_answered(
     assert ours_in_shm(node_id) == []
 
 
+def test_odd_but_valid_assign_tasks_are_answered_under_their_ids(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    """Each was dropped without an answer: an escaped variant name, a long run of spaces
+    before it, a 70 KB task with its id last (no byte array to find it by); and a spilled
+    task with its id after a malformed array was answered under the id ""."""
+    node_id = f"test-odd-forms-{os.getpid()}"
+    node = start_node(tmp_path, scripted, "Worker", node_id)
+    array = orjson.dumps(list(os.urandom(400_000)))  # a 1.4 MB frame: spilled
+    odd = {
+        "escaped": b'{"\\u0041ssignTask":{"id":"escaped","task":{"Compute":{"expression":"1+1"}}}}',
+        "spaces": b" " * 100 + b'{"AssignTask":{"id":"spaces","task":"GetGlobalRam"}}',
+        "long": b'{"AssignTask":{"task":{"Compute":{"expression":"'
+        + b"1+" * 35_000
+        + b'1"}},"id":"long"}}',
+        "bad-array": b'{"AssignTask":{"task":{"StoreData":{"data":[256,'
+        + array[1:]
+        + b',"key":"k"}},"id":"bad-array"}}',
+    }
+    try:
+        scripted.send_raw(b"".join(frame(payload) for payload in odd.values()))
+        results = scripted.collect(list(odd), timeout=30)
+        assert results["escaped"] == m.Number(2.0)
+        assert results["spaces"] == m.Response("No entries found\n")
+        assert isinstance(results["long"], m.Error), results["long"]
+        assert results["long"].message.startswith("Parse error: Expression too long: 70001 bytes")
+        assert results["bad-array"] == m.Error(
+            "malformed task: invalid JSON byte array: 256 is above 255 (at element 0, offset 1)"
+        )
+        assert "skipping" not in node.log
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
+    assert ours_in_shm(node_id) == []
+
+
 def test_a_large_task_with_an_unreadable_id_is_answered_without_an_id(tmp_path: Path) -> None:
     """The supervisor skips such a frame (it cannot say whose it is); a worker given one still
     answers it rather than dying."""

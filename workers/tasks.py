@@ -215,7 +215,7 @@ class TaskRunner:
             message = codec.decode(payload)
         except (RemoteProtocolError, ByteArrayError) as exc:
             error = m.Error(f"malformed task: {exc}")
-            return "malformed", codec.task_result_payload(_id_of(payload_head), error)
+            return "malformed", codec.task_result_payload(_error_id(payload, payload_head), error)
         if type(message) is not m.AssignTask:
             error = m.Error(f"not a task: {type(message).__name__}")
             return "malformed", codec.task_result_payload(_id_of(payload_head), error)
@@ -311,6 +311,16 @@ def _task_id(payload: bytes) -> str:
     there is none to read)."""
     reference = spill_reference(payload)
     return _id_of(payload if reference is None else reference[2])
+
+
+def _error_id(payload: bytes | memoryview, head: bytes) -> str:
+    """The id to answer a malformed task with: read from its head or, for a mapped payload
+    whose id comes after its byte array (a JSON form serde does not write), around the array
+    (a copy of the payload: an error path)."""
+    ident = _id_of(head)
+    if ident or type(payload) is bytes:
+        return ident
+    return codec.id_around_byte_array(bytes(payload), "AssignTask") or ""
 
 
 def _id_of(payload: bytes) -> str:

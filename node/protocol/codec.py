@@ -370,7 +370,10 @@ def peek(payload: bytes) -> Head:
 _ID_VARIANTS: Final = frozenset({"AssignTask", "SubmitTask", "TaskResult"})
 _PARSE_WHOLE_BYTES: Final = 64 * 1024
 """`peek` parses a payload whose id is not at its head whole up to this size; a longer one
-only around its byte array (`around_byte_array`)."""
+around its byte array first (`around_byte_array`)."""
+_PARSE_AT_MOST_BYTES: Final = 1 << 20
+"""... and whole when that finds none, up to this size (a few ms of parsing at most; the node
+spills longer frames to segments, whose ids it looks for only around a byte array)."""
 _MAX_BRACKETS: Final = 64
 """`around_byte_array` gives up on a payload with more brackets than this (of each kind)."""
 
@@ -385,7 +388,9 @@ class Searchable(Protocol):
 
 def _id_anywhere(payload: bytes, name: str) -> str | None:
     if len(payload) > _PARSE_WHOLE_BYTES:
-        return id_around_byte_array(payload, name)
+        ident = id_around_byte_array(payload, name)
+        if ident is not None or len(payload) > _PARSE_AT_MOST_BYTES:
+            return ident
     try:
         value = _loads(payload)
     except _JSONDecodeError:
