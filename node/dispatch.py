@@ -254,10 +254,13 @@ class Dispatcher:
         """The answer for `ident` from the I/O runner or a direct peer (a wire-ready
         `TaskResult` frame)."""
         self.io_running -= 1
-        self._held.pop(ident, None)
+        payload = self._held.pop(ident, None)
+        if payload is not None:  # as a worker's result: a repeat before the ack is re-sent
+            self._answered[ident] = payload
         self.completed += 1
         reply = self._replies.pop(ident, None) if self._replies else None
         (reply or self._send_results)(result_frame, 1)
+        self._forget_confirmed()
         self._check_idle()
 
     def run_locally(self, ident: str, payload: bytes) -> None:

@@ -17,8 +17,10 @@ import pytest
 from aiohttp import web
 
 from node import iotasks
-from node.config import Config
+from node.config import Config, JoinInfo
+from node.dispatch import Dispatcher
 from node.iotasks import IoTaskRunner, NetworkPolicy
+from node.link import MasterLink
 from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
@@ -555,3 +557,27 @@ def test_200_slow_urls_do_not_delay_heartbeats(
             assert process.stop() == 0
         finally:
             process.close()
+
+
+def test_a_repeated_io_task_awaiting_confirmation_gets_its_result_again_not_a_second_run() -> None:
+    # A Tcp task answered but not yet confirmed, assigned again (a master re-queued it): its
+    # data once went out a second time; a worker's task got its result re-sent instead.
+    link = MasterLink(
+        Config(),
+        JoinInfo("token", "127.0.0.1", 9),
+        m.Role.Worker,
+        on_assign=lambda tasks: None,
+        has_capacity=lambda: True,
+    )
+    dispatcher = Dispatcher(2, link.send_results)
+    dispatcher.outbox = link
+    runs: list[str] = []
+    dispatcher.io_runner = lambda ident, payload: runs.append(ident)
+    payload = codec.encode_payload(m.AssignTask("tcp-1", m.Tcp("127.0.0.1:9", b"PAY 100")))
+    answer = frame(codec.task_result_payload("tcp-1", m.Bytes(b"ok")))
+    dispatcher.accept("tcp-1", payload)
+    dispatcher.io_finished("tcp-1", answer)
+    dispatcher.accept("tcp-1", payload)
+    assert runs == ["tcp-1"]
+    assert dispatcher.results_resent == 1
+    assert link.unconfirmed == 2 and link.find_result("tcp-1") == answer
