@@ -40,7 +40,7 @@ from typing import Protocol
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import frame
-from shm.segments import read_spilled, spilled
+from shm.segments import spilled
 from workers.channel import Frames
 from workers.pool import Worker, WorkerLoss, WorkerPool, WorkerStatus
 
@@ -82,7 +82,6 @@ class Dispatcher:
         self.offload: Callable[[str, bytes], bool] | None = None
         # Tasks received by type, but for `Compute`: the common kind is `received` less these.
         self._received_other_types: collections.Counter[str] = collections.Counter()
-        self.shm_dir: str | None = None  # where spilled payloads live (see shm.segments)
         self._flush_scheduled = False
         self._accepting = True
         self.handed_back = 0  # tasks dropped while draining (the master re-queues them)
@@ -201,7 +200,7 @@ class Dispatcher:
             self._replies[ident] = reply
         if kind in _IO_TASKS and self.io_runner is not None:
             self.io_running += 1
-            self.io_runner(ident, self._whole(payload))
+            self.io_runner(ident, payload)  # a spilled one is read in the runner's thread
             return
         offload = self.offload
         if (
@@ -215,17 +214,6 @@ class Dispatcher:
             return
         self._pending.append((ident, payload))
         self._schedule_flush()
-
-    def _whole(self, payload: bytes) -> bytes:
-        """The payload itself, for the rare consumer of a spilled one that is not a worker (a
-        huge Tcp/Udp task): read from its segment, off the hot path."""
-        if spilled(payload) is None or self.shm_dir is None:
-            return payload
-        try:
-            return read_spilled(self.shm_dir, payload)
-        except OSError as error:
-            log.error("cannot read a spilled payload: %s", error)
-            return payload
 
     def _resend(self, ident: str, payload: bytes) -> bool:
         """Answer a repeated `ident` with its result awaiting confirmation, when it is the same

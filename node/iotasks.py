@@ -54,14 +54,16 @@ from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from node.protocol.framing import frame, frame_joined
 from shm.bytesjson import ByteArrayError, encode_byte_array
-from workers.storage import decode_blob_task
+from shm.segments import read_spilled, spilled
+from workers.storage import BLOB_FAST_PATH_BYTES, decode_blob_task
 
 __all__ = ["InternetPorts", "IoTaskRunner", "NetworkPolicy", "NetworkRefused"]
 
 log = logging.getLogger("cpnode.io")
 
-# Bodies above this are decoded and encoded in a thread: a 16 MiB body takes tens of ms.
-_OFFLOAD_BYTES: Final = 1 << 20
+# Payloads and bodies above this are decoded and encoded in a thread (a 1 MiB Tcp task took
+# 14.5 ms of the event loop with orjson); below it a thread hop costs more than the work.
+_OFFLOAD_BYTES: Final = BLOB_FAST_PATH_BYTES
 _EMPTY_ARRAY_END: Final = b"[]}}}"  # how an empty `Bytes` result payload ends
 _MAX_REDIRECTS: Final = 10  # as reqwest, which upstream uses
 _UDP_MAX_DATAGRAM: Final = 65535
@@ -385,20 +387,19 @@ class IoTaskRunner:
         self._on_done(ident, result_frame)
 
     async def _execute(self, ident: str, payload: bytes) -> bytes:
-        task: m.Task | None = None
-        if len(payload) > _OFFLOAD_BYTES:
-            # A big byte array: decoded in a thread by the vectorised codec, which lets go of
-            # the GIL (orjson would hold it, and the event loop, for 75 ms per MiB of data).
-            # A malformed array is answered from the codec's own diagnosis, as a worker answers
-            # a big StoreData: handing it to orjson here would stall the loop just the same.
+        if len(payload) > _OFFLOAD_BYTES or spilled(payload) is not None:
+            # A big byte array: read (from its segment, when it was spilled) and decoded in a
+            # thread by the vectorised codec, which lets go of the GIL (orjson would hold it,
+            # and the event loop, for 75 ms per MiB of data). A malformed array is answered
+            # from the codec's own diagnosis, as a worker answers a big StoreData.
             loop = asyncio.get_running_loop()
             try:
-                blob = await loop.run_in_executor(None, decode_blob_task, payload)
+                task = await loop.run_in_executor(None, self._decode_big, payload)
             except (ByteArrayError, RemoteProtocolError) as exc:
                 return _result_frame(ident, m.Error(f"malformed task: {exc}"))
-            if blob is not None:
-                task = blob[1]
-        if task is None:
+            except OSError as exc:
+                return _result_frame(ident, m.Error(f"the task's payload was lost: {exc}"))
+        else:
             try:
                 message = codec.decode(payload)
             except RemoteProtocolError as exc:
@@ -482,6 +483,15 @@ class IoTaskRunner:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, _response_frame, ident, body, charset)
         return _response_frame(ident, body, charset)
+
+    def _decode_big(self, payload: bytes) -> m.Task | None:
+        """The task of a big or spilled payload (run in a thread); None when it is no task."""
+        whole = read_spilled(self.config.shm_dir, payload)
+        blob = decode_blob_task(whole)
+        if blob is not None:
+            return blob[1]
+        message = codec.decode(whole)  # not a blob task as masters write it: rare
+        return message.task if isinstance(message, m.AssignTask) else None
 
     # --- Tcp and Udp --------------------------------------------------------------------------
 

@@ -203,7 +203,6 @@ class Node:
             self.status = NodeStatus.STOPPED
             return 2
         self.link.spill = self._spill
-        self.dispatcher.shm_dir = self.config.shm_dir
         self.pool.run_dir = self.node_dir.path  # the forkserver's socket goes with it
         try:
             await self.pool.start()

@@ -26,6 +26,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import frame
 from shm.bytesjson import encode_byte_array
+from shm.segments import IncomingSegment
 from tests.conftest import LoopbackGuard
 from tests.netservers import HttpServer, TcpEcho, UdpEcho, free_port
 from tests.nodeproc import NodeProcess
@@ -324,6 +325,48 @@ def test_a_big_tcp_task_in_another_json_form_is_decoded_off_the_loop_too(
         (result,) = run_payloads(Config(), [payload])
     assert result == m.Bytes(hashlib.sha256(data).hexdigest().encode())
     assert big_decodes == []
+
+
+def test_a_spilled_tcp_task_is_read_and_decoded_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Tcp frame of 1 MiB or more reaches the runner as a reference to its segment; the
+    # dispatcher once read it whole on the event loop (42 ms for 16 MiB of data).
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    threads: list[str] = []
+    read = iotasks.read_spilled
+
+    def recorded(shm_dir: str, payload: bytes) -> bytes:
+        threads.append(threading.current_thread().name)
+        return read(shm_dir, payload)
+
+    monkeypatch.setattr(iotasks, "read_spilled", recorded)
+    data = os.urandom(300_000)
+    received = bytearray()
+
+    def digest_when_whole(chunk: bytes) -> bytes:
+        received.extend(chunk)
+        return hashlib.sha256(received).hexdigest().encode() if len(received) == len(data) else b""
+
+    def spill(body: bytes, error: str = "") -> bytes:
+        incoming = IncomingSegment(str(shm), "cpnode-iotest", len(body))
+        incoming.write(body)
+        if error:  # what a write that found shm_dir full leaves: no file, the reason
+            incoming.error = error
+            incoming.discard()
+        return incoming.finish()
+
+    with TcpEcho(digest_when_whole) as echo:
+        body = codec.encode_payload(m.AssignTask("0", m.Tcp(f"127.0.0.1:{echo.port}", data)))
+        lost = spill(codec.encode_payload(m.AssignTask("1", m.Tcp("127.0.0.1:9", b"x"))), "full")
+        results = run_payloads(Config(shm_dir=str(shm)), [spill(body), lost])
+    assert results == [
+        m.Bytes(hashlib.sha256(data).hexdigest().encode()),
+        m.Error("the task's payload was lost: full"),
+    ]
+    assert len(threads) == 2 and threading.main_thread().name not in threads
+    assert os.listdir(shm) == []  # the segment went once read
 
 
 @pytest.mark.parametrize("size", [0, 1, 1000, (1 << 18) + 1, 1 << 20])
