@@ -110,9 +110,9 @@ class Dispatcher:
     def received_by_type(self) -> collections.Counter[str]:
         """Tasks accepted so far, by type (a fresh count)."""
         counts = collections.Counter(self._received_other_types)
-        compute = self.received - sum(counts.values())
+        compute = self.received - sum(counts.values())  # the common form, never counted
         if compute:
-            counts["Compute"] = compute
+            counts["Compute"] += compute
         return counts
 
     @property
@@ -193,7 +193,7 @@ class Dispatcher:
         if payload.find(_COMPUTE_MARK, 0, 512) >= 0:
             kind = "Compute"
         else:
-            match = _TASK_VARIANT.search(payload, 0, 4096)
+            match = _TASK_VARIANT.search(payload, 0, _VARIANT_WINDOW)
             kind = match.group(1).decode() if match is not None else "malformed"
             self._received_other_types[kind] += 1
         if reply is not None:
@@ -437,10 +437,13 @@ _ID_START = len(b'{"AssignTask":{"id":"')
 _COMPUTE_AFTER_ID = b'",' + _COMPUTE_MARK
 _pack_length = struct.Struct(">I").pack
 _IO_TASKS = frozenset({"HttpRequest", "Tcp", "Udp"})
+# How far into a payload its task's variant is looked for: past an id of any sane length (the
+# search stops at the first match, right after the id, in every payload but a malformed one).
+_VARIANT_WINDOW = 64 * 1024
 _TASK_VARIANT = re.compile(rb'"task"\s*:\s*(?:\{\s*)?"([A-Za-z]+)"')
 
 
 def _is_idempotent(payload: bytes) -> bool:
     """True for the task types that are safe to run twice (read-only or pure)."""
-    match = _TASK_VARIANT.search(payload, 0, 4096)
+    match = _TASK_VARIANT.search(payload, 0, _VARIANT_WINDOW)
     return match is not None and match.group(1) in _IDEMPOTENT

@@ -624,3 +624,23 @@ def test_a_repeated_io_task_awaiting_confirmation_gets_its_result_again_not_a_se
     assert runs == ["tcp-1"]
     assert dispatcher.results_resent == 1
     assert link.unconfirmed == 2 and link.find_result("tcp-1") == answer
+
+
+def test_the_dispatcher_finds_the_task_type_past_a_long_id_and_counts_every_form() -> None:
+    # An HttpRequest behind a 5,000-character id went to a worker ("not supported by this
+    # node yet"); a Compute with spaces in it was counted, then overwritten, in the metrics.
+    async def scenario() -> Dispatcher:
+        dispatcher = Dispatcher(4, lambda blob, count: None)
+        dispatcher.io_runner = lambda ident, payload: ran.append(ident)
+        long_id = "x" * 5000
+        task = m.HttpRequest("http://127.0.0.1:9/")
+        dispatcher.accept(long_id, codec.encode_payload(m.AssignTask(long_id, task)))
+        compute = b'{"AssignTask":{"id":"a","task":{"Compute":{"expression":"1"}}}}'
+        spaced = b'{"AssignTask": {"id": "b", "task": {"Compute": {"expression": "1"}}}}'
+        dispatcher.accept_from_master([("a", compute), ("b", spaced)])
+        return dispatcher
+
+    ran: list[str] = []
+    dispatcher = asyncio.run(scenario())
+    assert ran == ["x" * 5000]
+    assert dispatcher.received_by_type == {"HttpRequest": 1, "Compute": 2}
