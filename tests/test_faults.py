@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import os
 import random
 import re
@@ -36,6 +37,7 @@ from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder
 from tests.fakemaster import FakeMaster, ResultLedger, record_new_masters
 from tests.nodeproc import NodeProcess
+from workers import pool as pool_module
 from workers.expr import evaluate_compute
 from workers.pool import Worker, WorkerLimits, WorkerPool
 from workers.tasks import WorkerSettings
@@ -802,6 +804,42 @@ class PoolRun:
 
 
 SLOW = {"Compute": "tests.slowtasks:compute"}
+
+
+def test_a_respawn_that_fails_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No socket pair to be had (EMFILE) when a dead worker is respawned: the slot stayed
+    # empty for good, and a one-worker node never answered again.
+    failures = 2
+    socketpair = socket.socketpair
+
+    def scarce() -> tuple[socket.socket, socket.socket]:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return socketpair()
+
+    async def scenario() -> None:
+        run = PoolRun(1, WorkerLimits())
+        await run.pool.start()
+        try:
+            first_pid = run.ready_pids[0]
+            monkeypatch.setattr(pool_module.socket, "socketpair", scarce)
+            os.kill(first_pid, signal.SIGKILL)
+            ids = [f"after-{i}" for i in range(20)]
+            for ident in ids:
+                run.submit(ident, "6*7")
+            await run.wait(ids, timeout=30)
+            assert all(run.results[i] == [m.Number(42.0)] for i in ids)
+            assert failures == 0 and len(run.ready_pids) == 2
+            retries = [r for r in caplog.records if "respawning worker 0 failed" in r.getMessage()]
+            assert len(retries) == 2
+        finally:
+            await run.pool.stop()
+
+    asyncio.run(scenario())
 
 
 def test_a_task_past_task_timeout_ms_gets_its_worker_replaced_and_an_error(

@@ -273,30 +273,42 @@ class WorkerPool:
 
     async def _spawn(self, worker: Worker) -> None:
         assert self._loop is not None
-        ours, theirs = socket.socketpair()
-        progress = worker.progress
-        for field in range(PROGRESS_FIELDS):
-            progress[field] = 0
-        progress[RUN_LIMIT] = NO_RUN_LIMIT if self._starting_allowed else 0
-        process = self._context.Process(  # type: ignore[attr-defined]
-            target=worker_main,
-            args=(theirs, self.settings, worker.index, progress),
-            name=f"cpnode-worker-{worker.index}",
-            daemon=True,
-        )
-        try:
-            process.start()
-        finally:
-            theirs.close()
-        worker.process = process
-        worker.pid = process.pid
-        worker.status = WorkerStatus.STARTING
         worker.started_at = time.monotonic()
         worker.received = 0
-        worker.killed_for_timeout = 0
-        limit = self.limits.max_tasks_per_child
-        worker.budget = limit if limit > 0 else sys.maxsize
-        transport, _ = await self._loop.create_connection(lambda: _Channel(self, worker), sock=ours)
+        ours, theirs = socket.socketpair()
+        process = None
+        try:
+            progress = worker.progress
+            for field in range(PROGRESS_FIELDS):
+                progress[field] = 0
+            progress[RUN_LIMIT] = NO_RUN_LIMIT if self._starting_allowed else 0
+            process = self._context.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                args=(theirs, self.settings, worker.index, progress),
+                name=f"cpnode-worker-{worker.index}",
+                daemon=True,
+            )
+            try:
+                process.start()
+            finally:
+                theirs.close()
+            worker.process = process
+            worker.pid = process.pid
+            worker.status = WorkerStatus.STARTING
+            worker.killed_for_timeout = 0
+            limit = self.limits.max_tasks_per_child
+            worker.budget = limit if limit > 0 else sys.maxsize
+            transport, _ = await self._loop.create_connection(
+                lambda: _Channel(self, worker), sock=ours
+            )
+        except BaseException:
+            # Nothing half-made is left: the socket, and a process no channel would reach.
+            ours.close()
+            if process is not None and process.pid is not None:
+                process.kill()
+                process.join(0.2)
+            worker.status = WorkerStatus.DEAD
+            raise
         worker.transport = transport
         self._loop.add_reader(process.sentinel, self._sentinel, worker)
 
@@ -560,6 +572,17 @@ class WorkerPool:
             if worker.transport is None:  # a retiring worker answered its last task
                 return
 
+    def _respawned(self, worker: Worker, task: asyncio.Future[None]) -> None:
+        """A respawn that failed (no socket or process to be had, say) is tried again, backing
+        off as after a crash: a worker slot is never given up while the node runs."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error(
+            "respawning worker %d failed: %s; trying again", worker.index, task.exception()
+        )
+        if not self._stopping:
+            self._schedule_respawn(worker, crashed=True)
+
     def _schedule_respawn(self, worker: Worker, *, crashed: bool) -> None:
         """Start a new process for `worker`: at once after a retirement or a time-limit kill,
         after a delay doubling with each crash in a row (a crash loop backs off)."""
@@ -580,7 +603,7 @@ class WorkerPool:
             self._respawns.discard(handle)
             if not self._stopping:
                 task = asyncio.ensure_future(self._spawn(worker))
-                task.add_done_callback(_log_failure)
+                task.add_done_callback(functools.partial(self._respawned, worker))
 
         handle = self._loop.call_later(delay, respawn)
         self._respawns.add(handle)
@@ -626,6 +649,3 @@ def _log_sweep(index: int, sweep: asyncio.Future[list[str]]) -> None:
         )
 
 
-def _log_failure(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("respawning a worker failed: %s", task.exception())
