@@ -223,11 +223,7 @@ class DirectConnection(asyncio.Protocol):
                 ident = codec.peek(payload).id
             except RemoteProtocolError:
                 ident = None
-            if ident is not None and self._on_result is not None:
-                self.results_received += 1
-                self._on_result(ident, payload)
-            else:
-                log.debug("%s %s: result nobody waits for", self.what, self.peer)
+            self._result(ident, payload)
             return
         try:
             message = codec.decode(payload)
@@ -238,17 +234,34 @@ class DirectConnection(asyncio.Protocol):
             self._write(_ACK_FRAME)
         elif isinstance(message, m.Disconnect):
             self.close()
+        elif isinstance(message, m.AssignTask):  # valid JSON in another form than serde's
+            self._start(message.id, payload)
+        elif isinstance(message, m.TaskResult):
+            self._result(message.id, payload)
         elif not isinstance(message, m.HeartbeatAck):
             log.debug("%s %s: ignoring %s", self.what, self.peer, type(message).__name__)
+
+    def _result(self, ident: str | None, payload: bytes) -> None:
+        if ident is not None and self._on_result is not None:
+            self.results_received += 1
+            self._on_result(ident, payload)
+        else:
+            log.debug("%s %s: result nobody waits for", self.what, self.peer)
 
     def _run(self, payload: bytes) -> None:
         try:
             ident = codec.peek(payload).id
         except RemoteProtocolError as error:
+            ident = None
             log.warning("%s %s: skipping an unreadable AssignTask: %s", self.what, self.peer, error)
-            return
         if ident is None:
+            log.warning(
+                "%s %s: skipping an AssignTask whose id cannot be read", self.what, self.peer
+            )
             return
+        self._start(ident, payload)
+
+    def _start(self, ident: str, payload: bytes) -> None:
         if self._on_task is None:
             refusal = m.Error("this end of the direct link runs no tasks")
             self._write(frame(codec.task_result_payload(ident, refusal)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,9 @@ from node.client import Client
 from node.config import Config
 from node.direct import DirectClient, DirectLinkRefused
 from node.master import MasterThread
+from node.protocol import codec
 from node.protocol import messages as m
+from node.protocol.framing import FrameDecoder, frame
 from tests.netservers import TcpEcho, free_port
 from tests.nodeproc import NodeProcess
 from tests.test_node import run_tasks
@@ -187,8 +190,6 @@ def test_cpnode_submit_direct(
 def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
     from node.config import JoinInfo
     from node.direct import DirectConnection, DirectError, accept_connection_info
-    from node.protocol import codec
-    from node.protocol.framing import frame
     from node.tls import ServerTls
 
     port = free_port()
@@ -230,3 +231,23 @@ def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
         return result
 
     assert asyncio.run(go()) == m.Number(7.0)
+
+
+def test_tasks_in_another_json_form_are_run_over_a_direct_link(
+    master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    # An AssignTask with spaces before its first key was decoded, then ignored: the dialer
+    # waited for ever.
+    _, port = peer
+    odd = b' {"AssignTask": {"task": {"Compute": {"expression": "20+22"}}, "id": "odd"}}'
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        decoder = FrameDecoder()
+        sock.sendall(frame(master.token.encode()) + frame(odd))
+        payloads: list[bytes] = []
+        while not any(p.startswith(b'{"TaskResult"') for p in payloads):
+            data = sock.recv(1 << 16)
+            assert data, f"the link closed; it sent {payloads}"
+            payloads += decoder.feed(data)
+    assert payloads[0] == b"OK"
+    (result,) = [codec.decode(p) for p in payloads if p.startswith(b'{"TaskResult"')]
+    assert result == m.TaskResult("odd", m.Number(42.0))
