@@ -306,32 +306,45 @@ class DiskStore(Closing):
 
     def _scan_usage(self) -> int:
         """Sum the sizes of all regular files below ``storage_dir``; remove the temporary files
-        of writers that died (a worker killed in the middle of a write). Iterative, descriptor
-        by descriptor: deep trees need no recursion and symlinks are not followed."""
+        of writers that died (a worker killed in the middle of a write).
+
+        Depth first, with one directory open at a time (plus the root's): a wide or deep tree
+        never runs out of descriptors. Each level keeps its listing; the walk goes down with
+        ``openat(name)`` and back up with ``openat("..")``, so no symlink is followed."""
         used = 0
-        pending = [os.dup(self._root_fd)]
+        levels: list[tuple[list[str], int]] = []  # the listings above, and where each stopped
+        dir_fd = os.dup(self._root_fd)
         try:
-            while pending:
-                dir_fd = pending.pop()
-                try:
-                    for name in os.listdir(dir_fd):
-                        try:
-                            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                            if stat.S_ISDIR(info.st_mode):
-                                pending.append(os.open(name, _DIRECTORY, dir_fd=dir_fd))
-                        except FileNotFoundError:
-                            continue
-                        if name.startswith(_TEMPORARY):
-                            if not space.writer_alive(name, _TEMPORARY):
-                                space.unlink_quietly(name, dir_fd)
-                        elif stat.S_ISREG(info.st_mode):
-                            used += info.st_size
-                finally:
+            names, position = os.listdir(dir_fd), 0
+            while True:
+                if position == len(names):
+                    if not levels:
+                        return used
+                    parent = os.open("..", _DIRECTORY, dir_fd=dir_fd)
                     os.close(dir_fd)
+                    dir_fd = parent
+                    names, position = levels.pop()
+                    continue
+                name = names[position]
+                position += 1
+                try:
+                    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if stat.S_ISDIR(info.st_mode):
+                        child = os.open(name, _DIRECTORY, dir_fd=dir_fd)
+                        levels.append((names, position))
+                        os.close(dir_fd)
+                        dir_fd = child
+                        names, position = os.listdir(dir_fd), 0
+                        continue
+                except FileNotFoundError:
+                    continue
+                if name.startswith(_TEMPORARY):
+                    if not space.writer_alive(name, _TEMPORARY):
+                        space.unlink_quietly(name, dir_fd)
+                elif stat.S_ISREG(info.st_mode):
+                    used += info.st_size
         finally:
-            for dir_fd in pending:
-                os.close(dir_fd)
-        return used
+            os.close(dir_fd)
 
 
 class UsageLedger:

@@ -9,6 +9,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -931,3 +933,37 @@ def test_no_descriptor_outlives_its_owner(node_id: str, tmp_path: Path) -> None:
         with pytest.raises(NodeDirectoryInUse):
             claim_node_dir(SHM, node_id)
     assert open_descriptors() == before
+
+
+def test_the_usage_scan_keeps_one_directory_open_at_a_time(tmp_path: Path) -> None:
+    """The first count of a store (a node's start) once opened every directory of the tree
+    at once: with more directories than the process may hold descriptors (1,100 of them
+    under a limit of 1,024) the store no longer opened, and every task said "Too many open
+    files". Here a child process with a limit of 64 opens a tree 150 wide and 150 deep."""
+    storage = tmp_path / "storage"
+    with DiskStore(storage, None, reserve_bytes=0) as store:
+        for index in range(150):
+            store.write(f"wide{index}/f", b"ab")
+        deep = "/".join(["d"] * 150)
+        store.write(f"{deep}/f", b"abc")
+    dead = storage / deep / f".cpnode-tmp-{dead_pid()}-0123"
+    dead.write_bytes(b"left by a killed writer")
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "from shm.diskstore import DiskStore\n"
+        "store = DiskStore(sys.argv[1], 1 << 20, sys.argv[2], reserve_bytes=0)\n"
+        "print(store.used_bytes())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(storage), str(ledger)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == 150 * 2 + 3
+    assert not dead.exists()  # removed at any depth
