@@ -20,7 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from node.config import Config, JoinInfo, load_config, load_join, parse_role, port_argument
+from node.config import (
+    Config,
+    JoinInfo,
+    check_node_paths,
+    load_config,
+    load_join,
+    parse_role,
+    port_argument,
+)
 from node.errors import ConfigError
 from node.health import DEFAULT_PORT as DEFAULT_HEALTH_PORT
 from node.supervisor import Node
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.health_port is not None:
             overrides["health_listen"] = f"127.0.0.1:{args.health_port}"
         config = load_config(args.config, overrides=overrides, override_source="command line")
+        check_node_paths(config)
     except ConfigError as exc:
         print(f"cpnode-supervisor: {exc}", file=sys.stderr)
         return 2

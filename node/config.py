@@ -493,7 +493,10 @@ class Config:
         "Internet nodes: local ports `Tcp`/`Udp` tasks bind to (`null` = any free port).",
     )
     storage_dir: str = _upstream(
-        "storage", _Text(), "Disk nodes: directory of `StoreData` keys and `DiskWrite` files."
+        "storage",
+        _Text(),
+        "Directory of `DiskWrite` files (and, on Disk nodes, `StoreData` keys); may not hold "
+        "`shm_dir`.",
     )
     state_file: str = _upstream(
         "master_state.json", _Text(), "Master: file where it persists its state."
@@ -775,6 +778,29 @@ def _read_json_object(label: str, kind: str) -> dict[str, Any]:
             f"{label}: the top level must be a JSON object, got {_describe(document)}"
         )
     return document
+
+
+def check_node_paths(config: Config) -> None:
+    """Refuse a `storage_dir` that storage tasks could use to reach the node's own files in
+    `shm_dir` (its memory store, usage ledger, lock and payload segments, and those of other
+    nodes): `storage_dir` equal to `shm_dir` or above it, or inside a `cpnode-*` entry of it.
+    A directory of its own inside `shm_dir` (`/dev/shm/cpcluster`) is fine. Paths are compared
+    after resolving symlinks; neither needs to exist yet."""
+    storage = os.path.realpath(config.storage_dir)
+    shm = os.path.realpath(config.shm_dir)
+    if shm == storage or shm.startswith(storage.rstrip(os.sep) + os.sep):
+        raise ConfigError(
+            f"`storage_dir` {config.storage_dir!r} holds `shm_dir` {config.shm_dir!r}: DiskWrite"
+            " and DiskRead could reach this node's own files there (memory store, usage"
+            " ledger, lock, payload segments); use a directory of its own, such as"
+            f" {os.path.join(config.shm_dir, 'cpcluster')!r}"
+        )
+    inside = os.path.relpath(storage, shm)
+    if not inside.startswith(os.pardir) and inside.split(os.sep)[0].startswith("cpnode-"):
+        raise ConfigError(
+            f"`storage_dir` {config.storage_dir!r} is inside {inside.split(os.sep)[0]!r}, a"
+            f" node's own directory in `shm_dir` {config.shm_dir!r}; use a directory of its own"
+        )
 
 
 def load_config(

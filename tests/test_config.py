@@ -20,6 +20,7 @@ from node.config import (
     Config,
     JoinInfo,
     Role,
+    check_node_paths,
     config_reference_markdown,
     format_address,
     is_local_ip,
@@ -30,6 +31,7 @@ from node.config import (
     write_join,
 )
 from node.errors import ConfigError, CpnodeError
+from tests.nodeproc import NodeProcess
 
 DATA = Path(__file__).parent / "data"
 
@@ -668,3 +670,39 @@ def test_parse_address_refusals(text: str, reason: str) -> None:
 def test_format_and_parse_round_trip(ip: object, port: int) -> None:
     host = str(ip)
     assert parse_address(format_address(host, port)) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("storage", "shm", "refused"),
+    [
+        ("{t}/shm", "{t}/shm", "holds `shm_dir`"),  # DiskWrite could reach cpnode-<id>/...
+        ("{t}", "{t}/shm", "holds `shm_dir`"),
+        ("{t}/shm/cpnode-n1/mem", "{t}/shm", "a node's own directory"),
+        ("{t}/link-to-shm", "{t}/shm", "holds `shm_dir`"),  # a symlink to it
+        ("{t}/shm/cpcluster", "{t}/shm", None),  # upstream's tmpfs channel: fine
+        ("{t}/storage", "{t}/shm", None),
+        ("{t}/shm-other", "{t}/shm", None),  # a prefix of the name is no parent
+    ],
+)
+def test_storage_dir_may_not_reach_the_nodes_files_in_shm_dir(
+    tmp_path: Path, storage: str, shm: str, refused: str | None
+) -> None:
+    (tmp_path / "shm").mkdir()
+    (tmp_path / "link-to-shm").symlink_to(tmp_path / "shm")
+    config = Config(storage_dir=storage.format(t=tmp_path), shm_dir=shm.format(t=tmp_path))
+    if refused is None:
+        check_node_paths(config)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_node_paths(config)
+
+
+def test_the_node_refuses_a_storage_dir_that_holds_shm_dir(tmp_path: Path) -> None:
+    (tmp_path / "join.json").write_text('{"token":"t","ip":"127.0.0.1","port":1}')
+    config = {"storage_dir": str(tmp_path / "shm"), "shm_dir": str(tmp_path / "shm")}
+    process = NodeProcess(tmp_path, tmp_path / "join.json", config)
+    try:
+        assert process.proc.wait(30) == 2
+        assert "`storage_dir`" in process.log and "holds `shm_dir`" in process.log
+    finally:
+        process.close()
