@@ -234,12 +234,18 @@ class _ChunkDecoder:
 
     def decode(self, chunk: U8, out: U8) -> int | None:
         """Write the chunk's values to the start of ``out``; return how many, or None when the
-        chunk is not a valid run of elements."""
-        count = self._decode_compact(chunk, out)
-        if count is not None or not _WS_TABLE[chunk].any():
-            return count
+        chunk is not a valid run of elements.
+
+        A chunk longer than the buffers has no comma within `CHUNK_TEXT` characters (see
+        `_chunk_end`): one element, valid only as 1-3 digits in whitespace. Its whitespace is
+        removed window by window, and the buffers never grow to its length (200 MiB of spaces
+        in an array once cost 1.6 GB)."""
+        if len(chunk) <= self._capacity:
+            count = self._decode_compact(chunk, out)
+            if count is not None or not _WS_TABLE[chunk].any():
+                return count
         compact = _without_whitespace(chunk)
-        if compact is None:
+        if compact is None or len(compact) > self._capacity:
             return None
         return self._decode_compact(compact, out)
 
@@ -320,9 +326,16 @@ class _ChunkDecoder:
 
 
 def _without_whitespace(chunk: U8) -> U8 | None:
-    """Return the chunk without JSON whitespace, or None when whitespace separates two digits."""
-    kept = np.flatnonzero(~_WS_TABLE[chunk])
-    compact = chunk[kept]
+    """Return the chunk without JSON whitespace, or None when whitespace separates two digits.
+    Looks at `CHUNK_TEXT` characters at a time: the temporaries are as large as what is kept,
+    not as the chunk."""
+    kept: npt.NDArray[np.intp] = np.concatenate(
+        [
+            np.flatnonzero(~_WS_TABLE[chunk[start : start + CHUNK_TEXT]]) + start
+            for start in range(0, len(chunk), CHUNK_TEXT)
+        ]
+    )
+    compact: U8 = chunk[kept]
     digits = (compact - _ZERO) <= 9
     split = digits[:-1] & digits[1:] & (np.diff(kept) != 1)
     if split.any():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -243,6 +244,40 @@ def test_long_whitespace_runs_and_no_comma_within_a_chunk() -> None:
     gap = b" " * (2 * bytesjson.CHUNK_TEXT)
     text = b"[1," + gap + b"2" + gap + b",3]"
     assert decode_byte_array(gap + text + gap) == b"\x01\x02\x03"
+
+
+@pytest.mark.parametrize(
+    ("gap", "expected"),
+    [
+        (b"1" + b" " * 5000 + b"2", None),  # split by whitespace across many windows
+        (b" " * 4999 + b"1 2" + b" " * 5000, None),  # split right at a window's edge
+        (b" " * 4999 + b"12" + b" " * 5000, b"\x0c"),
+        (b" " * 20_000 + b"255", b"\xff"),
+    ],
+)
+def test_a_chunk_longer_than_the_buffers_never_grows_them(
+    monkeypatch: pytest.MonkeyPatch, gap: bytes, expected: bytes | None
+) -> None:
+    # No comma for 20,000 characters: the chunk runs on to the next one. Its whitespace is
+    # removed 4,096 characters at a time, and the buffers keep their size (200 MiB of spaces
+    # once grew them to 1.6 GB).
+    grown: list[int] = []
+    grow = bytesjson._ChunkDecoder._grow
+
+    def recorded(decoder: Any, capacity: int) -> None:
+        grown.append(capacity)
+        grow(decoder, capacity)
+
+    monkeypatch.setattr(bytesjson._ChunkDecoder, "_grow", recorded)
+    text = b"[7," + gap + b",9]"
+    with vectorised(4096):
+        if expected is None:
+            with pytest.raises(ByteArrayError, match="expected ','") as caught:
+                decode_byte_array(text)
+            assert caught.value.element == 1
+        else:
+            assert decode_byte_array(text) == b"\x07" + expected + b"\x09"
+    assert grown == [4096]  # made once, at the chunk size
 
 
 @pytest.mark.parametrize("bad", [b"256", b"01", b"", b"-3", b"1.5", b"12 3"])
