@@ -28,11 +28,13 @@ Writes::
 A refused write leaves the old content as it was. Only the commit holds the lock, so workers
 write their data in parallel and the quota still holds for all of them together. The count
 changes before the rename (and back if the rename fails), so a writer killed at any point
-leaves either a ledger that is right or its temporary file. Temporary files all live directly
-in ``storage_dir`` (the tree is one filesystem: the rename crosses directories, not devices), so
-what a killed worker left is found with one look at one directory: the pool calls
-``sweep_temporary(pid)`` as soon as it sees a worker die, which removes them and, with a quota,
-recounts the ledger from the files. (Counting after the rename instead leaves a wide window:
+leaves either a ledger that is right or its temporary file. Temporary files live directly in
+``storage_dir`` (a rename crosses directories, not devices), so what a killed worker left is
+found with one look at one directory: the pool calls ``sweep_temporary(pid)`` as soon as it
+sees a worker die, which removes them and, with a quota, recounts the ledger from the files.
+The exception is a directory on another filesystem mounted inside ``storage_dir``: its
+temporaries go beside their targets, and a killed writer's is removed by the next full count
+(a Disk node's start), not at once. (Counting after the rename instead leaves a wide window:
 renaming over a big file frees its blocks, and a kill then loses the count with no trace.)
 
 Quota. ``quota_bytes`` (``disk_space_mb`` * 1,048,576) counts the size of every regular file
@@ -103,6 +105,7 @@ class DiskStore(Closing):
         self.reserve_bytes = reserve_bytes
         os.makedirs(self.path, exist_ok=True)
         self._root: int | None = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root_device = os.fstat(self._root).st_dev
         self._ledger: UsageLedger | None = None
         if ledger_dir is not None and quota_bytes is not None:
             # One ledger per storage directory, even if two stores were given one ledger_dir.
@@ -233,11 +236,20 @@ class DiskStore(Closing):
             used = self._ledger.peek()
             if used - old + size > self.quota_bytes:
                 raise QuotaExceeded(path=path, used=used, change=size - old, quota=self.quota_bytes)
-        space.check_free(self.path, size, self.reserve_bytes, f"{size} bytes for {path!r}")
+        what = f"{size} bytes for {path!r}"
+        here = root
+        if parent != root and os.fstat(parent).st_dev != self._root_device:
+            # A filesystem mounted inside storage_dir: no rename crosses into it, so the
+            # temporary goes beside the target, and the room is that filesystem's.
+            here = parent
+            where = os.path.dirname(os.path.join(self.path, path))
+            space.check_free(where, size, self.reserve_bytes, what, dir_fd=parent)
+        else:
+            space.check_free(self.path, size, self.reserve_bytes, what)
         temporary = space.temporary_name(_TEMPORARY)
         temporary_path = os.path.join(self.path, temporary)
         try:
-            fd = os.open(temporary, _CREATE, 0o644, dir_fd=root)
+            fd = os.open(temporary, _CREATE, 0o644, dir_fd=here)
         except OSError as error:
             raise FileError.from_os_error(error, path) from error
         try:
@@ -246,9 +258,9 @@ class DiskStore(Closing):
                 space.write_all(fd, data, temporary_path)
             finally:
                 os.close(fd)
-            self._commit(root, temporary, parent, leaf, path, size)
+            self._commit(here, temporary, parent, leaf, path, size)
         except BaseException:
-            space.unlink_quietly(temporary, root)
+            space.unlink_quietly(temporary, here)
             raise
 
     def _commit(

@@ -40,10 +40,17 @@ def free_bytes(directory: str) -> int:
     return int(psutil.disk_usage(directory).free)
 
 
-def check_free(directory: str, needed: int, reserve_bytes: int, what: str) -> None:
+def check_free(
+    directory: str, needed: int, reserve_bytes: int, what: str, *, dir_fd: int | None = None
+) -> None:
     """Raise ``StoreFullError`` unless ``needed`` bytes fit in ``directory``'s filesystem with
-    ``reserve_bytes`` still free afterwards."""
-    free = free_bytes(directory)
+    ``reserve_bytes`` still free afterwards (``dir_fd``: that directory, open, looked at instead
+    of its path, as psutil would: blocks available to us times their size)."""
+    if dir_fd is None:
+        free = free_bytes(directory)
+    else:
+        info = os.fstatvfs(dir_fd)
+        free = info.f_bavail * info.f_frsize
     if needed + reserve_bytes > free:
         short = needed + reserve_bytes - free
         keep = f" and keep {reserve_bytes} bytes free" if reserve_bytes else ""

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
+from shm import diskstore
 from shm.diskstore import MIB, DiskStore, has_temporary_files
 from shm.errors import (
     FileError,
@@ -846,19 +847,50 @@ def test_sweeping_a_dead_writer_recounts_the_ledger(
     assert tree(storage) == ["kept"]
 
 
-def test_a_rename_that_fails_takes_its_count_back(node_dir: NodeDirectory, tmp_path: Path) -> None:
-    """The count changes before the rename; a real rename failure (another filesystem mounted
-    below ``storage_dir``: EXDEV) gives the system's error and leaves the ledger as it was."""
+def test_a_rename_that_fails_takes_its_count_back(
+    node_dir: NodeDirectory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count changes before the rename; a rename that fails (the system's EIO, injected:
+    no real one can be had on demand) gives the system's error and leaves the ledger and the
+    old content as they were, and no temporary file."""
+    storage = tmp_path / "storage"
+    with disk_store(node_dir, storage, MIB) as disk:
+        disk.write("kept", bytes(100))
+        disk.write("file", bytes(10))
+
+        def failing(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(diskstore.os, "rename", failing)
+        with pytest.raises(FileError) as caught:
+            disk.write("file", bytes(500))
+        monkeypatch.undo()
+        assert str(caught.value) == "Input/output error (os error 5)"
+        assert disk.used_bytes() == 110
+        assert sorted(os.listdir(storage)) == ["file", "kept"]
+        assert disk.read("file") == bytes(10)
+
+
+def test_a_write_into_a_filesystem_mounted_below_storage_dir_works(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    """Temporaries live in ``storage_dir``, and no rename crosses devices: a write into a
+    tmpfs mounted at ``mnt`` failed with "Invalid cross-device link (os error 18)". Its
+    temporary now goes beside the target, and the room checked is the mount's."""
     storage = tmp_path / "storage"
     storage.mkdir()
-    with mounted_tmpfs(storage / "mnt", "1m"), disk_store(node_dir, storage, MIB) as disk:
+    with mounted_tmpfs(storage / "mnt", "1m"), disk_store(node_dir, storage, 4 * MIB) as disk:
         disk.write("kept", bytes(100))
-        with pytest.raises(FileError) as caught:
-            disk.write("mnt/file", bytes(500))
-        assert str(caught.value) == "Invalid cross-device link (os error 18)"
-        assert disk.used_bytes() == 100
-        assert sorted(os.listdir(storage)) == ["kept", "mnt"]
-        assert os.listdir(storage / "mnt") == []
+        disk.write("mnt/sub/file", bytes(500))
+        assert disk.read("mnt/sub/file") == bytes(500)
+        assert disk.used_bytes() == 600
+        with pytest.raises(StoreFullError, match="mnt/sub has"):  # the mount's 1 MiB, not /tmp's
+            disk.write("mnt/sub/big", bytes(2 * MIB))
+        assert disk.used_bytes() == 600
+        assert tree(storage) == ["kept", "mnt", "mnt/sub", "mnt/sub/file"]
+        disk.write("mnt/sub/file", bytes(7))  # replaced in place, as anywhere else
+        assert disk.used_bytes() == 107
+        assert tree(storage) == ["kept", "mnt", "mnt/sub", "mnt/sub/file"]
 
 
 @pytest.mark.parametrize("kind", ["memory", "disk"])
