@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from node import protocol as p
 from node.protocol import codec
+from workers.storage import decode_blob_task
 
 DATA = Path(__file__).parent / "data"
 FRAMES = [orjson.loads(line) for line in (DATA / "frames.jsonl").read_text().splitlines() if line]
@@ -308,10 +309,34 @@ def test_peek_finds_the_id_after_a_big_byte_array_without_parsing_it(
     array = _big_array()
     payload = before + array + after
     assert p.peek(payload).id == ident
-    around = codec.around_byte_array(payload)
+    around = codec.around_blob(payload)
     assert around is not None
     assert payload[around[1] : around[2]] == array
-    assert codec.blob_marked(around[0])
+
+
+_PAD = b" " * 70_000
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # The widest pair is in the id, and "data" holds a literal 0: the splice changes the
+        # id, and the blob's place holds 0 whatever is spliced in.
+        b'{"AssignTask":{"task":{"StoreData":{"key":"k","data":0}},"id":"a[' + _PAD + b']"}}',
+        # ... in the address, which the splice would have turned into 127.0.0.1:80.
+        b'{"AssignTask":{"task":{"Tcp":{"addr":"127.0.0.1:8[' + b"1," * 40_000
+        + b'1]","data":0}},"id":"q"}}',
+        # Duplicate keys: the pair spans strings and the id orjson keeps (the last one).
+        b'{"AssignTask":{"task":{"StoreData":{"key":"k","data":0}},"id":"x","s":"[' + _PAD
+        + b'","id":"y","task":{"RetrieveData":{"key":"z"}},"t":"]"}}',
+    ],
+    ids=["id", "addr", "duplicate-keys"],
+)  # fmt: skip
+def test_brackets_in_strings_never_stand_for_the_blob(payload: bytes) -> None:
+    # Each made the node answer under another id than orjson reads, or run another task.
+    assert codec.around_blob(payload) is None
+    assert p.peek(payload).id == orjson.loads(payload)["AssignTask"]["id"]
+    assert decode_blob_task(payload) is None  # the generic decoder answers it
 
 
 @pytest.mark.parametrize(

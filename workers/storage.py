@@ -85,21 +85,21 @@ def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
 def _decode_blob_task_in_any_form(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
     """`decode_blob_task` for valid JSON that serde would not write (fields in another order,
     whitespace, escapes): the generic decoder checks everything but the byte array, which it
-    gets empty (`codec.around_byte_array`); the vectorised codec decodes the array. None when
+    gets empty (`codec.around_blob`); the vectorised codec decodes the array. None when
     the array cannot be told apart. Raises `RemoteProtocolError` for a malformed task."""
     text = payload if type(payload) is bytes else bytes(payload)  # a mapped segment: copied
-    around = codec.around_byte_array(text)
-    if around is None or not codec.blob_marked(around[0]):
+    around = codec.around_blob(text)
+    if around is None:
         return None
     value, start, end = around
     if "AssignTask" not in value:
         return None  # a SubmitTask or TaskResult: no task for a node
-    (fields,) = value["AssignTask"]["task"].values()  # the shape blob_marked checked
+    (fields,) = value["AssignTask"]["task"].values()  # the shape around_blob checked
     fields["data"] = []
     message = codec.message_from_json(value)
     assert isinstance(message, m.AssignTask)
     task = message.task
-    assert isinstance(task, m.StoreData | m.DiskWrite | m.Tcp | m.Udp)  # what blob_marked takes
+    assert isinstance(task, m.StoreData | m.DiskWrite | m.Tcp | m.Udp)  # what around_blob takes
     data = decode_byte_array(memoryview(text)[start:end])
     return message.id, dataclasses.replace(task, data=data)
 

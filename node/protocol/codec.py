@@ -370,12 +370,12 @@ def peek(payload: bytes) -> Head:
 _ID_VARIANTS: Final = frozenset({"AssignTask", "SubmitTask", "TaskResult"})
 _PARSE_WHOLE_BYTES: Final = 64 * 1024
 """`peek` parses a payload whose id is not at its head whole up to this size; a longer one
-around its byte array first (`around_byte_array`)."""
+around its byte array first (`around_blob`)."""
 _PARSE_AT_MOST_BYTES: Final = 1 << 20
 """... and whole when that finds none, up to this size (a few ms of parsing at most; the node
 spills longer frames to segments, whose ids it looks for only around a byte array)."""
 _MAX_BRACKETS: Final = 64
-"""`around_byte_array` gives up on a payload with more brackets than this (of each kind)."""
+"""`around_blob` gives up on a payload with more brackets than this (of each kind)."""
 
 
 class Searchable(Protocol):
@@ -400,11 +400,9 @@ def _id_anywhere(payload: bytes, name: str) -> str | None:
 
 def id_around_byte_array(payload: Searchable, name: str) -> str | None:
     """The id of a big `name` payload (`AssignTask`, ...) in any JSON form, read around its
-    byte array; None when `around_byte_array` cannot show it."""
-    around = around_byte_array(payload)
-    if around is None or not blob_marked(around[0]):
-        return None  # the widest array was not the blob's (a string held it, say)
-    return _id_in(around[0], name)
+    byte array; None when `around_blob` cannot show it."""
+    around = around_blob(payload)
+    return None if around is None else _id_in(around[0], name)
 
 
 def _id_in(value: object, name: str) -> str | None:
@@ -413,17 +411,38 @@ def _id_in(value: object, name: str) -> str | None:
     return ident if type(ident) is str else None
 
 
-def around_byte_array(payload: Searchable) -> tuple[Any, int, int] | None:
-    """For a payload that is mostly one byte array (a blob task or result in any JSON form):
-    the payload parsed with that array replaced by ``0``, and the array's start and end
-    offsets (``payload[start:end]`` runs from ``[`` to ``]``).
+def around_blob(payload: Searchable) -> tuple[Any, int, int] | None:
+    """For a payload that is mostly the byte array of a blob task or result (`AssignTask` or
+    `SubmitTask` of `StoreData`, `DiskWrite`, `Tcp`, `Udp`; `TaskResult` of `Bytes`) in any
+    JSON form: the payload parsed with that array replaced by ``0``, and the array's start and
+    end offsets (``payload[start:end]`` runs from ``[`` to ``]``). No JSON parser reads the
+    array, and what is around it parses as the whole payload would (duplicate keys included).
 
     The array is the widest pair of brackets with none between them, found with C-speed
-    ``find`` (no JSON parser reads the array); None when there is no such pair, more than
-    `_MAX_BRACKETS` brackets of a kind, more than `_PARSE_WHOLE_BYTES` around the array, or
-    what is around it is no JSON. The pair may sit inside a string: only a ``0`` found where
-    the blob belongs (`blob_marked`) proves it was the array.
+    ``find``. That pair may sit inside strings: the splice counts only when the blob's place
+    holds ``0`` with it and ``1`` with ``1`` spliced in instead (a ``0`` written there, the
+    pair in a string, would not change). None when there is no such pair, more than
+    `_MAX_BRACKETS` brackets of a kind, more than `_PARSE_WHOLE_BYTES` around the array, what
+    is around it is no JSON, or the pair is not the blob.
     """
+    pair = _widest_flat_brackets(payload)
+    if pair is None:
+        return None
+    start, end = pair
+    if len(payload) - (end - start) > _PARSE_WHOLE_BYTES:
+        return None
+    before, after = payload[:start], payload[end:]
+    try:
+        value = _loads(before + b"0" + after)
+        if _blob_slot(value) != 0 or _blob_slot(_loads(before + b"1" + after)) != 1:
+            return None
+    except _JSONDecodeError:
+        return None
+    return value, start, end
+
+
+def _widest_flat_brackets(payload: Searchable) -> tuple[int, int] | None:
+    """(start, end) of the widest ``[``...``]`` with no bracket between them."""
     opens, closes = _offsets(payload, b"["), _offsets(payload, b"]")
     if not opens or not closes:
         return None
@@ -439,36 +458,25 @@ def around_byte_array(payload: Searchable) -> tuple[Any, int, int] | None:
             continue  # another '[' before this one closes: not a flat array
         if best is None or end - start > best[1] - best[0]:
             best = (start, end)
-    if best is None:
-        return None
-    start, end = best
-    if len(payload) - (end - start) > _PARSE_WHOLE_BYTES:
-        return None
-    try:
-        value = _loads(payload[:start] + b"0" + payload[end:])
-    except _JSONDecodeError:
-        return None
-    return value, start, end
+    return best
 
 
-def blob_marked(value: object) -> bool:
-    """Whether a parsed `AssignTask`/`SubmitTask` (task `StoreData`, `DiskWrite`, `Tcp` or
-    `Udp`) or `TaskResult` (result `Bytes`) holds the integer ``0`` where its bytes go: the
-    mark `around_byte_array` leaves in place of the array."""
+def _blob_slot(value: object) -> int | None:
+    """The integer a parsed blob task or result holds where its bytes go, else None."""
     if type(value) is not dict or len(value) != 1:
-        return False
+        return None
     ((name, body),) = value.items()
     if name not in _ID_VARIANTS or type(body) is not dict:
-        return False
+        return None
     inner = body.get("result" if name == "TaskResult" else "task")
     if type(inner) is not dict or len(inner) != 1:
-        return False
+        return None
     ((variant, fields),) = inner.items()
     if name == "TaskResult":
         slot = fields if variant == "Bytes" else None
     else:
         slot = fields.get("data") if variant in _BLOB_VARIANTS and type(fields) is dict else None
-    return type(slot) is int and slot == 0
+    return slot if type(slot) is int else None
 
 
 _BLOB_VARIANTS: Final = frozenset({"StoreData", "DiskWrite", "Tcp", "Udp"})
