@@ -80,8 +80,10 @@ def _results_in(blob: Frames, *, unreadable: bool = False) -> Iterator[tuple[str
     """(id, payload) of each result frame in an outbox entry; a mapped frame (one big
     result) as (id, the frame). Results without a readable id are left out, or given with the
     id "" when `unreadable`."""
-    if type(blob) is memoryview:  # its head says whose
-        results: list[tuple[bytes, Frames]] = [(blob[4 : 4 + SPILL_HEAD_BYTES].tobytes(), blob)]
+    if type(blob) is memoryview:  # its head says whose (an id of any length, unescaped)
+        match = _RESULT_ID(blob, 4)
+        head = match[0] if match is not None else blob[4 : 4 + SPILL_HEAD_BYTES].tobytes()
+        results: list[tuple[bytes, Frames]] = [(head, blob)]
     else:
         results = [(payload, payload) for payload in FrameDecoder(len(blob)).feed(blob)]
     for head, result in results:

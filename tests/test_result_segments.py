@@ -220,6 +220,17 @@ def test_repeated_ids_read_the_outbox_once_not_once_each(monkeypatch: pytest.Mon
     assert resent == b"".join(codec.encode(m.TaskResult(i, m.Number(2.0))) for i in ids)
 
 
+@pytest.mark.parametrize("ident", ["short", "x" * 5000, "é" * 100, 'q"' + "y" * 100])
+def test_a_mapped_result_is_found_by_an_id_of_any_length(ident: str) -> None:
+    # Only the first 4 KiB of a mapped frame were read for its id: a longer id was not
+    # found, and its repeated task ran again.
+    link = _link()
+    result = codec.encode(m.TaskResult(ident, m.Bytes(bytes(300_000))))
+    link.send_results(memoryview(result), 1)
+    assert link.find_result(ident) is not None
+    assert link.undelivered_ids() == [ident]
+
+
 def test_the_outbox_index_follows_new_results_and_confirmations() -> None:
     link = _link()
     link.send_results(codec.encode(m.TaskResult("a", m.Number(1.0))), 1)
