@@ -244,6 +244,8 @@ class _ChunkDecoder:
             count = self._decode_compact(chunk, out)
             if count is not None or not _WS_TABLE[chunk].any():
                 return count
+        elif _kept_count(chunk) > 3:
+            return None  # one element of more than 3 characters: invalid, say where
         compact = _without_whitespace(chunk)
         if compact is None or len(compact) > self._capacity:
             return None
@@ -323,6 +325,14 @@ class _ChunkDecoder:
         np.bitwise_or(even, self._not_even[: len(target)], out=target)
         np.bitwise_or(odd, self._not_odd[: len(target)], out=scratch)
         np.minimum(target, scratch, out=target)
+
+
+def _kept_count(chunk: U8) -> int:
+    """How many characters of the chunk are not whitespace, `CHUNK_TEXT` at a time."""
+    return sum(
+        int(np.count_nonzero(~_WS_TABLE[chunk[start : start + CHUNK_TEXT]]))
+        for start in range(0, len(chunk), CHUNK_TEXT)
+    )
 
 
 def _without_whitespace(chunk: U8) -> U8 | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -278,6 +279,35 @@ def test_a_chunk_longer_than_the_buffers_never_grows_them(
         else:
             assert decode_byte_array(text) == b"\x07" + expected + b"\x09"
     assert grown == [4096]  # made once, at the chunk size
+
+
+@pytest.mark.parametrize(
+    ("gap", "expected", "bound"),
+    [
+        # The output (half the text, allocated up front) and the windows' temporaries.
+        (b" " * (4 << 20) + b"1" + b" " * (4 << 20), b"\x07\x01\x09", 1.0),
+        # ... and the copy `_diagnose` reads the bad element from.
+        (b"1" * (8 << 20), None, 2.0),
+    ],
+    ids=["spaces", "digits"],
+)
+def test_a_long_element_costs_memory_by_the_window_not_by_its_length(
+    gap: bytes, expected: bytes | None, bound: float
+) -> None:
+    # 8 MiB without a comma: once the whole of it at a time, 8 bytes of index per character
+    # (and 1.6 GB for 200 MiB of spaces).
+    text = b"[7," + gap + b",9]"
+    tracemalloc.start()
+    try:
+        if expected is None:
+            with pytest.raises(ByteArrayError, match="is above 255"):
+                decode_byte_array(text)
+        else:
+            assert decode_byte_array(text) == expected
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < bound * len(text), f"{peak} bytes at the peak for {len(text)} of text"
 
 
 @pytest.mark.parametrize("bad", [b"256", b"01", b"", b"-3", b"1.5", b"12 3"])
