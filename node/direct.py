@@ -219,11 +219,7 @@ class DirectConnection(asyncio.Protocol):
             self._run(payload)
             return
         if payload.startswith(b'{"TaskResult":'):
-            try:
-                ident = codec.peek(payload).id
-            except RemoteProtocolError:
-                ident = None
-            self._result(ident, payload)
+            self._result(codec.peek_id(payload), payload)
             return
         try:
             message = codec.decode(payload)

@@ -69,8 +69,11 @@ _ASSIGN_HEAD = re.compile(rb'\s*\{\s*"AssignTask"\s*:').match
 
 
 def _is_assign(payload: bytes) -> bool:
-    """An `AssignTask` as serde writes it, or with whitespace around its first key."""
-    return payload.startswith(_ASSIGN_PREFIX) or _ASSIGN_HEAD(payload, 0, 64) is not None
+    """An `AssignTask` as serde writes it, or with whitespace around its first key (within
+    the head a spilled frame keeps)."""
+    return (
+        payload.startswith(_ASSIGN_PREFIX) or _ASSIGN_HEAD(payload, 0, SPILL_HEAD_BYTES) is not None
+    )
 
 
 _RESULT_ID = re.compile(rb'\{"TaskResult":\{"id":"([^"\\]*+)"').match
@@ -91,22 +94,11 @@ def _results_in(blob: Frames, *, unreadable: bool = False) -> Iterator[tuple[str
         if match is not None and match[1].isascii():
             ident: str | None = match[1].decode()
         else:
-            try:
-                ident = codec.peek(head).id
-            except RemoteProtocolError:
-                ident = None
+            ident = codec.peek_id(head)
         if ident is not None:
             yield ident, result
         elif unreadable:
             yield "", result
-
-
-def _head_id(head: bytes) -> str | None:
-    """The id in the head of a spilled payload (too short to parse as a whole)."""
-    try:
-        return codec.peek(head).id
-    except RemoteProtocolError:
-        return None
 
 
 _BACKOFF_FIRST_S = 0.1
@@ -395,7 +387,7 @@ class MasterLink:
                 )
                 discard_spilled(self.config.shm_dir, payload)
                 return
-            ident = codec.assign_task_id(head) or _head_id(head)
+            ident = codec.assign_task_id(head) or codec.peek_id(head)
             if ident is None and not error:
                 ident = self._spilled_id(name)
             if ident is not None:

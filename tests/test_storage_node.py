@@ -349,8 +349,9 @@ def test_odd_but_valid_assign_tasks_are_answered_under_their_ids(
     tmp_path: Path, scripted: ScriptedMaster
 ) -> None:
     """Each was dropped without an answer: an escaped variant name, a long run of spaces
-    before it, a 70 KB task with its id last (no byte array to find it by); and a spilled
-    task with its id after a malformed array was answered under the id ""."""
+    before it (in a frame, and in a spilled one), a 70 KB task with its id last (no byte array
+    to find it by); and a spilled task with its id after a malformed array was answered under
+    the id ""."""
     node_id = f"test-odd-forms-{os.getpid()}"
     node = start_node(tmp_path, scripted, "Worker", node_id)
     array = orjson.dumps(list(os.urandom(400_000)))  # a 1.4 MB frame: spilled
@@ -363,6 +364,10 @@ def test_odd_but_valid_assign_tasks_are_answered_under_their_ids(
         "bad-array": b'{"AssignTask":{"task":{"StoreData":{"data":[256,'
         + array[1:]
         + b',"key":"k"}},"id":"bad-array"}}',
+        "spaces-big": b" " * 100
+        + b'{"AssignTask":{"id":"spaces-big","task":{"StoreData":{"key":"k","data":'
+        + array
+        + b"}}}}",
     }
     try:
         scripted.send_raw(b"".join(frame(payload) for payload in odd.values()))
@@ -374,6 +379,7 @@ def test_odd_but_valid_assign_tasks_are_answered_under_their_ids(
         assert results["bad-array"] == m.Error(
             "malformed task: invalid JSON byte array: 256 is above 255 (at element 0, offset 1)"
         )
+        assert results["spaces-big"] == m.Stored()
         assert "skipping" not in node.log
         assert stop_node(node, scripted) == 0
     finally:

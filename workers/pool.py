@@ -577,9 +577,7 @@ class WorkerPool:
         off as after a crash: a worker slot is never given up while the node runs."""
         if task.cancelled() or task.exception() is None:
             return
-        log.error(
-            "respawning worker %d failed: %s; trying again", worker.index, task.exception()
-        )
+        log.error("respawning worker %d failed: %s; trying again", worker.index, task.exception())
         if not self._stopping:
             self._schedule_respawn(worker, crashed=True)
 
@@ -647,5 +645,3 @@ def _log_sweep(index: int, sweep: asyncio.Future[list[str]]) -> None:
             index,
             ", ".join(unfinished),
         )
-
-

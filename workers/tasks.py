@@ -324,7 +324,4 @@ def _error_id(payload: bytes | memoryview, head: bytes) -> str:
 
 
 def _id_of(payload: bytes) -> str:
-    try:
-        return codec.peek(payload).id or ""
-    except RemoteProtocolError:
-        return ""
+    return codec.peek_id(payload) or ""

@@ -341,6 +341,14 @@ def assign_task_id(payload: bytes) -> str | None:
         return None
 
 
+def peek_id(payload: bytes) -> str | None:
+    """`peek`'s id, or None also when even the head is unreadable."""
+    try:
+        return peek(payload).id
+    except RemoteProtocolError:
+        return None
+
+
 def peek(payload: bytes) -> Head:
     """Variant and id of a payload from its first bytes, without decoding a large body.
 
