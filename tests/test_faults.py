@@ -806,13 +806,16 @@ class PoolRun:
 SLOW = {"Compute": "tests.slowtasks:compute"}
 
 
+@pytest.mark.parametrize("where", ["socketpair", "channel"])
 def test_a_respawn_that_fails_is_tried_again(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
 ) -> None:
-    # No socket pair to be had (EMFILE) when a dead worker is respawned: the slot stayed
-    # empty for good, and a one-worker node never answered again.
+    # No socket pair to be had (EMFILE), or no channel to the new process: the slot stayed
+    # empty for good, and a one-worker node never answered again. A process started for a
+    # failed attempt is killed, not left without a channel.
     failures = 2
-    socketpair = socket.socketpair
+    abandoned: list[int] = []
+    socketpair, channel = socket.socketpair, pool_module._Channel
 
     def scarce() -> tuple[socket.socket, socket.socket]:
         nonlocal failures
@@ -821,12 +824,25 @@ def test_a_respawn_that_fails_is_tried_again(
             raise OSError(errno.EMFILE, "Too many open files")
         return socketpair()
 
+    class Refused(channel):  # type: ignore[misc, valid-type]
+        def __init__(self, pool: WorkerPool, worker: Worker) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                assert worker.pid is not None
+                abandoned.append(worker.pid)
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            super().__init__(pool, worker)
+
     async def scenario() -> None:
         run = PoolRun(1, WorkerLimits())
         await run.pool.start()
         try:
             first_pid = run.ready_pids[0]
-            monkeypatch.setattr(pool_module.socket, "socketpair", scarce)
+            if where == "socketpair":
+                monkeypatch.setattr(pool_module.socket, "socketpair", scarce)
+            else:
+                monkeypatch.setattr(pool_module, "_Channel", Refused)
             os.kill(first_pid, signal.SIGKILL)
             ids = [f"after-{i}" for i in range(20)]
             for ident in ids:
@@ -836,6 +852,11 @@ def test_a_respawn_that_fails_is_tried_again(
             assert failures == 0 and len(run.ready_pids) == 2
             retries = [r for r in caplog.records if "respawning worker 0 failed" in r.getMessage()]
             assert len(retries) == 2
+            for pid in abandoned:
+                assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == (
+                    psutil.STATUS_ZOMBIE
+                )
+            assert len(abandoned) == (2 if where == "channel" else 0)
         finally:
             await run.pool.stop()
 
