@@ -17,10 +17,9 @@ import pytest
 from aiohttp import web
 
 from node import iotasks
-from node.config import Config, JoinInfo
+from node.config import Config
 from node.dispatch import Dispatcher
 from node.iotasks import IoTaskRunner, NetworkPolicy
-from node.link import MasterLink
 from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
@@ -31,6 +30,7 @@ from tests.conftest import LoopbackGuard
 from tests.netservers import HttpServer, TcpEcho, UdpEcho, free_port
 from tests.nodeproc import NodeProcess
 from tests.test_node import run_tasks
+from tests.test_result_segments import unconnected_link
 
 
 async def _ok(request: web.Request) -> web.Response:
@@ -605,13 +605,7 @@ def test_200_slow_urls_do_not_delay_heartbeats(
 def test_a_repeated_io_task_awaiting_confirmation_gets_its_result_again_not_a_second_run() -> None:
     # A Tcp task answered but not yet confirmed, assigned again (a master re-queued it): its
     # data once went out a second time; a worker's task got its result re-sent instead.
-    link = MasterLink(
-        Config(),
-        JoinInfo("token", "127.0.0.1", 9),
-        m.Role.Worker,
-        on_assign=lambda tasks: None,
-        has_capacity=lambda: True,
-    )
+    link = unconnected_link()
     dispatcher = Dispatcher(2, link.send_results)
     dispatcher.outbox = link
     runs: list[str] = []

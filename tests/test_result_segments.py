@@ -155,16 +155,21 @@ def test_without_room_in_shm_dir_a_big_result_takes_the_socket(tmp_path: Path) -
         assert os.listdir(tiny) == []
 
 
-def test_the_outbox_finds_and_lists_a_result_held_as_a_mapping() -> None:
-    """What the master link does with an unconfirmed mapped result: find it for a repeated
-    id, name it in the final log of undelivered results."""
-    link = MasterLink(
+def unconnected_link() -> MasterLink:
+    """A master link that never connects: its outbox, for tests of what it holds."""
+    return MasterLink(
         Config(),
         JoinInfo("token", "127.0.0.1", 9),
         m.Role.Worker,
         on_assign=lambda tasks: None,
         has_capacity=lambda: True,
     )
+
+
+def test_the_outbox_finds_and_lists_a_result_held_as_a_mapping() -> None:
+    """What the master link does with an unconfirmed mapped result: find it for a repeated
+    id, name it in the final log of undelivered results."""
+    link = unconnected_link()
     first = codec.encode(m.TaskResult("a", m.Number(1.0)))
     second = codec.encode(m.TaskResult("b", m.Error("no")))
     big = codec.encode(m.TaskResult("big", m.Bytes(BIG)))
@@ -180,16 +185,6 @@ def test_the_outbox_finds_and_lists_a_result_held_as_a_mapping() -> None:
     assert link.find_result("c") is None
 
 
-def _link() -> MasterLink:
-    return MasterLink(
-        Config(),
-        JoinInfo("token", "127.0.0.1", 9),
-        m.Role.Worker,
-        on_assign=lambda tasks: None,
-        has_capacity=lambda: True,
-    )
-
-
 def test_repeated_ids_read_the_outbox_once_not_once_each(monkeypatch: pytest.MonkeyPatch) -> None:
     """A master that assigns thousands of tasks again while their results are unconfirmed (a
     restarted master replaying its journal): each repeated id once scanned the whole outbox,
@@ -202,7 +197,7 @@ def test_repeated_ids_read_the_outbox_once_not_once_each(monkeypatch: pytest.Mon
         return results_in(blob, **options)
 
     monkeypatch.setattr(link_module, "_results_in", counted)
-    link = _link()
+    link = unconnected_link()
     dispatcher = Dispatcher(4, link.send_results)
     dispatcher.outbox = link
     ids = [f"t{i}" for i in range(2000)]
@@ -224,7 +219,7 @@ def test_repeated_ids_read_the_outbox_once_not_once_each(monkeypatch: pytest.Mon
 def test_a_mapped_result_is_found_by_an_id_of_any_length(ident: str) -> None:
     # Only the first 4 KiB of a mapped frame were read for its id: a longer id was not
     # found, and its repeated task ran again.
-    link = _link()
+    link = unconnected_link()
     result = codec.encode(m.TaskResult(ident, m.Bytes(bytes(300_000))))
     link.send_results(memoryview(result), 1)
     assert link.find_result(ident) is not None
@@ -232,7 +227,7 @@ def test_a_mapped_result_is_found_by_an_id_of_any_length(ident: str) -> None:
 
 
 def test_the_outbox_index_follows_new_results_and_confirmations() -> None:
-    link = _link()
+    link = unconnected_link()
     link.send_results(codec.encode(m.TaskResult("a", m.Number(1.0))), 1)
     assert link.find_result("a") == codec.encode(m.TaskResult("a", m.Number(1.0)))  # indexed
     link.send_results(codec.encode(m.TaskResult("b", m.Number(2.0))), 1)  # after the index
