@@ -79,6 +79,17 @@ def _is_assign(payload: bytes) -> bool:
 _RESULT_ID = re.compile(rb'\{"TaskResult":\{"id":"([^"\\]*+)"').match
 
 
+_NOT_INDEXED: Final[tuple[None, None]] = (None, None)
+
+
+def _index_entry(index: dict[str, tuple[list[object], Frames]], entry: list[object]) -> None:
+    """Add an outbox entry's results to `index`; the entry keeps its ids (entry[3])."""
+    results = list(_results_in(entry[1]))  # type: ignore[arg-type]
+    entry.append([ident for ident, _ in results])
+    for ident, result in results:
+        index[ident] = (entry, result)
+
+
 def _results_in(blob: Frames, *, unreadable: bool = False) -> Iterator[tuple[str, Frames]]:
     """(id, payload) of each result frame in an outbox entry; a mapped frame (one big
     result) as (id, the frame). Results without a readable id are left out, or given with the
@@ -220,10 +231,11 @@ class MasterLink:
         self._outbox: collections.deque[list[object]] = collections.deque()
         self._unconfirmed_results = 0
         self.mapped_bytes = 0  # of the unconfirmed results held as mapped segments
-        # id -> its result in the outbox (a payload, or a mapped frame): built by the first
-        # `find_result` after a confirmation, kept up to date by `send_results`, dropped by
-        # the next confirmation. Without it each repeated id would scan the whole outbox.
-        self._result_index: dict[str, Frames] | None = None
+        # id -> (its outbox entry, its result there: a payload, or a mapped frame). Built by
+        # the first `find_result` (each entry then keeps its ids as entry[3]), kept up to date
+        # by `send_results` and by each confirmation, dropped when the outbox empties. Without
+        # it each repeated id would scan the whole outbox.
+        self._result_index: dict[str, tuple[list[object], Frames]] | None = None
         self._heartbeats_sent = 0
         self._acks = 0
         self.last_bytes_at = 0.0
@@ -287,7 +299,7 @@ class MasterLink:
         entry: list[object] = [None, blob, count]
         self._outbox.append(entry)
         if self._result_index is not None:
-            self._result_index.update(_results_in(blob))
+            _index_entry(self._result_index, entry)
         if type(blob) is memoryview:
             self.mapped_bytes += len(blob)
         self._unconfirmed_results += count
@@ -311,16 +323,17 @@ class MasterLink:
 
     def find_result(self, ident: str) -> Frames | None:
         """The result frame for `ident` while it awaits confirmation, else None. The first
-        look-up after a confirmation indexes the outbox (decoding it); later ones are O(1)."""
+        look-up indexes the outbox (decoding it); later ones are O(1)."""
         index = self._result_index
         if index is None:
             index = self._result_index = {}
             for entry in self._outbox:
-                index.update(_results_in(entry[1]))  # type: ignore[arg-type]
+                _index_entry(index, entry)
         found = index.get(ident)
-        if found is None or type(found) is memoryview:
-            return found
-        return frame(found)
+        if found is None:
+            return None
+        result = found[1]
+        return result if type(result) is memoryview else frame(result)
 
     def undelivered_ids(self) -> list[str]:
         """Ids of the results the master has not confirmed (decoded now: for a final log)."""
@@ -490,7 +503,13 @@ class MasterLink:
             if confirm_at is None or confirm_at > acks:  # type: ignore[operator]
                 break
             entry = outbox.popleft()
-            self._result_index = None
+            index = self._result_index
+            if index is not None:
+                for ident in entry[3]:  # type: ignore[attr-defined]
+                    if index.get(ident, _NOT_INDEXED)[0] is entry:  # not a later result's
+                        del index[ident]
+                if not outbox:
+                    self._result_index = None
             count: int = entry[2]  # type: ignore[assignment]
             if type(entry[1]) is memoryview:
                 self.mapped_bytes -= len(entry[1])
