@@ -185,10 +185,9 @@ def test_the_outbox_finds_and_lists_a_result_held_as_a_mapping() -> None:
     assert link.find_result("c") is None
 
 
-def test_repeated_ids_read_the_outbox_once_not_once_each(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A master that assigns thousands of tasks again while their results are unconfirmed (a
-    restarted master replaying its journal): each repeated id once scanned the whole outbox,
-    and 20,000 of them held the event loop for over a minute."""
+@pytest.fixture
+def outbox_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One item per outbox entry the master link reads for its results (`_results_in`)."""
     scans: list[int] = []
     results_in = link_module._results_in
 
@@ -197,6 +196,13 @@ def test_repeated_ids_read_the_outbox_once_not_once_each(monkeypatch: pytest.Mon
         return results_in(blob, **options)
 
     monkeypatch.setattr(link_module, "_results_in", counted)
+    return scans
+
+
+def test_repeated_ids_read_the_outbox_once_not_once_each(outbox_scans: list[int]) -> None:
+    """A master that assigns thousands of tasks again while their results are unconfirmed (a
+    restarted master replaying its journal): each repeated id once scanned the whole outbox,
+    and 20,000 of them held the event loop for over a minute."""
     link = unconnected_link()
     dispatcher = Dispatcher(4, link.send_results)
     dispatcher.outbox = link
@@ -210,7 +216,7 @@ def test_repeated_ids_read_the_outbox_once_not_once_each(monkeypatch: pytest.Mon
     dispatcher.accept_from_master([(i, payloads[i]) for i in ids])
     assert dispatcher.results_resent == len(ids)
     # The index is built once (one scan per entry), then each resend adds its own entry.
-    assert len(scans) == entries + len(ids)
+    assert len(outbox_scans) == entries + len(ids)
     resent = b"".join(bytes(entry[1]) for entry in list(link._outbox)[entries:])  # type: ignore[call-overload]
     assert resent == b"".join(codec.encode(m.TaskResult(i, m.Number(2.0))) for i in ids)
 
@@ -221,22 +227,13 @@ def test_a_mapped_result_is_found_by_an_id_of_any_length(ident: str) -> None:
     # found, and its repeated task ran again.
     link = unconnected_link()
     result = codec.encode(m.TaskResult(ident, m.Bytes(bytes(300_000))))
-    link.send_results(memoryview(result), 1)
-    assert link.find_result(ident) is not None
+    view = memoryview(result)
+    link.send_results(view, 1)
+    assert link.find_result(ident) is view
     assert link.undelivered_ids() == [ident]
 
 
-def test_the_outbox_index_follows_new_results_and_confirmations(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    scans: list[int] = []
-    results_in = link_module._results_in
-
-    def counted(blob: Frames, **options: bool) -> Iterator[tuple[str, Frames]]:
-        scans.append(1)
-        return results_in(blob, **options)
-
-    monkeypatch.setattr(link_module, "_results_in", counted)
+def test_the_outbox_index_follows_new_results_and_confirmations(outbox_scans: list[int]) -> None:
     link = unconnected_link()
     link.send_results(codec.encode(m.TaskResult("a", m.Number(1.0))), 1)
     assert link.find_result("a") == codec.encode(m.TaskResult("a", m.Number(1.0)))  # indexed
@@ -244,7 +241,7 @@ def test_the_outbox_index_follows_new_results_and_confirmations(
     link.send_results(codec.encode(m.TaskResult("a", m.Number(3.0))), 1)  # a later answer
     assert link.find_result("b") == codec.encode(m.TaskResult("b", m.Number(2.0)))
     assert link.find_result("a") == codec.encode(m.TaskResult("a", m.Number(3.0)))
-    assert len(scans) == 3  # each entry read once
+    assert len(outbox_scans) == 3  # each entry read once
     # The master confirms the first two entries (written on a connection, then acked): their
     # results leave the index, the later "a" stays, and nothing is read again (100,000
     # unconfirmed results took 114 ms to index, once per confirmation).
@@ -254,7 +251,7 @@ def test_the_outbox_index_follows_new_results_and_confirmations(
     assert link.unconfirmed == 1
     assert link.find_result("b") is None
     assert link.find_result("a") == codec.encode(m.TaskResult("a", m.Number(3.0)))
-    assert len(scans) == 3
+    assert len(outbox_scans) == 3
 
 
 @pytest.mark.parametrize(

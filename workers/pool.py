@@ -306,7 +306,7 @@ class WorkerPool:
             ours.close()
             if process is not None and process.pid is not None:
                 process.kill()
-                process.join(0.2)
+                self._loop.call_later(1.0, process.join, 0)  # reaped later, off the loop's path
             worker.status = WorkerStatus.DEAD
             raise
         worker.transport = transport
