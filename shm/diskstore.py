@@ -25,7 +25,8 @@ Writes::
     posix_fallocate, write ─► under the ledger's flock: measure the old file, check the quota,
     add (new size - old size) to the ledger, rename over the target (in its directory)
 
-A refused write leaves the old content as it was. Only the commit holds the lock, so workers
+A refused write leaves the old content as it was, and removes the directories it created
+(those still empty). Only the commit holds the lock, so workers
 write their data in parallel and the quota still holds for all of them together. The count
 changes before the rename (and back if the rename fails), so a writer killed at any point
 leaves either a ledger that is right or its temporary file. Temporary files live directly in
@@ -49,6 +50,7 @@ says so and by how much.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -213,18 +215,28 @@ class DiskStore(Closing):
 
     @contextmanager
     def _parent(self, path: str, dirs: list[str], *, create: bool) -> Iterator[int]:
-        """Open the directory that holds ``path``'s file, one ``O_NOFOLLOW`` step at a time."""
+        """Open the directory that holds ``path``'s file, one ``O_NOFOLLOW`` step at a time.
+
+        With ``create``, missing directories are made, and removed again (if still empty) when
+        the body raises: a refused write leaves the tree as it found it."""
         fd = self._root_fd
+        opened: list[int] = []  # every directory opened below the root, the last is ``fd``
+        created: list[tuple[int, str]] = []  # (descriptor of its parent, name)
         try:
             for name in dirs:
-                child = _open_directory(fd, name, path, create=create)
-                if fd != self._root:
-                    os.close(fd)
-                fd = child
+                fd, made = _open_directory(fd, name, path, create=create)
+                if made:
+                    created.append((opened[-1] if opened else self._root_fd, name))
+                opened.append(fd)
             yield fd
+        except BaseException:
+            for parent, name in reversed(created):
+                with contextlib.suppress(OSError):  # not empty: another writer uses it now
+                    os.rmdir(name, dir_fd=parent)
+            raise
         finally:
-            if fd != self._root:
-                os.close(fd)
+            for descriptor in opened:
+                os.close(descriptor)
 
     def _write(
         self, parent: int, leaf: str, path: str, data: bytes | bytearray | memoryview
@@ -486,12 +498,13 @@ def _split(path: str) -> tuple[list[str], str, bool]:
     return parts[:-1], parts[-1], path.rpartition("/")[2] in ("", ".")
 
 
-def _open_directory(parent: int, name: str, path: str, *, create: bool) -> int:
+def _open_directory(parent: int, name: str, path: str, *, create: bool) -> tuple[int, bool]:
     """Open the directory ``name`` in ``parent`` without following a symlink, creating it if
-    ``create``."""
+    ``create``; return its descriptor and whether this call created it."""
+    made = False
     for attempt in range(3):
         try:
-            return os.open(name, _DIRECTORY, dir_fd=parent)
+            return os.open(name, _DIRECTORY, dir_fd=parent), made
         except FileNotFoundError as error:
             if not create or attempt == 2:
                 raise FileError.from_os_error(error, path) from None
@@ -501,6 +514,7 @@ def _open_directory(parent: int, name: str, path: str, *, create: bool) -> int:
             raise FileError.from_os_error(error, path) from None
         try:
             os.mkdir(name, 0o755, dir_fd=parent)
+            made = True
         except FileExistsError:
             pass
         except OSError as error:

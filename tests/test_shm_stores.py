@@ -680,6 +680,22 @@ def test_quota_exactly_at_and_one_byte_over(node_dir: NodeDirectory, tmp_path: P
     assert not list((tmp_path / "storage").rglob(".cpnode-tmp-*"))
 
 
+def test_a_refused_write_removes_the_directories_it_created(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    with disk_store(node_dir, storage, 1000) as disk:
+        disk.write("kept/a", bytes(10))
+        with pytest.raises(QuotaExceeded):
+            disk.write("kept/new/deeper/still/b", bytes(1000))
+        assert tree(storage) == ["kept", "kept/a"]
+        with pytest.raises(FileError, match="File name too long"):  # by the system, at last
+            disk.write("kept/one/two/" + "x" * 300, b"x")
+        assert tree(storage) == ["kept", "kept/a"]
+        disk.write("kept/one/b", b"x")  # and a write that succeeds keeps what it made
+        assert tree(storage) == ["kept", "kept/a", "kept/one", "kept/one/b"]
+
+
 def test_eight_writer_processes_never_exceed_the_quota_together(
     node_dir: NodeDirectory, tmp_path: Path
 ) -> None:
