@@ -22,8 +22,8 @@ ever looked up by path twice.
 Writes::
 
     check quota (a first look) and free space ─► .cpnode-tmp-<pid>-<uuid> in storage_dir:
-    posix_fallocate, write ─► under the ledger's flock: measure the old file, check the quota,
-    add (new size - old size) to the ledger, rename over the target (in its directory)
+    posix_fallocate, free space again, write ─► under the ledger's flock: measure the old
+    file, check the quota, add (new size - old size) to the ledger, rename over the target
 
 A refused write leaves the old content as it was, and removes the directories it created
 (those still empty). Only the commit holds the lock, so workers
@@ -266,7 +266,9 @@ class DiskStore(Closing):
             raise FileError.from_os_error(error, path) from error
         try:
             try:
-                space.reserve(fd, size, temporary_path, for_mapping=False)
+                space.reserve(
+                    fd, size, temporary_path, for_mapping=False, keep_free=self.reserve_bytes
+                )
                 space.write_all(fd, data, temporary_path)
             finally:
                 os.close(fd)

@@ -95,7 +95,9 @@ class MemoryStore(Closing):
         fd = os.open(temporary, _CREATE, 0o600, dir_fd=self._fd)
         try:
             try:
-                space.reserve(fd, size, temporary_path, for_mapping=False)
+                space.reserve(
+                    fd, size, temporary_path, for_mapping=False, keep_free=self.reserve_bytes
+                )
                 space.write_all(fd, header, temporary_path)
                 space.write_all(fd, data, temporary_path, offset=len(header))
             finally:

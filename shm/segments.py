@@ -91,7 +91,7 @@ class PayloadSegment(Closing):
         """
         name, path, fd = _new_segment_file(shm_dir, prefix, size, reserve_bytes, os.O_RDWR)
         try:
-            space.reserve(fd, size, path, for_mapping=True)
+            space.reserve(fd, size, path, for_mapping=True, keep_free=reserve_bytes)
             mapping = mmap.mmap(fd, size) if size else None
         except BaseException:
             os.unlink(path)

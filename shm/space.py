@@ -3,8 +3,9 @@
 Every writer in ``shm`` follows the same order: ``check_free`` (psutil says whether the bytes fit,
 leaving the caller's reserve), create a temporary file, ``reserve`` its size with
 ``posix_fallocate`` (a tmpfs allocates the pages now, so running out is an ``ENOSPC`` here and
-never a SIGBUS later in a mapping), then ``write_all``. Both failures raise ``StoreFullError``
-saying which directory, how much was needed and how much was free.
+never a SIGBUS later in a mapping) and look again that the reserve is still free (writers
+running at once each passed ``check_free``), then ``write_all``. Every failure raises
+``StoreFullError`` saying which directory, how much was needed and how much was free.
 
 Temporary files are named ``<prefix><pid>-<uuid>``, so that what a writer killed mid-write left
 behind can be told apart from a live writer's file (``writer_alive``).
@@ -63,12 +64,17 @@ def check_free(
         )
 
 
-def reserve(fd: int, size: int, path: str, *, for_mapping: bool) -> None:
-    """Allocate ``size`` bytes of the file ``fd`` now, so later writes cannot run out of space.
+def reserve(fd: int, size: int, path: str, *, for_mapping: bool, keep_free: int = 0) -> None:
+    """Allocate ``size`` bytes of the file ``fd`` now, so later writes cannot run out of space,
+    and then make sure ``keep_free`` bytes are still free on its filesystem.
 
-    Filesystems without ``posix_fallocate`` are left to report ``ENOSPC`` on ``write`` — except
-    for files that will be mapped (``for_mapping``), which are then filled with zeros, because
-    a mapping that runs out of pages kills the process with SIGBUS instead of raising.
+    The second look is what holds the reserve when writers run at once: each one's
+    `check_free` may have seen the room before another took it. When it fails, the caller
+    removes its file as on any error (under a race both writers may then be refused; a retry
+    finds the room). Filesystems without ``posix_fallocate`` are left to report ``ENOSPC`` on
+    ``write`` — except for files that will be mapped (``for_mapping``), which are then filled
+    with zeros, because a mapping that runs out of pages kills the process with SIGBUS
+    instead of raising.
     """
     if size == 0:
         return
@@ -81,6 +87,19 @@ def reserve(fd: int, size: int, path: str, *, for_mapping: bool) -> None:
             raise
         if for_mapping:
             _fill_with_zeros(fd, size, path)
+    if keep_free:
+        info = os.fstatvfs(fd)
+        free = info.f_bavail * info.f_frsize
+        if free < keep_free:
+            directory = os.path.dirname(path) or "."
+            raise StoreFullError(
+                f"no room for {size} bytes in {directory}: with them set aside {free} bytes"
+                f" are left free, below the {keep_free} bytes kept free (other writes took"
+                f" the room at the same time; short by {keep_free - free} bytes)",
+                path=path,
+                needed=size,
+                available=free + size,
+            )
 
 
 def _fill_with_zeros(fd: int, size: int, path: str) -> None:

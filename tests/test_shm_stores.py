@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
-from shm import diskstore
+from shm import diskstore, space
 from shm.diskstore import MIB, DiskStore, has_temporary_files
 from shm.errors import (
     FileError,
@@ -748,6 +748,31 @@ def test_the_filesystem_is_never_filled(node_dir: NodeDirectory, tmp_path: Path)
         ):
             disk.write("more", bytes(200 * 1024))
         assert tree(tiny) == ["small", "storage", "storage/fits"]
+
+
+def test_writers_that_looked_at_once_never_eat_the_reserve_together(tmp_path: Path) -> None:
+    """Two writers each see room for their bytes and the reserve; the first to allocate takes
+    it, and the second is refused once it has allocated, instead of filling the reserve."""
+    kib = 1024
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as tiny:
+        first = os.open(tiny / "first", os.O_WRONLY | os.O_CREAT, 0o600)
+        second = os.open(tiny / "second", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            space.check_free(str(tiny), 600 * kib, 300 * kib, "the first write")
+            space.check_free(str(tiny), 200 * kib, 300 * kib, "the second write")
+            space.reserve(
+                first, 600 * kib, str(tiny / "first"), for_mapping=False, keep_free=300 * kib
+            )
+            with pytest.raises(StoreFullError, match="below the 307200 bytes kept free") as caught:
+                space.reserve(
+                    second, 200 * kib, str(tiny / "second"), for_mapping=False, keep_free=300 * kib
+                )
+            assert caught.value.needed == 200 * kib
+        finally:
+            os.close(first)
+            os.close(second)
+        os.unlink(tiny / "second")  # as every caller does with its file on an error
+        assert space.free_bytes(str(tiny)) >= 300 * kib
 
 
 def test_os_errors_read_like_upstreams(node_dir: NodeDirectory, tmp_path: Path) -> None:
