@@ -25,18 +25,18 @@ Writes::
     posix_fallocate, free space again, write ─► under the ledger's flock: measure the old
     file, check the quota, add (new size - old size) to the ledger, rename over the target
 
-A refused write leaves the old content as it was, and removes the directories it created
-(those still empty). Only the commit holds the lock, so workers
-write their data in parallel and the quota still holds for all of them together. The count
-changes before the rename (and back if the rename fails), so a writer killed at any point
-leaves either a ledger that is right or its temporary file. Temporary files live directly in
-``storage_dir`` (a rename crosses directories, not devices), so what a killed worker left is
-found with one look at one directory: the pool calls ``sweep_temporary(pid)`` as soon as it
-sees a worker die, which removes them and, with a quota, recounts the ledger from the files.
-The exception is a directory on another filesystem mounted inside ``storage_dir``: its
-temporaries go beside their targets, and a killed writer's is removed by the next full count
-(a Disk node's start), not at once. (Counting after the rename instead leaves a wide window:
-renaming over a big file frees its blocks, and a kill then loses the count with no trace.)
+A refused write leaves the old content as it was, and removes the directories it created (those
+still empty). Only the commit holds the lock, so workers write their data in parallel and the
+quota still holds for all of them together. The count changes before the rename (and back if the
+rename fails), so a writer killed at any point leaves either a ledger that is right or its
+temporary file. Temporary files live directly in ``storage_dir`` (a rename crosses directories,
+not devices), so what a killed worker left is found with one look at one directory: the pool
+calls ``sweep_temporary(pid)`` as soon as it sees a worker die, which removes them and, with a
+quota, recounts the ledger from the files. The exception is a directory on another filesystem
+mounted inside ``storage_dir``: its temporaries go beside their targets, and a killed writer's
+is removed by the next full count (a Disk node's start), not at once. (Counting after the rename
+instead leaves a wide window: renaming over a big file frees its blocks, and a kill then loses
+the count with no trace.)
 
 Quota. ``quota_bytes`` (``disk_space_mb`` * 1,048,576) counts the size of every regular file
 below ``storage_dir`` — ``StoreData`` and ``DiskWrite`` alike (upstream counts ``StoreData`` only).
