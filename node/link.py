@@ -314,6 +314,12 @@ class MasterLink:
         elif self._results_waiter is not None and not self._results_waiter.done():
             self._results_waiter.set_result(None)
 
+    @property
+    def heartbeats_unanswered(self) -> int:
+        """Heartbeats sent on this connection that the master has not answered yet: until it
+        has, it may still read our earlier frames and push tasks in reply."""
+        return self._heartbeats_sent - self._acks
+
     def confirm(self) -> None:
         """Send a `Heartbeat` when results went out on this connection after the last one,
         so the master's answer confirms them (used while draining, when heartbeats stop)."""

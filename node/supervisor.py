@@ -300,12 +300,30 @@ class Node:
         link = self.link
         dispatcher = self.dispatcher
         failover_s = self.config.failover_timeout_ms / 1000
-        # The master pushes tasks right after reading a frame: let those arrive first.
+        # The master pushes tasks right after reading a frame: let those arrive first. A
+        # master that has not answered every heartbeat has frames of ours still to read (it
+        # may be paused), and would push after each: a Disconnect then makes it forget them.
         quiet_s = min(0.2, failover_s / 4)
-        await self._wait(
-            self._until(lambda: time.monotonic() - link.last_bytes_at >= quiet_s), deadline
+        settled = await self._wait(
+            self._until(
+                lambda: (
+                    link.state is not LinkState.REGISTERED
+                    or (
+                        not link.heartbeats_unanswered
+                        and time.monotonic() - link.last_bytes_at >= quiet_s
+                    )
+                )
+            ),
+            deadline,
         )
         if self._forced or link.state is not LinkState.REGISTERED:
+            return
+        if not settled:
+            log.warning(
+                "the drain ended with %d heartbeats unanswered by the master: closing without "
+                "Disconnect; a master that re-queues on close gets back what it pushes meanwhile",
+                link.heartbeats_unanswered,
+            )
             return
         if not dispatcher.held and dispatcher.last_handed_back_at < link.connected_at:
             link.send(m.DISCONNECT)

@@ -631,6 +631,31 @@ def test_sigterm_with_1000_tasks_in_flight_hands_back_the_rest(
                 second.close()
 
 
+def test_a_drain_during_a_master_pause_sends_no_disconnect_before_its_polls_are_read(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    # An idle node polls; the master pauses with a task queued, and the node is stopped
+    # meanwhile. When the master reads the polls it pushes the task; a Disconnect read after
+    # them makes an upstream master forget it (the node once sent one after 0.2 s of quiet).
+    async def scenario() -> None:
+        async with fake_master_and_node(
+            tmp_path, ledger, "paused", failover_timeout_ms=500, poll_interval_ms=20
+        ) as (master, node):
+            await asyncio.sleep(0.3)  # idle, polling
+            master.pause(0.8)
+            master.submit([("queued", m.Compute("6*7"))])
+            await asyncio.sleep(0.05)
+            node.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(node.proc.wait, 30) == 0
+            await await_until(lambda: not master.node_connections(), 10, "the node is gone")
+            # Pushed to the node after the pause, handed back by it, and re-queued when it
+            # closed: not forgotten by a Disconnect.
+            assert "sent Disconnect" not in node.log, link_events(node)
+            assert "queued" in master.pending or "queued" in master.results, node.log
+
+    asyncio.run(scenario())
+
+
 def test_a_second_signal_stops_at_once(tmp_path: Path, recorded: ResultLedger) -> None:
     ledger = recorded
     join = tmp_path / "join.json"
