@@ -300,13 +300,21 @@ class Dispatcher:
         return dropped
 
     def skipped(self, worker: Worker, count: int) -> None:
-        """A draining worker did not start its `count` oldest tasks: hand them back (tasks of
-        a direct link, which has no master to take them back, get an `Error`)."""
+        """A draining worker did not start its `count` oldest tasks: hand them back."""
         assigned = worker.assigned
+        self._give_back([assigned.popleft() for _ in range(count)])
+
+    def io_not_started(self, idents: list[str]) -> None:
+        """Draining: the I/O runner dropped these tasks before starting them; hand them back."""
+        self.io_running -= len(idents)
+        self._give_back(idents)
+
+    def _give_back(self, idents: list[str]) -> None:
+        """Forget held tasks that will not run: the master takes them back by evicting us (a
+        direct link, which has no master to take them back, gets an `Error` for each)."""
         stopping = m.Error("the node is stopping")
         handed_back = 0
-        for _ in range(count):
-            ident = assigned.popleft()
+        for ident in idents:
             del self._held[ident]
             self._retried.discard(ident)
             reply = self._replies.pop(ident, None) if self._replies else None

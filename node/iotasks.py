@@ -54,7 +54,7 @@ from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from node.protocol.framing import frame, frame_joined
 from shm.bytesjson import ByteArrayError, encode_byte_array
-from shm.segments import read_spilled, spilled
+from shm.segments import discard_spilled, read_spilled, spilled
 from workers.storage import BLOB_FAST_PATH_BYTES, decode_blob_task
 
 __all__ = ["InternetPorts", "IoTaskRunner", "NetworkPolicy", "NetworkRefused"]
@@ -364,6 +364,15 @@ class IoTaskRunner:
             return
         self._waiting.append((ident, payload))
         self._pump()
+
+    def stop_starting(self) -> list[str]:
+        """Start a drain: drop the tasks that wait for a slot (the master takes them back) and
+        return their ids; those running go on."""
+        dropped = [ident for ident, _ in self._waiting]
+        for _, payload in self._waiting:
+            discard_spilled(self.config.shm_dir, payload)
+        self._waiting.clear()
+        return dropped
 
     def _pump(self) -> None:
         while self._waiting and len(self._running) < self._limit:

@@ -271,9 +271,10 @@ class Node:
         link.begin_drain()
         dispatcher.stop_accepting()
         self.pool.stop_starting()
+        dispatcher.io_not_started(self.io.stop_starting())
         self._stop.clear()
         log.info(
-            "draining (at most %.1f s): %d tasks held, %d not sent to a worker handed back; "
+            "draining (at most %.1f s): %d tasks held, %d queued ones handed back; "
             "the ones the workers have not started will be handed back too",
             self.config.drain_timeout_ms / 1000,
             dispatcher.held,

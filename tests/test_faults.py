@@ -36,6 +36,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder
 from tests.fakemaster import FakeMaster, ResultLedger, record_new_masters
+from tests.netservers import TcpEcho
 from tests.nodeproc import NodeProcess
 from workers import pool as pool_module
 from workers.expr import evaluate_compute
@@ -652,6 +653,36 @@ def test_a_drain_during_a_master_pause_sends_no_disconnect_before_its_polls_are_
             # closed: not forgotten by a Disconnect.
             assert "sent Disconnect" not in node.log, link_events(node)
             assert "queued" in master.pending or "queued" in master.results, node.log
+
+    asyncio.run(scenario())
+
+
+def test_a_drain_hands_back_the_io_tasks_that_wait_for_a_slot(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    def slow_echo(data: bytes) -> bytes:
+        time.sleep(0.5)
+        return data
+
+    async def scenario() -> None:
+        with TcpEcho(slow_echo) as echo:
+            async with fake_master_and_node(
+                tmp_path, ledger, "io", failover_timeout_ms=500, io_concurrency=1
+            ) as (master, node):
+                ids = [f"io{i}" for i in range(10)]
+                tasks = [m.Tcp(f"127.0.0.1:{echo.port}", b"%d" % i) for i in range(10)]
+                master.submit(zip(ids, tasks, strict=True))
+                await await_until(lambda: echo.peers, 10, "the first Tcp task connects")
+                node.proc.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(node.proc.wait, 30) == 0
+                await await_until(lambda: not master.node_connections(), 10, "the node is gone")
+        # One ran (two at most: one may have started as the signal came); the others waited
+        # for the single slot and went back to the master, which re-queued them on close.
+        answered = [i for i in ids if i in master.results]
+        assert 1 <= len(answered) <= 2, node.log
+        assert all(master.results[i] == m.Bytes(b"%d" % ids.index(i)) for i in answered)
+        assert sorted(master.pending) == sorted(set(ids) - set(answered)), node.log
+        assert re.search(r"drain ended after .*: [89] tasks handed back", node.log), node.log
 
     asyncio.run(scenario())
 
