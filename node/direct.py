@@ -43,6 +43,7 @@ from typing import Final
 from node.config import Config, JoinInfo, format_address, parse_address
 from node.dispatch import Dispatcher, _is_idempotent
 from node.errors import ConfigError, CpnodeError
+from node.pacing import PacedWriter
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
@@ -130,6 +131,7 @@ class DirectConnection(asyncio.Protocol):
         self._on_result = on_result
         self.what = what
         self.transport: asyncio.Transport | None = None
+        self._writer: PacedWriter | None = None
         self.peer = "?"
         self.opened: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -142,6 +144,7 @@ class DirectConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._writer = PacedWriter(self.transport)  # type: ignore[arg-type]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = format_address(str(peer[0]), int(peer[1]))
@@ -308,8 +311,9 @@ class DirectConnection(asyncio.Protocol):
     # --- closing -------------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport, writer = self.transport, self._writer
+        if transport is not None and writer is not None and not transport.is_closing():
+            writer.write(data)
 
     def _fail(self, error: DirectError) -> None:
         self._end(error)

@@ -52,6 +52,7 @@ from typing import Final
 from node.config import Config, JoinInfo, format_address
 from node.errors import CpnodeError
 from node.histogram import Histogram
+from node.pacing import PacedWriter
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
@@ -142,11 +143,13 @@ class _Connection(asyncio.Protocol):
         self.link = link
         self.decoder = FrameDecoder(link.config.max_frame_bytes, spill=link.spill)
         self.transport: asyncio.Transport | None = None
+        self.writer: PacedWriter | None = None  # every write of ours goes through it, in order
         self.authenticated: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.writer = PacedWriter(self.transport)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         link = self.link
@@ -349,32 +352,31 @@ class MasterLink:
             for ident, _ in _results_in(entry[1], unreadable=True)  # type: ignore[arg-type]
         ]
 
-    def _open_transport(self) -> asyncio.Transport | None:
-        """The connection's transport while it can still be written to: between the peer's
-        close and `connection_lost` a write would raise (uvloop), and what is not written stays
-        in the outbox for the next connection."""
+    def _open_writer(self) -> PacedWriter | None:
+        """The connection's writer while its transport can still be written to: between the
+        peer's close and `connection_lost` a write would raise (uvloop), and what is not
+        written stays in the outbox for the next connection."""
         connection = self._connection
-        if connection is None or connection.transport is None:
+        if connection is None or connection.transport is None or connection.writer is None:
             return None
-        transport = connection.transport
-        return None if transport.is_closing() else transport
+        return None if connection.transport.is_closing() else connection.writer
 
     def _write_entry(self, entry: list[object]) -> None:
-        transport = self._open_transport()
-        if transport is None:
+        writer = self._open_writer()
+        if writer is None:
             return
         entry[0] = self._heartbeats_sent + 1
         blob: Frames = entry[1]  # type: ignore[assignment]
-        transport.write(blob)
+        writer.write(blob)
         self.bytes_written += len(blob)
         self.frames_written += entry[2]  # type: ignore[operator]
         self.last_write_at = time.monotonic()
 
     def send_heartbeat(self) -> None:
-        transport = self._open_transport()
-        if self.state is not LinkState.REGISTERED or transport is None:
+        writer = self._open_writer()
+        if self.state is not LinkState.REGISTERED or writer is None:
             return
-        transport.write(_HEARTBEAT_FRAME)
+        writer.write(_HEARTBEAT_FRAME)
         self._results_since_heartbeat = 0
         self.bytes_written += len(_HEARTBEAT_FRAME)
         self.frames_written += 1
@@ -384,10 +386,10 @@ class MasterLink:
         self._heartbeat_ends.append(self.bytes_written)
 
     def send(self, message: m.Message) -> None:
-        transport = self._open_transport()
-        if self.state is LinkState.REGISTERED and transport is not None:
+        writer = self._open_writer()
+        if self.state is LinkState.REGISTERED and writer is not None:
             data = codec.encode(message)
-            transport.write(data)
+            writer.write(data)
             self.bytes_written += len(data)
             self.frames_written += 1
             self.last_write_at = time.monotonic()
@@ -648,7 +650,8 @@ class MasterLink:
         self.state = LinkState.REGISTERED
         self.connects += 1
         # Upstream keeps no session: role and first heartbeat again on every connection.
-        connection.transport.write(codec.encode(m.RegisterRole(self.role)))
+        assert connection.writer is not None
+        connection.writer.write(codec.encode(m.RegisterRole(self.role)))
         for entry in self._outbox:
             self._write_entry(entry)
         if self._outbox:
@@ -749,7 +752,10 @@ class MasterLink:
         connection = self._connection
         if connection is None or connection.transport is None:
             return
-        queued = connection.transport.get_write_buffer_size() + _unsent_bytes(connection.transport)
+        transport = connection.transport
+        queued = transport.get_write_buffer_size() + _unsent_bytes(transport)
+        if connection.writer is not None:
+            queued += connection.writer.backlog_bytes
         consumed = self.bytes_written - queued
         if consumed > self._consumed:
             ends = self._heartbeat_ends

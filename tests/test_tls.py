@@ -23,6 +23,7 @@ from node.client import Client, MasterCertificateError
 from node.config import Config
 from node.errors import ConfigError
 from node.master import MasterThread
+from node.pacing import SLICE_BYTES, PacedWriter
 from node.protocol import messages as m
 from node.protocol.framing import frame
 from node.tls import ServerTls, describe_certificate, ensure_certificate, server_tls
@@ -295,3 +296,47 @@ def test_node_with_an_unusable_ca_exits_2(tmp_path: Path) -> None:
         assert "`ca_cert` is not a usable PEM certificate" in process.log
     finally:
         process.close()
+
+
+def test_a_large_write_over_tls_leaves_the_loop_between_slices(ca: trustme.CA) -> None:
+    # A TLS transport encrypts all of a write inside write(): the link's writer hands it a
+    # slice per turn of the loop, so a heartbeat scheduled meanwhile runs before the blob is
+    # through, and frames written later arrive after it, whole and in order.
+    cert = ca.issue_cert("127.0.0.1")
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    blob = os.urandom(5 * SLICE_BYTES + 12345)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        received = bytearray()
+        complete = loop.create_future()
+
+        class Receiver(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                received.extend(data)
+                if len(received) >= len(blob) + 2 and not complete.done():
+                    complete.set_result(None)
+
+        server = await loop.create_server(Receiver, "127.0.0.1", 0, ssl=context_for(cert))
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_connection(
+            asyncio.Protocol, "127.0.0.1", port, ssl=client_context, server_hostname="127.0.0.1"
+        )
+        try:
+            writer = PacedWriter(transport)  # type: ignore[arg-type]
+            writer.write(blob)
+            assert writer.backlog_bytes == len(blob)  # nothing encrypted inside this call
+            seen: list[int] = []
+            loop.call_soon(lambda: seen.append(writer.backlog_bytes))
+            writer.write(b"hb")  # small, yet behind the blob
+            await asyncio.wait_for(complete, 30)
+            assert seen == [len(blob) + 2 - SLICE_BYTES]  # ran after the first slice only
+            assert writer.backlog_bytes == 0
+            assert bytes(received) == blob + b"hb"
+        finally:
+            transport.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
