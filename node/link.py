@@ -130,6 +130,11 @@ class LinkState(enum.Enum):
     CLOSED = "closed"
 
 
+_TOKEN_SOURCE: Final = "the token (join.json's, or $CPCLUSTER_TOKEN when set)"
+_REMIND_REFUSED_ROUNDS: Final = 60
+"""At `retry_interval_ms` apart, how many rounds between reminders of a refused token."""
+
+
 class AuthenticationError(CpnodeError):
     """The master answered `Invalid token`: fatal for that address."""
 
@@ -564,7 +569,7 @@ class MasterLink:
             if self._closing:
                 return
             if len(self._refused) == count:
-                raise NoMasterError("every master address refused the token from join.json")
+                raise NoMasterError(f"every master address refused {_TOKEN_SOURCE}")
             if worked:
                 rounds = 0
                 continue
@@ -583,11 +588,19 @@ class MasterLink:
                 delay,
             )
             return delay
-        if rounds == self.config.max_retries + 1:
+        if rounds == self.config.max_retries + 1 or (
+            self._refused and rounds % _REMIND_REFUSED_ROUNDS == 0
+        ):
+            # A refused token with the other masters silent is most often a wrong token:
+            # say so now and then, not only in the one line that refused it.
+            refused = ", ".join(format_address(*a) for a in self.endpoints if a in self._refused)
             log.error(
-                "no master reachable in %d rounds; still retrying every %.1f s",
-                self.config.max_retries,
+                "no master reachable in %d rounds; still retrying every %.1f s%s",
+                rounds,
                 slow,
+                f" (master {refused} refused {_TOKEN_SOURCE}: is it the right one?)"
+                if refused
+                else "",
             )
         return slow * random.uniform(0.8, 1.2)
 

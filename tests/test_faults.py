@@ -562,6 +562,11 @@ def test_start_up_without_a_master_backs_off_then_retries_slowly_and_skips_a_bad
         node = start_node(tmp_path, join, config, "node")
         try:
             await await_log(node, "still retrying every 0.3 s")
+            assert (
+                "no master reachable in 3 rounds; still retrying every 0.3 s (master"
+                f" {wrong.address} refused the token (join.json's, or $CPCLUSTER_TOKEN when"
+                " set): is it the right one?)" in node.log
+            )
             await late.start(late_port)
             await await_log(node, "node ready")
             log = node.log
