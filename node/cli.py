@@ -7,7 +7,7 @@
                       [--request-connection ADDR ...]
 
 Exit status: 0 after a clean stop, 2 for a bad config or join.json, 3 when every master refused
-the token, 1 for anything unexpected.
+the token, 1 for anything else (a port that cannot be listened on, say: a later start may work).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from node.config import (
     parse_role,
     port_argument,
 )
-from node.errors import ConfigError
+from node.errors import ConfigError, ListenError
 from node.health import DEFAULT_PORT as DEFAULT_HEALTH_PORT
 from node.supervisor import Node
 from workers.logformat import FORMATS as LOG_FORMATS
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Files: join.json is read from --join, else $CPCLUSTER_JOIN, else ./join.json; "
             "$CPCLUSTER_TOKEN overrides its token. Stop with SIGTERM or Ctrl-C (drains: "
             "finishes running tasks, delivers their results); a second signal stops at once. "
-            "Exit status: 0 clean stop, 2 bad config or join.json, 3 token refused, 1 other."
+            "Exit status: 0 clean stop, 2 bad config or join.json, 3 token refused, 1 other "
+            "(a port in use included)."
         ),
     )
     parser.add_argument(
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cpnode-supervisor: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"cpnode-supervisor: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:
@@ -236,9 +240,11 @@ def _start_local_master(
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if master.poll() is not None:
-                raise ConfigError(
-                    f"the local master exited with status {master.returncode}"
-                    f" (is port {port} in use?)"
+                if master.returncode == 2:  # it said why, above
+                    raise ConfigError("the local master refused its configuration (see above)")
+                raise ListenError(
+                    f"the local master exited with status {master.returncode} (see above):"
+                    f" is port {port} in use? (--local-master-port chooses another)"
                 )
             try:
                 # The master writes join.json once it listens; an older file may name the same

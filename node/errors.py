@@ -7,6 +7,8 @@ The protocol codec keeps its own tree (`node.protocol.errors`) because it import
 - `ConfigError`: the operator's config file, `join.json` or command line is wrong. Retrying cannot
   help; the message names the file, the field, the bad value and what is expected, and the node
   exits with status 2 before starting anything.
+- `ListenError`: an address of ours cannot be listened on (a port in use, say). Nothing in the
+  configuration need be wrong, and a later start may work: exit status 1.
 """
 
 from __future__ import annotations
@@ -18,3 +20,7 @@ class CpnodeError(Exception):
 
 class ConfigError(CpnodeError):
     """A config file, `join.json` or a command-line setting is invalid; fix it and start again."""
+
+
+class ListenError(CpnodeError):
+    """A port or address the node must listen on cannot be bound (exit status 1)."""

@@ -44,7 +44,7 @@ from prometheus_client.core import (
 )
 
 from node.config import format_address
-from node.errors import ConfigError
+from node.errors import ListenError
 from node.histogram import Histogram
 from node.link import LinkState
 from workers.logformat import level_name
@@ -443,13 +443,13 @@ class HealthServer:
         return format_address(self.host, self.port)
 
     async def start(self) -> None:
-        """Listen; raises ConfigError when the address cannot be listened on."""
+        """Listen; raises ListenError when the address cannot be listened on."""
         try:
             self._server = await asyncio.start_server(
                 self._serve, self.host, self.port, limit=_MAX_REQUEST_HEAD
             )
         except OSError as exc:
-            raise ConfigError(
+            raise ListenError(
                 f"cannot listen on {self.address} for the health endpoint: "
                 f"{exc.strerror or exc} (choose another with --health-port or --health-listen)"
             ) from None

@@ -720,6 +720,34 @@ def test_cli_bad_flags_exit_2(tmp_path, args, needle):
     assert needle in err
 
 
+def test_cli_an_unwritable_state_file_exits_2(tmp_path):
+    missing = tmp_path / "no such dir" / "state.json"
+    code, err = _finish(_cli("--listen", "127.0.0.1:0", "--state-file", str(missing), cwd=tmp_path))
+    assert code == 2
+    assert f"cannot write the state file in {missing.parent}: No such file or directory" in err
+    code, err = _finish(
+        _cli("--listen", "127.0.0.1:0", "--state-file", str(tmp_path), cwd=tmp_path)
+    )
+    assert code == 2
+    assert "the state file is a directory" in err
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left <= {"master_cert.pem", "master_key.pem"}  # no join.json, no probe file
+
+
+def test_cli_that_cannot_listen_leaves_no_new_state_file(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        state = tmp_path / "state.json"
+        code, err = _finish(
+            _cli("--listen", f"127.0.0.1:{port}", "--state-file", str(state), cwd=tmp_path)
+        )
+    assert code == 1
+    assert "cannot listen" in err
+    assert not state.exists()
+
+
 def test_cli_refuses_a_broken_join_json_unless_told_to_replace_it(tmp_path):
     (tmp_path / "join.json").write_text("{broken")
     code, err = _finish(_cli("--listen", "127.0.0.1:0", cwd=tmp_path))

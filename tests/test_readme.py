@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,3 +119,32 @@ def test_readme_quick_start_runs_and_answers(tmp_path: Path) -> None:
         assert alive == [], alive
     finally:
         stop(node, children)
+
+
+def test_local_master_that_cannot_start_says_why_with_the_documented_status(
+    tmp_path: Path,
+) -> None:
+    # A port in use may be free at the next start (exit 1, systemd restarts); a join.json
+    # path that cannot be written is the operator's to fix (exit 2).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPCLUSTER_")}
+
+    def supervisor(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", "--workers", "1", "--local-master", *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = supervisor("--local-master-port", str(port))
+    assert done.returncode == 1, done.stderr
+    assert f"cpnode-master: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert f"is port {port} in use?" in done.stderr
+    done = supervisor("--local-master-port", str(free_port()), "--join", "missing/join.json")
+    assert done.returncode == 2, done.stderr
+    assert "missing/join.json: cannot write join file: No such file or directory" in done.stderr
+    assert "the local master refused its configuration (see above)" in done.stderr
+    assert "in use" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no state file left behind

@@ -47,6 +47,7 @@ import logging
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -210,6 +211,25 @@ def _looks_upstream(data: bytes) -> dict[str, Any] | None:
     if isinstance(document, dict) and "pending_tasks" in document and "op" not in document:
         return document
     return None
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise JournalError unless a state file can be written at ``path`` (blocking): the file
+    is always rewritten by a rename in its directory, so that directory must take a new file.
+    Checked at start, so that a typo is an error then and not a master that persists nothing.
+    """
+    label = os.fspath(path)
+    if os.path.isdir(label):
+        raise JournalError(f"{label}: the state file is a directory")
+    directory = os.path.dirname(os.path.abspath(label))
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=".cpnode-probe.", dir=directory)
+    except OSError as error:
+        raise JournalError(
+            f"{label}: cannot write the state file in {directory}: {error.strerror or error}"
+        ) from None
+    os.close(descriptor)
+    os.unlink(probe)
 
 
 def replay(path: str | os.PathLike[str], *, ttl_s: float, now: float | None = None) -> Replayed:

@@ -31,6 +31,7 @@ import functools
 import heapq
 import hmac
 import logging
+import os
 import threading
 import time
 import uuid
@@ -41,7 +42,13 @@ from typing import Any, Final, TypeVar, cast
 import orjson
 
 from node.config import Config, JoinInfo, format_address, write_join
-from node.master.journal import Journal, Replayed, keep_upstream_original, replay
+from node.master.journal import (
+    Journal,
+    Replayed,
+    check_writable,
+    keep_upstream_original,
+    replay,
+)
 from node.master.scheduler import Assignment, NodeState, Policy, Scheduler, role_of
 from node.protocol import (
     FrameDecoder,
@@ -643,7 +650,10 @@ async def start_master(
     loop = asyncio.get_running_loop()
     journal = None
     replayed = None
+    created = False  # the state file is new: a master that fails to listen removes it
     if state_file is not None:
+        await loop.run_in_executor(None, check_writable, state_file)
+        created = not os.path.lexists(state_file)
         replayed = await loop.run_in_executor(
             None, functools.partial(replay, state_file, ttl_s=config.result_ttl_s)
         )
@@ -672,6 +682,9 @@ async def start_master(
             await loop.run_in_executor(None, write_join, join_path, info)
     except BaseException:
         await master.close()
+        if created and state_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(state_file)
         raise
     _log.info(
         "master listening on %s (scheduling %s, window %d)",
