@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from node.config import format_address, parse_address
@@ -47,18 +50,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--interval",
-        type=float,
+        type=_seconds(allow_zero=True),
         default=1.0,
         metavar="S",
         help="seconds between the two reads that give tasks/s (default 1; 0 = one read)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=5.0, metavar="S", help="per request (default 5)"
+        "--timeout",
+        type=_seconds(allow_zero=False),
+        default=5.0,
+        metavar="S",
+        help="per request (default 5)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the node's /status document as JSON instead"
     )
     return parser
+
+
+def _seconds(*, allow_zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, above 0 (or at least 0)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            least = "0 or more" if allow_zero else "more than 0"
+            raise argparse.ArgumentTypeError(f"must be {least} seconds, got {text}")
+        return value
+
+    return parse
 
 
 def _target(text: str) -> tuple[str, int]:
@@ -150,6 +173,17 @@ def render(
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `cpnode-status | head -1`: the reader has what it wanted
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -170,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = status["uptime_seconds"] - first["uptime_seconds"]
             if elapsed > 0:
                 rate = (status["tasks"]["answered"] - first["tasks"]["answered"]) / elapsed
+        text = (
+            json.dumps(dict(status, healthy=healthy, ready=ready, tasks_per_second=rate))
+            if args.json
+            else render(status, healthy, ready, rate, address)
+        )
     except Unreachable as exc:
         print(
             f"cpnode-status: cannot read the node's health endpoint: {exc}\n"
@@ -177,10 +216,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.json:
-        print(json.dumps(dict(status, healthy=healthy, ready=ready, tasks_per_second=rate)))
-    else:
-        print(render(status, healthy, ready, rate, address))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        print(
+            f"cpnode-status: {address}/status is not a cpnode status document"
+            f" ({type(exc).__name__}: {exc}); is a cpnode listening there?",
+            file=sys.stderr,
+        )
+        return 2
+    print(text)
     return 0 if healthy and ready else 1
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import http.server
 import io
 import json
 import logging
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -352,6 +357,64 @@ def test_cpnode_status_names_an_unreachable_node(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "cannot read the node's health endpoint" in err
     assert str(port) in err
+
+
+def test_cpnode_status_into_a_closed_pipe_exits_quietly(running: Running) -> None:
+    # `cpnode-status | head -1`: the reader goes away before the summary is written.
+    command = [sys.executable, "-m", "node.status_cli", str(running.port), "--interval", "0"]
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run(command, stdout=writer, stderr=subprocess.PIPE, timeout=30)
+    finally:
+        os.close(writer)
+    assert done.returncode == 0
+    assert done.stderr == b""
+
+
+def test_cpnode_status_refuses_what_is_not_a_cpnode_status(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"a": 1}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        assert status_cli.main([str(port), "--interval", "0"]) == 2
+        err = capsys.readouterr().err
+        assert f"127.0.0.1:{port}/status is not a cpnode status document (KeyError: 'tasks')" in err
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--interval", "-1"], "--interval: must be 0 or more seconds, got -1"),
+        (["--timeout", "0"], "--timeout: must be more than 0 seconds, got 0"),
+        (["--timeout", "nan"], "--timeout: must be more than 0 seconds, got nan"),
+    ],
+)
+def test_cpnode_status_refuses_bad_durations(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        status_cli.main(["9655", *args])
+    assert stopped.value.code == 2
+    assert needle in capsys.readouterr().err
 
 
 def test_http_answers_bad_requests_plainly(running: Running) -> None:
