@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.health_port is not None:
             overrides["health_listen"] = f"127.0.0.1:{args.health_port}"
         config = load_config(args.config, overrides=overrides, override_source="command line")
-        check_node_paths(config)
+        check_node_paths(config, args.config)
     except ConfigError as exc:
         print(f"cpnode-supervisor: {exc}", file=sys.stderr)
         return 2

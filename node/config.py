@@ -780,26 +780,31 @@ def _read_json_object(label: str, kind: str) -> dict[str, Any]:
     return document
 
 
-def check_node_paths(config: Config) -> None:
+def check_node_paths(config: Config, source: str | None = None) -> None:
     """Refuse a `storage_dir` that storage tasks could use to reach the node's own files in
     `shm_dir` (its memory store, usage ledger, lock and payload segments, and those of other
     nodes): `storage_dir` equal to `shm_dir` or above it, or inside a `cpnode-*` entry of it.
     A directory of its own inside `shm_dir` (`/dev/shm/cpcluster`) is fine. Paths are compared
-    after resolving symlinks; neither needs to exist yet."""
+    after resolving symlinks; neither needs to exist yet. `source` (the config file) heads the
+    error."""
+    where = f"{source}: " if source else ""
     storage = os.path.realpath(config.storage_dir)
     shm = os.path.realpath(config.shm_dir)
     if shm == storage or shm.startswith(storage.rstrip(os.sep) + os.sep):
         raise ConfigError(
-            f"`storage_dir` {config.storage_dir!r} holds `shm_dir` {config.shm_dir!r}: DiskWrite"
-            " and DiskRead could reach this node's own files there (memory store, usage"
-            " ledger, lock, payload segments); use a directory of its own, such as"
-            f" {os.path.join(config.shm_dir, 'cpcluster')!r}"
+            f"{where}`storage_dir` {config.storage_dir!r} holds `shm_dir` {config.shm_dir!r}:"
+            " DiskWrite and DiskRead could reach this node's own files there (memory store,"
+            " usage ledger, lock, payload segments); give storage_dir a directory of its own:"
+            " on disk for a Disk node ('storage', the default), or"
+            f" {os.path.join(config.shm_dir, 'cpcluster')!r} for a Worker node that shares"
+            " memory through DiskWrite (a tmpfs: emptied at reboot)"
         )
     inside = os.path.relpath(storage, shm)
     if not inside.startswith(os.pardir) and inside.split(os.sep)[0].startswith("cpnode-"):
         raise ConfigError(
-            f"`storage_dir` {config.storage_dir!r} is inside {inside.split(os.sep)[0]!r}, a"
-            f" node's own directory in `shm_dir` {config.shm_dir!r}; use a directory of its own"
+            f"{where}`storage_dir` {config.storage_dir!r} is inside"
+            f" {inside.split(os.sep)[0]!r}, a node's own directory in `shm_dir`"
+            f" {config.shm_dir!r}; use a directory of its own"
         )
 
 

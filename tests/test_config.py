@@ -704,5 +704,6 @@ def test_the_node_refuses_a_storage_dir_that_holds_shm_dir(tmp_path: Path) -> No
     try:
         assert process.proc.wait(30) == 2
         assert "`storage_dir`" in process.log and "holds `shm_dir`" in process.log
+        assert f"{process.config_path}: `storage_dir`" in process.log  # names the file
     finally:
         process.close()
