@@ -164,6 +164,17 @@ def port_argument(text: str) -> int:
     return int(text)
 
 
+def host_argument(text: str) -> str:
+    """argparse type of a master's host on a command line (an IP address or host name)."""
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    problem = _host_problem(host)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(
+            f"expected an IP address or host name, got {text!r} ({problem})"
+        )
+    return host
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """Split `"host:port"` or `"[v6]:port"` into (host, port); IPv6 hosts come back unbracketed.
 

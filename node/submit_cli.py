@@ -29,7 +29,7 @@ from node.client import (
     ClientError,
     ResultTimeout,
 )
-from node.config import load_join, parse_address, port_argument
+from node.config import host_argument, load_join, parse_address, port_argument
 from node.direct import DirectClient, DirectError, DirectLinkRefused
 from node.errors import ConfigError
 from node.protocol import (
@@ -126,6 +126,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _pem_file(text: str) -> str:
+    """argparse type of --ca-cert: a file that can be read (what it holds is checked later)."""
+    try:
+        with open(text, "rb"):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {error.strerror or error}") from None
+    return text
+
+
 def _add_common_options(parser: argparse.ArgumentParser, *, on_subcommand: bool) -> None:
     """The connection and output options, accepted before or after the subcommand."""
 
@@ -141,7 +151,10 @@ def _add_common_options(parser: argparse.ArgumentParser, *, on_subcommand: bool)
         help="the master's join.json (default: $CPCLUSTER_JOIN, else ./join.json)",
     )
     group.add_argument(
-        "--host", default=default(None), help="connect to HOST instead of join.json's ip"
+        "--host",
+        type=host_argument,
+        default=default(None),
+        help="connect to HOST instead of join.json's ip",
     )
     group.add_argument(
         "--port",
@@ -185,6 +198,7 @@ def _add_common_options(parser: argparse.ArgumentParser, *, on_subcommand: bool)
     group.add_argument(
         "--ca-cert",
         metavar="PATH",
+        type=_pem_file,
         default=default(None),
         help="PEM file of the CA to check the TLS certificate against (default: system roots)",
     )
@@ -545,11 +559,38 @@ async def _run_batch(args: argparse.Namespace, tasks: list[Task]) -> int:
     return status
 
 
+def _expression_behind_dashes(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`compute -1+2`: argparse takes a word that starts with "-" for an option. The first
+    such word after `compute`/`complex` that is no option of ours is the expression: move it
+    behind "--", where argparse reads it as one (`compute -- -1+2` works as it is)."""
+    if "--" in argv:
+        return argv
+    with_value = {o for a in parser._actions if a.nargs != 0 for o in a.option_strings}
+    known = {o for a in parser._actions for o in a.option_strings}
+    position = 0
+    seen_command = False
+    while position < len(argv):
+        word = argv[position]
+        if word in with_value:
+            position += 2
+            continue
+        if seen_command and word.startswith("-") and word.partition("=")[0] not in known:
+            return [*argv[:position], *argv[position + 1 :], "--", word]
+        if not word.startswith("-"):
+            if seen_command or word not in ("compute", "complex"):
+                return argv  # the expression, or another command
+            seen_command = True
+        position += 1
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `cpnode-submit`; return the exit status (see `EXIT_*` and --help)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(
+            _expression_behind_dashes(parser, list(sys.argv[1:] if argv is None else argv))
+        )
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:

@@ -545,6 +545,13 @@ def test_cli_compute_complex_and_json(cluster: Cluster) -> None:
     assert line["result"] == {"Number": 3.5}
     again = submit("result", line["id"], "--join", join)
     assert (again.returncode, again.stdout) == (0, b"3.5\n")
+    # An expression that starts with "-" is no option, wherever the options stand.
+    for args in (["compute", "-1+2"], ["compute", "-1+2", "--json"], ["compute", "--", "-4"]):
+        done = submit("--join", join, *args)
+        assert done.returncode == 0, (args, done.stderr)
+        assert done.stdout in (b"1\n", b"-4\n") or orjson.loads(done.stdout)["result"] == {
+            "Number": 1.0
+        }
 
 
 def test_cli_task_types_with_data(cluster: Cluster, tmp_path: Path) -> None:
@@ -671,6 +678,12 @@ BAD_INVOCATIONS = [
     ),
     pytest.param(["--join", "{good}", "--timeout", "0", "ram"], "positive number", id="timeout"),
     pytest.param(["frobnicate"], "invalid choice", id="unknown-command"),
+    pytest.param(["--host", "bad host", "ram"], "argument --host: expected an IP", id="host"),
+    pytest.param(
+        ["--ca-cert", "/nonexistent.pem", "ram"],
+        "argument --ca-cert: cannot read /nonexistent.pem: No such file",
+        id="ca-cert",
+    ),
 ]
 
 
