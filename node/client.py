@@ -402,10 +402,15 @@ class Client:
                 f"cannot connect to the master at {address}: no answer within {timeout:g} s"
             ) from None
         except OSError as error:
-            reason = error.strerror or str(error)
+            reason = error.strerror or str(error) or type(error).__name__
+            hint = (
+                "is cpnode-master running there? check join.json"
+                if security is None or isinstance(error, ConnectionRefusedError)
+                else "the TLS handshake failed: does the master serve TLS on this port?"
+                ' (tls "never" talks plain TCP)'
+            )
             raise MasterUnreachable(
-                f"cannot connect to the master at {address}: {reason} "
-                "(is cpnode-master running there? check join.json)"
+                f"cannot connect to the master at {address}: {reason} ({hint})"
             ) from None
         client = cls(connection, timeout)
         try:

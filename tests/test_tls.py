@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from node.client import Client, MasterCertificateError
+from node.client import Client, MasterCertificateError, MasterUnreachable
 from node.config import Config
 from node.errors import ConfigError
 from node.master import MasterThread
@@ -165,6 +165,20 @@ def test_listener_refusals_are_logged(
             time.sleep(0.02)
     assert "master: connection from 127.0.0.1:" in caplog.text
     assert refusal in caplog.text
+
+
+def test_a_client_that_wants_tls_from_a_plain_master_is_told_so(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    with (
+        master_with(tmp_path, None, mode="never") as master,
+        pytest.raises(MasterUnreachable) as caught,
+    ):
+        authenticates(master, tls="always", ca_cert=ca.cert_pem.bytes().decode())
+    text = str(caught.value)
+    assert text.startswith(f"cannot connect to the master at 127.0.0.1:{master.port}: ")
+    assert "the TLS handshake failed: does the master serve TLS on this port?" in text
+    assert ":  (" not in text  # a reason is given, even when the error has no text
 
 
 def test_plain_peer_is_served_after_the_peek(tmp_path: Path, ca: trustme.CA) -> None:
