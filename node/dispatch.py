@@ -412,6 +412,7 @@ class Dispatcher:
                 error = m.Error(f"worker {worker.index} died {when} this task: {loss.how}")
             self._retried.discard(ident)
             del self._held[ident]
+            self._answered[ident] = payload  # a repeat before the ack gets this Error again
             errors.append(frame(codec.task_result_payload(ident, error)))
             errored.append(ident)
         if requeue:

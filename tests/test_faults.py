@@ -30,6 +30,7 @@ import pytest
 from node.client import Client, ClientError
 from node.config import Config
 from node.dispatch import Dispatcher
+from node.link import MasterLink
 from node.master import MasterThread
 from node.master.journal import replay
 from node.protocol import codec
@@ -38,6 +39,7 @@ from node.protocol.framing import FrameDecoder
 from tests.fakemaster import FakeMaster, ResultLedger, record_new_masters
 from tests.netservers import TcpEcho
 from tests.nodeproc import NodeProcess
+from tests.test_result_segments import unconnected_link
 from workers import pool as pool_module
 from workers.expr import evaluate_compute
 from workers.pool import Worker, WorkerLimits, WorkerPool
@@ -818,11 +820,17 @@ class PoolRun:
     """A WorkerPool and a Dispatcher in this process; results are collected per id."""
 
     def __init__(
-        self, size: int, limits: WorkerLimits, executors: dict[str, str] | None = None
+        self,
+        size: int,
+        limits: WorkerLimits,
+        executors: dict[str, str] | None = None,
+        outbox: MasterLink | None = None,
     ) -> None:
         self.results: dict[str, list[m.Result]] = collections.defaultdict(list)
         self.ready_pids: list[int] = []
+        self.outbox = outbox  # results also go there (unconfirmed), when given
         self.dispatcher = Dispatcher(16, self._deliver)
+        self.dispatcher.outbox = outbox
         settings = WorkerSettings(executors=executors or {})
         self.pool = WorkerPool(
             size,
@@ -841,6 +849,8 @@ class PoolRun:
         self.dispatcher.worker_ready(worker)
 
     def _deliver(self, blob: bytes, count: int) -> None:
+        if self.outbox is not None:
+            self.outbox.send_results(blob, count)
         payloads = FrameDecoder().feed(blob)
         assert len(payloads) == count
         for payload in payloads:
@@ -954,6 +964,29 @@ def test_a_task_past_task_timeout_ms_gets_its_worker_replaced_and_an_error(
             # The results before the slow task left the worker while it slept: not retried.
             assert not [r for r in caplog.records if "retrying" in r.getMessage()]
             record("task past task_timeout_ms (pool)", len(ids), len(run.results), run.duplicated())
+        finally:
+            await run.pool.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_repeated_task_that_its_worker_died_on_gets_the_same_error_not_a_second_run() -> None:
+    # The master assigns a task again while the Error for it awaits confirmation: a task that
+    # hit task_timeout_ms ran (and killed a worker) once more.
+    async def scenario() -> None:
+        run = PoolRun(1, WorkerLimits(task_timeout_ms=300), SLOW, outbox=unconnected_link())
+        await run.pool.start()
+        try:
+            run.submit("slow", "sleep 30")
+            await run.wait(["slow"])
+            run.submit("slow", "sleep 30")
+            await await_until(lambda: len(run.results["slow"]) == 2, 30, "a second answer")
+            await asyncio.sleep(0.5)  # a second run would be killed and answered meanwhile
+            first, again = run.results["slow"]
+            assert isinstance(first, m.Error) and "task_timeout_ms = 300 ms" in first.message
+            assert again == first
+            assert run.dispatcher.results_resent == 1
+            assert len(run.ready_pids) == 2  # one replacement: the task was not run again
         finally:
             await run.pool.stop()
 
