@@ -583,7 +583,9 @@ class Config:
     drain_timeout_ms: int = _setting(
         30000,
         _Integer(0),
-        "On SIGTERM/SIGINT, how long to finish running tasks and deliver their results.",
+        "On SIGTERM/SIGINT, how long to finish running tasks, deliver their results and wait "
+        "for the master to take back the rest (3.2 x `failover_timeout_ms`: a shorter value is "
+        "warned about at start).",
     )
     health_listen: str | None = _setting(
         None,

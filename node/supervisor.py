@@ -27,6 +27,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from node.config import Config, JoinInfo, parse_address
 from node.direct import DirectLinks
@@ -44,6 +45,11 @@ from workers.pool import WorkerLimits, WorkerPool
 from workers.tasks import WorkerSettings
 
 log = logging.getLogger("cpnode.node")
+
+EVICTION_WAIT: Final = 3.2
+"""A drain that handed tasks back waits this many `failover_timeout_ms` after its last frame
+for the master to evict it (upstream evicts after 2-3): a master that loses the connection
+first forgets those tasks."""
 
 
 class NodeStatus(enum.Enum):
@@ -196,6 +202,17 @@ class Node:
 
     async def _run(self) -> int:
         self.status = NodeStatus.STARTING
+        eviction_ms = EVICTION_WAIT * self.config.failover_timeout_ms
+        if self.config.drain_timeout_ms < eviction_ms:
+            log.warning(
+                "drain_timeout_ms = %d is shorter than the %.0f ms a drain waits for the master "
+                "to evict this node (%.1f x failover_timeout_ms): tasks handed back by a drain "
+                "would be lost by an upstream master; set drain_timeout_ms to %.0f or more",
+                self.config.drain_timeout_ms,
+                eviction_ms,
+                EVICTION_WAIT,
+                eviction_ms + 2000,
+            )
         try:
             self.node_dir = self._claim_node_dir()
         except (NodeDirectoryInUse, OSError) as error:
@@ -332,7 +349,7 @@ class Node:
             return
         # Stay connected and silent until the master has evicted us (2-3 x failover_timeout_ms
         # after the last frame it read from us, which it read before its last byte to us).
-        evicted_by = max(link.last_write_at, link.last_bytes_at) + 3.2 * failover_s
+        evicted_by = max(link.last_write_at, link.last_bytes_at) + EVICTION_WAIT * failover_s
         log.info(
             "waiting %.1f s for the master to evict this node and re-queue what it handed us "
             "and we did not run",

@@ -694,6 +694,18 @@ def test_a_drain_hands_back_the_io_tasks_that_wait_for_a_slot(
     asyncio.run(scenario())
 
 
+def test_a_drain_timeout_shorter_than_the_eviction_wait_is_named_at_start(tmp_path: Path) -> None:
+    port = free_port()  # no master there: the warning comes before connecting
+    join = write_join(tmp_path, port)
+    config = node_config(f"127.0.0.1:{port}", failover_timeout_ms=10000)
+    node = start_node(tmp_path, join, config, "node")
+    try:
+        node.wait_for_log("set drain_timeout_ms to 34000 or more")
+        assert "drain_timeout_ms = 30000 is shorter than the 32000 ms a drain waits" in node.log
+    finally:
+        node.close()
+
+
 def test_a_second_signal_stops_at_once(tmp_path: Path, recorded: ResultLedger) -> None:
     ledger = recorded
     join = tmp_path / "join.json"
