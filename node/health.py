@@ -132,9 +132,13 @@ def _read_resources(
 ) -> _Resources:
     """Runs in a thread: store sizes and worker memory."""
     found = _Resources(read_at=time.monotonic())
-    with contextlib.suppress(OSError):
+    try:
         if stat.S_ISDIR(os.stat(storage_dir).st_mode):
             found.disk_store_bytes = _tree_bytes(storage_dir)
+    except FileNotFoundError:
+        found.disk_store_bytes = 0  # nothing written yet (a node that is not a Disk node)
+    except OSError:
+        pass
     with contextlib.suppress(OSError):
         with os.scandir(shm_dir) as listing:
             # The node's directory and its payload segments (see shm.nodedir): exact names, so
@@ -317,6 +321,14 @@ class NodeCollector:
         for cause, count in sorted(pool.restarts_by_cause.items()):
             restarts.add_metric([cause], count)
         yield restarts
+        # The same count without a cause, there from the start: `increase()` sees no new
+        # labelled series appear, so an alert on the first restart needs this one.
+        replaced = CounterMetricFamily(
+            "cpnode_worker_replacements",
+            "Workers replaced after they died, whatever the cause (0 from the start).",
+        )
+        replaced.add_metric([], sum(pool.restarts_by_cause.values()))
+        yield replaced
         segments = CounterMetricFamily(
             "cpnode_segment_frames",
             "Large frames handed between the supervisor and workers through shared memory.",

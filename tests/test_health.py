@@ -231,6 +231,7 @@ def test_metrics_parse_and_counters_move_when_tasks_run(running: Running) -> Non
     before = scrape(running.port)
     assert before[("cpnode_ready", ())] == 1
     assert before[("cpnode_worker_up", (("worker", "0"),))] == 1
+    assert before[("cpnode_worker_replacements_total", ())] == 0  # there before any restart
     compute = (("type", "Compute"),)
 
     def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], key: tuple) -> float:
@@ -507,4 +508,4 @@ def test_store_sizes_count_this_nodes_files_only(tmp_path: Path) -> None:
     assert found.shm_free_bytes is not None and found.shm_free_bytes > 0
     assert found.worker_rss == {}  # no such process
     missing = health._read_resources(str(tmp_path / "none"), str(shm), "cpnode-z", [])
-    assert (missing.disk_store_bytes, missing.shm_bytes) == (None, 0)
+    assert (missing.disk_store_bytes, missing.shm_bytes) == (0, 0)  # nothing written yet
