@@ -745,6 +745,7 @@ def test_cli_that_cannot_listen_leaves_no_new_state_file(tmp_path):
         )
     assert code == 1
     assert "cannot listen" in err
+    assert "stopped" not in err  # no "master on :0 stopped" after the failed start
     assert not state.exists()
 
 

@@ -293,7 +293,8 @@ class MasterServer:
         if self._journal is not None:
             self._journal.flush()
             await self._loop.run_in_executor(None, self._journal.close)
-        _log.info("master on %s stopped", self.address)
+        if self._server is not None:  # it listened: a start that failed says why instead
+            _log.info("master on %s stopped", self.address)
 
     # --- start-up ----------------------------------------------------------------------------
 
