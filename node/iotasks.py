@@ -91,10 +91,14 @@ class NetworkPolicy:
     def refusal(self, address: str | IpAddress) -> str | None:
         """Why `address` may not be reached, or None when it may."""
         ip = _ip(address)
+        given = _ip_given(address)
+        if isinstance(given, ipaddress.IPv6Address) and given.ipv4_mapped is not None:
+            given = given.ipv4_mapped
+        shown = f"{given} (which reaches {ip})" if given.is_unspecified else str(ip)
         for network, allowed in self._rules:
             if ip.version == network.version and ip in network:
-                return None if allowed else f"{ip} is refused by network_deny {network}"
-        return f"{ip} is in no network of network_allow"
+                return None if allowed else f"{shown} is refused by network_deny {network}"
+        return f"{shown} is in no network of network_allow"
 
     def check(self, address: str | IpAddress) -> None:
         """Raise `NetworkRefused` when `address` may not be reached."""
@@ -110,12 +114,23 @@ class NetworkPolicy:
         return allowed
 
 
+def _ip_given(address: str | IpAddress) -> IpAddress:
+    return ipaddress.ip_address(address.split("%", 1)[0]) if isinstance(address, str) else address
+
+
 def _ip(address: str | IpAddress) -> IpAddress:
-    ip = ipaddress.ip_address(address.split("%", 1)[0]) if isinstance(address, str) else address
+    """The address a connection to `address` reaches, as the policy judges it."""
+    ip = _ip_given(address)
     # ::ffff:169.254.169.254 reaches 169.254.169.254: judge it as the IPv4 address it is.
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
+        ip = ip.ipv4_mapped
+    # Linux connects 0.0.0.0 to 127.0.0.1 and :: to ::1: judge them as loopback.
+    if ip.is_unspecified:
+        return _LOOPBACK[ip.version]
     return ip
+
+
+_LOOPBACK: Final = {4: ipaddress.ip_address("127.0.0.1"), 6: ipaddress.ip_address("::1")}
 
 
 class _PolicyResolver(AbstractResolver):
@@ -389,8 +404,10 @@ class IoTaskRunner:
             log.exception("I/O task %s failed unexpectedly", ident)
             result_frame = _result_frame(ident, m.Error(f"internal error: {exc!r}"))
         finally:
+            # Its slot is free now (the done callback, which removes it too, runs only after
+            # the `_pump` scheduled here: the next task would find every slot taken).
+            self._running.discard(asyncio.current_task())
             if not self._closed:
-                # This task leaves the running set only after this coroutine returns.
                 asyncio.get_running_loop().call_soon(self._pump)
         self.finished += 1
         self._on_done(ident, result_frame)

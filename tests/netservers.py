@@ -46,6 +46,7 @@ class HttpServer:
         self.active = 0
         self.peak = 0
         self.served = 0
+        self.arrivals: list[int] = []  # requests running as each one came, itself included
         self._lock = threading.Lock()
         self._thread = _LoopThread()
         self._runner: web.AppRunner | None = None
@@ -65,6 +66,7 @@ class HttpServer:
         with self._lock:
             self.active += 1
             self.peak = max(self.peak, self.active)
+            self.arrivals.append(self.active)
         try:
             return await handler(request)
         finally:

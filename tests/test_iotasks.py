@@ -275,6 +275,32 @@ def test_policy_applies_to_tcp_and_udp() -> None:
     assert error_text(udp) == "Udp 127.0.0.1:9: 127.0.0.1 is refused by network_deny 127.0.0.0/8"
 
 
+def test_policy_judges_the_unspecified_addresses_as_the_loopback_they_reach(
+    http: HttpServer,
+) -> None:
+    # Linux connects 0.0.0.0 to 127.0.0.1 and :: to ::1: a loopback deny rule held for
+    # "127.0.0.1" and not for "0.0.0.0", with a real server answering on loopback.
+    config = Config(network_deny=["127.0.0.0/8", "::1/128"])
+    with TcpEcho(lambda data: b"secret") as echo, UdpEcho() as udp:
+        tasks: list[m.Task] = [
+            m.Tcp(f"0.0.0.0:{echo.port}", b"x"),
+            m.Tcp(f"[::]:{echo.port}", b"x"),
+            m.Tcp(f"[::ffff:0.0.0.0]:{echo.port}", b"x"),
+            m.Udp(f"0.0.0.0:{udp.port}", b"x"),
+            m.HttpRequest(http.url("/ok", host="0.0.0.0")),
+        ]
+        results = run(config, tasks)
+    refused = [
+        "0.0.0.0 (which reaches 127.0.0.1) is refused by network_deny 127.0.0.0/8",
+        ":: (which reaches ::1) is refused by network_deny ::1/128",
+        "0.0.0.0 (which reaches 127.0.0.1) is refused by network_deny 127.0.0.0/8",
+        "0.0.0.0 (which reaches 127.0.0.1) is refused by network_deny 127.0.0.0/8",
+        "0.0.0.0 (which reaches 127.0.0.1) is refused by network_deny 127.0.0.0/8",
+    ]
+    for result, reason in zip(results, refused, strict=True):
+        assert error_text(result).endswith(reason), result
+
+
 # --- Tcp and Udp ---------------------------------------------------------------------------------
 
 
@@ -513,12 +539,24 @@ def test_io_concurrency_bounds_tasks_in_flight(http: HttpServer) -> None:
         time.sleep(0.05)
     assert http.active == 0, "an earlier test's request still runs"
     http.peak = 0
+    arrived_before = len(http.arrivals)
     results = run(Config(io_concurrency=3), [m.HttpRequest(http.url("/slow?s=0.2"))] * 9)
     assert results == [m.Response("late")] * 9
     # The server saw at most 3 requests at once, and 3 did overlap: the bound, and that it is
     # used. (It is the same server as the other tests', idle by now.)
     assert http.peak == 3
+    # A task's slot is free as soon as it is answered: each of the three waves reached 3 at
+    # once (one slot was once lost at the first completion: 1, 2, 3, 1, 2, 1, 2, ...).
+    assert http.arrivals[arrived_before:].count(3) >= 3, http.arrivals[arrived_before:]
     http.peak = max(peak_before, http.peak)
+
+
+def test_io_concurrency_1_runs_every_task_one_after_the_other() -> None:
+    # With one slot the tasks queued behind the first never started (the finished task still
+    # held its slot when the runner looked for the next one).
+    results = run(Config(io_concurrency=1), [m.Tcp("no-port-here", b"x")] * 5, timeout=10)
+    assert len(results) == 5
+    assert all(isinstance(r, m.Error) and "no-port-here" in r.message for r in results)
 
 
 def test_malformed_payload_is_answered_with_an_error() -> None:
