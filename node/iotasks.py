@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
-import contextlib
 import errno
 import functools
 import ipaddress
@@ -46,6 +45,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import aiohttp
+import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from node.config import Config, parse_address
@@ -672,9 +672,66 @@ def _result_frame(ident: str, result: m.Result) -> bytes:
 
 
 def _response_frame(ident: str, body: bytes, charset: str | None) -> bytes:
-    # As upstream (reqwest's text()): the charset of Content-Type, else UTF-8, never failing.
-    encoding = "utf-8"
-    if charset:
-        with contextlib.suppress(LookupError):
-            encoding = codecs.lookup(charset).name
-    return _result_frame(ident, m.Response(body.decode(encoding, errors="replace")))
+    """The result frame of a `Response`: the body as text, as upstream (reqwest's `text()`,
+    encoding_rs) reads it: a byte-order mark wins, then the charset of Content-Type (WHATWG
+    labels: "iso-8859-1" and "us-ascii" mean windows-1252), else UTF-8; bytes that do not
+    decode become U+FFFD. Decoded and escaped a slice at a time: a thread doing it in one call
+    would hold the GIL (and so the event loop) for as long as 16 MiB takes."""
+    encoding, start = _text_encoding(body, charset)
+    errors = _WINDOWS_1252_ERRORS if encoding == "cp1252" else "replace"
+    decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
+    empty = codec.task_result_payload(ident, m.Response(""))
+    pieces = [empty[: -len(_EMPTY_TEXT_END)], b'"']
+    view = memoryview(body)
+    for offset in range(start, len(body), _TEXT_SLICE):
+        final = offset + _TEXT_SLICE >= len(body)
+        text = decoder.decode(view[offset : offset + _TEXT_SLICE], final)
+        pieces.append(_dumps(text)[1:-1])
+    if start >= len(body):
+        pieces.append(_dumps(decoder.decode(b"", True))[1:-1])
+    pieces.append(_EMPTY_TEXT_END[1:])
+    return frame_joined(pieces)
+
+
+def _text_encoding(body: bytes, charset: str | None) -> tuple[str, int]:
+    """The Python codec to read `body` with, and where its text starts (after a BOM)."""
+    for mark, encoding in _BOMS:
+        if body.startswith(mark):
+            return encoding, len(mark)
+    label = (charset or "").strip().lower()
+    if label in _WINDOWS_1252_LABELS:
+        return "cp1252", 0
+    if label:
+        try:
+            info = codecs.lookup(label)
+        except LookupError:
+            pass
+        else:
+            # Not base64, rot13 and the like: codecs that decode no text.
+            if getattr(info, "_is_text_encoding", True):
+                return info.name, 0
+    return "utf-8", 0
+
+
+def _windows_1252_errors(error: UnicodeError) -> tuple[str, int]:
+    """What WHATWG's windows-1252 makes of the five bytes Python's cp1252 leaves undefined:
+    the C1 controls of the same number."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    return error.object[error.start : error.end].decode("latin-1"), error.end
+
+
+_WINDOWS_1252_ERRORS: Final = "cpnode-windows-1252"
+codecs.register_error(_WINDOWS_1252_ERRORS, _windows_1252_errors)
+_WINDOWS_1252_LABELS: Final = frozenset(
+    {
+        "ansi_x3.4-1968", "ascii", "cp1252", "cp819", "csisolatin1", "ibm819", "iso-8859-1",
+        "iso-ir-100", "iso8859-1", "iso88591", "iso_8859-1", "iso_8859-1:1987", "l1", "latin1",
+        "us-ascii", "windows-1252", "x-cp1252",
+    }
+)  # fmt: skip
+"""The WHATWG Encoding Standard's labels of windows-1252."""
+_BOMS: Final = ((b"\xef\xbb\xbf", "utf-8"), (b"\xfe\xff", "utf-16-be"), (b"\xff\xfe", "utf-16-le"))
+_EMPTY_TEXT_END: Final = b'""}}}'  # how an empty `Response` result payload ends
+_TEXT_SLICE: Final = 1 << 18
+_dumps: Final = orjson.dumps

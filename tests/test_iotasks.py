@@ -72,6 +72,13 @@ async def _latin1(request: web.Request) -> web.Response:
     return web.Response(body="café".encode("latin-1"), content_type="text/plain", charset="latin-1")
 
 
+async def _charset(request: web.Request) -> web.Response:
+    """`?charset=NAME&hex=BODY`: that body with that charset in Content-Type."""
+    body = bytes.fromhex(request.query["hex"])
+    header = f"text/plain; charset={request.query['charset']}"
+    return web.Response(body=body, headers={"Content-Type": header})
+
+
 ROUTES = {
     "/ok": _ok,
     "/missing": _missing,
@@ -81,6 +88,7 @@ ROUTES = {
     "/big": _big,
     "/chunked": _big_chunked,
     "/latin1": _latin1,
+    "/charset": _charset,
 }
 
 
@@ -172,6 +180,37 @@ def test_http_body_past_the_limit_is_an_error(http: HttpServer, path: str, body:
 
 def test_http_charset_of_the_response_is_used(http: HttpServer) -> None:
     assert one(Config(), m.HttpRequest(http.url("/latin1"))) == m.Response("café")
+
+
+@pytest.mark.parametrize(
+    ("charset", "body", "text"),
+    [
+        # encoding_rs (upstream) reads these labels as WHATWG does: windows-1252.
+        ("iso-8859-1", b"\x80 caf\xe9", "€ café"),
+        ("us-ascii", b"\x93q\x94", "“q”"),
+        ("windows-1252", b"\x81\x8d", "\x81\x8d"),  # undefined in Python's cp1252: C1
+        ("utf-8", b"\xef\xbb\xbfhi", "hi"),  # a byte-order mark is not text...
+        ("iso-8859-1", b"\xff\xfeh\x00i\x00", "hi"),  # ... and wins over the label
+        ("base64", b"aGk=", "aGk="),  # a codec of Python's that decodes no text: UTF-8
+        ("no-such-charset", b"caf\xc3\xa9", "café"),
+        ("utf-8", b"bad \xff byte", "bad \ufffd byte"),
+    ],
+)
+def test_http_text_is_decoded_as_upstream_decodes_it(
+    http: HttpServer, charset: str, body: bytes, text: str
+) -> None:
+    url = http.url(f"/charset?charset={charset}&hex={body.hex()}")
+    assert one(Config(), m.HttpRequest(url)) == m.Response(text)
+
+
+def test_http_a_big_body_is_framed_slice_by_slice_exactly() -> None:
+    # Above _OFFLOAD_BYTES the frame is built in a thread, 256 KiB at a time: every character
+    # class at every slice edge, and a multi-byte character split across two slices.
+    text = ('aé"\\\n\x01€😀/' * 40_000)[:300_000]
+    for body, charset in ((text.encode(), None), (text.encode("utf-16-le"), "utf-16-le")):
+        assert len(body) > 1 << 18
+        got = iotasks._response_frame("big", body, charset)
+        assert got == frame(codec.task_result_payload("big", m.Response(text)))
 
 
 def test_http_refused_connection_names_the_reason() -> None:
