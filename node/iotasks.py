@@ -172,9 +172,27 @@ class _UdpPort(asyncio.DatagramProtocol):
         self.port = port
         self.transport: asyncio.DatagramTransport | None = None
         self._waiting: dict[tuple[str, int], collections.deque[asyncio.Future[bytes]]] = {}
+        self._sending: asyncio.Future[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes, key: tuple[str, int], waiter: asyncio.Future[bytes]) -> None:
+        """Send `data` to `key` for `waiter`, which gets the error if the send fails (the
+        transport reports a failed send to `error_received`, from inside `sendto`)."""
+        assert self.transport is not None
+        self._sending = waiter
+        try:
+            self.transport.sendto(data, key)
+        finally:
+            self._sending = None
+
+    def error_received(self, exc: Exception) -> None:
+        waiter = self._sending
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        else:  # an ICMP error for an earlier datagram: the socket names no sender
+            log.debug("UDP port %d: %s", self.port, exc)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         queue = self._waiting.get((str(addr[0]), int(addr[1])))
@@ -623,7 +641,7 @@ class IoTaskRunner:
         assert port is not None and port.transport is not None
         waiter = port.expect(key)
         try:
-            port.transport.sendto(data, key)
+            port.send(data, key, waiter)
             return await waiter
         finally:
             port.forget(key, waiter)

@@ -554,6 +554,20 @@ def test_internet_ports_are_bound_and_used_in_turn(caplog: pytest.LogCaptureFixt
     assert f"internet_ports failed to bind: TCP {busy} (Address already in use)" in log
 
 
+def test_internet_udp_send_error_is_the_answer_at_once() -> None:
+    # A datagram the system refuses to send (70,000 bytes: EMSGSIZE) waited for a reply until
+    # task_timeout_ms on an Internet node's shared port: its error reached nobody.
+    config = Config(role=m.Role.Internet, internet_ports=[free_port()], task_timeout_ms=0)
+    with UdpEcho() as echo:
+        too_big, fine = run(
+            config,
+            [m.Udp(f"127.0.0.1:{echo.port}", b"z" * 70_000), m.Udp(f"127.0.0.1:{echo.port}", b"x")],
+            timeout=10,
+        )
+    assert error_text(too_big) == f"Udp 127.0.0.1:{echo.port}: Message too long"
+    assert fine == m.Bytes(b"x@%d" % config.internet_ports[0])  # the echo names the sender
+
+
 def test_internet_tcp_tasks_to_one_target_at_once_use_different_ports() -> None:
     ports = list(dict.fromkeys([free_port(), free_port(), free_port()]))
     config = Config(role=m.Role.Internet, internet_ports=ports)
