@@ -790,8 +790,15 @@ class DirectClient:
         ident = f"{self._prefix}-{next(self._counter)}"
         waiter: asyncio.Future[m.Result] = asyncio.get_running_loop().create_future()
         self._waiting[ident] = waiter
+        # A caller that stops waiting (a timeout) does not leave its waiter here for good.
+        waiter.add_done_callback(lambda _: self._waiting.pop(ident, None))
         self._link.send_task(codec.encode_payload(m.AssignTask(ident, task)))
         return ident, waiter
+
+    @property
+    def pending(self) -> int:
+        """Tasks sent and still awaited."""
+        return len(self._waiting)
 
     async def run(self, task: m.Task, timeout: float | None = None) -> m.Result:
         """Send `task` and wait for its result (TimeoutError after `timeout` seconds)."""

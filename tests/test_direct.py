@@ -87,6 +87,24 @@ def test_client_runs_tasks_over_a_direct_link_not_through_the_master(
     process.wait_for_log("it sent 502 tasks")
 
 
+def test_a_client_that_stops_waiting_keeps_no_waiter(
+    master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    _, port = peer
+    with socket.socket() as silent:  # takes the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+
+        async def go() -> int:
+            async with await DirectClient.connect("127.0.0.1", port, master.token) as client:
+                task = m.Tcp(f"127.0.0.1:{silent.getsockname()[1]}", b"anyone?")
+                with pytest.raises(TimeoutError):
+                    await client.run_many([task, task], timeout=0.5)
+                return client.pending
+
+        assert asyncio.run(go()) == 0
+
+
 def test_a_wrong_token_is_refused_and_logged(
     master: MasterThread, peer: tuple[NodeProcess, int]
 ) -> None:
