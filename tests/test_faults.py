@@ -748,6 +748,29 @@ def test_a_second_signal_stops_at_once(tmp_path: Path, recorded: ResultLedger) -
                 second.close()
 
 
+def test_a_killed_forkserver_takes_every_worker_and_nothing_is_lost(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    # The workers are children of the forkserver and die with it; the pool starts a new
+    # forkserver and new workers, and every task gets its value, none twice.
+    async def scenario() -> None:
+        async with fake_master_and_node(tmp_path, ledger, "forkserver") as (master, node):
+            tasks, values = heavy_tasks(0, 300, terms=200)
+            ids = [f"t{i}" for i in range(len(tasks))]
+            master.submit(zip(ids, tasks, strict=True))
+            await await_until(lambda: len(master.results) >= 20, 60, "20 results reach it")
+            direct = psutil.Process(node.proc.pid).children()
+            (forkserver,) = [c for c in direct if "forkserver" in " ".join(c.cmdline())]
+            forkserver.kill()
+            await await_until(lambda: not ledger.missing(ids), 90, "every task is answered")
+            assert node.log.count("died:") >= 2, node.log  # both workers went with it
+            await answered_and_stopped(
+                "forkserver killed (its workers with it)", ledger, node, ids, values
+            )
+
+    asyncio.run(scenario())
+
+
 def test_sigkill_of_the_supervisor_leaves_no_process_or_file(tmp_path: Path) -> None:
     join = tmp_path / "join.json"
     node_id = f"faults-{os.getpid()}"

@@ -289,7 +289,10 @@ class WorkerPool:
                 daemon=True,
             )
             try:
-                process.start()
+                # In a thread: `start()` waits for the forkserver to fork, and a forkserver
+                # that died (its workers die with it) is first started again, a new interpreter
+                # importing the preloaded modules: 0.2 s the event loop must not wait.
+                await self._loop.run_in_executor(None, process.start)
             finally:
                 theirs.close()
             worker.process = process
