@@ -41,11 +41,12 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
 import aiohttp
 import orjson
+import webencodings
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from node.config import Config, parse_address
@@ -691,65 +692,59 @@ def _result_frame(ident: str, result: m.Result) -> bytes:
 
 def _response_frame(ident: str, body: bytes, charset: str | None) -> bytes:
     """The result frame of a `Response`: the body as text, as upstream (reqwest's `text()`,
-    encoding_rs) reads it: a byte-order mark wins, then the charset of Content-Type (WHATWG
-    labels: "iso-8859-1" and "us-ascii" mean windows-1252), else UTF-8; bytes that do not
-    decode become U+FFFD. Decoded and escaped a slice at a time: a thread doing it in one call
-    would hold the GIL (and so the event loop) for as long as 16 MiB takes."""
-    encoding, start = _text_encoding(body, charset)
-    errors = _WINDOWS_1252_ERRORS if encoding == "cp1252" else "replace"
-    decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
+    encoding_rs) reads it: a byte-order mark wins, then the charset of Content-Type as the
+    WHATWG Encoding Standard labels it (webencodings: "iso-8859-1" and "us-ascii" mean
+    windows-1252, a label it does not know means UTF-8), else UTF-8; what does not decode
+    becomes U+FFFD. Decoded and escaped a slice at a time: a thread doing it in one call would
+    hold the GIL (and so the event loop) for as long as 16 MiB takes."""
     empty = codec.task_result_payload(ident, m.Response(""))
-    pieces = [empty[: -len(_EMPTY_TEXT_END)], b'"']
+    head, tail = empty[: -len(_EMPTY_TEXT_END)], _EMPTY_TEXT_END[1:]
+    info, start = _text_codec(body, charset)
+    try:
+        pieces = list(_escaped_text(body, start, info))
+    except (UnicodeError, TypeError, ValueError):  # a codec that fails its own way: UTF-8
+        pieces = list(_escaped_text(body, 0, _UTF_8))
+    return frame_joined([head, b'"', *pieces, tail])
+
+
+def _escaped_text(body: bytes, start: int, info: codecs.CodecInfo) -> Iterator[bytes]:
+    """The text of `body[start:]` as the inside of a JSON string, a slice at a time."""
+    if info.name == "replacement":  # WHATWG's encoding for labels not to be decoded
+        yield "\ufffd".encode() if len(body) > start else b""
+        return
+    assert info.incrementaldecoder is not None
+    decoder = info.incrementaldecoder(_C1_ERRORS if info.name in _WINDOWS_CODECS else "replace")
     view = memoryview(body)
     for offset in range(start, len(body), _TEXT_SLICE):
         final = offset + _TEXT_SLICE >= len(body)
-        text = decoder.decode(view[offset : offset + _TEXT_SLICE], final)
-        pieces.append(_dumps(text)[1:-1])
+        yield _dumps(decoder.decode(view[offset : offset + _TEXT_SLICE], final))[1:-1]
     if start >= len(body):
-        pieces.append(_dumps(decoder.decode(b"", True))[1:-1])
-    pieces.append(_EMPTY_TEXT_END[1:])
-    return frame_joined(pieces)
+        yield _dumps(decoder.decode(b"", True))[1:-1]
 
 
-def _text_encoding(body: bytes, charset: str | None) -> tuple[str, int]:
-    """The Python codec to read `body` with, and where its text starts (after a BOM)."""
-    for mark, encoding in _BOMS:
+def _text_codec(body: bytes, charset: str | None) -> tuple[codecs.CodecInfo, int]:
+    """The codec to read `body` with, and where its text starts (after a byte-order mark)."""
+    for mark, label in _BOMS:
         if body.startswith(mark):
-            return encoding, len(mark)
-    label = (charset or "").strip().lower()
-    if label in _WINDOWS_1252_LABELS:
-        return "cp1252", 0
-    if label:
-        try:
-            info = codecs.lookup(label)
-        except LookupError:
-            pass
-        else:
-            # Not base64, rot13 and the like: codecs that decode no text.
-            if getattr(info, "_is_text_encoding", True):
-                return info.name, 0
-    return "utf-8", 0
+            return webencodings.lookup(label).codec_info, len(mark)
+    encoding = webencodings.lookup(charset) if charset else None
+    return (encoding.codec_info if encoding is not None else _UTF_8), 0
 
 
-def _windows_1252_errors(error: UnicodeError) -> tuple[str, int]:
-    """What WHATWG's windows-1252 makes of the five bytes Python's cp1252 leaves undefined:
-    the C1 controls of the same number."""
+def _c1_errors(error: UnicodeError) -> tuple[str, int]:
+    """WHATWG's windows-* encodings decode the 0x80-0x9F bytes Python's codecs leave undefined
+    as the C1 controls of the same number; any other byte that does not decode is U+FFFD."""
     if not isinstance(error, UnicodeDecodeError):
         raise error
-    return error.object[error.start : error.end].decode("latin-1"), error.end
+    byte = error.object[error.start]
+    return (chr(byte) if 0x80 <= byte <= 0x9F else "\ufffd"), error.start + 1
 
 
-_WINDOWS_1252_ERRORS: Final = "cpnode-windows-1252"
-codecs.register_error(_WINDOWS_1252_ERRORS, _windows_1252_errors)
-_WINDOWS_1252_LABELS: Final = frozenset(
-    {
-        "ansi_x3.4-1968", "ascii", "cp1252", "cp819", "csisolatin1", "ibm819", "iso-8859-1",
-        "iso-ir-100", "iso8859-1", "iso88591", "iso_8859-1", "iso_8859-1:1987", "l1", "latin1",
-        "us-ascii", "windows-1252", "x-cp1252",
-    }
-)  # fmt: skip
-"""The WHATWG Encoding Standard's labels of windows-1252."""
-_BOMS: Final = ((b"\xef\xbb\xbf", "utf-8"), (b"\xfe\xff", "utf-16-be"), (b"\xff\xfe", "utf-16-le"))
+_C1_ERRORS: Final = "cpnode-whatwg-c1"
+codecs.register_error(_C1_ERRORS, _c1_errors)
+_WINDOWS_CODECS: Final = frozenset({"cp874", *(f"cp{n}" for n in range(1250, 1259))})
+_UTF_8: Final = codecs.lookup("utf-8")
+_BOMS: Final = ((b"\xef\xbb\xbf", "utf-8"), (b"\xfe\xff", "utf-16be"), (b"\xff\xfe", "utf-16le"))
 _EMPTY_TEXT_END: Final = b'""}}}'  # how an empty `Response` result payload ends
 _TEXT_SLICE: Final = 1 << 18
 _dumps: Final = orjson.dumps

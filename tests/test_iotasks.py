@@ -69,7 +69,9 @@ async def _big_chunked(request: web.Request) -> web.StreamResponse:
 
 
 async def _latin1(request: web.Request) -> web.Response:
-    return web.Response(body="café".encode("latin-1"), content_type="text/plain", charset="latin-1")
+    return web.Response(
+        body="café".encode("latin-1"), content_type="text/plain", charset="iso-8859-1"
+    )
 
 
 async def _charset(request: web.Request) -> web.Response:
@@ -191,7 +193,15 @@ def test_http_charset_of_the_response_is_used(http: HttpServer) -> None:
         ("windows-1252", b"\x81\x8d", "\x81\x8d"),  # undefined in Python's cp1252: C1
         ("utf-8", b"\xef\xbb\xbfhi", "hi"),  # a byte-order mark is not text...
         ("iso-8859-1", b"\xff\xfeh\x00i\x00", "hi"),  # ... and wins over the label
-        ("base64", b"aGk=", "aGk="),  # a codec of Python's that decodes no text: UTF-8
+        ("iso-8859-9", b"\x80\x8e\xfd", "€\x8e\u0131"),  # windows-1254, C1 where Python has none
+        ("tis-620", b"\xa1\xff", "ก\ufffd"),  # windows-874: 0xFF is in no index
+        ("iso-2022-kr", b"anything", "\ufffd"),  # WHATWG's "replacement" encoding
+        # Python codec names that are no WHATWG label: UTF-8, as upstream (no internal error).
+        ("latin-1", b"caf\xc3\xa9", "café"),
+        ("base64", b"aGk=", "aGk="),
+        ("idna", b"caf\xc3\xa9", "café"),
+        ("unicode_escape", b"\\ud800 x", "\\ud800 x"),
+        ("utf-7", b"+2AA-", "+2AA-"),
         ("no-such-charset", b"caf\xc3\xa9", "café"),
         ("utf-8", b"bad \xff byte", "bad \ufffd byte"),
     ],
@@ -207,7 +217,7 @@ def test_http_a_big_body_is_framed_slice_by_slice_exactly() -> None:
     # Above _OFFLOAD_BYTES the frame is built in a thread, 256 KiB at a time: every character
     # class at every slice edge, and a multi-byte character split across two slices.
     text = ('aé"\\\n\x01€😀/' * 40_000)[:300_000]
-    for body, charset in ((text.encode(), None), (text.encode("utf-16-le"), "utf-16-le")):
+    for body, charset in ((text.encode(), None), (text.encode("utf-16-le"), "utf-16le")):
         assert len(body) > 1 << 18
         got = iotasks._response_frame("big", body, charset)
         assert got == frame(codec.task_result_payload("big", m.Response(text)))
