@@ -317,7 +317,9 @@ class DirectConnection(asyncio.Protocol):
 
     def _fail(self, error: DirectError) -> None:
         self._end(error)
-        if self.transport is not None:
+        if self._writer is not None:
+            self._writer.close()  # what was written before goes out first
+        elif self.transport is not None:
             self.transport.close()
 
     def close(self) -> None:

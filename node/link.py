@@ -718,7 +718,7 @@ class MasterLink:
                     now - self.last_bytes_at,
                 )
                 self._preferred = (self._preferred + 1) % len(self.endpoints)
-                self._close_connection()
+                self._close_connection(abort=True)
                 return
             if not self.heartbeating:
                 continue
@@ -776,9 +776,18 @@ class MasterLink:
                 self.last_progress_at = now
             self._consumed = consumed
 
-    def _close_connection(self) -> None:
+    def _close_connection(self, *, abort: bool = False) -> None:
+        """Close the connection after what was written (`abort`: at once, dropping it: a
+        stuck master reads nothing, so a close would wait for ever behind a full buffer; the
+        results stay in the outbox for the next connection)."""
         connection = self._connection
-        if connection is not None and connection.transport is not None:
+        if connection is None or connection.transport is None:
+            return
+        if abort:
+            connection.transport.abort()
+        elif connection.writer is not None:
+            connection.writer.close()
+        else:
             connection.transport.close()
 
     def begin_drain(self) -> None:

@@ -30,6 +30,16 @@ class PacedWriter:
         self.backlog_bytes = 0
         """Bytes accepted by `write` and not yet handed to the transport."""
         self._scheduled = False
+        self._close_when_written = False
+
+    def close(self) -> None:
+        """Close the transport once everything written is handed to it: as a transport's own
+        `close()` delivers its buffer first. (A connection lost or aborted drops the backlog:
+        the master link keeps what it wrote in its outbox for the next connection.)"""
+        if self._backlog:
+            self._close_when_written = True
+        else:
+            self.transport.close()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._backlog and len(data) <= self.slice_bytes:
@@ -65,3 +75,5 @@ class PacedWriter:
         if backlog:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._turn)
+        elif self._close_when_written:
+            transport.close()

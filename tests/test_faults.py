@@ -465,6 +465,42 @@ def test_a_master_that_stops_answering_is_left_for_the_next(
     asyncio.run(scenario())
 
 
+def test_a_master_that_stops_reading_behind_big_results_is_left_for_the_next(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    # The stuck master reads nothing, so results larger than the socket buffers stay in the
+    # node's write buffer: a plain close() waits for them to be sent, for ever. The node must
+    # drop that connection and deliver them to the next master.
+    async def scenario() -> None:
+        stuck = FakeMaster(TOKEN, ledger, "stuck")
+        spare = FakeMaster(TOKEN, ledger, "spare")
+        await stuck.start()
+        await spare.start()
+        join = write_join(tmp_path, stuck.port)
+        config = node_config(stuck.address, spare.address, failover_timeout_ms=500)
+        node = start_node(tmp_path, join, config, "node")
+        try:
+            await await_log(node, "node ready")
+            blob = os.urandom(6 << 20)
+            stuck.submit([("store", m.StoreData("k", blob))])
+            await await_until(lambda: "store" in stuck.results, 60, "the blob is stored")
+            (conn,) = stuck.node_connections()
+            stuck.pause(3600)  # for good: it reads nothing from now on
+            ids = ["get-1", "get-2"]
+            stuck.assign(conn, [(ident, m.RetrieveData("k")) for ident in ids])
+            await await_until(lambda: not ledger.missing(ids), 60, "the results reach the spare")
+            assert all(spare.results[i] == m.Bytes(blob) for i in ids)
+            assert "is stuck" in node.log, link_events(node)
+            # The drain waits for the spare to answer its heartbeats: keep this loop free.
+            assert await asyncio.to_thread(node.stop) == 0, node.log
+        finally:
+            node.close()
+            await stuck.close()
+            await spare.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_master_that_stalls_for_less_than_its_eviction_time_is_kept(
     tmp_path: Path, ledger: ResultLedger
 ) -> None:

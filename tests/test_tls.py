@@ -354,3 +354,49 @@ def test_a_large_write_over_tls_leaves_the_loop_between_slices(ca: trustme.CA) -
             await server.wait_closed()
 
     asyncio.run(scenario())
+
+
+def test_a_closed_paced_writer_delivers_what_was_written_first(ca: trustme.CA) -> None:
+    # A direct link closed right after a big result: the transport's own close() would have
+    # sent its buffer; the slices still waiting in the writer must go out too.
+    cert = ca.issue_cert("127.0.0.1")
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    blob = os.urandom(3 * SLICE_BYTES + 77)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        received = bytearray()
+        ended = loop.create_future()
+
+        class Receiver(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                received.extend(data)
+
+            def eof_received(self) -> None:
+                if not ended.done():
+                    ended.set_result(None)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if not ended.done():
+                    ended.set_result(None)
+
+        server = await loop.create_server(Receiver, "127.0.0.1", 0, ssl=context_for(cert))
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_connection(
+            asyncio.Protocol, "127.0.0.1", port, ssl=client_context, server_hostname="127.0.0.1"
+        )
+        try:
+            writer = PacedWriter(transport)  # type: ignore[arg-type]
+            writer.write(blob)
+            writer.close()
+            assert not transport.is_closing()  # not before the backlog is handed over
+            await asyncio.wait_for(ended, 30)
+            assert bytes(received) == blob
+            assert transport.is_closing()
+        finally:
+            transport.abort()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
