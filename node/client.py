@@ -403,11 +403,14 @@ class Client:
             ) from None
         except OSError as error:
             reason = error.strerror or str(error) or type(error).__name__
+            in_handshake = security is not None and isinstance(
+                error, ssl.SSLError | ConnectionResetError | ConnectionAbortedError
+            )
             hint = (
-                "is cpnode-master running there? check join.json"
-                if security is None or isinstance(error, ConnectionRefusedError)
-                else "the TLS handshake failed: does the master serve TLS on this port?"
+                "the TLS handshake failed: does the master serve TLS on this port?"
                 ' (tls "never" talks plain TCP)'
+                if in_handshake
+                else "is cpnode-master running there? check join.json"
             )
             raise MasterUnreachable(
                 f"cannot connect to the master at {address}: {reason} ({hint})"

@@ -15,7 +15,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import IO, Final
 
@@ -565,23 +565,35 @@ def _expression_behind_dashes(parser: argparse.ArgumentParser, argv: list[str]) 
     behind "--", where argparse reads it as one (`compute -- -1+2` works as it is)."""
     if "--" in argv:
         return argv
-    with_value = {o for a in parser._actions if a.nargs != 0 for o in a.option_strings}
-    known = {o for a in parser._actions for o in a.option_strings}
+    takes_value = {o: a.nargs != 0 for a in parser._actions for o in a.option_strings}
     position = 0
     seen_command = False
     while position < len(argv):
         word = argv[position]
-        if word in with_value:
-            position += 2
+        if word.startswith("-"):
+            option = _option_named(word, takes_value)
+            if option is None and seen_command:
+                return [*argv[:position], *argv[position + 1 :], "--", word]
+            # An option's value follows it unless given as --option=value.
+            position += 2 if option is not None and takes_value[option] and "=" not in word else 1
             continue
-        if seen_command and word.startswith("-") and word.partition("=")[0] not in known:
-            return [*argv[:position], *argv[position + 1 :], "--", word]
-        if not word.startswith("-"):
-            if seen_command or word not in ("compute", "complex"):
-                return argv  # the expression, or another command
-            seen_command = True
+        if seen_command or word not in ("compute", "complex"):
+            return argv  # the expression, or another command
+        seen_command = True
         position += 1
     return argv
+
+
+def _option_named(word: str, options: Mapping[str, bool]) -> str | None:
+    """The option argparse takes `word` for (`--tim` and `--time=5` for `--timeout`), if any."""
+    name = word.partition("=")[0]
+    if name in options:
+        return name
+    if name.startswith("--") and len(name) > 2:
+        matches = [option for option in options if option.startswith(name)]
+        if matches:  # several: argparse says the abbreviation is ambiguous
+            return matches[0]
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -545,13 +545,20 @@ def test_cli_compute_complex_and_json(cluster: Cluster) -> None:
     assert line["result"] == {"Number": 3.5}
     again = submit("result", line["id"], "--join", join)
     assert (again.returncode, again.stdout) == (0, b"3.5\n")
-    # An expression that starts with "-" is no option, wherever the options stand.
-    for args in (["compute", "-1+2"], ["compute", "-1+2", "--json"], ["compute", "--", "-4"]):
+    # An expression that starts with "-" is no option, wherever the options stand; an option
+    # (abbreviated too) is no expression.
+    cases: list[tuple[list[str], bytes]] = [
+        (["compute", "-1+2"], b"1\n"),
+        (["compute", "--", "-4"], b"-4\n"),
+        (["compute", "--tim", "30", "-2*3"], b"-6\n"),
+        (["compute", "--time=30", "2*3"], b"6\n"),
+    ]
+    for args, expected in cases:
         done = submit("--join", join, *args)
-        assert done.returncode == 0, (args, done.stderr)
-        assert done.stdout in (b"1\n", b"-4\n") or orjson.loads(done.stdout)["result"] == {
-            "Number": 1.0
-        }
+        assert (done.returncode, done.stdout) == (0, expected), (args, done.stderr)
+    done = submit("--join", join, "compute", "-1+2", "--json")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["result"] == {"Number": 1.0}
 
 
 def test_cli_task_types_with_data(cluster: Cluster, tmp_path: Path) -> None:
