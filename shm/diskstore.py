@@ -126,13 +126,24 @@ class DiskStore(Closing):
         dirs, leaf, directory = _split(path)
         if directory:
             raise FileError(errno.EISDIR, path)
-        try:
-            with self._parent(path, dirs, create=True) as parent:
-                self._write(parent, leaf, path, data)
-        except StoreError:
-            raise
-        except OSError as error:
-            raise FileError.from_os_error(error, path) from error
+        for attempt in (1, 2):
+            try:
+                with self._parent(path, dirs, create=True) as parent:
+                    try:
+                        self._write(parent, leaf, path, data)
+                    except FileError as error:
+                        # Another writer's refused write removed the directory it had made
+                        # (empty, as ours was until the rename): make it again, once.
+                        if attempt == 1 and error.errno == errno.ENOENT and _removed(parent):
+                            raise _DirectoryRemoved from None
+                        raise
+                return
+            except _DirectoryRemoved:
+                continue
+            except StoreError:
+                raise
+            except OSError as error:
+                raise FileError.from_os_error(error, path) from error
 
     def read(self, path: str) -> bytes:
         """``DiskRead``: the content of the file at ``path``."""
@@ -498,6 +509,15 @@ def _split(path: str) -> tuple[list[str], str, bool]:
         if part.startswith(_TEMPORARY):
             raise InvalidPath(path, "reserved name")
     return parts[:-1], parts[-1], path.rpartition("/")[2] in ("", ".")
+
+
+class _DirectoryRemoved(Exception):
+    """The directory a write was going into was removed meanwhile (see `DiskStore.write`)."""
+
+
+def _removed(directory: int) -> bool:
+    """Whether the open directory ``directory`` has been removed (it has no links left)."""
+    return directory >= 0 and os.fstat(directory).st_nlink == 0
 
 
 def _open_directory(parent: int, name: str, path: str, *, create: bool) -> tuple[int, bool]:

@@ -696,6 +696,30 @@ def test_a_refused_write_removes_the_directories_it_created(
         assert tree(storage) == ["kept", "kept/a", "kept/one", "kept/one/b"]
 
 
+def test_a_write_whose_directory_another_writer_removed_makes_it_again(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    # Writer A makes d/ for d/a and is refused, while writer B has opened d/ for d/b and is
+    # still writing its temporary file: A's clean-up removes the (empty) d/, and B's rename
+    # into it failed. B must make d/ again and succeed.
+    class RacedWriter(DiskStore):
+        raced = False
+
+        def _write(self, parent: int, leaf: str, path: str, data: bytes) -> None:  # type: ignore[override]
+            if not self.raced:
+                self.raced = True
+                os.rmdir(os.path.join(self.path, "d"))  # what A's refused write does
+            super()._write(parent, leaf, path, data)
+
+    storage = tmp_path / "storage"
+    with RacedWriter(storage, MIB, node_dir.ledger_dir) as disk:
+        disk.write("d/b", b"valid")
+        assert disk.raced
+        assert disk.read("d/b") == b"valid"
+        assert disk.used_bytes() == 5
+    assert tree(storage) == ["d", "d/b"]
+
+
 def test_eight_writer_processes_never_exceed_the_quota_together(
     node_dir: NodeDirectory, tmp_path: Path
 ) -> None:
