@@ -250,6 +250,7 @@ def write_segment(
             offset += len(piece)
         if offset != size:
             raise ValueError(f"segment {name}: {offset} bytes written, {size} announced")
+        space.check_left_free(fd, size, path, reserve_bytes)  # writers that looked at once
     except BaseException:
         os.unlink(path)
         raise

@@ -24,6 +24,7 @@ from shm.errors import StoreFullError
 
 __all__ = [
     "check_free",
+    "check_left_free",
     "free_bytes",
     "read_all",
     "reserve",
@@ -87,19 +88,27 @@ def reserve(fd: int, size: int, path: str, *, for_mapping: bool, keep_free: int 
             raise
         if for_mapping:
             _fill_with_zeros(fd, size, path)
-    if keep_free:
-        info = os.fstatvfs(fd)
-        free = info.f_bavail * info.f_frsize
-        if free < keep_free:
-            directory = os.path.dirname(path) or "."
-            raise StoreFullError(
-                f"no room for {size} bytes in {directory}: with them set aside {free} bytes"
-                f" are left free, below the {keep_free} bytes kept free (other writes took"
-                f" the room at the same time; short by {keep_free - free} bytes)",
-                path=path,
-                needed=size,
-                available=free + size,
-            )
+    check_left_free(fd, size, path, keep_free)
+
+
+def check_left_free(fd: int, size: int, path: str, keep_free: int) -> None:
+    """Raise ``StoreFullError`` unless ``keep_free`` bytes are free on the filesystem of the
+    file ``fd`` now that its ``size`` bytes are allocated (whole pages and blocks: a 50-byte
+    file takes 4 KiB of a tmpfs)."""
+    if not keep_free:
+        return
+    info = os.fstatvfs(fd)
+    free = info.f_bavail * info.f_frsize
+    if free < keep_free:
+        directory = os.path.dirname(path) or "."
+        raise StoreFullError(
+            f"no room for {size} bytes in {directory}: with them set aside {free} bytes are"
+            f" left free, below the {keep_free} bytes kept free (short by {keep_free - free}"
+            " bytes; other writes may have taken the room at the same time)",
+            path=path,
+            needed=size,
+            available=free + size,
+        )
 
 
 def _fill_with_zeros(fd: int, size: int, path: str) -> None:

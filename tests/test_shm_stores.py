@@ -37,7 +37,7 @@ from shm.errors import (
 )
 from shm.memstore import MemoryStore
 from shm.nodedir import NodeDirectory, claim_node_dir
-from shm.segments import PayloadSegment
+from shm.segments import PayloadSegment, write_segment
 from tests.test_shm_segments import DEADLINE, SHM, SPAWN, child_process, mounted_tmpfs
 
 VECTORS = Path(__file__).parent / "data" / "storage_vectors.jsonl"
@@ -797,6 +797,39 @@ def test_writers_that_looked_at_once_never_eat_the_reserve_together(tmp_path: Pa
             os.close(second)
         os.unlink(tiny / "second")  # as every caller does with its file on an error
         assert space.free_bytes(str(tiny)) >= 300 * kib
+
+
+@pytest.mark.parametrize("writer", ["disk store", "memory store", "segment", "written segment"])
+def test_every_writer_looks_again_at_the_reserve_once_its_bytes_are_allocated(
+    tmp_path: Path, writer: str
+) -> None:
+    # 50 bytes fit in what is free above the reserve, but they take a whole 4 KiB page of the
+    # tmpfs: each writer's second look (the one that catches writers that looked at once)
+    # finds the reserve eaten into and refuses, leaving nothing behind.
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as tiny:
+        claimed = claim_node_dir(str(tiny), "n1")
+        try:
+            with (
+                DiskStore(tiny / "storage", None, reserve_bytes=0) as disk,
+                MemoryStore(str(tiny), "n1") as memory,
+            ):
+                before = tree(tiny)
+                reserve = space.free_bytes(str(tiny)) - 100
+                disk.reserve_bytes = memory.reserve_bytes = reserve
+                prefix = claimed.segment_prefix
+                with pytest.raises(StoreFullError, match=r"below the \d+ bytes kept free"):
+                    if writer == "disk store":
+                        disk.write("f", b"x" * 50)
+                    elif writer == "memory store":
+                        memory.store("k", b"x" * 50)
+                    elif writer == "segment":
+                        PayloadSegment.create(str(tiny), prefix, 50, reserve_bytes=reserve)
+                    else:
+                        write_segment(str(tiny), prefix, [b"x" * 50], 50, reserve_bytes=reserve)
+                assert tree(tiny) == before
+                assert memory.list_entries() == []
+        finally:
+            claimed.release()
 
 
 def test_os_errors_read_like_upstreams(node_dir: NodeDirectory, tmp_path: Path) -> None:
