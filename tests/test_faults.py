@@ -686,7 +686,7 @@ def test_a_drain_during_a_master_pause_sends_no_disconnect_before_its_polls_are_
             tmp_path, ledger, "paused", failover_timeout_ms=500, poll_interval_ms=20
         ) as (master, node):
             await asyncio.sleep(0.3)  # idle, polling
-            master.pause(0.8)
+            master.pause(2.0)  # longer than the node takes to start its drain
             master.submit([("queued", m.Compute("6*7"))])
             await asyncio.sleep(0.05)
             node.proc.send_signal(signal.SIGTERM)
@@ -719,13 +719,14 @@ def test_a_drain_hands_back_the_io_tasks_that_wait_for_a_slot(
                 node.proc.send_signal(signal.SIGTERM)
                 assert await asyncio.to_thread(node.proc.wait, 30) == 0
                 await await_until(lambda: not master.node_connections(), 10, "the node is gone")
-        # One ran (two at most: one may have started as the signal came); the others waited
+        # What ran by the signal (one at a time, 0.5 s each) was answered; the others waited
         # for the single slot and went back to the master, which re-queued them on close.
         answered = [i for i in ids if i in master.results]
-        assert 1 <= len(answered) <= 2, node.log
+        assert 1 <= len(answered) <= 6, node.log  # not all ten: the queue was not run out
         assert all(master.results[i] == m.Bytes(b"%d" % ids.index(i)) for i in answered)
         assert sorted(master.pending) == sorted(set(ids) - set(answered)), node.log
-        assert re.search(r"drain ended after .*: [89] tasks handed back", node.log), node.log
+        handed_back = len(ids) - len(answered)
+        assert f": {handed_back} tasks handed back to the master" in node.log, node.log
 
     asyncio.run(scenario())
 
