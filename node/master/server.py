@@ -4,7 +4,7 @@
         handler ─▶ Scheduler (submit, complete, heartbeat, ...) and Journal (one record each)
         handler ─▶ replies appended to that connection's outbox
     after each batch of input ─▶ Scheduler.dispatch() ─▶ AssignTask frames into nodes' outboxes
-                              ─▶ one transport.write() per connection with anything to send
+                              ─▶ one write per connection with anything to send (paced)
                               ─▶ Journal.flush(): this batch's records to the writer thread
     timer, every failover_timeout_ms ─▶ evict silent nodes, expire results, compact the journal
 
@@ -50,6 +50,7 @@ from node.master.journal import (
     replay,
 )
 from node.master.scheduler import Assignment, NodeState, Policy, Scheduler, role_of
+from node.pacing import PacedWriter
 from node.protocol import (
     FrameDecoder,
     FrameTooLarge,
@@ -159,11 +160,13 @@ class _Connection(asyncio.Protocol):
         "reading_paused",
         "timer",
         "transport",
+        "writer",
     )
 
     def __init__(self, master: MasterServer) -> None:
         self.master = master
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
+        self.writer: PacedWriter = None  # type: ignore[assignment]  # set on connect
         self.address = "?"
         self.decoder = FrameDecoder(master.max_frame_bytes)
         self.authenticated = False
@@ -177,6 +180,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
+        # Big AssignTask frames over TLS: encrypted a slice per loop turn (see node/pacing.py).
+        self.writer = PacedWriter(self.transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.address = format_address(str(peer[0]), int(peer[1]))
@@ -548,7 +553,7 @@ class MasterServer:
             if not out or conn.closing:
                 out.clear()
                 continue
-            conn.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            conn.writer.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
     def _forget(self, conn: _Connection) -> int:
@@ -579,9 +584,9 @@ class MasterServer:
             conn.timer = None
         if flush:
             if conn.out:
-                transport.write(b"".join(conn.out))
+                conn.writer.write(b"".join(conn.out))
             conn.out.clear()
-            transport.close()
+            conn.writer.close()  # after what it still holds
             conn.timer = self._loop.call_later(_CLOSE_GRACE_S, transport.abort)
         else:
             conn.out.clear()
