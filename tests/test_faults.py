@@ -151,6 +151,14 @@ def heavy_tasks(start: int, count: int, terms: int) -> tuple[list[m.Task], list[
     return tasks, [float(i) + value for i in range(start, start + count)]
 
 
+def submit_heavy(master: FakeMaster, count: int, terms: int) -> tuple[list[str], list[float]]:
+    """Queue `count` `heavy_tasks` on `master` as t0, t1, ...; their ids and values."""
+    tasks, values = heavy_tasks(0, count, terms=terms)
+    ids = [f"t{i}" for i in range(len(tasks))]
+    master.submit(zip(ids, tasks, strict=True))
+    return ids, values
+
+
 def node_config(*masters: str, **extra: object) -> dict[str, object]:
     return {
         "failover_timeout_ms": FAILOVER_MS,
@@ -433,21 +441,33 @@ def test_failover_between_two_masters_sharing_a_token(
         b.stop()
 
 
+@contextlib.asynccontextmanager
+async def stuck_and_spare(
+    tmp_path: Path, ledger: ResultLedger, **config: object
+) -> AsyncIterator[tuple[FakeMaster, FakeMaster, NodeProcess]]:
+    """Two `FakeMaster`s, "stuck" (join.json's, first) and "spare", and a ready node that
+    knows both (`config` overrides `node_config`'s); all stopped afterwards."""
+    stuck = FakeMaster(TOKEN, ledger, "stuck")
+    spare = FakeMaster(TOKEN, ledger, "spare")
+    await stuck.start()
+    await spare.start()
+    join = write_join(tmp_path, stuck.port)
+    node = start_node(tmp_path, join, node_config(stuck.address, spare.address, **config), "node")
+    try:
+        await await_log(node, "node ready")
+        yield stuck, spare, node
+    finally:
+        node.close()
+        await stuck.close()
+        await spare.close()
+
+
 def test_a_master_that_stops_answering_is_left_for_the_next(
     tmp_path: Path, ledger: ResultLedger
 ) -> None:
     async def scenario() -> None:
-        stuck = FakeMaster(TOKEN, ledger, "stuck")
-        spare = FakeMaster(TOKEN, ledger, "spare")
-        await stuck.start()
-        await spare.start()
-        join = write_join(tmp_path, stuck.port)
-        node = start_node(tmp_path, join, node_config(stuck.address, spare.address), "node")
-        try:
-            await await_log(node, "node ready")
-            tasks, values = heavy_tasks(0, 800, terms=400)
-            ids = [f"t{i}" for i in range(len(tasks))]
-            stuck.submit(zip(ids, tasks, strict=True))
+        async with stuck_and_spare(tmp_path, ledger) as (stuck, spare, node):
+            ids, values = submit_heavy(stuck, 800, terms=400)
             await await_until(lambda: len(stuck.results) >= 100, 60, "100 results reach it")
             stuck.go_silent()
             await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
@@ -457,10 +477,6 @@ def test_a_master_that_stops_answering_is_left_for_the_next(
             await answered_and_stopped(
                 "master deadlocks (OK, then silence) -> next address", ledger, node, ids, values
             )
-        finally:
-            node.close()
-            await stuck.close()
-            await spare.close()
 
     asyncio.run(scenario())
 
@@ -472,15 +488,11 @@ def test_a_master_that_stops_reading_behind_big_results_is_left_for_the_next(
     # node's write buffer: a plain close() waits for them to be sent, for ever. The node must
     # drop that connection and deliver them to the next master.
     async def scenario() -> None:
-        stuck = FakeMaster(TOKEN, ledger, "stuck")
-        spare = FakeMaster(TOKEN, ledger, "spare")
-        await stuck.start()
-        await spare.start()
-        join = write_join(tmp_path, stuck.port)
-        config = node_config(stuck.address, spare.address, failover_timeout_ms=500)
-        node = start_node(tmp_path, join, config, "node")
-        try:
-            await await_log(node, "node ready")
+        async with stuck_and_spare(tmp_path, ledger, failover_timeout_ms=500) as (
+            stuck,
+            spare,
+            node,
+        ):
             blob = os.urandom(6 << 20)
             stuck.submit([("store", m.StoreData("k", blob))])
             await await_until(lambda: "store" in stuck.results, 60, "the blob is stored")
@@ -493,10 +505,6 @@ def test_a_master_that_stops_reading_behind_big_results_is_left_for_the_next(
             assert "is stuck" in node.log, link_events(node)
             # The drain waits for the spare to answer its heartbeats: keep this loop free.
             assert await asyncio.to_thread(node.stop) == 0, node.log
-        finally:
-            node.close()
-            await stuck.close()
-            await spare.close()
 
     asyncio.run(scenario())
 
@@ -513,9 +521,7 @@ def test_a_master_that_stalls_for_less_than_its_eviction_time_is_kept(
         async with fake_master_and_node(
             tmp_path, ledger, "stalls", failover_timeout_ms=failover_ms
         ) as (master, node):
-            tasks, values = heavy_tasks(0, 400, terms=100)
-            ids = [f"t{i}" for i in range(len(tasks))]
-            master.submit(zip(ids, tasks, strict=True))
+            ids, values = submit_heavy(master, 400, terms=100)
             await await_until(lambda: len(master.results) >= 50, 60, "50 results reach it")
             master.pause(1.5 * failover_ms / 1000)
             await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
@@ -533,9 +539,7 @@ def test_eviction_without_close_makes_the_node_reconnect(
 ) -> None:
     async def scenario() -> None:
         async with fake_master_and_node(tmp_path, ledger, "evicting") as (master, node):
-            tasks, values = heavy_tasks(0, 600, terms=400)
-            ids = [f"t{i}" for i in range(len(tasks))]
-            master.submit(zip(ids, tasks, strict=True))
+            ids, values = submit_heavy(master, 600, terms=400)
             await await_until(lambda: len(master.results) >= 100, 60, "100 results arrive")
             (first,) = master.node_connections()
             master.evict(first)  # its unanswered tasks go back to the queue
@@ -614,9 +618,7 @@ def test_start_up_without_a_master_backs_off_then_retries_slowly_and_skips_a_bad
             assert "no master reachable (round 1 of 2)" in log
             assert "no master reachable (round 2 of 2)" in log
             await await_log(node, "eviction check off")  # behind NAT: no zombie check
-            tasks, values = heavy_tasks(0, 100, terms=10)
-            ids = [f"t{i}" for i in range(len(tasks))]
-            late.submit(zip(ids, tasks, strict=True))
+            ids, values = submit_heavy(late, 100, terms=10)
             await await_until(lambda: not ledger.missing(ids), 60, "every task is answered")
             await answered_and_stopped(
                 "no master at start, bad token, then a late one", ledger, node, ids, values
@@ -792,9 +794,7 @@ def test_a_killed_forkserver_takes_every_worker_and_nothing_is_lost(
     # forkserver and new workers, and every task gets its value, none twice.
     async def scenario() -> None:
         async with fake_master_and_node(tmp_path, ledger, "forkserver") as (master, node):
-            tasks, values = heavy_tasks(0, 300, terms=200)
-            ids = [f"t{i}" for i in range(len(tasks))]
-            master.submit(zip(ids, tasks, strict=True))
+            ids, values = submit_heavy(master, 300, terms=200)
             await await_until(lambda: len(master.results) >= 20, 60, "20 results reach it")
             direct = psutil.Process(node.proc.pid).children()
             (forkserver,) = [c for c in direct if "forkserver" in " ".join(c.cmdline())]

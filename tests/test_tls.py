@@ -4,6 +4,7 @@ CA, a wrong host name, an expired one; plain and TLS peers on one port; the self
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -13,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -312,46 +313,65 @@ def test_node_with_an_unusable_ca_exits_2(tmp_path: Path) -> None:
         process.close()
 
 
+@contextlib.asynccontextmanager
+async def tls_loopback(
+    ca: trustme.CA,
+) -> AsyncIterator[tuple[asyncio.Transport, bytearray, asyncio.Future[None]]]:
+    """A TLS connection on loopback: the client's transport, what the server has received so
+    far, and a future done when the server sees the connection end."""
+    loop = asyncio.get_running_loop()
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    received = bytearray()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    class Receiver(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            received.extend(data)
+
+        def eof_received(self) -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+    server = await loop.create_server(
+        Receiver, "127.0.0.1", 0, ssl=context_for(ca.issue_cert("127.0.0.1"))
+    )
+    port = server.sockets[0].getsockname()[1]
+    transport, _ = await loop.create_connection(
+        asyncio.Protocol, "127.0.0.1", port, ssl=client_context, server_hostname="127.0.0.1"
+    )
+    try:
+        yield transport, received, ended
+    finally:
+        transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
 def test_a_large_write_over_tls_leaves_the_loop_between_slices(ca: trustme.CA) -> None:
     # A TLS transport encrypts all of a write inside write(): the link's writer hands it a
     # slice per turn of the loop, so a heartbeat scheduled meanwhile runs before the blob is
     # through, and frames written later arrive after it, whole and in order.
-    cert = ca.issue_cert("127.0.0.1")
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
     blob = os.urandom(5 * SLICE_BYTES + 12345)
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        received = bytearray()
-        complete = loop.create_future()
-
-        class Receiver(asyncio.Protocol):
-            def data_received(self, data: bytes) -> None:
-                received.extend(data)
-                if len(received) >= len(blob) + 2 and not complete.done():
-                    complete.set_result(None)
-
-        server = await loop.create_server(Receiver, "127.0.0.1", 0, ssl=context_for(cert))
-        port = server.sockets[0].getsockname()[1]
-        transport, _ = await loop.create_connection(
-            asyncio.Protocol, "127.0.0.1", port, ssl=client_context, server_hostname="127.0.0.1"
-        )
-        try:
-            writer = PacedWriter(transport)  # type: ignore[arg-type]
+        async with tls_loopback(ca) as (transport, received, _):
+            writer = PacedWriter(transport)
             writer.write(blob)
             assert writer.backlog_bytes == len(blob)  # nothing encrypted inside this call
             seen: list[int] = []
-            loop.call_soon(lambda: seen.append(writer.backlog_bytes))
+            asyncio.get_running_loop().call_soon(lambda: seen.append(writer.backlog_bytes))
             writer.write(b"hb")  # small, yet behind the blob
-            await asyncio.wait_for(complete, 30)
+            async with asyncio.timeout(30):
+                while len(received) < len(blob) + 2:
+                    await asyncio.sleep(0.005)
             assert seen == [len(blob) + 2 - SLICE_BYTES]  # ran after the first slice only
             assert writer.backlog_bytes == 0
             assert bytes(received) == blob + b"hb"
-        finally:
-            transport.close()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(scenario())
 
@@ -359,44 +379,16 @@ def test_a_large_write_over_tls_leaves_the_loop_between_slices(ca: trustme.CA) -
 def test_a_closed_paced_writer_delivers_what_was_written_first(ca: trustme.CA) -> None:
     # A direct link closed right after a big result: the transport's own close() would have
     # sent its buffer; the slices still waiting in the writer must go out too.
-    cert = ca.issue_cert("127.0.0.1")
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
     blob = os.urandom(3 * SLICE_BYTES + 77)
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        received = bytearray()
-        ended = loop.create_future()
-
-        class Receiver(asyncio.Protocol):
-            def data_received(self, data: bytes) -> None:
-                received.extend(data)
-
-            def eof_received(self) -> None:
-                if not ended.done():
-                    ended.set_result(None)
-
-            def connection_lost(self, exc: Exception | None) -> None:
-                if not ended.done():
-                    ended.set_result(None)
-
-        server = await loop.create_server(Receiver, "127.0.0.1", 0, ssl=context_for(cert))
-        port = server.sockets[0].getsockname()[1]
-        transport, _ = await loop.create_connection(
-            asyncio.Protocol, "127.0.0.1", port, ssl=client_context, server_hostname="127.0.0.1"
-        )
-        try:
-            writer = PacedWriter(transport)  # type: ignore[arg-type]
+        async with tls_loopback(ca) as (transport, received, ended):
+            writer = PacedWriter(transport)
             writer.write(blob)
             writer.close()
             assert not transport.is_closing()  # not before the backlog is handed over
             await asyncio.wait_for(ended, 30)
             assert bytes(received) == blob
             assert transport.is_closing()
-        finally:
-            transport.abort()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(scenario())
