@@ -481,3 +481,25 @@ def test_large_bodies_go_to_the_spill_as_they_arrive_in_any_split() -> None:
 def test_a_declined_spill_keeps_the_body_in_memory() -> None:
     decoder = p.FrameDecoder(spill=lambda length: None, spill_from=10)
     assert decoder.feed(p.frame(b"y" * 50)) == [b"y" * 50]
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 100_000])
+def test_byte_arrays_are_encoded_alike_on_either_side_of_the_list_limit(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    encoded = codec.encode(p.SubmitTask("x", p.StoreData("k", data)))
+    expected = {"SubmitTask": {"id": "x", "task": {"StoreData": {"key": "k", "data": list(data)}}}}
+    assert encoded[4:] == orjson.dumps(expected)
+
+
+def test_a_blob_of_136_mib_is_encoded_without_crashing_the_process() -> None:
+    # orjson.dumps(list(data)) killed the process with SIGSEGV from about 130 MiB (orjson
+    # 3.13): `cpnode-submit store` of a big file, or the local master relaying it, died.
+    script = (
+        "from node.protocol import codec, messages as m\n"
+        "frame = codec.encode(m.SubmitTask('x', m.StoreData('k', bytes(136 << 20))))\n"
+        "assert frame.endswith(b',0]}}}}') and len(frame) > 2 * (136 << 20)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
