@@ -69,6 +69,9 @@ class Dispatcher:
         # and a dead worker's tasks are dispatched again from here.
         self._held: dict[str, bytes] = {}
         self._retried: set[str] = set()  # ids already retried once after a worker died
+        # Called with each payload dropped without being run (a repeat, a task handed back):
+        # the supervisor removes the segment a spilled one refers to (nobody else will).
+        self.discard: Callable[[bytes], None] = lambda payload: None
         self._workers: list[Worker] = []
         self.pool: WorkerPool | None = None
         # Runs HttpRequest/Tcp/Udp in the event loop (they wait, they do not compute); it
@@ -171,18 +174,22 @@ class Dispatcher:
         held = self._held
         if ident in held:
             self.joined_duplicates += 1
+            self.discard(payload)
             return
         if (ident in self._answered or ident in self._answered_before) and self._resend(
             ident, payload
         ):
+            self.discard(payload)
             return
         if reply is not None and not self._accepting:
             reply(frame(codec.task_result_payload(ident, m.Error("the node is stopping"))), 1)
+            self.discard(payload)
             return
         if not self._accepting:
             # Draining: the master gets it back by evicting us or when we close.
             self.handed_back += 1
             self.last_handed_back_at = time.monotonic()
+            self.discard(payload)
             return
         if not held:
             self.idle.clear()
@@ -286,7 +293,9 @@ class Dispatcher:
         self._accepting = False
         dropped = [ident for ident, _ in self._pending]
         for ident in dropped:
-            self._held.pop(ident, None)
+            payload = self._held.pop(ident, None)
+            if payload is not None:
+                self.discard(payload)
         if self._replies:  # a direct peer has no master to take its tasks back: answer them
             stopping = m.Error("the node is stopping")
             for ident in [ident for ident in dropped if ident in self._replies]:

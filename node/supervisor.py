@@ -38,7 +38,7 @@ from node.link import LinkState, MasterLink, NoMasterError
 from node.protocol import messages as m
 from shm.errors import NodeDirectoryInUse
 from shm.nodedir import NodeDirectory, claim_node_dir
-from shm.segments import IncomingSegment
+from shm.segments import IncomingSegment, discard_spilled, spilled
 from shm.space import free_bytes
 from workers.channel import SEGMENT_RESERVE_BYTES, Frames
 from workers.pool import WorkerLimits, WorkerPool
@@ -95,6 +95,7 @@ class Node:
             ),
         )
         self.dispatcher.pool = self.pool
+        self.dispatcher.discard = self._discard
         # HttpRequest, Tcp and Udp wait rather than compute: they run in this event loop.
         self.io = IoTaskRunner(config, self.dispatcher.io_finished)
         self.dispatcher.io_runner = self.io.submit
@@ -184,6 +185,13 @@ class Node:
             self.pool.settings = self.settings
             return claimed
         raise AssertionError("unreachable")
+
+    def _discard(self, payload: bytes) -> None:
+        """Remove the segment of a spilled payload that will not run, in a thread: freeing a
+        big tmpfs file takes the kernel tens of milliseconds."""
+        if spilled(payload) is not None:
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(None, discard_spilled, self.config.shm_dir, payload)
 
     def _spill(self, length: int) -> IncomingSegment | None:
         """A segment for a large frame's body (workers map it in place), or None to keep it in

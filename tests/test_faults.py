@@ -677,6 +677,31 @@ def test_sigterm_with_1000_tasks_in_flight_hands_back_the_rest(
                 second.close()
 
 
+def test_a_repeated_big_task_leaves_no_segment_behind(tmp_path: Path, ledger: ResultLedger) -> None:
+    # A frame of 1 MiB or more goes to a segment in shm_dir as it arrives; a repeat of a held
+    # id joined the running task and its own segment stayed until the node stopped.
+    shm = tmp_path / "shm"
+    shm.mkdir()
+
+    async def scenario() -> None:
+        async with fake_master_and_node(tmp_path, ledger, "dups", shm_dir=str(shm)) as (
+            master,
+            node,
+        ):
+            (conn,) = master.node_connections()
+            task = m.StoreData("k", os.urandom(2 << 20))
+            master.assign(conn, [("dup", task)] * 3)  # one write: the repeats arrive held
+            await await_until(lambda: "dup" in master.results, 30, "the task is answered")
+            assert master.results["dup"] == m.Stored()
+            await await_until(
+                lambda: not [p for p in shm.iterdir() if "-seg-" in p.name], 10, "no segment left"
+            )
+            assert await asyncio.to_thread(node.stop) == 0
+            assert "2 repeated ids joined" in node.log, node.log
+
+    asyncio.run(scenario())
+
+
 def test_a_drain_during_a_master_pause_sends_no_disconnect_before_its_polls_are_read(
     tmp_path: Path, ledger: ResultLedger
 ) -> None:
