@@ -148,6 +148,24 @@ def test_hostile_paths_are_invalid(tmp_path: Path, scripted: ScriptedMaster, pat
         assert scripted.run(m.DiskWrite(path, b"x")) == m.Error("Invalid path")
         assert scripted.run(m.StoreData(path, b"x")) == m.Error("Invalid path")
         assert not (tmp_path / "x").exists()
+        # The wire says what upstream says; the log says why, for the operator.
+        node.wait_for_log(f"DiskWrite refused {path!r}: ")
+        node.wait_for_log(f"StoreData refused {path!r}: ")
+    finally:
+        stop_node(node, scripted)
+        node.close()
+
+
+def test_a_write_over_the_quota_says_by_how_much_in_the_log(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    node = start_node(tmp_path, scripted, "Disk", f"test-quota-log-{os.getpid()}", disk_space_mb=1)
+    try:
+        assert scripted.run(m.DiskWrite("big", bytes(MIB + 10))) == m.Error("quota exceeded")
+        node.wait_for_log(
+            "DiskWrite refused: writing 'big' would change the store's use by 1048586 bytes, "
+            "from 0 to 1048586, above the quota of 1048576 bytes (by 10 bytes)"
+        )
     finally:
         stop_node(node, scripted)
         node.close()

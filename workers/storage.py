@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -37,10 +38,12 @@ from node.protocol import codec
 from node.protocol import messages as m
 from shm.bytesjson import ByteArrayError, decode_byte_array, encode_byte_array
 from shm.diskstore import MIB, DiskStore, has_temporary_files
-from shm.errors import StoreError
+from shm.errors import InvalidPath, QuotaExceeded, StoreError
 from shm.memstore import MemoryStore
 from shm.nodedir import LEDGER_DIR, node_dir_path
 from workers.channel import SEGMENT_RESERVE_BYTES
+
+log = logging.getLogger("cpnode.worker")
 
 # Below this the generic decoder is as fast and validates everything in one place.
 BLOB_FAST_PATH_BYTES: Final = 64 * 1024
@@ -284,6 +287,11 @@ def _answering_errors(run: Callable[[m.Task], Answer]) -> Callable[[m.Task], Ans
         try:
             return run(task)
         except StoreError as error:
+            # The wire text is upstream's few words; the log says why, for the operator.
+            if isinstance(error, InvalidPath):
+                log.info("%s refused %s: %s", type(task).__name__, _shown(error.path), error.why)
+            elif isinstance(error, QuotaExceeded):
+                log.info("%s refused: %s", type(task).__name__, error.detail)
             return codec.result_to_json(m.Error(str(error)))
         except (ByteArrayError, UnicodeError) as error:
             return codec.result_to_json(m.Error(f"{type(task).__name__}: {error}"))
@@ -293,3 +301,9 @@ def _answering_errors(run: Callable[[m.Task], Answer]) -> Callable[[m.Task], Ans
             return codec.result_to_json(m.Error(os_error_text(error)))
 
     return answer
+
+
+def _shown(path: str) -> str:
+    """A path from a task, for a log line: quoted, and cut short when long."""
+    text = repr(path)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(path)} characters)"
