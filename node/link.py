@@ -113,6 +113,18 @@ def _results_in(blob: Frames, *, unreadable: bool = False) -> Iterator[tuple[str
             yield "", result
 
 
+def _unmap_off_the_loop(entry: list[object]) -> None:
+    """Let go of a confirmed entry's mapped result in a thread: unmapping a big segment frees
+    its pages, 0.1 s for 512 MiB, and `munmap` runs without the GIL."""
+    last = [entry[1]]
+    entry[1] = None
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop (a test of the outbox alone): here, then
+        return
+    loop.run_in_executor(None, last.clear)
+
+
 _BACKOFF_FIRST_S = 0.1
 # Results written before a Heartbeat is sent to have them confirmed (besides the periodic ones).
 CONFIRM_EVERY_RESULTS = 4096
@@ -411,7 +423,7 @@ class MasterLink:
                 log.warning(
                     "skipping a large frame that is no AssignTask (%d-byte head)", len(head)
                 )
-                discard_spilled(self.config.shm_dir, payload)
+                self._discard(payload)
                 return
             ident = codec.assign_task_id(head) or codec.peek_id(head)
             if ident is None and not error:
@@ -425,7 +437,7 @@ class MasterLink:
                     "a large frame, its id neither in its head nor around a byte array; the node"
                     " parses no frame that large on its event loop"
                 )
-                discard_spilled(self.config.shm_dir, payload)
+                self._discard(payload)
             return
         if _is_assign(payload):
             ident = codec.assign_task_id(payload)
@@ -461,6 +473,12 @@ class MasterLink:
             self.on_connection_info(message)
         else:
             log.debug("ignoring %s from the master", type(message).__name__)
+
+    def _discard(self, payload: bytes) -> None:
+        """Remove a spilled frame's segment, in a thread: freeing a big tmpfs file takes the
+        kernel tens of milliseconds (54 ms for 400 MB)."""
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, discard_spilled, self.config.shm_dir, payload)
 
     def _skip_assign(self, what: str) -> None:
         """An AssignTask without an id to answer it by (nothing else can be done with it)."""
@@ -526,6 +544,7 @@ class MasterLink:
             count: int = entry[2]  # type: ignore[assignment]
             if type(entry[1]) is memoryview:
                 self.mapped_bytes -= len(entry[1])
+                _unmap_off_the_loop(entry)
             self._unconfirmed_results -= count
             self.results_confirmed += count
 

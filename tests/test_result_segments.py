@@ -4,8 +4,11 @@ shm_dir has no room, through the socket pair), whole and in order."""
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
+import threading
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,6 +234,31 @@ def test_a_mapped_result_is_found_by_an_id_of_any_length(ident: str) -> None:
     link.send_results(view, 1)
     assert link.find_result(ident) is view
     assert link.undelivered_ids() == [ident]
+
+
+def test_a_confirmed_mapped_result_is_unmapped_off_the_event_loop() -> None:
+    # Unmapping a big result segment frees its pages (0.1 s for 512 MiB): the last reference
+    # went on the loop's thread when the master confirmed it.
+    unmapped_in: list[str] = []
+
+    async def scenario() -> None:
+        link = unconnected_link()
+        frame_bytes = codec.encode(m.TaskResult("big", m.Bytes(bytes(100_000))))
+        mapping = mmap.mmap(-1, len(frame_bytes))
+        mapping[:] = frame_bytes
+        weakref.finalize(mapping, lambda: unmapped_in.append(threading.current_thread().name))
+        link.send_results(memoryview(mapping), 1)
+        del mapping
+        assert link.mapped_bytes == len(frame_bytes)
+        link._outbox[0][0] = 1  # written on a connection, then acknowledged
+        link._acked()
+        assert link.mapped_bytes == 0 and link.unconfirmed == 0
+        async with asyncio.timeout(10):
+            while not unmapped_in:
+                await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert unmapped_in and unmapped_in[0] != threading.main_thread().name
 
 
 def test_the_outbox_index_follows_new_results_and_confirmations(outbox_scans: list[int]) -> None:
