@@ -510,20 +510,12 @@ class WorkerPool:
         # A worker that exited by itself (status 0: its channel closed, at a stop or a retire)
         # left nothing half-written; one that died or was killed may have.
         if worker.pid is not None and process.exitcode != 0:
-            # A result segment it was still writing (its message never came) is nobody's now.
-            orphans = sweep_segments(
-                self.settings.shm_dir, node_prefix(self.settings.node_id), creator=worker.pid
-            )
-            if orphans:
-                log.warning(
-                    "removed %d unfinished result segments of worker %d", len(orphans), worker.index
-                )
-            # So are the temporary files of a store entry or disk file it was still writing:
-            # removed in a thread (with a quota, finding one recounts the whole storage_dir).
+            # A result segment it was still writing (its message never came) is nobody's now,
+            # and so are the temporary files of a store entry or disk file it was writing:
+            # removed in a thread (freeing a big segment takes the kernel tens of ms, and with
+            # a quota, finding a temporary file recounts the whole storage_dir).
             assert self._loop is not None
-            sweep = self._loop.run_in_executor(
-                None, sweep_dead_worker_files, self.settings, worker.pid
-            )
+            sweep = self._loop.run_in_executor(None, _sweep_dead_worker, self.settings, worker.pid)
             sweep.add_done_callback(functools.partial(_log_sweep, worker.index))
         self._retired_stats = merge([self._retired_stats, worker.stats])
         worker.stats = {}
@@ -633,14 +625,23 @@ def _unique_memory(pids: list[int]) -> dict[int, int]:
     return usage
 
 
-def _log_sweep(index: int, sweep: asyncio.Future[list[str]]) -> None:
+def _sweep_dead_worker(settings: WorkerSettings, pid: int) -> tuple[list[str], list[str]]:
+    """What the dead worker ``pid`` left half-written: (its result segments, its store files),
+    removed."""
+    orphans = sweep_segments(settings.shm_dir, node_prefix(settings.node_id), creator=pid)
+    return orphans, sweep_dead_worker_files(settings, pid)
+
+
+def _log_sweep(index: int, sweep: asyncio.Future[tuple[list[str], list[str]]]) -> None:
     if sweep.cancelled():
         return
     error = sweep.exception()
     if error is not None:  # cleaning up never keeps the dead worker's tasks from an answer
         log.error("could not remove the temporary files of worker %d: %s", index, error)
         return
-    unfinished = sweep.result()
+    orphans, unfinished = sweep.result()
+    if orphans:
+        log.warning("removed %d unfinished result segments of worker %d", len(orphans), index)
     if unfinished:
         log.warning(
             "removed %d unfinished store files of worker %d: %s",
