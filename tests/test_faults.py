@@ -235,6 +235,13 @@ async def await_log(node: NodeProcess, text: str, timeout: float = 30.0) -> None
     await await_until(logged, timeout, f"the node logs {text!r}")
 
 
+def forkserver_of(node: NodeProcess) -> psutil.Process:
+    """The node's forkserver: the one child of the supervisor that says so on its command line."""
+    children = psutil.Process(node.proc.pid).children()
+    (forkserver,) = [c for c in children if "forkserver" in " ".join(c.cmdline())]
+    return forkserver
+
+
 def worker_pids(node: NodeProcess) -> list[int]:
     """Workers are children of the forkserver, a child of the supervisor."""
     try:
@@ -821,9 +828,7 @@ def test_a_killed_forkserver_takes_every_worker_and_nothing_is_lost(
         async with fake_master_and_node(tmp_path, ledger, "forkserver") as (master, node):
             ids, values = submit_heavy(master, 300, terms=200)
             await await_until(lambda: len(master.results) >= 20, 60, "20 results reach it")
-            direct = psutil.Process(node.proc.pid).children()
-            (forkserver,) = [c for c in direct if "forkserver" in " ".join(c.cmdline())]
-            forkserver.kill()
+            forkserver_of(node).kill()
             await await_until(lambda: not ledger.missing(ids), 90, "every task is answered")
             assert node.log.count("died:") >= 2, node.log  # both workers went with it
             await answered_and_stopped(
@@ -848,8 +853,7 @@ def test_sigkill_of_the_supervisor_leaves_no_process_or_file(tmp_path: Path) -> 
             children = node.record_children()
             assert len(children) >= 3  # the forkserver (and its resource tracker), 2 workers
             # The forkserver's socket lives in the node's directory, not in a pymp-* of /tmp.
-            direct = psutil.Process(node.proc.pid).children()
-            (forkserver,) = [c for c in direct if "forkserver" in " ".join(c.cmdline())]
+            forkserver = forkserver_of(node)
             sockets = [c.laddr for c in forkserver.net_connections(kind="unix") if c.laddr]
             assert sockets and all(
                 path.startswith(f"/dev/shm/cpnode-{node_id}/") for path in sockets
