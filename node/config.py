@@ -24,6 +24,7 @@ import enum
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -162,6 +163,25 @@ def port_argument(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
     return int(text)
+
+
+def seconds_argument(*, allow_zero: bool = False) -> Callable[[str], float]:
+    """argparse type of a finite number of seconds on a command line: above 0, or at least 0
+    with `allow_zero`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number of seconds, got {text!r}"
+            ) from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            wanted = "0 or more seconds" if allow_zero else "a positive number of seconds"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    return parse
 
 
 def host_argument(text: str) -> str:

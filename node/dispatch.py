@@ -70,7 +70,7 @@ class Dispatcher:
         self._held: dict[str, bytes] = {}
         self._retried: set[str] = set()  # ids already retried once after a worker died
         # Called with each payload dropped without being run (a repeat, a task handed back):
-        # the supervisor removes the segment a spilled one refers to (nobody else will).
+        # the node removes the segment a spilled one refers to, in a thread.
         self.discard: Callable[[bytes], None] = lambda payload: None
         self._workers: list[Worker] = []
         self.pool: WorkerPool | None = None
@@ -113,7 +113,7 @@ class Dispatcher:
     def received_by_type(self) -> collections.Counter[str]:
         """Tasks accepted so far, by type (a fresh count)."""
         counts = collections.Counter(self._received_other_types)
-        compute = self.received - sum(counts.values())  # the common form, never counted
+        compute = self.received - sum(counts.values())  # the common form, counted only here
         if compute:
             counts["Compute"] += compute
         return counts
@@ -313,10 +313,13 @@ class Dispatcher:
         assigned = worker.assigned
         self._give_back([assigned.popleft() for _ in range(count)])
 
-    def io_not_started(self, idents: list[str]) -> None:
-        """Draining: the I/O runner dropped these tasks before starting them; hand them back."""
-        self.io_running -= len(idents)
-        self._give_back(idents)
+    def io_not_started(self, tasks: list[tuple[str, bytes]]) -> None:
+        """Draining: the I/O runner dropped these tasks, (id, payload), before starting them;
+        hand them back."""
+        self.io_running -= len(tasks)
+        for _, payload in tasks:
+            self.discard(payload)
+        self._give_back([ident for ident, _ in tasks])
 
     def _give_back(self, idents: list[str]) -> None:
         """Forget held tasks that will not run: the master takes them back by evicting us (a

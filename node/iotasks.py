@@ -55,7 +55,7 @@ from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from node.protocol.framing import frame, frame_joined
 from shm.bytesjson import ByteArrayError, encode_byte_array
-from shm.segments import discard_spilled, read_spilled, spilled
+from shm.segments import read_spilled, spilled
 from workers.storage import BLOB_FAST_PATH_BYTES, decode_blob_task
 
 __all__ = ["InternetPorts", "IoTaskRunner", "NetworkPolicy", "NetworkRefused"]
@@ -399,12 +399,10 @@ class IoTaskRunner:
         self._waiting.append((ident, payload))
         self._pump()
 
-    def stop_starting(self) -> list[str]:
+    def stop_starting(self) -> list[tuple[str, bytes]]:
         """Start a drain: drop the tasks that wait for a slot (the master takes them back) and
-        return their ids; those running go on."""
-        dropped = [ident for ident, _ in self._waiting]
-        for _, payload in self._waiting:
-            discard_spilled(self.config.shm_dir, payload)
+        return them, (id, payload); those running go on."""
+        dropped = list(self._waiting)
         self._waiting.clear()
         return dropped
 

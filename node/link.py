@@ -37,6 +37,7 @@ import asyncio
 import collections
 import enum
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -245,6 +246,9 @@ class MasterLink:
         needs_tls = any(wants_tls(host, config.tls) for host, _ in self.endpoints)
         self._tls: ClientTls | None = client_tls_for(config) if needs_tls else None
         self._connection: _Connection | None = None
+        # Removes the segment of a spilled frame that will not run (the node sets one that
+        # does it in a thread: freeing a big tmpfs file takes the kernel tens of ms).
+        self.discard: Callable[[bytes], None] = functools.partial(discard_spilled, config.shm_dir)
         # Outbox of result frames not yet confirmed: [confirm_at, blob], oldest first.
         # `confirm_at` is the number of acks on this connection that confirms the blob
         # (None: not written on this connection yet).
@@ -423,7 +427,7 @@ class MasterLink:
                 log.warning(
                     "skipping a large frame that is no AssignTask (%d-byte head)", len(head)
                 )
-                self._discard(payload)
+                self.discard(payload)
                 return
             ident = codec.assign_task_id(head) or codec.peek_id(head)
             if ident is None and not error:
@@ -437,7 +441,7 @@ class MasterLink:
                     "a large frame, its id neither in its head nor around a byte array; the node"
                     " parses no frame that large on its event loop"
                 )
-                self._discard(payload)
+                self.discard(payload)
             return
         if _is_assign(payload):
             ident = codec.assign_task_id(payload)
@@ -473,12 +477,6 @@ class MasterLink:
             self.on_connection_info(message)
         else:
             log.debug("ignoring %s from the master", type(message).__name__)
-
-    def _discard(self, payload: bytes) -> None:
-        """Remove a spilled frame's segment, in a thread: freeing a big tmpfs file takes the
-        kernel tens of milliseconds (54 ms for 400 MB)."""
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, discard_spilled, self.config.shm_dir, payload)
 
     def _skip_assign(self, what: str) -> None:
         """An AssignTask without an id to answer it by (nothing else can be done with it)."""

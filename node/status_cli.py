@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
-from node.config import format_address, parse_address
+from node.config import format_address, parse_address, seconds_argument
 from node.health import DEFAULT_PORT
 
 MAX_WORKER_ROWS = 16
@@ -50,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--interval",
-        type=_seconds(allow_zero=True),
+        type=seconds_argument(allow_zero=True),
         default=1.0,
         metavar="S",
         help="seconds between the two reads that give tasks/s (default 1; 0 = one read)",
     )
     parser.add_argument(
         "--timeout",
-        type=_seconds(allow_zero=False),
+        type=seconds_argument(),
         default=5.0,
         metavar="S",
         help="per request (default 5)",
@@ -66,22 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the node's /status document as JSON instead"
     )
     return parser
-
-
-def _seconds(*, allow_zero: bool) -> Callable[[str], float]:
-    """An argparse type: a finite number of seconds, above 0 (or at least 0)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            least = "0 or more" if allow_zero else "more than 0"
-            raise argparse.ArgumentTypeError(f"must be {least} seconds, got {text}")
-        return value
-
-    return parse
 
 
 def _target(text: str) -> tuple[str, int]:

@@ -29,7 +29,13 @@ from node.client import (
     ClientError,
     ResultTimeout,
 )
-from node.config import host_argument, load_join, parse_address, port_argument
+from node.config import (
+    host_argument,
+    load_join,
+    parse_address,
+    port_argument,
+    seconds_argument,
+)
 from node.direct import DirectClient, DirectError, DirectLinkRefused
 from node.errors import ConfigError
 from node.protocol import (
@@ -116,16 +122,6 @@ time. Exit status 1 when any result is an Error or missing."""
 # --- command line --------------------------------------------------------------------------
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
 def _pem_file(text: str) -> str:
     """argparse type of --ca-cert: a file that can be read (what it holds is checked later)."""
     try:
@@ -171,7 +167,7 @@ def _add_common_options(parser: argparse.ArgumentParser, *, on_subcommand: bool)
     group.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds_argument(),
         default=default(DEFAULT_RESULT_TIMEOUT),
         help="how long to wait for the result once the task is submitted; for batch, for "
         f"all the results (default {DEFAULT_RESULT_TIMEOUT:g})",

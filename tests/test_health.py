@@ -405,8 +405,8 @@ def test_cpnode_status_refuses_what_is_not_a_cpnode_status(
     "args, needle",
     [
         (["--interval", "-1"], "--interval: must be 0 or more seconds, got -1"),
-        (["--timeout", "0"], "--timeout: must be more than 0 seconds, got 0"),
-        (["--timeout", "nan"], "--timeout: must be more than 0 seconds, got nan"),
+        (["--timeout", "0"], "--timeout: must be a positive number of seconds, got 0"),
+        (["--timeout", "nan"], "--timeout: must be a positive number of seconds, got nan"),
     ],
 )
 def test_cpnode_status_refuses_bad_durations(
