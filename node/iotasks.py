@@ -91,11 +91,10 @@ class NetworkPolicy:
 
     def refusal(self, address: str | IpAddress) -> str | None:
         """Why `address` may not be reached, or None when it may."""
-        ip = _ip(address)
-        given = _ip_given(address)
-        if isinstance(given, ipaddress.IPv6Address) and given.ipv4_mapped is not None:
-            given = given.ipv4_mapped
-        shown = f"{given} (which reaches {ip})" if given.is_unspecified else str(ip)
+        given = _unmapped(address)
+        # Linux connects 0.0.0.0 to 127.0.0.1 and :: to ::1: judge them as loopback.
+        ip = _LOOPBACK[given.version] if given.is_unspecified else given
+        shown = f"{given} (which reaches {ip})" if ip is not given else str(ip)
         for network, allowed in self._rules:
             if ip.version == network.version and ip in network:
                 return None if allowed else f"{shown} is refused by network_deny {network}"
@@ -115,19 +114,12 @@ class NetworkPolicy:
         return allowed
 
 
-def _ip_given(address: str | IpAddress) -> IpAddress:
-    return ipaddress.ip_address(address.split("%", 1)[0]) if isinstance(address, str) else address
-
-
-def _ip(address: str | IpAddress) -> IpAddress:
-    """The address a connection to `address` reaches, as the policy judges it."""
-    ip = _ip_given(address)
-    # ::ffff:169.254.169.254 reaches 169.254.169.254: judge it as the IPv4 address it is.
+def _unmapped(address: str | IpAddress) -> IpAddress:
+    """`address` as an address; ::ffff:169.254.169.254 reaches 169.254.169.254, so an
+    IPv4-mapped one is judged as the IPv4 address it is."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0]) if isinstance(address, str) else address
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    # Linux connects 0.0.0.0 to 127.0.0.1 and :: to ::1: judge them as loopback.
-    if ip.is_unspecified:
-        return _LOOPBACK[ip.version]
+        return ip.ipv4_mapped
     return ip
 
 
@@ -533,7 +525,7 @@ class IoTaskRunner:
         blob = decode_blob_task(whole)
         if blob is not None:
             return blob[1]
-        message = codec.decode(whole)  # not a blob task as masters write it: rare
+        message = codec.decode(whole)  # no blob task `decode_blob_task` reads: rare
         return message.task if isinstance(message, m.AssignTask) else None
 
     # --- Tcp and Udp --------------------------------------------------------------------------
@@ -695,29 +687,35 @@ def _response_frame(ident: str, body: bytes, charset: str | None) -> bytes:
     windows-1252, a label it does not know means UTF-8), else UTF-8; what does not decode
     becomes U+FFFD. Decoded and escaped a slice at a time: a thread doing it in one call would
     hold the GIL (and so the event loop) for as long as 16 MiB takes."""
+    info, start = _text_codec(body, charset)
+    if len(body) <= _TEXT_SLICE:  # most bodies: one slice, the codec frames it
+        try:
+            text = "".join(_text_slices(body, start, info))
+        except (UnicodeError, TypeError, ValueError):  # a codec that fails its own way: UTF-8
+            text = body.decode("utf-8", "replace")
+        return _result_frame(ident, m.Response(text))
     empty = codec.task_result_payload(ident, m.Response(""))
     head, tail = empty[: -len(_EMPTY_TEXT_END)], _EMPTY_TEXT_END[1:]
-    info, start = _text_codec(body, charset)
     try:
-        pieces = list(_escaped_text(body, start, info))
-    except (UnicodeError, TypeError, ValueError):  # a codec that fails its own way: UTF-8
-        pieces = list(_escaped_text(body, 0, _UTF_8))
+        pieces = [_dumps(text)[1:-1] for text in _text_slices(body, start, info)]
+    except (UnicodeError, TypeError, ValueError):
+        pieces = [_dumps(text)[1:-1] for text in _text_slices(body, 0, _UTF_8)]
     return frame_joined([head, b'"', *pieces, tail])
 
 
-def _escaped_text(body: bytes, start: int, info: codecs.CodecInfo) -> Iterator[bytes]:
-    """The text of `body[start:]` as the inside of a JSON string, a slice at a time."""
+def _text_slices(body: bytes, start: int, info: codecs.CodecInfo) -> Iterator[str]:
+    """The text of `body[start:]`, a slice of the body at a time."""
     if info.name == "replacement":  # WHATWG's encoding for labels not to be decoded
-        yield "\ufffd".encode() if len(body) > start else b""
+        yield "\ufffd" if len(body) > start else ""
         return
     assert info.incrementaldecoder is not None
     decoder = info.incrementaldecoder(_C1_ERRORS if info.name in _WINDOWS_CODECS else "replace")
     view = memoryview(body)
     for offset in range(start, len(body), _TEXT_SLICE):
         final = offset + _TEXT_SLICE >= len(body)
-        yield _dumps(decoder.decode(view[offset : offset + _TEXT_SLICE], final))[1:-1]
+        yield decoder.decode(view[offset : offset + _TEXT_SLICE], final)
     if start >= len(body):
-        yield _dumps(decoder.decode(b"", True))[1:-1]
+        yield decoder.decode(b"", True)
 
 
 def _text_codec(body: bytes, charset: str | None) -> tuple[codecs.CodecInfo, int]:

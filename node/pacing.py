@@ -2,10 +2,10 @@
 
 A plain transport takes a large write by reference, but a TLS transport encrypts (and copies)
 all of it inside ``write()``: one 128 MiB `RetrieveData` result held the loop for 0.6 s, so a
-1 GiB one would miss heartbeats for seconds. `PacedWriter` hands the transport at most
-`SLICE_BYTES` per turn of the loop, in order: a write made while a large one is under way
-waits behind it (frames never interleave), and everything between the slices (heartbeats,
-reads, other connections) runs on time.
+1 GiB one would miss heartbeats for seconds. `PacedWriter` hands a write larger than
+`SLICE_BYTES` to the transport a slice per turn of the loop, in order: a write made while a
+large one is under way waits behind it (frames never interleave), and everything between the
+slices (heartbeats, reads, other connections) runs on time.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ SLICE_BYTES: Final = 1 << 20
 
 
 class PacedWriter:
-    """Writes to one transport in order, at most `SLICE_BYTES` per turn of the loop."""
+    """Writes to one transport in order; what is queued goes `SLICE_BYTES` per turn of the
+    loop (a small write with nothing queued goes at once)."""
 
-    def __init__(self, transport: asyncio.WriteTransport, slice_bytes: int = SLICE_BYTES) -> None:
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
         self.transport = transport
-        self.slice_bytes = slice_bytes
         self._backlog: collections.deque[memoryview] = collections.deque()
         self.backlog_bytes = 0
         """Bytes accepted by `write` and not yet handed to the transport."""
@@ -42,7 +42,7 @@ class PacedWriter:
             self.transport.close()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._backlog and len(data) <= self.slice_bytes:
+        if not self._backlog and len(data) <= SLICE_BYTES:
             self.transport.write(data)
             return
         view = memoryview(data).cast("B")
@@ -59,7 +59,7 @@ class PacedWriter:
             self._backlog.clear()
             self.backlog_bytes = 0
             return
-        budget = self.slice_bytes
+        budget = SLICE_BYTES
         backlog = self._backlog
         while backlog and budget > 0:
             head = backlog[0]

@@ -2,7 +2,7 @@
 
     framing.FrameDecoder.feed(bytes) -> [payload, ...]     framing.frame(payload) -> bytes
     codec.decode(payload) -> Message                        codec.encode(Message) -> frame
-    codec.peek(payload) -> Head(variant, id)                (route a large payload cheaply)
+    codec.peek(payload) -> Head(variant, id)                (route without decoding a blob)
 
 Nothing here touches a socket, a file or an event loop (a test proves `asyncio` and `socket`
 stay unloaded), so every part is testable with plain bytes.

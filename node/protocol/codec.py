@@ -350,7 +350,9 @@ def peek_id(payload: bytes) -> str | None:
 
 
 def peek(payload: bytes) -> Head:
-    """Variant and id of a payload from its first bytes, without decoding a large body.
+    """Variant and id of a payload for routing: from its first bytes when it is in the form
+    serde writes; else (the id after the task, spaces, ...) by parsing a payload of up to
+    1 MiB whole, or a larger one around its byte array, never decoding that array.
 
     Routing only: the full decode still validates. Raises `RemoteProtocolError` when even
     the head is unreadable.
