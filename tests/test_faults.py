@@ -39,6 +39,7 @@ from node.protocol.framing import FrameDecoder
 from tests.fakemaster import FakeMaster, ResultLedger, record_new_masters
 from tests.netservers import TcpEcho
 from tests.nodeproc import NodeProcess
+from tests.test_health import scrape
 from tests.test_result_segments import unconnected_link
 from workers import pool as pool_module
 from workers.expr import evaluate_compute
@@ -689,17 +690,21 @@ def test_a_repeated_big_task_leaves_no_segment_behind(tmp_path: Path, ledger: Re
     # id joined the running task and its own segment stayed until the node stopped.
     shm = tmp_path / "shm"
     shm.mkdir()
+    port = free_port()
+    health = f"127.0.0.1:{port}"
 
     async def scenario() -> None:
-        async with fake_master_and_node(tmp_path, ledger, "dups", shm_dir=str(shm)) as (
-            master,
-            node,
-        ):
+        async with fake_master_and_node(
+            tmp_path, ledger, "dups", shm_dir=str(shm), health_listen=health
+        ) as (master, node):
             (conn,) = master.node_connections()
             task = m.StoreData("k", os.urandom(2 << 20))
             master.assign(conn, [("dup", task)] * 3)  # one write: the repeats arrive held
             await await_until(lambda: "dup" in master.results, 30, "the task is answered")
             assert master.results["dup"] == m.Stored()
+            # All three went to a segment as they arrived; one ran, and none is left.
+            spilled = ("cpnode_segment_frames_total", (("direction", "to_worker"),))
+            assert (await asyncio.to_thread(scrape, port))[spilled] == 3
             await await_until(
                 lambda: not [p for p in shm.iterdir() if "-seg-" in p.name], 10, "no segment left"
             )
@@ -716,20 +721,24 @@ def test_a_drain_during_a_master_pause_sends_no_disconnect_before_its_polls_are_
     # meanwhile. When the master reads the polls it pushes the task; a Disconnect read after
     # them makes an upstream master forget it (the node once sent one after 0.2 s of quiet).
     async def scenario() -> None:
+        # The pause (1.2 s) outlasts the 0.2 s of quiet the node once waited, and ends before
+        # the node would leave a stuck master (2 x failover_timeout_ms = 2 s).
         async with fake_master_and_node(
-            tmp_path, ledger, "paused", failover_timeout_ms=500, poll_interval_ms=20
+            tmp_path, ledger, "paused", failover_timeout_ms=1000, poll_interval_ms=20
         ) as (master, node):
             await asyncio.sleep(0.3)  # idle, polling
-            master.pause(2.0)  # longer than the node takes to start its drain
+            master.pause(1.2)
             master.submit([("queued", m.Compute("6*7"))])
             await asyncio.sleep(0.05)
             node.proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(node.proc.wait, 30) == 0
             await await_until(lambda: not master.node_connections(), 10, "the node is gone")
-            # Pushed to the node after the pause, handed back by it, and re-queued when it
-            # closed: not forgotten by a Disconnect.
+            # Pushed to the node after the pause, handed back by it (not run), and re-queued
+            # when it closed: not forgotten by a Disconnect.
+            assert "is stuck" not in node.log, link_events(node)
             assert "sent Disconnect" not in node.log, link_events(node)
-            assert "queued" in master.pending or "queued" in master.results, node.log
+            assert ": 1 tasks handed back to the master" in node.log, node.log
+            assert "queued" in master.pending and "queued" not in master.results
 
     asyncio.run(scenario())
 
@@ -828,9 +837,12 @@ def test_a_killed_forkserver_takes_every_worker_and_nothing_is_lost(
         async with fake_master_and_node(tmp_path, ledger, "forkserver") as (master, node):
             ids, values = submit_heavy(master, 300, terms=200)
             await await_until(lambda: len(master.results) >= 20, 60, "20 results reach it")
-            forkserver_of(node).kill()
+            old = forkserver_of(node)
+            old.kill()
+            assert len(master.results) < len(ids)  # tasks were in flight at the kill
             await await_until(lambda: not ledger.missing(ids), 90, "every task is answered")
             assert node.log.count("died:") >= 2, node.log  # both workers went with it
+            assert forkserver_of(node).pid != old.pid  # a new forkserver took over
             await answered_and_stopped(
                 "forkserver killed (its workers with it)", ledger, node, ids, values
             )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import http.server
 import io
 import json
 import logging
@@ -14,12 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from node import health, status_cli
@@ -28,6 +27,7 @@ from node.config import Config, JoinInfo
 from node.master import MasterThread
 from node.protocol import messages as m
 from node.supervisor import Node
+from tests.netservers import HttpServer
 from tests.nodeproc import NodeProcess
 from tests.test_node import run_tasks
 from workers.logformat import JsonFormatter, configure_logging
@@ -376,29 +376,16 @@ def test_cpnode_status_into_a_closed_pipe_exits_quietly(running: Running) -> Non
 def test_cpnode_status_refuses_what_is_not_a_cpnode_status(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    class Answer(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b'{"a": 1}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    async def not_ours(request: web.Request) -> web.Response:
+        return web.json_response({"a": 1})
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        port = server.server_address[1]
-        assert status_cli.main([str(port), "--interval", "0"]) == 2
-        err = capsys.readouterr().err
-        assert f"127.0.0.1:{port}/status is not a cpnode status document (KeyError: 'tasks')" in err
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    routes = {path: not_ours for path in ("/status", "/healthz", "/readyz")}
+    with HttpServer(routes) as server:
+        assert status_cli.main([str(server.port), "--interval", "0"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"127.0.0.1:{server.port}/status is not a cpnode status document (KeyError: 'tasks')" in err
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -92,6 +92,25 @@ ROUTES = {
     "/latin1": _latin1,
     "/charset": _charset,
 }
+
+
+def digest_when_whole(size: int) -> Callable[[bytes], bytes]:
+    """A `TcpEcho` reply: nothing until `size` bytes came, then their SHA-256 (hex)."""
+    received = bytearray()
+
+    def reply(chunk: bytes) -> bytes:
+        received.extend(chunk)
+        return hashlib.sha256(received).hexdigest().encode() if len(received) == size else b""
+
+    return reply
+
+
+def wait_until_idle(http: HttpServer) -> None:
+    """The shared server has no request running (earlier tests' handlers may still sleep)."""
+    deadline = time.monotonic() + 10
+    while http.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert http.active == 0, "an earlier test's request still runs"
 
 
 @pytest.fixture(scope="module")
@@ -362,13 +381,7 @@ def test_tcp_with_megabytes_of_data_arrives_whole() -> None:
     # Above 1 MiB of payload the array is decoded off the event loop (vectorised, in a
     # thread): the peer must still get every byte, in order.
     data = os.urandom(2 << 20)
-    received = bytearray()
-
-    def digest_when_whole(chunk: bytes) -> bytes:
-        received.extend(chunk)
-        return hashlib.sha256(received).hexdigest().encode() if len(received) == len(data) else b""
-
-    with TcpEcho(digest_when_whole) as echo:
+    with TcpEcho(digest_when_whole(len(data))) as echo:
         result = one(Config(), m.Tcp(f"127.0.0.1:{echo.port}", data))
     assert result == m.Bytes(hashlib.sha256(data).hexdigest().encode())
 
@@ -388,18 +401,21 @@ def test_a_big_tcp_task_in_another_json_form_is_decoded_off_the_loop_too(
         return generic(payload)
 
     monkeypatch.setattr(codec, "decode", decode)
-    received = bytearray()
+    threads: list[str] = []
+    blob_decode = iotasks.decode_blob_task
 
-    def digest_when_whole(chunk: bytes) -> bytes:
-        received.extend(chunk)
-        return hashlib.sha256(received).hexdigest().encode() if len(received) == len(data) else b""
+    def recorded(payload: bytes) -> tuple[str, m.Task] | None:
+        threads.append(threading.current_thread().name)
+        return blob_decode(payload)
 
-    with TcpEcho(digest_when_whole) as echo:
+    monkeypatch.setattr(iotasks, "decode_blob_task", recorded)
+    with TcpEcho(digest_when_whole(len(data))) as echo:
         task = codec.task_to_json(m.Tcp(f"127.0.0.1:{echo.port}", data))
         payload = b'{ "AssignTask" : { "task" : ' + task + b' , "id" : "0" } }'
         (result,) = run_payloads(Config(), [payload])
     assert result == m.Bytes(hashlib.sha256(data).hexdigest().encode())
     assert big_decodes == []
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name
 
 
 def test_a_spilled_tcp_task_is_read_and_decoded_off_the_loop(
@@ -418,11 +434,6 @@ def test_a_spilled_tcp_task_is_read_and_decoded_off_the_loop(
 
     monkeypatch.setattr(iotasks, "read_spilled", recorded)
     data = os.urandom(300_000)
-    received = bytearray()
-
-    def digest_when_whole(chunk: bytes) -> bytes:
-        received.extend(chunk)
-        return hashlib.sha256(received).hexdigest().encode() if len(received) == len(data) else b""
 
     def spill(body: bytes, error: str = "") -> bytes:
         incoming = IncomingSegment(str(shm), "cpnode-iotest", len(body))
@@ -432,7 +443,7 @@ def test_a_spilled_tcp_task_is_read_and_decoded_off_the_loop(
             incoming.discard()
         return incoming.finish()
 
-    with TcpEcho(digest_when_whole) as echo:
+    with TcpEcho(digest_when_whole(len(data))) as echo:
         body = codec.encode_payload(m.AssignTask("0", m.Tcp(f"127.0.0.1:{echo.port}", data)))
         lost = spill(codec.encode_payload(m.AssignTask("1", m.Tcp("127.0.0.1:9", b"x"))), "full")
         results = run_payloads(Config(shm_dir=str(shm)), [spill(body), lost])
@@ -597,10 +608,7 @@ def test_internet_tcp_tasks_to_one_target_at_once_use_different_ports() -> None:
 
 def test_io_concurrency_bounds_tasks_in_flight(http: HttpServer) -> None:
     peak_before = http.peak
-    deadline = time.monotonic() + 10
-    while http.active and time.monotonic() < deadline:  # earlier tests' handlers may still sleep
-        time.sleep(0.05)
-    assert http.active == 0, "an earlier test's request still runs"
+    wait_until_idle(http)
     http.peak = 0
     arrived_before = len(http.arrivals)
     results = run(Config(io_concurrency=3), [m.HttpRequest(http.url("/slow?s=0.2"))] * 9)
@@ -614,12 +622,14 @@ def test_io_concurrency_bounds_tasks_in_flight(http: HttpServer) -> None:
     http.peak = max(peak_before, http.peak)
 
 
-def test_io_concurrency_1_runs_every_task_one_after_the_other() -> None:
+def test_io_concurrency_1_runs_every_task_one_after_the_other(http: HttpServer) -> None:
     # With one slot the tasks queued behind the first never started (the finished task still
     # held its slot when the runner looked for the next one).
-    results = run(Config(io_concurrency=1), [m.Tcp("no-port-here", b"x")] * 5, timeout=10)
-    assert len(results) == 5
-    assert all(isinstance(r, m.Error) and "no-port-here" in r.message for r in results)
+    wait_until_idle(http)
+    arrived_before = len(http.arrivals)
+    results = run(Config(io_concurrency=1), [m.HttpRequest(http.url("/slow?s=0.1"))] * 3)
+    assert results == [m.Response("late")] * 3
+    assert http.arrivals[arrived_before:] == [1, 1, 1]  # each alone, one after the other
 
 
 def test_malformed_payload_is_answered_with_an_error() -> None:
