@@ -246,17 +246,15 @@ class _ChunkDecoder:
                 return count
         elif _kept_count(chunk) > 3:
             return None  # one element of more than 3 characters: invalid, say where
-        compact = _without_whitespace(chunk)
-        if compact is None or len(compact) > self._capacity:
+        compact = _without_whitespace(chunk)  # no longer than the chunk, or 3 kept characters
+        if compact is None:
             return None
         return self._decode_compact(compact, out)
 
     def _decode_compact(self, chunk: U8, out: U8) -> int | None:
-        length = len(chunk)
+        length = len(chunk)  # at most the capacity (see `decode`)
         if length == 0:
             return None
-        if length > self._capacity:
-            self._grow(length)
         end = length + 5
         lanes = (end + 1) // 2
         text = self._text

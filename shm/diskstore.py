@@ -235,9 +235,10 @@ class DiskStore(Closing):
         created: list[tuple[int, str]] = []  # (descriptor of its parent, name)
         try:
             for name in dirs:
-                fd, made = _open_directory(fd, name, path, create=create)
+                parent = fd
+                fd, made = _open_directory(parent, name, path, create=create)
                 if made:
-                    created.append((opened[-1] if opened else self._root_fd, name))
+                    created.append((parent, name))
                 opened.append(fd)
             yield fd
         except BaseException:
@@ -259,16 +260,13 @@ class DiskStore(Closing):
             used = self._ledger.peek()
             if used - old + size > self.quota_bytes:
                 raise QuotaExceeded(path=path, used=used, change=size - old, quota=self.quota_bytes)
-        what = f"{size} bytes for {path!r}"
-        here = root
+        here, where = root, self.path
         if parent != root and os.fstat(parent).st_dev != self._root_device:
             # A filesystem mounted inside storage_dir: no rename crosses into it, so the
             # temporary goes beside the target, and the room is that filesystem's.
-            here = parent
-            where = os.path.dirname(os.path.join(self.path, path))
-            space.check_free(where, size, self.reserve_bytes, what, dir_fd=parent)
-        else:
-            space.check_free(self.path, size, self.reserve_bytes, what)
+            here, where = parent, os.path.dirname(os.path.join(self.path, path))
+        what = f"{size} bytes for {path!r}"
+        space.check_free(where, size, self.reserve_bytes, what, dir_fd=here)
         temporary = space.temporary_name(_TEMPORARY)
         temporary_path = os.path.join(self.path, temporary)
         try:
@@ -517,7 +515,7 @@ class _DirectoryRemoved(Exception):
 
 def _removed(directory: int) -> bool:
     """Whether the open directory ``directory`` has been removed (it has no links left)."""
-    return directory >= 0 and os.fstat(directory).st_nlink == 0
+    return os.fstat(directory).st_nlink == 0
 
 
 def _open_directory(parent: int, name: str, path: str, *, create: bool) -> tuple[int, bool]:

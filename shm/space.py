@@ -4,7 +4,8 @@ Every writer in ``shm`` follows the same order: ``check_free`` (psutil says whet
 leaving the caller's reserve), create a temporary file, ``reserve`` its size with
 ``posix_fallocate`` (a tmpfs allocates the pages now, so running out is an ``ENOSPC`` here and
 never a SIGBUS later in a mapping) and look again that the reserve is still free (writers
-running at once each passed ``check_free``), then ``write_all``. Every failure raises
+running at once each passed ``check_free``), then ``write_all``. (``write_segment`` writes
+its pieces without ``posix_fallocate`` and looks again after.) Every failure raises
 ``StoreFullError`` saying which directory, how much was needed and how much was free.
 
 Temporary files are named ``<prefix><pid>-<uuid>``, so that what a writer killed mid-write left
@@ -26,7 +27,9 @@ __all__ = [
     "check_free",
     "check_left_free",
     "free_bytes",
+    "has_temporary_files",
     "read_all",
+    "remove_dead_temporaries",
     "reserve",
     "temporary_name",
     "unlink_quietly",
@@ -37,9 +40,13 @@ __all__ = [
 _ZEROS = bytes(1 << 20)
 
 
-def free_bytes(directory: str) -> int:
-    """Bytes free for us on ``directory``'s filesystem."""
-    return int(psutil.disk_usage(directory).free)
+def free_bytes(target: str | int) -> int:
+    """Bytes free for us on the filesystem of ``target``, a path or an open descriptor: blocks
+    available to us times their size, as psutil counts them."""
+    if isinstance(target, int):
+        info = os.fstatvfs(target)
+        return info.f_bavail * info.f_frsize
+    return int(psutil.disk_usage(target).free)
 
 
 def check_free(
@@ -47,12 +54,8 @@ def check_free(
 ) -> None:
     """Raise ``StoreFullError`` unless ``needed`` bytes fit in ``directory``'s filesystem with
     ``reserve_bytes`` still free afterwards (``dir_fd``: that directory, open, looked at instead
-    of its path, as psutil would: blocks available to us times their size)."""
-    if dir_fd is None:
-        free = free_bytes(directory)
-    else:
-        info = os.fstatvfs(dir_fd)
-        free = info.f_bavail * info.f_frsize
+    of its path)."""
+    free = free_bytes(directory if dir_fd is None else dir_fd)
     if needed + reserve_bytes > free:
         short = needed + reserve_bytes - free
         keep = f" and keep {reserve_bytes} bytes free" if reserve_bytes else ""
@@ -97,8 +100,7 @@ def check_left_free(fd: int, size: int, path: str, keep_free: int) -> None:
     file takes 4 KiB of a tmpfs)."""
     if not keep_free:
         return
-    info = os.fstatvfs(fd)
-    free = info.f_bavail * info.f_frsize
+    free = free_bytes(fd)
     if free < keep_free:
         directory = os.path.dirname(path) or "."
         raise StoreFullError(

@@ -627,8 +627,12 @@ def _unique_memory(pids: list[int]) -> dict[int, int]:
 
 def _sweep_dead_worker(settings: WorkerSettings, pid: int) -> tuple[list[str], list[str]]:
     """What the dead worker ``pid`` left half-written: (its result segments, its store files),
-    removed."""
-    orphans = sweep_segments(settings.shm_dir, node_prefix(settings.node_id), creator=pid)
+    removed; each sweep is tried even when the other fails (the error says which)."""
+    try:
+        orphans = sweep_segments(settings.shm_dir, node_prefix(settings.node_id), creator=pid)
+    except OSError as error:
+        log.error("could not remove the unfinished result segments of pid %d: %s", pid, error)
+        orphans = []
     return orphans, sweep_dead_worker_files(settings, pid)
 
 
@@ -637,7 +641,7 @@ def _log_sweep(index: int, sweep: asyncio.Future[tuple[list[str], list[str]]]) -
         return
     error = sweep.exception()
     if error is not None:  # cleaning up never keeps the dead worker's tasks from an answer
-        log.error("could not remove the temporary files of worker %d: %s", index, error)
+        log.error("could not remove the temporary store files of worker %d: %s", index, error)
         return
     orphans, unfinished = sweep.result()
     if orphans:
