@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from node.config import Config
 from node.master import MasterThread
@@ -623,7 +624,7 @@ def test_cli_help_documents_every_flag(tmp_path):
         if option.startswith("--") and option != "--help"
     }
     assert {"--log-level", "--listen", "--token", "--new-token"} <= flags
-    assert {"--scheduling", "--window", "--state-file"} <= flags
+    assert {"--scheduling", "--window", "--state-file", "--advertise"} <= flags
     documented = {
         action.option_strings[-1]
         for action in build_parser()._actions
@@ -634,8 +635,11 @@ def test_cli_help_documents_every_flag(tmp_path):
         assert word in out
 
 
-def _run_master_once(tmp_path: Path, *args: str) -> dict[str, object]:
-    """Start cpnode-master, wait for a fresh join.json, authenticate with it, SIGTERM it."""
+def _run_master_once(
+    tmp_path: Path, *args: str, errors: list[str] | None = None
+) -> dict[str, object]:
+    """Start cpnode-master, wait for a fresh join.json, authenticate with it on 127.0.0.1,
+    SIGTERM it; its stderr goes to `errors` when given."""
     join = tmp_path / "join.json"
     before = join.stat().st_ino if join.exists() else None
     process = _cli(
@@ -661,6 +665,8 @@ def _run_master_once(tmp_path: Path, *args: str) -> dict[str, object]:
             process.kill()
             process.communicate(timeout=5)
     assert code == 0, err
+    if errors is not None:
+        errors.append(err)
     return info
 
 
@@ -674,6 +680,27 @@ def test_cli_writes_join_json_and_keeps_its_token_across_restarts(tmp_path):
     assert rotated["token"] != first["token"]
     chosen = _run_master_once(tmp_path, "--token", "shared-by-two-masters")
     assert chosen["token"] == "shared-by-two-masters"
+
+
+def test_cli_advertise_names_the_address_join_json_gives_nodes(tmp_path):
+    # Listening on every address, the master can only write the wildcard into join.json, which
+    # a node on another host cannot connect to: it says so, and --advertise names the address.
+    errors: list[str] = []
+    wildcard = _run_master_once(tmp_path, "--listen", "0.0.0.0:0", errors=errors)
+    assert wildcard["ip"] == "0.0.0.0"
+    assert "join.json names 0.0.0.0, which only nodes on this host can connect to" in errors[0]
+    for name in ("master_cert.pem", "master_key.pem"):
+        (tmp_path / name).unlink()
+    advertised = _run_master_once(
+        tmp_path, "--listen", "0.0.0.0:0", "--advertise", "node7.example", errors=errors
+    )
+    assert advertised["ip"] == "node7.example"
+    assert "--advertise" not in errors[1]
+    certificate = x509.load_pem_x509_certificate((tmp_path / "master_cert.pem").read_bytes())
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "node7.example" in names.get_values_for_type(x509.DNSName)
+    code, err = _finish(_cli("--advertise", "no such host", cwd=tmp_path))
+    assert code == 2 and "--advertise" in err
 
 
 def test_cli_no_config_ignores_config_json(tmp_path):

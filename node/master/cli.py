@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from node.config import (
     Config,
     default_join_path,
+    host_argument,
     load_config,
     load_join,
     parse_address,
@@ -48,7 +49,8 @@ files:
                     max_frame_bytes and result_ttl_s; default ./config.json when it exists,
                     else (or with --no-config) built-in defaults
   join.json         written at start (mode 0600) to $CPCLUSTER_JOIN, default ./join.json:
-                    {"token", "ip", "port"}; nodes and cpnode-submit read it
+                    {"token", "ip", "port"}; nodes and cpnode-submit read it; "ip" is
+                    the --listen host, or --advertise
   state file        pending and completed tasks, replayed at start (--state-file, config
                     `state_file`, default master_state.json)
   TLS certificate   config `cert_path`/`key_path`, default ./master_cert.pem and
@@ -93,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on (default: the first of the config's master_addresses, "
         "127.0.0.1:55000); port 0 picks a free port",
     )
+    parser.add_argument(
+        "--advertise",
+        metavar="HOST",
+        type=host_argument,
+        help="the address join.json gives nodes to connect to, and a name in a new TLS "
+        "certificate (default: the --listen host; needed with 0.0.0.0 or ::, which a node on "
+        "another host cannot connect to)",
+    )
     tokens = parser.add_mutually_exclusive_group()
     tokens.add_argument(
         "--token",
@@ -134,13 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _server_tls(config: Config, host: str) -> ServerTls | None:
-    """The master's certificate (made self-signed when missing), unless tls is "never"."""
+def _server_tls(config: Config, hosts: Sequence[str]) -> ServerTls | None:
+    """The master's certificate (made self-signed for `hosts` and loopback when missing),
+    unless tls is "never"."""
     if config.tls == "never":
         return None
     cert_path = config.cert_path or _DEFAULT_CERT
     key_path = config.key_path or _DEFAULT_KEY
-    ensure_certificate(cert_path, key_path, [host, "localhost", "127.0.0.1", "::1"])
+    names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1", "::1"]))
+    ensure_certificate(cert_path, key_path, names)
     return ServerTls(server_tls(cert_path, key_path), config.tls)
 
 
@@ -176,6 +188,7 @@ async def _serve(
     config: Config,
     host: str,
     port: int,
+    advertise: str | None,
     token: str,
     scheduling: str,
     join_path: str,
@@ -197,6 +210,7 @@ async def _serve(
                 token=token,
                 scheduling=scheduling,
                 join_path=join_path,
+                advertise=advertise,
                 state_file=state_file,
                 tls=tls,
             )
@@ -253,13 +267,23 @@ def run(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        tls = _server_tls(config, host)
+        tls = _server_tls(config, [host] if args.advertise is None else [host, args.advertise])
     except ConfigError as error:
         print(f"cpnode-master: {error}", file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(
-            _serve(config, host, port, token, args.scheduling, join_path, config.state_file, tls)
+            _serve(
+                config,
+                host,
+                port,
+                args.advertise,
+                token,
+                args.scheduling,
+                join_path,
+                config.state_file,
+                tls,
+            )
         )
 
 

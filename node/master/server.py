@@ -30,6 +30,7 @@ import contextlib
 import functools
 import heapq
 import hmac
+import ipaddress
 import logging
 import os
 import threading
@@ -634,6 +635,7 @@ async def start_master(
     token: str | None = None,
     scheduling: str = "fifo",
     join_path: str | None = None,
+    advertise: str | None = None,
     state_file: str | None = None,
     tls: ServerTls | None = None,
 ) -> MasterServer:
@@ -643,7 +645,9 @@ async def start_master(
     result_ttl_s (its `master_addresses` and `state_file` are the command line's business: pass
     `host`/`port` and `state_file`). `port=0` picks a free port (see `.port`, `.address`).
     `token=None` makes a new one. `scheduling` is "fifo" or "upstream". `join_path`, when given,
-    receives a join.json (mode 0600) for this master. `state_file=None` keeps everything in
+    receives a join.json (mode 0600) for this master, naming `advertise` as its address (default:
+    the address it listens on; a wildcard one draws a warning, since only nodes on this host can
+    use it). `state_file=None` keeps everything in
     memory; a path makes tasks and results survive a restart (see journal.py). `tls=None`
     listens in plain TCP only; a `ServerTls` also serves TLS (node/tls.py).
     """
@@ -684,7 +688,13 @@ async def start_master(
     try:
         await master._listen(host, port, tls)
         if join_path is not None:
-            info = JoinInfo(master.token, master.host, master.port)
+            if advertise is None and ipaddress.ip_address(master.host).is_unspecified:
+                _log.warning(
+                    "join.json names %s, which only nodes on this host can connect to: give "
+                    "the address other hosts reach this one by with --advertise",
+                    master.host,
+                )
+            info = JoinInfo(master.token, advertise or master.host, master.port)
             await loop.run_in_executor(None, write_join, join_path, info)
     except BaseException:
         await master.close()
