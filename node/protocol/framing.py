@@ -101,6 +101,11 @@ class FrameDecoder:
         """Body length of the frame being assembled, or -1 when between frames."""
         return self._need
 
+    @property
+    def spilling(self) -> bool:
+        """A large body is being written to a spill (see `abort`)."""
+        return self._sink is not None
+
     def abort(self) -> None:
         """The stream ended: discard the large body being spilled, if any (its frame will never
         be whole)."""
