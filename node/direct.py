@@ -251,11 +251,12 @@ class DirectConnection(asyncio.Protocol):
         try:
             ident = codec.peek(payload).id
         except RemoteProtocolError as error:
-            ident = None
-            log.warning("%s %s: skipping an unreadable AssignTask: %s", self.what, self.peer, error)
+            ident, why = None, f": {error}"
+        else:
+            why = ""
         if ident is None:
             log.warning(
-                "%s %s: skipping an AssignTask whose id cannot be read", self.what, self.peer
+                "%s %s: skipping an AssignTask whose id cannot be read%s", self.what, self.peer, why
             )
             return
         self._start(ident, payload)

@@ -448,8 +448,8 @@ class MasterLink:
             try:
                 ident = codec.peek(payload).id
             except RemoteProtocolError as exc:
-                ident = None
-                log.warning("skipping an unreadable AssignTask frame: %s", exc)
+                self._skip_assign(f"{len(payload)} bytes: {exc}")
+                return
             if ident is not None:
                 self._on_assign([(ident, payload)])
             else:

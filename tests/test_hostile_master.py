@@ -183,3 +183,20 @@ def test_heartbeat_acks_in_another_json_form_confirm_results(
         pump.join(10)
     finally:
         node.close()
+
+
+def test_an_assign_task_without_a_readable_id_is_skipped_with_one_warning(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    # The master waits for ever on it: the node can only say so, once, and go on.
+    broken = b'{"AssignTask":{"task":{"Compute":{"expression":"1+1"}},"id":'
+    node = start_node(tmp_path, scripted, "hostile-unreadable", workers=1)
+    try:
+        scripted.send_raw(frame(broken))
+        assert scripted.run(m.Compute("2*21")) == m.Number(42.0)
+        skipped = [line for line in node.log.splitlines() if "skipping" in line]
+        assert len(skipped) == 1, skipped
+        assert "skipping an AssignTask frame whose id cannot be read (60 bytes)" in skipped[0]
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
