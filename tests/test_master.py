@@ -7,6 +7,7 @@ a node would decode it. The command line runs as a real subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ from cryptography import x509
 from node.config import Config
 from node.master import MasterThread
 from node.master.cli import build_parser
+from node.master.journal import JournalError, replay
 from node.protocol import FrameDecoder, decode, encode, encode_payload, frame
 from node.protocol import messages as m
 
@@ -487,15 +490,23 @@ def test_connected_nodes_lists_node_addresses_as_the_master_sees_them(start, con
 
 def test_request_connection_hands_out_ports_and_releases_them(start, connect):
     master = start(Config(min_port=56010, max_port=56011))
-    a, b = connect(master), connect(master)
+    a, b, c = connect(master), connect(master), connect(master)
     a.join()
     b.join()
+    c.join()
     a.send(m.RequestConnection(b.address))
     assert a.recv() == m.ConnectionInfo(b.address, 56010)
-    a.send(m.RequestConnection(b.address))
-    assert a.recv() == m.ConnectionInfo(b.address, 56011)
-    a.send(m.RequestConnection(b.address))  # range exhausted: no reply, as upstream
+    # Asked again for the same target: a new port, and the earlier one is free again. (One
+    # node asking on and on took every port in the range, and the others got no reply.)
+    for expected in (56011, 56010, 56011):
+        a.send(m.RequestConnection(b.address))
+        assert a.recv() == m.ConnectionInfo(b.address, expected)
+    c.send(m.RequestConnection(b.address))
+    assert c.recv() == m.ConnectionInfo(b.address, 56010)
+    a.send(m.RequestConnection(c.address))  # range exhausted: no reply, as upstream
     a.assert_silent(0.2)
+    c.close()
+    wait_for(lambda: master.stats().nodes == 2)
     b.send(m.RequestConnection("127.0.0.1:1"))  # unknown target: no reply, as upstream
     b.assert_silent(0.2)
     b.heartbeat()  # and the connection lives on
@@ -781,3 +792,189 @@ def test_cli_refuses_a_broken_join_json_unless_told_to_replace_it(tmp_path):
     code, err = _finish(_cli("--listen", "127.0.0.1:0", cwd=tmp_path))
     assert code == 2
     assert "--new-token" in err
+
+
+# --- what a peer cannot make the master do --------------------------------------------------------
+
+
+def _waiting_output(master: MasterThread) -> int:
+    """The most bytes queued for any one connection: not yet handed to the socket."""
+    server = master.server
+    assert server is not None
+    return master.call(
+        lambda: max(
+            sum(map(len, conn.out))
+            + conn.writer.backlog_bytes
+            + conn.transport.get_write_buffer_size()
+            for conn in server._connections
+        )
+    )
+
+
+def test_a_peer_that_asks_and_never_reads_cannot_make_the_master_buffer_without_bound(
+    start, connect
+):
+    # 40 KB of GetTaskResult for one big result, in one write, once made 1.4 GB of replies wait.
+    master = start()
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    client.submit(("big", m.RetrieveData("k")))
+    assert node.tasks(1) == ["big"]
+    node.send(m.TaskResult("big", m.Bytes(bytes(range(256)) * 256)))  # 64 KiB: a 232 KB frame
+    wait_for(lambda: master.stats().completed == 1)
+    asks = 400  # 93 MB of replies if all were queued at once
+    client.send(*[m.GetTaskResult("big")] * asks)
+    time.sleep(0.5)
+    reply = len(_result_frame_of(client, "big"))
+    assert _waiting_output(master) <= (64 << 20) + reply
+    # Nothing is lost: once read, every question has its answer, in order.
+    client.inbox.clear()
+    answers = [client.recv_payload() for _ in range(asks - 1)]
+    assert all(answer.startswith(b'{"TaskResult":{"id":"big"') for answer in answers)
+    client.assert_silent(0.2)
+
+
+def _result_frame_of(peer: Peer, ident: str) -> bytes:
+    payload = peer.recv_payload()
+    assert payload.startswith(b'{"TaskResult":{"id":"' + ident.encode() + b'"')
+    return frame(payload)
+
+
+def test_a_big_submission_is_decoded_off_the_masters_loop(start, connect, monkeypatch, caplog):
+    # A 180 MB SubmitTask held the loop 6 s; nodes whose heartbeats waited unread were evicted.
+    from node.master import server as server_module
+
+    decoded_in: list[str] = []
+    generic = server_module.decode
+    array_check = server_module.decode_byte_array
+
+    def recorded(payload: bytes) -> m.Message:
+        if len(payload) >= 1 << 20:
+            decoded_in.append(threading.current_thread().name)
+        return generic(payload)
+
+    def recorded_array(text: memoryview) -> bytes:
+        decoded_in.append(threading.current_thread().name)
+        return array_check(text)
+
+    monkeypatch.setattr(server_module, "decode", recorded)
+    monkeypatch.setattr(server_module, "decode_byte_array", recorded_array)
+    master = start()
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    blob = os.urandom(400_000)  # a 1.4 MB frame
+    client.submit(("blob", m.StoreData("k", blob)), ("small", m.Compute("1")))
+    assert node.recv_many(2) == [
+        m.AssignTask("blob", m.StoreData("k", blob)),
+        m.AssignTask("small", m.Compute("1")),
+    ]
+    node.send(m.TaskResult("blob", m.Bytes(blob)), m.TaskResult("small", m.Number(1.0)))
+    assert client.poll("blob") == m.Bytes(blob)
+    assert client.poll("small") == m.Number(1.0)
+    assert len(decoded_in) == 2  # the submission and the result
+    assert "cpnode-master" not in decoded_in and threading.main_thread().name not in decoded_in
+    # A big frame with a bad array is a malformed frame, as a small one is.
+    bad = encode_payload(m.SubmitTask("bad", m.StoreData("k", blob))).replace(b"[", b"[256,", 1)
+    client.send_raw(frame(bad))
+    client.assert_closed()
+    assert master.stats().pending == 0
+    assert "malformed frame, closing the connection: message: invalid JSON byte array: 256" in (
+        caplog.text
+    )
+
+
+def test_results_before_an_oversized_frame_still_count(start, connect):
+    master = start(Config(max_frame_bytes=1 << 20))
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    client.submit(("t1", m.Compute("1")))
+    assert node.tasks(1) == ["t1"]
+    node.send_raw(encode(m.TaskResult("t1", m.Number(1.0))) + struct.pack(">I", 2 << 20))
+    node.assert_closed()
+    assert client.poll("t1") == m.Number(1.0)  # not re-queued and run again
+    assert master.stats().pending == 0
+
+
+def test_a_node_is_not_evicted_for_bytes_the_master_had_no_time_to_read(
+    start, connect, monkeypatch
+):
+    # After a long handler the eviction timer ran before the sockets were read: a node whose
+    # heartbeats waited unread looked silent, was evicted and its tasks ran twice. (The long
+    # handler here is a decode made slow on purpose, as a big frame's once was.)
+    from node.master import server as server_module
+
+    generic = server_module.decode
+
+    def slow(payload: bytes) -> m.Message:
+        if b'"stall"' in payload:
+            time.sleep(0.7)
+        return generic(payload)
+
+    monkeypatch.setattr(server_module, "decode", slow)
+    master = start(Config(failover_timeout_ms=200))
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    client.send(m.SubmitTask("stall", m.Compute("1")))
+    deadline = time.monotonic() + 0.7
+    while time.monotonic() < deadline:
+        node.send(m.HEARTBEAT)
+        time.sleep(0.05)
+    assert client.recv() == m.TaskAccepted("stall")
+    time.sleep(0.3)  # a tick or two after the stall
+    assert master.stats().nodes == 1
+    node.heartbeat()
+
+
+def test_a_second_master_on_the_same_state_file_is_refused(tmp_path, start, connect):
+    # It replayed and rewrote the file, and the first went on appending to the one it had
+    # open: everything the first accepted afterwards was lost.
+    state = tmp_path / "state.jsonl"
+    first = start(state_file=str(state))
+    with pytest.raises(JournalError, match="in use by another cpnode-master"):
+        MasterThread(state_file=str(state)).start()
+    client = connect(first)
+    client.submit(("after", m.Compute("1")))
+    first.stop()
+    assert not (tmp_path / "state.jsonl.lock").exists()
+    again = start(state_file=str(state))
+    assert again.stats().pending == 1
+    code, err = _finish(_cli("--listen", "127.0.0.1:0", "--state-file", str(state), cwd=tmp_path))
+    assert code == 2 and "in use by another cpnode-master" in err
+
+
+def test_a_join_json_token_the_master_would_never_match_exits_2(tmp_path):
+    (tmp_path / "join.json").write_text('{"token": "secret\\n", "ip": "127.0.0.1", "port": 1}')
+    code, err = _finish(_cli("--listen", "127.0.0.1:0", cwd=tmp_path))
+    assert code == 2
+    assert "without leading or trailing whitespace" in err and "--new-token" in err
+
+
+def test_a_state_file_that_could_not_be_written_is_written_again_once_it_can(tmp_path, start):
+    # One failed write (a full disk for a moment) stopped persistence for good, while every
+    # submission was still accepted: a restart lost them all.
+    from tests.test_shm_segments import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "small", "1m") as small:
+        state = small / "state.jsonl"
+        master = start(Config(failover_timeout_ms=100), state_file=str(state))
+        try:
+            filler = small / "filler"
+            with open(filler, "wb", buffering=0) as out, contextlib.suppress(OSError):
+                while True:  # until the disk is full
+                    out.write(b"x" * 4096)
+            client = Peer(master)
+            during = [(f"during-{i}", m.Compute("1")) for i in range(200)]  # past a page
+            client.submit(*during)
+            wait_for(lambda: master.call(lambda: master.server._journal.failed))
+            filler.unlink()  # room again: a tick writes the whole state
+            wait_for(lambda: not master.call(lambda: master.server._journal.failed))
+            client.submit(("after", m.Compute("2")))
+            client.close()
+        finally:
+            master.stop()
+        replayed = replay(state, ttl_s=3600)
+        assert {ident for ident, _ in replayed.tasks} == {"after"} | {i for i, _ in during}

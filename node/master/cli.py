@@ -169,19 +169,24 @@ def _listen_address(text: str | None, config: Config) -> tuple[str, int]:
 
 
 def _choose_token(token: str | None, rotate: bool, join_path: str) -> str:
+    rule = (
+        "must be non-empty, without leading or trailing whitespace (the master compares the "
+        "token a node sends after trimming it)"
+    )
     if token is not None:
         if not token or token != token.strip():
-            raise ConfigError(
-                "--token: must be non-empty, without leading or trailing whitespace "
-                "(the master compares the token a node sends after trimming it)"
-            )
+            raise ConfigError(f"--token: {rule}")
         return token
     if rotate or not os.path.lexists(join_path):
         return new_token()
+    hint = "(use --new-token to replace it with a new token)"
     try:
-        return load_join(join_path, env={}).token
+        kept = load_join(join_path, env={}).token
     except ConfigError as error:
-        raise ConfigError(f"{error}\n(use --new-token to replace it with a new token)") from None
+        raise ConfigError(f"{error}\n{hint}") from None
+    if kept != kept.strip():  # every node would be refused
+        raise ConfigError(f"{join_path}: the token {rule}\n{hint}")
+    return kept
 
 
 async def _serve(

@@ -43,6 +43,8 @@ upstream would lose) and its completed results; the original is kept beside it a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -67,6 +69,7 @@ __all__ = [
     "Journal",
     "JournalError",
     "Replayed",
+    "StateFileLock",
     "replay",
 ]
 
@@ -298,6 +301,58 @@ def _replay_lines(data: bytes, label: str) -> Replayed:
 # --- the writer --------------------------------------------------------------------------------
 
 
+class StateFileLock:
+    """`<state_file>.lock`, held (flock) by the master that uses the state file.
+
+    A second master given the same file would replay it and rewrite it (`os.replace`) while the
+    first went on appending to the file it had open, no longer the state file: everything the
+    first accepted from then on was lost. The lock file goes when its master closes.
+    """
+
+    def __init__(self, state_file: str | os.PathLike[str]) -> None:
+        self.state_file = os.fspath(state_file)
+        self.path = self.state_file + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `JournalError` naming the master that holds it."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as error:
+                raise JournalError(
+                    f"{self.state_file}: cannot make its lock file {self.path}: "
+                    f"{error.strerror or error}"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise JournalError(
+                    f"{self.state_file}: in use by another cpnode-master (pid {holder}, see "
+                    f"{self.path}); give each master its own state file"
+                ) from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                return
+            os.close(fd)  # its holder removed it as we opened it: take the new one
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
     tasks: list[tuple[bytes, bytes]]
@@ -360,6 +415,12 @@ class Journal:
 
     def wants_compaction(self, live_records: int) -> bool:
         return self.records > self.compact_ratio * live_records + self.compact_slack
+
+    @property
+    def failed(self) -> bool:
+        """The last write failed: records are not kept until a compaction (a whole snapshot of
+        the live state) succeeds. The server asks for one now and then."""
+        return self._failed
 
     def compact(
         self, tasks: list[tuple[bytes, bytes]], results: list[tuple[str, bytes, float]]
@@ -457,8 +518,8 @@ class Journal:
             self._fail(error)
 
     def _rewrite(self, snapshot: _Snapshot) -> Any:
-        if self._failed:
-            return None
+        """Write the snapshot as the whole file (after a failure too: it holds everything the
+        records that were not written would have)."""
 
         def fill(out: BinaryIO) -> None:
             chunk = [HEADER]
@@ -476,20 +537,29 @@ class Journal:
 
         try:
             replace_atomically(self.path, fill)
-            return open(self.path, "ab")
+            file = open(self.path, "ab")  # noqa: SIM115  (lives across batches)
         except OSError as error:
             self._fail(error)
             return None
+        if self._failed:
+            self._failed = False
+            _log.warning("%s: the state file is written again; tasks are persisted", self.path)
+        return file
 
     def _fail(self, error: OSError) -> None:
-        # The master keeps serving without persistence rather than stopping its nodes' work.
+        # The master keeps serving without persistence rather than stopping its nodes' work,
+        # and tries a whole snapshot now and then (see `failed`).
+        reason = error.strerror or error
         if not self._failed:
             self._failed = True
             _log.error(
-                "%s: cannot write the state file (%s); tasks are no longer persisted",
+                "%s: cannot write the state file (%s); tasks are not persisted until it can be "
+                "written again (the master will retry)",
                 self.path,
-                error.strerror or error,
+                reason,
             )
+        else:
+            _log.warning("%s: still cannot write the state file (%s)", self.path, reason)
 
 
 def keep_upstream_original(path: str | os.PathLike[str]) -> str:
