@@ -94,7 +94,7 @@ class Dispatcher:
         self.joined_duplicates = 0
         # Payloads of answered tasks whose results may still await confirmation, in two
         # generations: everything in `_answered_before` is confirmed once the link has
-        # confirmed `_rotate_at` results (see `_forget_confirmed`).
+        # confirmed `_rotate_at` results (see `forget_confirmed`).
         self.outbox: ResultOutbox | None = None
         self._answered: dict[str, bytes] = {}
         self._answered_before: dict[str, bytes] = {}
@@ -236,10 +236,17 @@ class Dispatcher:
         self._send_results(result_frame, 1)
         return True
 
-    def _forget_confirmed(self) -> None:
+    def forget_confirmed(self) -> None:
+        """Let go of answered payloads whose results the master has confirmed: called with
+        each batch of results, and by the link at each confirmation (so that a burst's
+        payloads, up to a MiB each, do not stay after it, however long the node then idles)."""
         outbox = self.outbox
         if outbox is None:
             self._answered.clear()
+        elif outbox.results_confirmed == outbox.results_sent:  # everything is confirmed
+            self._answered.clear()
+            self._answered_before.clear()
+            self._rotate_at = outbox.results_sent
         elif outbox.results_confirmed >= self._rotate_at:
             self._answered_before = self._answered
             self._answered = {}
@@ -255,7 +262,7 @@ class Dispatcher:
         self.completed += 1
         reply = self._replies.pop(ident, None) if self._replies else None
         (reply or self._send_results)(result_frame, 1)
-        self._forget_confirmed()
+        self.forget_confirmed()
         self._check_idle()
 
     def run_locally(self, ident: str, payload: bytes) -> None:
@@ -388,7 +395,7 @@ class Dispatcher:
             self._route(blob, ids)
         else:
             self._send_results(blob, count)
-        self._forget_confirmed()
+        self.forget_confirmed()
         if self._pending:
             self._schedule_flush()
         else:

@@ -108,6 +108,7 @@ class Node:
             on_registered=self._registered,
         )
         self.dispatcher.outbox = self.link
+        self.link.on_confirmed = self.dispatcher.forget_confirmed
         self.link.discard = self._discard
         # direct_port, connect_to peers, ConnectionInfo links (node/direct.py).
         self.direct = DirectLinks(config, join, self.dispatcher)

@@ -4,8 +4,10 @@ shm_dir has no room, through the socket pair), whole and in order."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import mmap
 import os
+import socket
 import threading
 import uuid
 import weakref
@@ -15,6 +17,7 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
+import uvloop
 
 from node import link as link_module
 from node.config import Config, JoinInfo
@@ -403,3 +406,80 @@ def test_a_worker_killed_while_writing_a_result_leaves_no_segment() -> None:
         assert ours(prefix) == [mine]
     finally:
         os.unlink(os.path.join(SHM, mine))
+
+
+def test_answered_payloads_go_when_the_master_confirms_their_results() -> None:
+    # The dispatcher kept the payloads of a burst's last generations (up to 4,096 of up to
+    # 1 MiB each) until later results came, however long the node then idled.
+    link = unconnected_link()
+    dispatcher = Dispatcher(4, link.send_results)
+    dispatcher.outbox = link
+    link.on_confirmed = dispatcher.forget_confirmed
+    ids = [f"t{i}" for i in range(3)]
+    for ident in ids:
+        payload = codec.encode_payload(m.AssignTask(ident, m.StoreData("k", bytes(1000))))
+        dispatcher._answered[ident] = payload
+        link.send_results(codec.encode(m.TaskResult(ident, m.Stored())), 1)
+        dispatcher.forget_confirmed()
+    assert dispatcher._answered or dispatcher._answered_before  # unconfirmed: kept
+    for entry in link._outbox:
+        entry[0] = 1  # written on a connection before the first heartbeat
+    link._acked()
+    assert link.unconfirmed == 0
+    assert dispatcher._answered == {} and dispatcher._answered_before == {}
+
+
+def test_a_burst_from_the_master_is_read_a_slice_per_turn_of_the_loop() -> None:
+    # The loop read up to 8 MiB from the master's socket in one turn: a burst of 100,000
+    # tasks held it (and the heartbeat timer) for 0.2 s. (A callback that schedules itself
+    # again counts the turns.)
+    payloads = [
+        codec.encode_payload(m.AssignTask(f"t{i}", m.Compute("1+1"))) for i in range(40_000)
+    ]
+    burst = frame(b"OK") + b"".join(frame(p) for p in payloads)  # 2.7 MB
+    per_turn: collections.Counter[int] = collections.Counter()
+    turns = 0
+
+    async def scenario() -> None:
+        nonlocal turns
+        loop = asyncio.get_running_loop()
+        received = 0
+        done = loop.create_future()
+
+        def count_turns() -> None:
+            nonlocal turns
+            turns += 1
+            if not done.done():
+                loop.call_soon(count_turns)
+
+        def assigned(tasks: list[tuple[str, bytes]]) -> None:
+            nonlocal received
+            per_turn[turns] += sum(len(payload) + 4 for _, payload in tasks)
+            received += len(tasks)
+            if received == len(payloads) and not done.done():
+                done.set_result(None)
+
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            link = unconnected_link()
+            link._on_assign = assigned
+            connection = _Connection(link)
+            accepted: list[socket.socket] = []
+            writer = threading.Thread(
+                target=lambda: (accepted.append(server.accept()[0]), accepted[0].sendall(burst))
+            )
+            writer.start()
+            count_turns()
+            transport, _ = await loop.create_connection(lambda: connection, *server.getsockname())
+            try:
+                writer.join(10)  # the loop sleeps meanwhile: the burst waits in the buffers
+                async with asyncio.timeout(10):
+                    await done
+            finally:
+                transport.close()
+                for sock in accepted:
+                    sock.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as the node runs
+        runner.run(scenario())
+    assert sum(per_turn.values()) == len(burst) - len(frame(b"OK"))
+    assert max(per_turn.values()) <= 2 * 256 * 1024, per_turn  # one read past the budget
