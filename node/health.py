@@ -315,7 +315,8 @@ class NodeCollector:
         yield rss
         restarts = CounterMetricFamily(
             "cpnode_worker_restarts",
-            "Workers replaced after they died, by cause (exit code or signal).",
+            "Workers replaced, by cause: an exit code, a signal, a task past task_timeout_ms, "
+            "or recycled (max_tasks_per_child, memory_limit_mb).",
             labels=["cause"],
         )
         for cause, count in sorted(pool.restarts_by_cause.items()):
@@ -325,9 +326,9 @@ class NodeCollector:
         # labelled series appear, so an alert on the first restart needs this one.
         replaced = CounterMetricFamily(
             "cpnode_worker_replacements",
-            "Workers replaced after they died, whatever the cause (0 from the start).",
+            "Workers replaced after they died or were killed, not recycled (0 from the start).",
         )
-        replaced.add_metric([], sum(pool.restarts_by_cause.values()))
+        replaced.add_metric([], pool.deaths)
         yield replaced
         segments = CounterMetricFamily(
             "cpnode_segment_frames",

@@ -1135,7 +1135,8 @@ def test_a_worker_that_exits_on_start_is_respawned_with_backoff(
             for plan, delay in zip(plans[:3], delays()[:3], strict=True):
                 after = next(d.created for d in deaths if d.created > plan.created)
                 assert after - plan.created >= 0.9 * float(delay), (delay, after - plan.created)
-            assert run.pool.workers[0].restarts >= 5
+            assert run.pool.workers[0].crashes_in_a_row >= 5
+            assert run.pool.workers[0].restarts == run.pool.deaths >= 5
         finally:
             await run.pool.stop()
         assert run.pool.workers[0].process is None
@@ -1156,6 +1157,17 @@ def test_max_tasks_per_child_recycles_workers_between_tasks() -> None:
             assert run.once_each(ids)
             assert len(set(run.ready_pids)) >= 10  # 400 / 40, every one a fresh process
             assert run.pool.restarts_by_cause["recycled: max_tasks_per_child"] >= 8
+            # Recycling is no death (the alert on cpnode_worker_replacements_total stays
+            # quiet), /status counts each slot's replacements, and every task's stats arrive:
+            # a retiring worker sends its last ones before it exits (1,600 of 5,000 did).
+            assert run.pool.deaths == 0
+            recycled = run.pool.restarts_by_cause["recycled: max_tasks_per_child"]
+            assert sum(w.restarts for w in run.pool.workers) == recycled
+            async with asyncio.timeout(10):  # live workers report once idle (STATS_EVERY_S)
+                while run.pool.task_stats().get("Compute", [0])[0] < len(ids):
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.6)  # and nothing counts twice
+            assert run.pool.task_stats()["Compute"][0] == len(ids)
             record("max_tasks_per_child = 40 (pool)", len(ids), len(run.results), run.duplicated())
         finally:
             await run.pool.stop()

@@ -126,12 +126,16 @@ class Worker:
         self.process: multiprocessing.process.BaseProcess | None = None
         self.pid: int | None = None
         self.transport: asyncio.Transport | None = None
+        # The channel once its supervisor end is half-closed (`_close_channel`): nothing more
+        # goes to the process, and what it still says (its last STATS) is read until it exits.
+        self.draining: asyncio.Transport | None = None
         # Ids sent to this worker and not yet answered, oldest first: the worker answers in
         # order, so a RESULTS message of `count` frames answers the `count` oldest.
         self.assigned: collections.deque[str] = collections.deque()
         self.ready: asyncio.Future[None] | None = None
         self.started_at = 0.0
-        self.restarts = 0
+        self.restarts = 0  # processes that replaced an earlier one in this slot, any cause
+        self.crashes_in_a_row = 0  # of processes that got nothing done (backs respawns off)
         self.tasks_done = 0
         self.stats: dict[str, list[float]] = {}  # latest snapshot from the live process
         # Shared with the process (see `workers.worker.PROGRESS_FIELDS`); zeroed per process.
@@ -233,7 +237,9 @@ class WorkerPool:
         self._watchdog: asyncio.Task[None] | None = None
         # Where the forkserver's socket goes (see `_keep_forkserver_socket_in`); None: /tmp.
         self.run_dir: str | None = None
+        # Every replacement by cause ("recycled: ..." included), and the deaths among them.
         self.restarts_by_cause: collections.Counter[str] = collections.Counter()
+        self.deaths = 0
         self._retired_stats: dict[str, list[float]] = {}  # of processes that are gone
         self.result_segments = 0  # results that came back through a payload segment
 
@@ -342,6 +348,7 @@ class WorkerPool:
                 process.kill()
             await asyncio.to_thread(process.join, 2.0)
             self._forget_process(worker)
+            self._end_channel(worker)
             process.close()
             worker.process = None
 
@@ -415,14 +422,40 @@ class WorkerPool:
             return
         worker.status = WorkerStatus.RETIRING
         log.info("recycling worker %d (pid %s): %s", worker.index, worker.pid, reason)
-        self.restarts_by_cause[f"recycled: {reason.split(' ')[0]}"] += 1
+        self._count_replacement(worker, f"recycled: {reason.split(' ')[0]}", died=False)
         if not worker.assigned:
             self._close_channel(worker)
 
+    def _count_replacement(self, worker: Worker, cause: str, *, died: bool) -> None:
+        self.restarts_by_cause[cause] += 1
+        worker.restarts += 1
+        if died:
+            self.deaths += 1
+
     def _close_channel(self, worker: Worker) -> None:
-        if worker.transport is not None:
-            worker.transport.close()
-            worker.transport = None
+        """Send the worker nothing more: it sees the end of its input, sends what it still
+        holds (the stats of its last tasks, which a recycled worker's metrics once lost) and
+        exits."""
+        transport = worker.transport
+        if transport is None:
+            return
+        worker.transport = None
+        if transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
+            worker.draining = transport
+        else:
+            transport.close()
+
+    def _end_channel(self, worker: Worker) -> None:
+        """The process is gone: read what it wrote last, then close its channel."""
+        if worker.transport is not None or worker.draining is not None:
+            # Results the worker wrote just before it died may still wait in the socket;
+            # take them now, so they count as answered rather than lost.
+            self._read_remaining(worker)
+            self._close_channel(worker)
+        if worker.draining is not None:
+            worker.draining.close()
+            worker.draining = None
 
     async def _watch(self) -> None:
         """Kill workers whose running task passed `task_timeout_ms`; retire workers above
@@ -502,11 +535,7 @@ class WorkerPool:
 
     def _worker_died(self, worker: Worker, process: multiprocessing.process.BaseProcess) -> None:
         how = describe_exit(process.exitcode)
-        if worker.transport is not None:
-            # Results the worker wrote just before it died may still wait in the socket;
-            # take them now, so they count as answered rather than lost.
-            self._read_remaining(worker)
-            self._close_channel(worker)
+        self._end_channel(worker)
         # A worker that exited by itself (status 0: its channel closed, at a stop or a retire)
         # left nothing half-written; one that died or was killed may have.
         if worker.pid is not None and process.exitcode != 0:
@@ -541,17 +570,18 @@ class WorkerPool:
             timeout_ms=worker.killed_for_timeout,
         )
         if loss.timeout_ms:
-            self.restarts_by_cause[f"task_timeout_ms = {loss.timeout_ms}"] += 1
+            self._count_replacement(worker, f"task_timeout_ms = {loss.timeout_ms}", died=True)
         else:
             log.error("worker %d (pid %s) died: %s", worker.index, worker.pid, how)
-            self.restarts_by_cause[how] += 1
+            self._count_replacement(worker, how, died=True)
         self._on_worker_lost(worker, loss)
         self._schedule_respawn(worker, crashed=not loss.timeout_ms)
 
     def _read_remaining(self, worker: Worker) -> None:
-        assert worker.transport is not None
-        channel = worker.transport.get_protocol()
-        sock = worker.transport.get_extra_info("socket")
+        transport = worker.transport or worker.draining
+        assert transport is not None
+        channel = transport.get_protocol()
+        sock = transport.get_extra_info("socket")
         if sock is None or not isinstance(channel, _Channel):
             return
         while True:
@@ -564,8 +594,6 @@ class WorkerPool:
             if not data:
                 return
             channel.data_received(data)
-            if worker.transport is None:  # a retiring worker answered its last task
-                return
 
     def _respawned(self, worker: Worker, task: asyncio.Future[None]) -> None:
         """A respawn that failed (no socket or process to be had, say) is tried again, backing
@@ -585,11 +613,11 @@ class WorkerPool:
             # tasks (and was killed, say) comes back at once.
             lived = time.monotonic() - worker.started_at
             stable = worker.received > 0 or lived > _STABLE_AFTER_S
-            worker.restarts = 0 if stable else worker.restarts + 1
-            delay = min(_RESPAWN_BACKOFF_MAX_S, 0.05 * (2 ** max(0, worker.restarts - 1)))
+            worker.crashes_in_a_row = 0 if stable else worker.crashes_in_a_row + 1
+            delay = min(_RESPAWN_BACKOFF_MAX_S, 0.05 * (2 ** max(0, worker.crashes_in_a_row - 1)))
         else:
             delay = 0.0
-        if crashed and worker.restarts > 1:
+        if crashed and worker.crashes_in_a_row > 1:
             log.warning("worker %d keeps dying; respawning in %.2f s", worker.index, delay)
 
         def respawn() -> None:

@@ -25,6 +25,7 @@ PR_SET_PDEATHSIG, when the process that spawned it dies, even in the middle of a
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -228,7 +229,10 @@ def _serve(
         # Into a buffer made once: `recv(RECV_BYTES)` would allocate (and give back) 1 MiB per
         # read, 16 µs of a lone task's round trip here (see bench/bench_hops.py).
         count = recv_into(buffer)
-        if not count:
+        if not count:  # the supervisor sends nothing more: a stop, or this worker retires
+            if unsent:
+                with contextlib.suppress(OSError):
+                    _send_stats(sender, runner)
             return
         payloads = decoder.feed(view[:count].tobytes())
         if not payloads:
