@@ -279,8 +279,9 @@ class DirectConnection(asyncio.Protocol):
         renamed = m.AssignTask(self.prefix + ident, message.task)
         return renamed.id, codec.encode_payload(renamed)
 
-    def send_results(self, blob: Frames, count: int) -> None:
-        """The dispatcher's reply sink: `count` result frames with renamed ids."""
+    def send_results(self, blob: Frames, ids: list[str]) -> None:
+        """The dispatcher's reply sink: result frames with renamed ids (`ids`, in order)."""
+        count = len(ids)
         if self.phase is not _Phase.OPEN:
             log.debug("%s %s: closed; dropping %d results", self.what, self.peer, count)
             return

@@ -47,6 +47,10 @@ from workers.pool import Worker, WorkerLoss, WorkerPool, WorkerStatus
 log = logging.getLogger("cpnode.dispatch")
 
 
+ResultSink = Callable[[Frames, list[str]], None]
+"""Where result frames go: wire-ready frames back to back, and their ids in the same order."""
+
+
 class ResultOutbox(Protocol):
     """What the dispatcher asks the master link about results it handed over."""
 
@@ -59,7 +63,7 @@ class ResultOutbox(Protocol):
 
 
 class Dispatcher:
-    def __init__(self, prefetch: int, send_results: Callable[[Frames, int], None]) -> None:
+    def __init__(self, prefetch: int, send_results: ResultSink) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
         self.prefetch = prefetch
@@ -79,7 +83,7 @@ class Dispatcher:
         self.io_runner: Callable[[str, bytes], None] | None = None
         self.io_running = 0
         # Where the results of direct-link tasks go, by id (node/direct.py).
-        self._replies: dict[str, Callable[[Frames, int], None]] = {}
+        self._replies: dict[str, ResultSink] = {}
         # Takes a master task the workers have no room for (True) or declines it (False); it
         # answers through `io_finished` or gives the task back with `run_locally`.
         self.offload: Callable[[str, bytes], bool] | None = None
@@ -166,9 +170,7 @@ class Dispatcher:
             self.idle.clear()
             self._schedule_flush()
 
-    def accept(
-        self, ident: str, payload: bytes, reply: Callable[[Frames, int], None] | None = None
-    ) -> None:
+    def accept(self, ident: str, payload: bytes, reply: ResultSink | None = None) -> None:
         """Queue an `AssignTask` payload (its id read by `codec.peek`); its result goes to
         `reply` when given (a direct link), else to the master."""
         held = self._held
@@ -182,7 +184,7 @@ class Dispatcher:
             self.discard(payload)
             return
         if reply is not None and not self._accepting:
-            reply(frame(codec.task_result_payload(ident, m.Error("the node is stopping"))), 1)
+            reply(frame(codec.task_result_payload(ident, m.Error("the node is stopping"))), [ident])
             self.discard(payload)
             return
         if not self._accepting:
@@ -233,7 +235,7 @@ class Dispatcher:
             return False
         self.results_resent += 1
         self.joined_duplicates += 1
-        self._send_results(result_frame, 1)
+        self._send_results(result_frame, [ident])
         return True
 
     def forget_confirmed(self) -> None:
@@ -261,7 +263,7 @@ class Dispatcher:
             self._answered[ident] = payload
         self.completed += 1
         reply = self._replies.pop(ident, None) if self._replies else None
-        (reply or self._send_results)(result_frame, 1)
+        (reply or self._send_results)(result_frame, [ident])
         self.forget_confirmed()
         self._check_idle()
 
@@ -275,8 +277,9 @@ class Dispatcher:
         """Send result frames (one per id, in order) to the master or the links they came
         from; runs of frames with the same destination go out in one write."""
         replies = self._replies
-        destination: Callable[[Frames, int], None] | None = None
+        destination: ResultSink | None = None
         run: list[Frames] = []
+        run_ids: list[str] = []
         position = 0
         for ident in idents:
             size = int.from_bytes(blob[position : position + 4], "big") + 4
@@ -285,13 +288,14 @@ class Dispatcher:
             target = replies.pop(ident, None) or self._send_results
             if target is not destination and run:
                 assert destination is not None
-                destination(b"".join(run), len(run))
-                run = []
+                destination(b"".join(run), run_ids)
+                run, run_ids = [], []
             destination = target
             run.append(piece)
+            run_ids.append(ident)
         if run:
             assert destination is not None
-            destination(b"".join(run), len(run))
+            destination(b"".join(run), run_ids)
 
     def stop_accepting(self) -> list[str]:
         """Start a drain: drop tasks not yet sent to a worker (the master re-queues them); keep
@@ -306,7 +310,8 @@ class Dispatcher:
         if self._replies:  # a direct peer has no master to take its tasks back: answer them
             stopping = m.Error("the node is stopping")
             for ident in [ident for ident in dropped if ident in self._replies]:
-                self._replies.pop(ident)(frame(codec.task_result_payload(ident, stopping)), 1)
+                reply = self._replies.pop(ident)
+                reply(frame(codec.task_result_payload(ident, stopping)), [ident])
                 dropped.remove(ident)
         self._pending.clear()
         if dropped:
@@ -338,7 +343,7 @@ class Dispatcher:
             self._retried.discard(ident)
             reply = self._replies.pop(ident, None) if self._replies else None
             if reply is not None:
-                reply(frame(codec.task_result_payload(ident, stopping)), 1)
+                reply(frame(codec.task_result_payload(ident, stopping)), [ident])
             else:
                 handed_back += 1
         if handed_back:
@@ -394,7 +399,7 @@ class Dispatcher:
         if self._replies:
             self._route(blob, ids)
         else:
-            self._send_results(blob, count)
+            self._send_results(blob, ids)
         self.forget_confirmed()
         if self._pending:
             self._schedule_flush()

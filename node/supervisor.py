@@ -124,8 +124,8 @@ class Node:
     def ready(self) -> bool:
         return self.status is NodeStatus.READY and self.link.state is LinkState.REGISTERED
 
-    def _deliver(self, blob: Frames, count: int) -> None:
-        self.link.send_results(blob, count)
+    def _deliver(self, blob: Frames, ids: list[str]) -> None:
+        self.link.send_results(blob, ids)
 
     def _registered(self) -> None:
         self.direct.registered(self.link.send)

@@ -215,7 +215,10 @@ def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
     join = JoinInfo("secret", "127.0.0.1", 1)
 
     def answer(link: DirectConnection, ident: str, payload: bytes) -> None:
-        link.send_results(frame(codec.task_result_payload(link.prefix + ident, m.Number(7.0))), 1)
+        link.send_results(
+            frame(codec.task_result_payload(link.prefix + ident, m.Number(7.0))),
+            [link.prefix + ident],
+        )
 
     async def go() -> m.Result:
         links: set[DirectConnection] = set()

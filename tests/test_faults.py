@@ -961,11 +961,11 @@ class PoolRun:
         self.ready_pids.append(worker.pid)
         self.dispatcher.worker_ready(worker)
 
-    def _deliver(self, blob: bytes, count: int) -> None:
+    def _deliver(self, blob: bytes, ids: list[str]) -> None:
         if self.outbox is not None:
-            self.outbox.send_results(blob, count)
+            self.outbox.send_results(blob, ids)
         payloads = FrameDecoder().feed(blob)
-        assert len(payloads) == count
+        assert len(payloads) == len(ids)
         for payload in payloads:
             message = codec.decode(payload)
             assert isinstance(message, m.TaskResult)
