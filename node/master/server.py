@@ -8,16 +8,18 @@
                               ─▶ Journal.flush(): this batch's records to the writer thread
     timer, every failover_timeout_ms ─▶ evict silent nodes, expire results, compact the journal
 
-Everything runs in the loop's thread and no handler awaits, so there is nothing to lock and no
-order in which two connections could wait on each other. Frames for one connection that arise
+Handlers run in the loop's thread and none awaits (a big frame is decoded in a thread before
+its handler runs, see below), so there is nothing to lock and no order in which two
+connections could wait on each other. Frames for one connection that arise
 while one chunk of input is handled go out in a single write: a burst of 100,000 submissions
 becomes a few hundred writes, not 100,000.
 
 Frames are handled in order per connection, from its inbox. Two things hold a connection's
 inbox (the others go on):
 - A frame of `_THREAD_DECODE_BYTES` or more (a big blob submitted, a big result) is decoded
-  and turned back into JSON in a thread: on the loop, a 180 MB `SubmitTask` held every other
-  connection for 6 s, and the nodes whose heartbeats waited unread were evicted.
+  in a thread, its byte array checked by the vectorised codec and kept as it came (see
+  `_decode_prepared`): on the loop, a 180 MB `SubmitTask` held every other connection for
+  6 s, and the nodes whose heartbeats waited unread were evicted.
 - Back-pressure: while more than `_OUTPUT_LIMIT` bytes wait to be written to a connection, its
   next frame waits, so a peer that asks and never reads cannot make the master buffer
   gigabytes (40 KB of `GetTaskResult`s for one big result once made 1.4 GB). A waiting client
