@@ -978,3 +978,44 @@ def test_a_state_file_that_could_not_be_written_is_written_again_once_it_can(tmp
             master.stop()
         replayed = replay(state, ttl_s=3600)
         assert {ident for ident, _ in replayed.tasks} == {"after"} | {i for i, _ in during}
+
+
+def test_a_node_that_sends_on_and_reads_nothing_is_dropped(start, connect, caplog):
+    # A node is read on while its frames wait for its replies to drain (its bytes are its
+    # liveness): one that never reads could grow that inbox without bound.
+    master = start(Config(max_frame_bytes=1 << 20))
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    client.submit(("big", m.RetrieveData("k")))
+    assert node.tasks(1) == ["big"]
+    node.send(m.TaskResult("big", m.Bytes(bytes(range(256)) * 1024)))  # a 0.9 MB reply each
+    wait_for(lambda: master.stats().completed == 1)
+    node.send(*[m.GetTaskResult("big")] * 150)  # 140 MB of replies, and it reads none
+    heartbeats = encode(m.HEARTBEAT) * 4096
+    with contextlib.suppress(OSError):
+        for _ in range(200):  # up to 12 MB of heartbeats
+            node.send_raw(heartbeats)
+    wait_for(lambda: "more than 2 x max_frame_bytes" in caplog.text)
+    wait_for(lambda: master.stats().nodes == 0)
+
+
+def test_a_big_array_written_over_several_lines_is_journaled_on_one(tmp_path, start, connect):
+    # A big frame's byte array is kept as it came: with its newlines, the state file's
+    # record of it was cut into lines, all skipped at the restart (the task lost, or a
+    # confirmed result, which then ran again).
+    state = str(tmp_path / "state.jsonl")
+    master = start(state_file=state)
+    client = connect(master)
+    data = os.urandom(400_000)
+    pretty = b"[" + b",\n ".join(str(byte).encode() for byte in data) + b"]"
+    payload = b'{"SubmitTask":{"id":"pretty","task":{"StoreData":{"key":"k","data":' + pretty
+    client.send_raw(frame(payload + b"}}}}"))
+    assert client.recv() == m.TaskAccepted("pretty")
+    client.close()
+    master.stop()
+    again = start(state_file=state)
+    assert again.stats().pending == 1
+    node = connect(again)
+    node.join()
+    assert node.recv() == m.AssignTask("pretty", m.StoreData("k", data))

@@ -25,7 +25,7 @@ inbox (the others go on):
   gigabytes (40 KB of `GetTaskResult`s for one big result once made 1.4 GB). A waiting client
   is not read either. A node is read on: its bytes are its liveness, and a node that blocks
   writing its results while the master waits for it to read its tasks would deadlock. Its
-  inbox holds what it sent, up to `max_frame_bytes` (then it is dropped).
+  inbox holds what it sent, up to twice `max_frame_bytes` (then it is dropped).
 
 `start_master()` is the API for tests and benchmarks; `MasterThread` runs one on its own loop in a
 thread for synchronous code. The command line is in `cli.py`.
@@ -106,6 +106,9 @@ _EVICT_CONFIRM_S: Final = 0.05
 """A node found silent at a tick is evicted if still silent this much later (see `_tick`)."""
 _JOURNAL_RETRY_MAX_S: Final = 60.0
 """Longest wait between two attempts to write the state file again after it failed."""
+_FRAME_COST: Final = 64
+"""Bytes a waiting frame costs besides its payload (the bytes object and its inbox slot)."""
+_JSON_WHITESPACE: Final = b" \t\n\r"
 _THREAD_DECODE_BYTES: Final = 1 << 20
 """Frames this long or longer are decoded in a thread (see the module docstring)."""
 
@@ -389,9 +392,20 @@ class MasterServer:
             self._pause_reading(conn)
         if payloads:
             conn.inbox.extend(payloads)
-            conn.inbox_bytes += sum(map(len, payloads))
+            conn.inbox_bytes += sum(map(len, payloads)) + _FRAME_COST * len(payloads)
         if payloads or conn.doomed is not None:
             self._handle_inbox(conn)
+        if conn.inbox_bytes > 2 * self.max_frame_bytes and not conn.closing:
+            # A node is read on while its frames wait (see the module docstring): one that
+            # sends on and reads nothing is dropped rather than buffered without bound.
+            _log.warning(
+                "%s: %d bytes of frames wait to be handled (more than 2 x max_frame_bytes): "
+                "it reads nothing, or sends faster than the master handles; closing the "
+                "connection",
+                conn.address,
+                conn.inbox_bytes,
+            )
+            self._drop(conn, flush=False)
         if (
             not conn.authenticated
             and not conn.closing
@@ -417,7 +431,7 @@ class MasterServer:
                 self._wait_for_output(conn)
                 return
             payload = inbox.popleft()
-            conn.inbox_bytes -= len(payload)
+            conn.inbox_bytes -= len(payload) + _FRAME_COST
             if not conn.authenticated:
                 self._authenticate(conn, payload)
                 continue
@@ -434,15 +448,7 @@ class MasterServer:
                 self._push(self._scheduler.after_frame(conn.node))
         if conn.closing or conn.busy:
             return
-        if inbox:  # a node that sends on while it reads nothing
-            if conn.inbox_bytes > self.max_frame_bytes:
-                _log.warning(
-                    "%s: %d bytes of frames wait while it reads nothing; closing the connection",
-                    conn.address,
-                    conn.inbox_bytes,
-                )
-                self._drop(conn, flush=False)
-        elif conn.doomed is not None:
+        if conn.doomed is not None:
             _log.warning("%s: %s; closing the connection", conn.address, conn.doomed)
             self._drop(conn, flush=True)
         elif conn.reading_paused:
@@ -819,11 +825,15 @@ def _decode_prepared(payload: bytes) -> tuple[m.Message, bytes | None]:
     else:
         fields["data"] = []
     message = codec.message_from_json(value)
-    array = memoryview(payload)[start:end]
+    array: bytes | memoryview = memoryview(payload)[start:end]
     try:
         decode_byte_array(array)
     except ByteArrayError as error:
         raise RemoteProtocolError(f"message: {error}") from None
+    if any(payload.find(char, start, end) >= 0 for char in _JSON_WHITESPACE):
+        # The journal holds a record per line: no newline may stay (nor any other space,
+        # which the check above proved splits no number).
+        array = payload[start:end].translate(None, _JSON_WHITESPACE)
     if isinstance(message, m.SubmitTask):
         empty = task_to_json(message.task)
         marker = b'"data":[]'  # once only: a quote inside a string is escaped
