@@ -105,15 +105,24 @@ class Replayed:
 
 
 def submit_record(id_json: bytes, task_json: bytes) -> bytes:
-    return b'{"op":"submit","id":' + id_json + b',"task":' + task_json + b"}\n"
+    return b"".join(_submit_pieces(id_json, task_json))
 
 
 def result_record(id_json: bytes, result_json: bytes, at: float) -> bytes:
+    return b"".join(_result_pieces(id_json, result_json, at))
+
+
+def _submit_pieces(id_json: bytes, task_json: bytes) -> tuple[bytes, bytes, bytes]:
+    return b'{"op":"submit","id":' + id_json + b',"task":', task_json, b"}\n"
+
+
+def _result_pieces(id_json: bytes, result_json: bytes, at: float) -> tuple[bytes, bytes, bytes]:
     # repr() of a float round-trips and is valid JSON for every finite value.
     return (
-        b'{"op":"result","id":' + id_json + b',"result":' + result_json
-        + b',"at":' + repr(at).encode() + b"}\n"
-    )  # fmt: skip
+        b'{"op":"result","id":' + id_json + b',"result":',
+        result_json,
+        b',"at":' + repr(at).encode() + b"}\n",
+    )
 
 
 # --- replay ----------------------------------------------------------------------------------
@@ -400,11 +409,12 @@ class Journal:
         self._thread.start()
 
     def submit(self, id_json: bytes, task_json: bytes) -> None:
-        self._lines.append(submit_record(id_json, task_json))
+        # In pieces: the writer joins them, so a big task's JSON is not copied on the loop.
+        self._lines.extend(_submit_pieces(id_json, task_json))
         self.records += 1
 
     def result(self, id_json: bytes, result_json: bytes, at: float) -> None:
-        self._lines.append(result_record(id_json, result_json, at))
+        self._lines.extend(_result_pieces(id_json, result_json, at))
         self.records += 1
 
     def flush(self) -> None:
