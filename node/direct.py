@@ -43,7 +43,7 @@ from typing import Final
 from node.config import Config, JoinInfo, format_address, parse_address
 from node.dispatch import Dispatcher, _is_idempotent
 from node.errors import ConfigError, CpnodeError
-from node.pacing import PacedWriter
+from node.pacing import PacedReader, PacedWriter
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
@@ -132,6 +132,7 @@ class DirectConnection(asyncio.Protocol):
         self.what = what
         self.transport: asyncio.Transport | None = None
         self._writer: PacedWriter | None = None
+        self._reader: PacedReader | None = None
         self.peer = "?"
         self.opened: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -145,6 +146,7 @@ class DirectConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._writer = PacedWriter(self.transport)  # type: ignore[arg-type]
+        self._reader = PacedReader(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = format_address(str(peer[0]), int(peer[1]))
@@ -156,6 +158,8 @@ class DirectConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.phase is _Phase.CLOSED:
             return
+        if self._reader is not None:
+            self._reader.received(len(data))  # a burst is handled 256 KiB per turn of the loop
         self.last_bytes_at = time.monotonic()
         try:
             payloads = self._decoder.feed(data)

@@ -53,7 +53,7 @@ from typing import Final
 from node.config import Config, JoinInfo, format_address
 from node.errors import CpnodeError
 from node.histogram import Histogram
-from node.pacing import PacedWriter
+from node.pacing import PacedReader, PacedWriter
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
@@ -102,8 +102,6 @@ def _unmap_off_the_loop(entry: list[object]) -> None:
     loop.run_in_executor(None, last.clear)
 
 
-_READ_TURN_BYTES: Final = 256 * 1024
-"""Bytes from the master handled per turn of the event loop (one read of the transport)."""
 _BACKOFF_FIRST_S = 0.1
 # Results written before a Heartbeat is sent to have them confirmed (besides the periodic ones).
 CONFIRM_EVERY_RESULTS = 4096
@@ -140,24 +138,21 @@ class _Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(link.config.max_frame_bytes, spill=link.spill)
         self.transport: asyncio.Transport | None = None
         self.writer: PacedWriter | None = None  # every write of ours goes through it, in order
+        self.reader: PacedReader | None = None
         self.authenticated: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._turn_bytes = 0  # read in this turn of the loop (see _READ_TURN_BYTES)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.writer = PacedWriter(self.transport)  # type: ignore[arg-type]
+        self.reader = PacedReader(transport)
 
     def data_received(self, data: bytes) -> None:
         link = self.link
         link.last_bytes_at = time.monotonic()
         link.bytes_received += len(data)
-        self._turn_bytes += len(data)
-        if self._turn_bytes >= _READ_TURN_BYTES and self.transport is not None:
-            # The loop reads up to 8 MiB from one socket in a turn: a burst of 100,000 tasks
-            # once held it 0.2 s. The rest waits for the next turn, after timers and others.
-            self.transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._next_turn)
+        if self.reader is not None:
+            self.reader.received(len(data))  # a burst is handled 256 KiB per turn of the loop
         try:
             payloads = self.decoder.feed(data)
         except FrameTooLarge as exc:
@@ -194,11 +189,6 @@ class _Connection(asyncio.Protocol):
             link.on_payload(payload)
         if tasks:
             link._on_assign(tasks)
-
-    def _next_turn(self) -> None:
-        self._turn_bytes = 0
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.decoder.spilling:
