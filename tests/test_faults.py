@@ -1202,3 +1202,21 @@ def test_a_worker_above_its_memory_limit_is_recycled_between_tasks() -> None:
             await run.pool.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_retiring_worker_killed_for_a_timeout_counts_once() -> None:
+    # Recycled (its task budget spent) and then killed for task_timeout_ms: one replacement,
+    # counted as the kill, not also as a recycle.
+    async def scenario() -> None:
+        run = PoolRun(1, WorkerLimits(max_tasks_per_child=1, task_timeout_ms=300), executors=SLOW)
+        await run.pool.start()
+        try:
+            run.submit("slow", "sleep 5")
+            await run.wait(["slow"], timeout=15)
+            await await_until(lambda: len(run.ready_pids) == 2, 10, "a new worker")
+            assert run.pool.restarts_by_cause == {"task_timeout_ms = 300": 1}
+            assert run.pool.workers[0].restarts == run.pool.deaths == 1
+        finally:
+            await run.pool.stop()
+
+    asyncio.run(scenario())

@@ -1042,3 +1042,21 @@ def test_frames_built_from_held_json_are_the_codecs_in_one_piece_or_several(size
     result = m.Bytes(task.data)
     pieces = _result_frame(_id_json("a"), result_to_json(result))
     assert b"".join(pieces) == encode(m.TaskResult("a", result))
+
+
+def test_a_node_whose_big_results_come_faster_than_they_are_decoded_is_kept(start, connect):
+    # Its frames piled up while a thread decoded the first, passed the cap on waiting frames,
+    # and the node was dropped; its results came again on every reconnect, and were dropped
+    # again. A node is not read while its big frame is decoded.
+    master = start(Config(max_frame_bytes=8 << 20))
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    ids = [f"r{i}" for i in range(10)]
+    client.submit(*[(ident, m.RetrieveData("k")) for ident in ids])
+    assert node.tasks(10) == ids
+    blob = os.urandom(2 << 20)  # 7.5 MB of JSON a result: 75 MB in all, past 2 x 8 MiB
+    node.send(*[m.TaskResult(ident, m.Bytes(blob)) for ident in ids], m.HEARTBEAT)
+    assert node.recv(30) == m.HEARTBEAT_ACK
+    assert master.stats().completed == 10
+    assert client.poll("r9") == m.Bytes(blob)

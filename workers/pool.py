@@ -143,6 +143,7 @@ class Worker:
         self.received = 0  # results from the current process
         self.budget = sys.maxsize  # tasks the current process may still be sent
         self.killed_for_timeout = 0  # the limit (ms) when the pool killed it for a timeout
+        self.retired_for = ""  # why the pool recycles the current process (see `retire`)
 
     def __repr__(self) -> str:
         return f"<Worker {self.index} pid={self.pid} {self.status.value} held={len(self.assigned)}>"
@@ -305,6 +306,7 @@ class WorkerPool:
             worker.pid = process.pid
             worker.status = WorkerStatus.STARTING
             worker.killed_for_timeout = 0
+            worker.retired_for = ""
             limit = self.limits.max_tasks_per_child
             worker.budget = limit if limit > 0 else sys.maxsize
             transport, _ = await self._loop.create_connection(
@@ -422,7 +424,7 @@ class WorkerPool:
             return
         worker.status = WorkerStatus.RETIRING
         log.info("recycling worker %d (pid %s): %s", worker.index, worker.pid, reason)
-        self._count_replacement(worker, f"recycled: {reason.split(' ')[0]}", died=False)
+        worker.retired_for = f"recycled: {reason.split(' ')[0]}"  # counted once it is gone
         if not worker.assigned:
             self._close_channel(worker)
 
@@ -559,6 +561,7 @@ class WorkerPool:
         worker.process = None
         if retired:
             log.debug("worker %d (pid %s) retired: %s", worker.index, worker.pid, how)
+            self._count_replacement(worker, worker.retired_for, died=False)
             self._schedule_respawn(worker, crashed=False)
             return
         progress = worker.progress

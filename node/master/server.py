@@ -26,6 +26,8 @@ inbox (the others go on):
   is not read either. A node is read on: its bytes are its liveness, and a node that blocks
   writing its results while the master waits for it to read its tasks would deadlock. Its
   inbox holds what it sent, up to twice `max_frame_bytes` (then it is dropped).
+- While a big frame is decoded, its connection is not read (a node included: the decoding
+  needs nothing from it, and a node is not evicted meanwhile).
 
 `start_master()` is the API for tests and benchmarks; `MasterThread` runs one on its own loop in a
 thread for synchronous code. The command line is in `cli.py`.
@@ -406,13 +408,17 @@ class MasterServer:
             conn.inbox_bytes += sum(map(len, payloads)) + _FRAME_COST * len(payloads)
         if payloads or conn.doomed is not None:
             self._handle_inbox(conn)
-        if conn.inbox_bytes > 2 * self.max_frame_bytes and not conn.closing:
-            # A node is read on while its frames wait (see the module docstring): one that
-            # sends on and reads nothing is dropped rather than buffered without bound.
+        if (
+            conn.inbox_bytes > 2 * self.max_frame_bytes
+            and not conn.closing
+            and self._unsent(conn) > _OUTPUT_LIMIT
+        ):
+            # A node is read on while its frames wait for its output to drain (see the module
+            # docstring): one that sends on and reads nothing is dropped, not buffered without
+            # bound.
             _log.warning(
-                "%s: %d bytes of frames wait to be handled (more than 2 x max_frame_bytes): "
-                "it reads nothing, or sends faster than the master handles; closing the "
-                "connection",
+                "%s: %d bytes of frames wait while it reads nothing of what the master sends "
+                "(more than 2 x max_frame_bytes); closing the connection",
                 conn.address,
                 conn.inbox_bytes,
             )
@@ -488,9 +494,10 @@ class MasterServer:
         self._drop(conn, flush=True)
 
     def _decode_in_thread(self, conn: _Connection, payload: bytes) -> None:
+        # Not read meanwhile, a node too: its frames would pile up faster than a thread
+        # decodes big ones. Its silence is the master's doing (see `_evict`).
         conn.busy = True
-        if conn.node is None:
-            self._pause_reading(conn)
+        self._pause_reading(conn)
         future = self._loop.run_in_executor(None, _decode_prepared, payload)
         future.add_done_callback(functools.partial(self._decoded, conn))
 
@@ -502,6 +509,8 @@ class MasterServer:
         conn.busy = False
         if conn.closing:
             return
+        if conn.node is not None:
+            conn.node.last_seen = self._loop.time()
         try:
             message, prepared = future.result()
         except RemoteProtocolError as error:
@@ -792,6 +801,8 @@ class MasterServer:
         limit = 2 * self._failover_s
         for node in self._scheduler.silent_nodes(now - limit):
             conn = self._conn_of_node.get(node)
+            if conn is not None and conn.busy:
+                continue  # not read while a big frame of its is decoded: not its silence
             silent = now - node.last_seen
             count = len(node.active)
             _log.warning(
