@@ -823,12 +823,7 @@ def test_a_peer_that_asks_and_never_reads_cannot_make_the_master_buffer_without_
     start, connect
 ):
     # 40 KB of GetTaskResult for one big result, in one write, once made 1.4 GB of replies wait.
-    master = start()
-    node = connect(master)
-    node.join()
-    client = connect(master)
-    client.submit(("big", m.RetrieveData("k")))
-    assert node.tasks(1) == ["big"]
+    master, node, client = _node_with_a_task(start, connect, Config(), "big", m.RetrieveData("k"))
     node.send(m.TaskResult("big", m.Bytes(bytes(range(256)) * 256)))  # 64 KiB: a 232 KB frame
     wait_for(lambda: master.stats().completed == 1)
     asks = 400  # 93 MB of replies if all were queued at once
@@ -893,13 +888,28 @@ def test_a_big_submission_is_decoded_off_the_masters_loop(start, connect, monkey
     )
 
 
-def test_results_before_an_oversized_frame_still_count(start, connect):
-    master = start(Config(max_frame_bytes=1 << 20))
+def _node_with_a_task(
+    start: Callable[..., MasterThread],
+    connect: Callable[..., Peer],
+    config: Config,
+    ident: str,
+    task: m.Task,
+) -> tuple[MasterThread, Peer, Peer]:
+    """A master, a node it has assigned `task` to (as `ident`), and the client that submitted
+    it."""
+    master = start(config)
     node = connect(master)
     node.join()
     client = connect(master)
-    client.submit(("t1", m.Compute("1")))
-    assert node.tasks(1) == ["t1"]
+    client.submit((ident, task))
+    assert node.tasks(1) == [ident]
+    return master, node, client
+
+
+def test_results_before_an_oversized_frame_still_count(start, connect):
+    master, node, client = _node_with_a_task(
+        start, connect, Config(max_frame_bytes=1 << 20), "t1", m.Compute("1")
+    )
     node.send_raw(encode(m.TaskResult("t1", m.Number(1.0))) + struct.pack(">I", 2 << 20))
     node.assert_closed()
     assert client.poll("t1") == m.Number(1.0)  # not re-queued and run again
@@ -991,12 +1001,9 @@ def test_a_state_file_that_could_not_be_written_is_written_again_once_it_can(tmp
 def test_a_node_that_sends_on_and_reads_nothing_is_dropped(start, connect, caplog):
     # A node is read on while its frames wait for its replies to drain (its bytes are its
     # liveness): one that never reads could grow that inbox without bound.
-    master = start(Config(max_frame_bytes=1 << 20))
-    node = connect(master)
-    node.join()
-    client = connect(master)
-    client.submit(("big", m.RetrieveData("k")))
-    assert node.tasks(1) == ["big"]
+    master, node, _ = _node_with_a_task(
+        start, connect, Config(max_frame_bytes=1 << 20), "big", m.RetrieveData("k")
+    )
     node.send(m.TaskResult("big", m.Bytes(bytes(range(256)) * 1024)))  # a 0.9 MB reply each
     wait_for(lambda: master.stats().completed == 1)
     node.send(*[m.GetTaskResult("big")] * 150)  # 140 MB of replies, and it reads none
