@@ -93,8 +93,8 @@ def _index_entry(index: dict[str, list[object]], entry: list[object]) -> None:
 def _unmap_off_the_loop(entry: list[object]) -> None:
     """Let go of a confirmed entry's mapped result in a thread: unmapping a big segment frees
     its pages, 0.1 s for 512 MiB, and `munmap` runs without the GIL."""
-    last = [entry[1]]
-    entry[1] = None
+    last = [entry[_BLOB]]
+    entry[_BLOB] = None
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no loop (a test of the outbox alone): here, then
@@ -332,8 +332,8 @@ class MasterLink:
     def confirm(self) -> None:
         """Send a `Heartbeat` when results went out on this connection after the last one,
         so the master's answer confirms them (used while draining, when heartbeats stop)."""
-        outbox = self._outbox
-        if outbox and outbox[-1][0] is not None and outbox[-1][0] > self._heartbeats_sent:  # type: ignore[operator]
+        confirm_at = self._outbox[-1][_CONFIRM_AT] if self._outbox else None
+        if confirm_at is not None and confirm_at > self._heartbeats_sent:  # type: ignore[operator]
             self.send_heartbeat()
 
     def find_result(self, ident: str) -> Frames | None:
@@ -374,11 +374,11 @@ class MasterLink:
         writer = self._open_writer()
         if writer is None:
             return
-        entry[0] = self._heartbeats_sent + 1
-        blob: Frames = entry[1]  # type: ignore[assignment]
+        entry[_CONFIRM_AT] = self._heartbeats_sent + 1
+        blob: Frames = entry[_BLOB]  # type: ignore[assignment]
         writer.write(blob)
         self.bytes_written += len(blob)
-        self.frames_written += entry[2]  # type: ignore[operator]
+        self.frames_written += entry[_COUNT]  # type: ignore[operator]
         self.last_write_at = time.monotonic()
 
     def send_heartbeat(self) -> None:
@@ -530,7 +530,7 @@ class MasterLink:
         outbox = self._outbox
         confirmed = False
         while outbox:
-            confirm_at = outbox[0][0]
+            confirm_at = outbox[0][_CONFIRM_AT]
             if confirm_at is None or confirm_at > acks:  # type: ignore[operator]
                 break
             entry = outbox.popleft()
@@ -541,9 +541,10 @@ class MasterLink:
                         del index[ident]
                 if not outbox:
                     self._result_index = None
-            count: int = entry[2]  # type: ignore[assignment]
-            if type(entry[1]) is memoryview:
-                self.mapped_bytes -= len(entry[1])
+            count: int = entry[_COUNT]  # type: ignore[assignment]
+            blob = entry[_BLOB]
+            if type(blob) is memoryview:
+                self.mapped_bytes -= len(blob)
                 _unmap_off_the_loop(entry)
             self._unconfirmed_results -= count
             self.results_confirmed += count
