@@ -542,9 +542,8 @@ class MasterLink:
                 if not outbox:
                     self._result_index = None
             count: int = entry[_COUNT]  # type: ignore[assignment]
-            blob = entry[_BLOB]
-            if type(blob) is memoryview:
-                self.mapped_bytes -= len(blob)
+            if type(entry[_BLOB]) is memoryview:  # no local name: the last reference must go
+                self.mapped_bytes -= len(entry[_BLOB])  # type: ignore[arg-type]
                 _unmap_off_the_loop(entry)
             self._unconfirmed_results -= count
             self.results_confirmed += count
