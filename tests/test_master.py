@@ -1067,3 +1067,22 @@ def test_a_node_whose_big_results_come_faster_than_they_are_decoded_is_kept(star
     assert node.recv(30) == m.HEARTBEAT_ACK
     assert master.stats().completed == 10
     assert client.poll("r9") == m.Bytes(blob)
+
+
+def test_a_bug_while_decoding_a_big_frame_closes_only_that_connection(
+    start, connect, monkeypatch, caplog
+):
+    # The exception escaped the callback: the connection stayed, unread, for ever.
+    from node.master import server as server_module
+
+    def broken(payload: bytes) -> tuple[m.Message, bytes | None]:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(server_module, "_decode_prepared", broken)
+    master = start()
+    client = connect(master)
+    client.send(m.SubmitTask("blob", m.StoreData("k", os.urandom(400_000))))  # a 1.4 MB frame
+    client.assert_closed()
+    assert "decoding a big frame failed; closing the connection" in caplog.text
+    other = connect(master)
+    other.submit(("small", m.Compute("1")))

@@ -515,6 +515,9 @@ class MasterServer:
             message, prepared = future.result()
         except RemoteProtocolError as error:
             self._malformed(conn, error)
+        except Exception:  # a bug: the connection goes, the master and its other peers stay
+            _log.exception("%s: decoding a big frame failed; closing the connection", conn.address)
+            self._drop(conn, flush=False)
         else:
             self._handle(conn, message, prepared)
             if self.policy is Policy.UPSTREAM and conn.node is not None and not conn.closing:
