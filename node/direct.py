@@ -132,7 +132,7 @@ class DirectConnection(asyncio.Protocol):
         self.what = what
         self.transport: asyncio.Transport | None = None
         self._writer: PacedWriter | None = None
-        self._reader: PacedReader | None = None
+        self._reader: PacedReader = None  # type: ignore[assignment]  # set on connect
         self.peer = "?"
         self.opened: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -158,8 +158,7 @@ class DirectConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.phase is _Phase.CLOSED:
             return
-        if self._reader is not None:
-            self._reader.received(len(data))  # a burst is handled 256 KiB per turn of the loop
+        self._reader.received(len(data))  # a burst is handled 256 KiB per turn of the loop
         self.last_bytes_at = time.monotonic()
         try:
             payloads = self._decoder.feed(data)

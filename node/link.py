@@ -78,9 +78,9 @@ def _is_assign(payload: bytes) -> bool:
     )
 
 
-# An outbox entry: [confirm_at, blob, count, ids] and, once a result in it was looked up,
-# its frames split apart (see `find_result`).
-_CONFIRM_AT, _BLOB, _COUNT, _IDS, _SPLIT = range(5)
+# An outbox entry: [confirm_at, blob, ids] and, once a result in it was looked up, its
+# frames by id (see `find_result`).
+_CONFIRM_AT, _BLOB, _IDS, _SPLIT = range(4)
 
 
 def _index_entry(index: dict[str, list[object]], entry: list[object]) -> None:
@@ -138,7 +138,7 @@ class _Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(link.config.max_frame_bytes, spill=link.spill)
         self.transport: asyncio.Transport | None = None
         self.writer: PacedWriter | None = None  # every write of ours goes through it, in order
-        self.reader: PacedReader | None = None
+        self.reader: PacedReader = None  # type: ignore[assignment]  # set on connect
         self.authenticated: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -151,8 +151,7 @@ class _Connection(asyncio.Protocol):
         link = self.link
         link.last_bytes_at = time.monotonic()
         link.bytes_received += len(data)
-        if self.reader is not None:
-            self.reader.received(len(data))  # a burst is handled 256 KiB per turn of the loop
+        self.reader.received(len(data))  # a burst is handled 256 KiB per turn of the loop
         try:
             payloads = self.decoder.feed(data)
         except FrameTooLarge as exc:
@@ -233,9 +232,9 @@ class MasterLink:
         # Removes the segment of a spilled frame that will not run (the node sets one that
         # does it in a thread: freeing a big tmpfs file takes the kernel tens of ms).
         self.discard: Callable[[bytes], None] = functools.partial(discard_spilled, config.shm_dir)
-        # Outbox of result frames not yet confirmed: [confirm_at, blob, count, ids], oldest
-        # first. `confirm_at` is the number of acks on this connection that confirms the blob
-        # (None: not written on this connection yet).
+        # Outbox of result frames not yet confirmed: [confirm_at, blob, ids], oldest first.
+        # `confirm_at` is the number of acks on this connection that confirms the blob (None:
+        # not written on this connection yet).
         self._outbox: collections.deque[list[object]] = collections.deque()
         self._unconfirmed_results = 0
         self.mapped_bytes = 0  # of the unconfirmed results held as mapped segments
@@ -305,7 +304,7 @@ class MasterLink:
         when connected. A view of a mapped segment (one frame) is written from the mapping,
         which goes with the entry."""
         count = len(ids)
-        entry: list[object] = [None, blob, count, ids]
+        entry: list[object] = [None, blob, ids]
         self._outbox.append(entry)
         if self._result_index is not None:
             _index_entry(self._result_index, entry)
@@ -349,13 +348,13 @@ class MasterLink:
         if entry is None:
             return None
         blob: Frames = entry[_BLOB]  # type: ignore[assignment]
-        if entry[_COUNT] == 1:  # one frame, as it stands (a mapped one included)
-            return blob
-        if len(entry) == _SPLIT:
-            entry.append(FrameDecoder(len(blob)).feed(blob))
-        payloads: list[bytes] = entry[_SPLIT]  # type: ignore[assignment]
         ids: list[str] = entry[_IDS]  # type: ignore[assignment]
-        return frame(payloads[len(ids) - 1 - ids[::-1].index(ident)])  # its last answer there
+        if len(ids) == 1:  # one frame, as it stands (a mapped one included)
+            return blob
+        if len(entry) == _SPLIT:  # an id answered twice there: its last answer
+            entry.append(dict(zip(ids, FrameDecoder(len(blob)).feed(blob), strict=True)))
+        payloads: dict[str, bytes] = entry[_SPLIT]  # type: ignore[assignment]
+        return frame(payloads[ident])
 
     def undelivered_ids(self) -> list[str]:
         """Ids of the results the master has not confirmed (for a final log)."""
@@ -378,7 +377,7 @@ class MasterLink:
         blob: Frames = entry[_BLOB]  # type: ignore[assignment]
         writer.write(blob)
         self.bytes_written += len(blob)
-        self.frames_written += entry[_COUNT]  # type: ignore[operator]
+        self.frames_written += len(entry[_IDS])  # type: ignore[arg-type]
         self.last_write_at = time.monotonic()
 
     def send_heartbeat(self) -> None:
@@ -541,7 +540,7 @@ class MasterLink:
                         del index[ident]
                 if not outbox:
                     self._result_index = None
-            count: int = entry[_COUNT]  # type: ignore[assignment]
+            count = len(entry[_IDS])  # type: ignore[arg-type]
             if type(entry[_BLOB]) is memoryview:  # no local name: the last reference must go
                 self.mapped_bytes -= len(entry[_BLOB])  # type: ignore[arg-type]
                 _unmap_off_the_loop(entry)

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import psutil
@@ -66,6 +66,7 @@ _RESPAWN_BACKOFF_MAX_S = 5.0
 _STABLE_AFTER_S = 10.0
 # A dead worker's exit code is looked for every _REAP_RETRY_S, for at most _REAP_WAIT_S.
 _REAP_RETRY_S = 0.005
+_RECYCLED: Final = "recycled: "  # the causes of replacements that are no death
 _REAP_WAIT_S = 1.0
 MEMORY_CHECK_S = 1.0
 
@@ -238,9 +239,9 @@ class WorkerPool:
         self._watchdog: asyncio.Task[None] | None = None
         # Where the forkserver's socket goes (see `_keep_forkserver_socket_in`); None: /tmp.
         self.run_dir: str | None = None
-        # Every replacement by cause ("recycled: ..." included), and the deaths among them.
+        # Every replacement by cause ("recycled: ..." included; see `deaths`).
         self.restarts_by_cause: collections.Counter[str] = collections.Counter()
-        self.deaths = 0
+        self._spawning = 0  # process starts under way in threads
         self._retired_stats: dict[str, list[float]] = {}  # of processes that are gone
         self.result_segments = 0  # results that came back through a payload segment
 
@@ -299,14 +300,21 @@ class WorkerPool:
                 # In a thread: `start()` waits for the forkserver to fork, and a forkserver
                 # that died (its workers die with it) is first started again, a new interpreter
                 # importing the preloaded modules: 0.2 s the event loop must not wait.
-                await self._loop.run_in_executor(None, process.start)
+                # `start()` also polls the other children (multiprocessing's `_cleanup`), so
+                # no sentinel is read on the loop meanwhile (see `_reap`).
+                self._spawning += 1
+                try:
+                    await asyncio.to_thread(process.start)
+                finally:
+                    self._spawning -= 1
             finally:
                 theirs.close()
+            if self._stopping:  # stop() ran meanwhile and would not see this process
+                raise asyncio.CancelledError
             worker.process = process
             worker.pid = process.pid
             worker.status = WorkerStatus.STARTING
             worker.killed_for_timeout = 0
-            worker.retired_for = ""
             limit = self.limits.max_tasks_per_child
             worker.budget = limit if limit > 0 else sys.maxsize
             transport, _ = await self._loop.create_connection(
@@ -424,15 +432,20 @@ class WorkerPool:
             return
         worker.status = WorkerStatus.RETIRING
         log.info("recycling worker %d (pid %s): %s", worker.index, worker.pid, reason)
-        worker.retired_for = f"recycled: {reason.split(' ')[0]}"  # counted once it is gone
+        worker.retired_for = f"{_RECYCLED}{reason.split(' ')[0]}"  # counted once it is gone
         if not worker.assigned:
             self._close_channel(worker)
 
-    def _count_replacement(self, worker: Worker, cause: str, *, died: bool) -> None:
+    @property
+    def deaths(self) -> int:
+        """Replacements of workers that died or were killed (recycling left out)."""
+        return sum(
+            n for cause, n in self.restarts_by_cause.items() if not cause.startswith(_RECYCLED)
+        )
+
+    def _count_replacement(self, worker: Worker, cause: str) -> None:
         self.restarts_by_cause[cause] += 1
         worker.restarts += 1
-        if died:
-            self.deaths += 1
 
     def _close_channel(self, worker: Worker) -> None:
         """Send the worker nothing more: it sees the end of its input, sends what it still
@@ -450,14 +463,14 @@ class WorkerPool:
 
     def _end_channel(self, worker: Worker) -> None:
         """The process is gone: read what it wrote last, then close its channel."""
-        if worker.transport is not None or worker.draining is not None:
-            # Results the worker wrote just before it died may still wait in the socket;
-            # take them now, so they count as answered rather than lost.
-            self._read_remaining(worker)
-            self._close_channel(worker)
-        if worker.draining is not None:
-            worker.draining.close()
-            worker.draining = None
+        transport = worker.transport or worker.draining
+        if transport is None:
+            return
+        # Results the worker wrote just before it died may still wait in the socket; take
+        # them now, so they count as answered rather than lost.
+        self._read_remaining(transport)
+        worker.transport = worker.draining = None
+        transport.close()
 
     async def _watch(self) -> None:
         """Kill workers whose running task passed `task_timeout_ms`; retire workers above
@@ -528,6 +541,12 @@ class WorkerPool:
         so look again shortly, until `deadline`."""
         if worker.process is not process:  # stop() reaped it meanwhile
             return
+        assert self._loop is not None
+        if self._spawning:  # a `start()` in a thread may be polling this process: not both
+            self._loop.call_later(
+                _REAP_RETRY_S, self._reap, worker, process, deadline + _REAP_RETRY_S
+            )
+            return
         process.join(0)
         if process.exitcode is None and time.monotonic() < deadline:
             assert self._loop is not None
@@ -561,7 +580,7 @@ class WorkerPool:
         worker.process = None
         if retired:
             log.debug("worker %d (pid %s) retired: %s", worker.index, worker.pid, how)
-            self._count_replacement(worker, worker.retired_for, died=False)
+            self._count_replacement(worker, worker.retired_for)
             self._schedule_respawn(worker, crashed=False)
             return
         progress = worker.progress
@@ -573,16 +592,14 @@ class WorkerPool:
             timeout_ms=worker.killed_for_timeout,
         )
         if loss.timeout_ms:
-            self._count_replacement(worker, f"task_timeout_ms = {loss.timeout_ms}", died=True)
+            self._count_replacement(worker, f"task_timeout_ms = {loss.timeout_ms}")
         else:
             log.error("worker %d (pid %s) died: %s", worker.index, worker.pid, how)
-            self._count_replacement(worker, how, died=True)
+            self._count_replacement(worker, how)
         self._on_worker_lost(worker, loss)
         self._schedule_respawn(worker, crashed=not loss.timeout_ms)
 
-    def _read_remaining(self, worker: Worker) -> None:
-        transport = worker.transport or worker.draining
-        assert transport is not None
+    def _read_remaining(self, transport: asyncio.Transport) -> None:
         channel = transport.get_protocol()
         sock = transport.get_extra_info("socket")
         if sock is None or not isinstance(channel, _Channel):
@@ -590,9 +607,7 @@ class WorkerPool:
         while True:
             try:
                 data = os.read(sock.fileno(), 1 << 20)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # BlockingIOError: nothing more; any other: nothing to read
                 return
             if not data:
                 return

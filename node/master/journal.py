@@ -78,8 +78,8 @@ _log = logging.getLogger("cpnode.master.journal")
 DEFAULT_FSYNC_INTERVAL_S: Final = 1.0
 DEFAULT_COMPACT_RATIO: Final = 4
 DEFAULT_COMPACT_SLACK: Final = 10_000
-# The writer writes once it holds this many records, so a burst of 100,000 submissions reaches
-# the OS in pieces rather than after one huge join.
+# The writer writes once it holds this many pieces (three per record), so a burst of 100,000
+# submissions reaches the OS in parts rather than after one huge join.
 _MAX_BATCH: Final = 8192
 
 HEADER: Final = b'{"op":"journal","format":"cpnode-master","version":1}\n'
@@ -512,7 +512,7 @@ class Journal:
             try:
                 if file is None:
                     file = open(self.path, "ab")  # noqa: SIM115  (lives across batches)
-                file.write(b"".join(batch))
+                file.writelines(batch)  # a big task's JSON is not copied into a join
                 file.flush()
             except OSError as error:
                 self._fail(error)

@@ -4,7 +4,8 @@
         handler ─▶ Scheduler (submit, complete, heartbeat, ...) and Journal (one record each)
         handler ─▶ replies appended to that connection's outbox
     after each batch of input ─▶ Scheduler.dispatch() ─▶ AssignTask frames into nodes' outboxes
-                              ─▶ one write per connection with anything to send (paced)
+                              ─▶ one write per connection with anything to send (paced;
+                                 a big task's or result's JSON written apart, not copied)
                               ─▶ Journal.flush(): this batch's records to the writer thread
     timer, every failover_timeout_ms ─▶ evict silent nodes, expire results, compact the journal
 
@@ -14,7 +15,7 @@ connections could wait on each other. Frames for one connection that arise
 while one chunk of input is handled go out in a single write: a burst of 100,000 submissions
 becomes a few hundred writes, not 100,000.
 
-Frames are handled in order per connection, from its inbox. Two things hold a connection's
+Frames are handled in order per connection, from its inbox. Three things hold a connection's
 inbox (the others go on):
 - A frame of `_THREAD_DECODE_BYTES` or more (a big blob submitted, a big result) is decoded
   in a thread, its byte array checked by the vectorised codec and kept as it came (see
@@ -249,10 +250,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.master._lost(self, exc)
 
-    def pause_writing(self) -> None:
-        pass  # the master measures what waits to be written itself, frame by frame
-
     def resume_writing(self) -> None:
+        # (No pause_writing: the master measures what waits to be written, frame by frame.)
         self.master._output_drained(self)
 
 
@@ -442,7 +441,6 @@ class MasterServer:
     def _handle_inbox(self, conn: _Connection) -> None:
         """Handle the connection's frames in order, until one waits (see the module docstring)."""
         inbox = conn.inbox
-        upstream = self.policy is Policy.UPSTREAM
         while inbox and not conn.busy and not conn.closing:
             if conn.authenticated and self._unsent(conn) > _OUTPUT_LIMIT:
                 self._wait_for_output(conn)
@@ -461,8 +459,6 @@ class MasterServer:
                 self._malformed(conn, error)
                 return
             self._handle(conn, message, None)
-            if upstream and conn.node is not None and not conn.closing:
-                self._push(self._scheduler.after_frame(conn.node))
         if conn.closing or conn.busy:
             return
         if conn.doomed is not None:
@@ -474,20 +470,20 @@ class MasterServer:
 
     def _handle(self, conn: _Connection, message: m.Message, prepared: bytes | None) -> None:
         """Run the message's handler; `prepared` is the JSON of a big frame's task or result,
-        made in the thread that decoded it."""
-        if prepared is not None:
-            if isinstance(message, m.SubmitTask):
-                self._on_submit(conn, message, prepared)
-            elif isinstance(message, m.TaskResult):
-                self._on_task_result(conn, message, prepared)
-            return
-        handler = self._handlers.get(type(message))
-        if handler is None:
+        made in the thread that decoded it. Under upstream scheduling, a node's frame is
+        followed by every task of its role."""
+        if prepared is not None and isinstance(message, m.SubmitTask):
+            self._on_submit(conn, message, prepared)
+        elif prepared is not None and isinstance(message, m.TaskResult):
+            self._on_task_result(conn, message, prepared)
+        elif (handler := self._handlers.get(type(message))) is not None:
+            handler(conn, message)
+        else:
             _log.warning(
                 "%s: unexpected %s from a peer; ignored", conn.address, type(message).__name__
             )
-        else:
-            handler(conn, message)
+        if self.policy is Policy.UPSTREAM and conn.node is not None and not conn.closing:
+            self._push(self._scheduler.after_frame(conn.node))
 
     def _malformed(self, conn: _Connection, error: RemoteProtocolError) -> None:
         _log.warning("%s: malformed frame, closing the connection: %s", conn.address, error)
@@ -520,8 +516,6 @@ class MasterServer:
             self._drop(conn, flush=False)
         else:
             self._handle(conn, message, prepared)
-            if self.policy is Policy.UPSTREAM and conn.node is not None and not conn.closing:
-                self._push(self._scheduler.after_frame(conn.node))
             self._handle_inbox(conn)
         self._settle()
 
@@ -706,19 +700,13 @@ class MasterServer:
 
     def _push(self, assignments: list[Assignment]) -> None:
         conn_of = self._conn_of_node
-        dirty = self._dirty
         for node, entry in assignments:
-            conn = conn_of[node]
-            out = conn.out
-            if not out:
-                dirty.append(conn)
-            for piece in _assign_frame(entry.id_json, entry.task_json):
-                out.append(piece)
-                conn.out_bytes += len(piece)
+            self._send(conn_of[node], *_assign_frame(entry.id_json, entry.task_json))
 
     def _settle(self) -> None:
-        """Hand out what can move now, then write every outbox in one call per connection, and
-        hand this batch's journal records to the journal's writer."""
+        """Hand out what can move now, write every outbox (one call per connection, plus one
+        per big piece: see `_write_out`), and hand this batch's journal records to the
+        journal's writer."""
         assignments = self._scheduler.dispatch()
         if assignments:
             self._push(assignments)

@@ -523,9 +523,9 @@ def _enc_bytes(data: bytes, path: str) -> bytes:
         return _dumps(list(data))
     # The same text from a uint8 array, without a list of Python ints: orjson crashes the
     # process (SIGSEGV, orjson 3.13) on a list of some 130 million of them.
-    import numpy  # here: the codec loads fast without it, and most blobs are small
+    from shm.bytesjson import encode_byte_array  # here: the codec loads fast without numpy
 
-    return _dumps(numpy.frombuffer(data, dtype=numpy.uint8), option=orjson.OPT_SERIALIZE_NUMPY)
+    return encode_byte_array(data)
 
 
 _LIST_BYTES: Final = 4096
