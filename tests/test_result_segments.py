@@ -273,7 +273,7 @@ def test_a_confirmed_mapped_result_is_unmapped_off_the_event_loop() -> None:
                 await asyncio.sleep(0.01)
 
     asyncio.run(scenario())
-    assert unmapped_in and unmapped_in[0] != threading.main_thread().name
+    assert unmapped_in and threading.main_thread().name not in unmapped_in
 
 
 def spill_prefix() -> str:
@@ -311,7 +311,7 @@ def test_a_spilled_task_whose_id_follows_its_array_is_routed_after_an_off_loop_s
     try:
         asyncio.run(scenario())
         assert assigned == [("late", reference)]
-        assert searched_in and searched_in[0] != threading.main_thread().name
+        assert searched_in and threading.main_thread().name not in searched_in
     finally:
         discard_spilled(SHM, reference)
 
@@ -349,7 +349,7 @@ def test_a_large_body_cut_off_mid_way_is_removed_off_the_event_loop() -> None:
         for segment in segments:  # left by a failure: /dev/shm is not the test's to fill
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(segment.path)
-    assert removed_in and removed_in[0] != threading.main_thread().name
+    assert removed_in and threading.main_thread().name not in removed_in
     assert exists == [False]
 
 
@@ -486,14 +486,17 @@ def test_a_burst_is_read_a_slice_per_turn_of_the_loop(kind: str) -> None:
             )  # fmt: skip
         with socket.create_server(("127.0.0.1", 0)) as server:
             accepted: list[socket.socket] = []
+            server.settimeout(10)
             writer = threading.Thread(
-                target=lambda: (accepted.append(server.accept()[0]), accepted[0].sendall(burst))
+                target=lambda: (accepted.append(server.accept()[0]), accepted[0].sendall(burst)),
+                daemon=True,
             )
             writer.start()
             count_turns()
             transport, _ = await loop.create_connection(lambda: protocol, *server.getsockname())
             try:
                 writer.join(10)  # the loop sleeps meanwhile: the burst waits in the buffers
+                assert not writer.is_alive(), "the burst did not fit in the socket buffers"
                 async with asyncio.timeout(10):
                     await done
             finally:
