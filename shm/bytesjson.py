@@ -4,7 +4,11 @@ CPCluster carries every blob (``StoreData``, ``Tcp``, ``Bytes`` results ...) as 
 16 MiB blob is a ~60 MB array; parsing it into a list of Python ints and back costs about half a
 second, so large arrays are decoded with numpy and encoded with orjson's numpy serializer.
 
-Decoding, for text longer than ``SMALL_TEXT``::
+Decoding goes through the compiled decoder ``shm._bytesjson`` (C, built at install time; 15-30x
+the orjson baseline) when it is there: it reads the region between the brackets in one pass and
+says only valid or not, and a plain scan (``_diagnose``) names the first bad element. Without a
+C compiler (or with ``CPNODE_NO_EXTENSION=1`` at install) the numpy decoder below does the work,
+about 5-6x the baseline: for text longer than ``SMALL_TEXT``::
 
     text ─ strip whitespace, check "[" … "]" ─► region between the brackets
     region ─ split at commas into ~256 KiB chunks (the temporaries stay in the CPU cache)
@@ -24,11 +28,18 @@ in ``-0``; no CPCluster peer writes one.
 from __future__ import annotations
 
 import re
+import types
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import orjson
+
+_compiled: types.ModuleType | None
+try:
+    from shm import _bytesjson as _compiled
+except ImportError:  # built without a C compiler: the numpy decoder serves
+    _compiled = None
 
 __all__ = ["SMALL_TEXT", "ByteArrayError", "decode_byte_array", "encode_byte_array"]
 
@@ -90,9 +101,29 @@ def decode_byte_array(text: bytes | bytearray | memoryview) -> bytes:
     first, last = _brackets(chars)
     if _skip_whitespace(chars[: last + 1], first + 1) == last:
         return b""
+    if _compiled is not None:
+        decoded: tuple[bytes | None, int, int] = _compiled.decode(text, first + 1, last)
+        data, element, offset = decoded
+        if data is not None:
+            return data
+        raise _diagnose(chars, offset, _next_comma(chars, offset, last), element)
     if len(chars) <= SMALL_TEXT:
         return _decode_small(chars, first, last)
     return _decode_vectorised(chars, first, last, CHUNK_TEXT)
+
+
+def _next_comma(chars: U8, start: int, stop: int) -> int:
+    """The offset of the first comma at or after ``start``, or ``stop``; looks at growing
+    windows, so that the search costs by the distance, not by the text."""
+    position = start
+    window = 64
+    while position < stop:
+        hits = np.flatnonzero(chars[position : min(stop, position + window)] == _COMMA)
+        if hits.size:
+            return position + int(hits[0])
+        position += window
+        window = min(window * 4, CHUNK_TEXT)
+    return stop
 
 
 def _brackets(chars: U8) -> tuple[int, int]:

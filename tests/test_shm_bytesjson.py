@@ -20,22 +20,112 @@ WHITESPACE = st.text(alphabet=" \t\n\r", max_size=3)
 
 
 @contextlib.contextmanager
-def vectorised(chunk_text: int) -> Iterator[None]:
-    """Send every text through the numpy decoder, in chunks of ``chunk_text`` characters."""
-    saved = bytesjson.SMALL_TEXT, bytesjson.CHUNK_TEXT
-    bytesjson.SMALL_TEXT, bytesjson.CHUNK_TEXT = 0, chunk_text
+def numpy_decoder(
+    small_text: int = bytesjson.SMALL_TEXT, chunk_text: int = bytesjson.CHUNK_TEXT
+) -> Iterator[None]:
+    """Decode without the compiled decoder: through orjson up to ``small_text`` characters,
+    above that through the numpy decoder in chunks of ``chunk_text`` characters."""
+    saved = bytesjson._compiled, bytesjson.SMALL_TEXT, bytesjson.CHUNK_TEXT
+    bytesjson._compiled, bytesjson.SMALL_TEXT, bytesjson.CHUNK_TEXT = None, small_text, chunk_text
     try:
         yield
     finally:
-        bytesjson.SMALL_TEXT, bytesjson.CHUNK_TEXT = saved
+        bytesjson._compiled, bytesjson.SMALL_TEXT, bytesjson.CHUNK_TEXT = saved
+
+
+def vectorised(chunk_text: int) -> contextlib.AbstractContextManager[None]:
+    """Send every text through the numpy decoder, in chunks of ``chunk_text`` characters."""
+    return numpy_decoder(0, chunk_text)
+
+
+@contextlib.contextmanager
+def compiled() -> Iterator[None]:
+    """The default: the compiled decoder, which an install with a C compiler always builds."""
+    assert bytesjson._compiled is not None, "shm._bytesjson was not built (see setup.py)"
+    yield
 
 
 PATHS = {
-    "orjson path": contextlib.nullcontext,
+    "compiled": compiled,
+    "orjson path": numpy_decoder,
     "vectorised, 5-char chunks": lambda: vectorised(5),
     "vectorised, 64-char chunks": lambda: vectorised(64),
     "vectorised, default chunks": lambda: vectorised(bytesjson.CHUNK_TEXT),
 }
+
+
+@pytest.fixture(params=["compiled", "vectorised, default chunks"])
+def either_decoder(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For the tests of large texts: run them on the compiled and on the numpy decoder."""
+    with PATHS[request.param]():
+        yield
+
+
+def test_the_compiled_decoder_is_built() -> None:
+    # setup.py builds it unless told not to; an install that silently fell back to numpy
+    # would run at half the speed the README promises.
+    if os.environ.get("CPNODE_NO_EXTENSION", "") not in ("", "0"):
+        assert bytesjson._compiled is None or bytesjson._compiled.decode(b"[1]", 1, 2)[0] == b"\x01"
+    else:
+        assert bytesjson._compiled is not None, "shm._bytesjson was not built (see setup.py)"
+        assert bytesjson._compiled.decode(b"[1,22,255]", 1, 9) == (b"\x01\x16\xff", -1, -1)
+
+
+def outcome(text: bytes) -> bytes | tuple[str, int | None, int]:
+    """What the decoder makes of ``text``: the bytes, or the error's reason, element, offset."""
+    try:
+        return decode_byte_array(text)
+    except ByteArrayError as error:
+        return error.reason, error.element, error.offset
+
+
+FAULTS = ["", " ", "\n", ",", "0", "9", "99", "-", ".", "x", "]", "\x00", "\xff"]
+
+
+@settings(max_examples=300)
+@given(
+    values=st.lists(st.integers(0, 255), min_size=1, max_size=600),
+    edits=st.lists(
+        st.tuples(st.floats(0, 1), st.integers(0, 3), st.sampled_from(FAULTS)), max_size=3
+    ),
+)
+def test_compiled_and_numpy_decoders_agree_on_long_texts(
+    values: list[int], edits: list[tuple[float, int, str]]
+) -> None:
+    """Long enough to run through the compiled decoder's 16-character blocks; every edit
+    replaces 0-3 characters somewhere with whitespace, digits, commas or junk. Both decoders
+    return the same bytes or the same error, element and offset."""
+    text = bytearray(orjson.dumps(values))
+    for where, width, fault in edits:
+        at = 1 + int(where * (len(text) - 2))
+        text[at : at + width] = fault.encode("latin-1")
+    with compiled():
+        ours = outcome(bytes(text))
+    with vectorised(64):
+        assert outcome(bytes(text)) == ours
+    expected = reference(bytes(text))
+    if expected is not None:
+        assert ours == expected
+
+
+@pytest.mark.parametrize("fault", ["", " ", ",", "0", "256", "1000", "01", "x"])
+def test_a_fault_at_every_position_of_a_block(fault: str) -> None:
+    """The compiled decoder reads 16 characters at a time and looks back 3: a fault is found,
+    and named as the numpy decoder names it, at each of 40 positions in a row (a space is a
+    fault only inside a number)."""
+    values = [7, 42, 255, 0, 100, 19] * 20
+    for shift in range(40):
+        text = orjson.dumps(values)[:-1] + b","
+        text = text[: 80 + shift] + fault.encode() + text[80 + shift :] + b"5]"
+        with compiled():
+            ours = outcome(text)
+        with vectorised(64):
+            assert outcome(text) == ours, (shift, text[70:130])
+        expected = reference(text)
+        if expected is None:
+            assert isinstance(ours, tuple), (shift, text[70:130])
+        else:
+            assert ours == expected, (shift, text[70:130])
 
 
 def reference(text: bytes) -> bytes | None:
@@ -226,7 +316,7 @@ def test_every_number_of_one_to_three_digits(path: str) -> None:
                 assert caught.value.element == 1, number
 
 
-def test_large_array_in_many_chunks() -> None:
+def test_large_array_in_many_chunks(either_decoder: None) -> None:
     data = os.urandom(3 * bytesjson.CHUNK_TEXT)
     text = orjson.dumps(list(data))
     assert decode_byte_array(text) == data
@@ -234,14 +324,14 @@ def test_large_array_in_many_chunks() -> None:
     assert encode_byte_array(data) == text
 
 
-def test_large_pretty_printed_array() -> None:
+def test_large_pretty_printed_array(either_decoder: None) -> None:
     data = os.urandom(bytesjson.CHUNK_TEXT)
     text = orjson.dumps(list(data), option=orjson.OPT_INDENT_2)
     assert b"\n  " in text
     assert decode_byte_array(text) == data
 
 
-def test_long_whitespace_runs_and_no_comma_within_a_chunk() -> None:
+def test_long_whitespace_runs_and_no_comma_within_a_chunk(either_decoder: None) -> None:
     gap = b" " * (2 * bytesjson.CHUNK_TEXT)
     text = b"[1," + gap + b"2" + gap + b",3]"
     assert decode_byte_array(gap + text + gap) == b"\x01\x02\x03"
@@ -292,7 +382,7 @@ def test_a_chunk_longer_than_the_buffers_never_grows_them(
     ids=["spaces", "digits"],
 )
 def test_a_long_element_costs_memory_by_the_window_not_by_its_length(
-    gap: bytes, expected: bytes | None, bound: float
+    gap: bytes, expected: bytes | None, bound: float, either_decoder: None
 ) -> None:
     # 8 MiB without a comma: once the whole of it at a time, 8 bytes of index per character
     # (and 1.6 GB for 200 MiB of spaces).
@@ -311,7 +401,9 @@ def test_a_long_element_costs_memory_by_the_window_not_by_its_length(
 
 
 @pytest.mark.parametrize("bad", [b"256", b"01", b"", b"-3", b"1.5", b"12 3"])
-def test_error_deep_in_a_large_array_has_its_global_position(bad: bytes) -> None:
+def test_error_deep_in_a_large_array_has_its_global_position(
+    bad: bytes, either_decoder: None
+) -> None:
     values = list(os.urandom(2 * bytesjson.CHUNK_TEXT))
     index = len(values) - 1000
     head = orjson.dumps(values[:index])[:-1] + b","
@@ -322,7 +414,7 @@ def test_error_deep_in_a_large_array_has_its_global_position(bad: bytes) -> None
     assert len(head) <= caught.value.offset <= len(head) + len(bad)
 
 
-def test_digits_without_commas_for_longer_than_a_chunk() -> None:
+def test_digits_without_commas_for_longer_than_a_chunk(either_decoder: None) -> None:
     text = b"[1," + b"1" * (bytesjson.CHUNK_TEXT + 10) + b",2]"
     with pytest.raises(ByteArrayError) as caught:
         decode_byte_array(text)
