@@ -687,7 +687,7 @@ def test_sigterm_with_1000_tasks_in_flight_hands_back_the_rest(
 
 def test_a_repeated_big_task_leaves_no_segment_behind(tmp_path: Path, ledger: ResultLedger) -> None:
     # A frame of 1 MiB or more goes to a segment in shm_dir as it arrives; a repeat of a held
-    # id joined the running task and its own segment stayed until the node stopped.
+    # id joined the held task and its own segment stayed until the node stopped.
     shm = tmp_path / "shm"
     shm.mkdir()
     port = free_port()
@@ -698,10 +698,16 @@ def test_a_repeated_big_task_leaves_no_segment_behind(tmp_path: Path, ledger: Re
             tmp_path, ledger, "dups", shm_dir=str(shm), health_listen=health
         ) as (master, node):
             (conn,) = master.node_connections()
+            # Heavy tasks first (about 0.3 s of work for the two workers), so the first copy
+            # is still held when the repeats arrive: StoreData itself takes a few ms.
+            heavy, values = heavy_tasks(0, 300, terms=400)
+            ids = [f"h{i}" for i in range(len(heavy))]
             task = m.StoreData("k", os.urandom(2 << 20))
-            master.assign(conn, [("dup", task)] * 3)  # one write: the repeats arrive held
+            master.assign(conn, [*zip(ids, heavy, strict=True), *[("dup", task)] * 3])
             await await_until(lambda: "dup" in master.results, 30, "the task is answered")
             assert master.results["dup"] == m.Stored()
+            await await_until(lambda: all(i in master.results for i in ids), 30, "all answered")
+            assert [master.results[i] for i in ids] == [m.Number(v) for v in values]
             # All three went to a segment as they arrived; one ran, and none is left.
             spilled = ("cpnode_segment_frames_total", (("direction", "to_worker"),))
             assert (await asyncio.to_thread(scrape, port))[spilled] == 3
