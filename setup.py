@@ -1,8 +1,10 @@
-"""The compiled part of cpnode: ``shm._bytesjson``, the fast decoder of JSON byte arrays.
+"""The compiled parts of cpnode: ``shm._bytesjson``, the fast decoder of JSON byte arrays, and
+``workers._fastpath``, the worker's answer to a plain ``Compute`` task.
 
-Everything else lives in pyproject.toml. The extension is optional: without a C compiler the
-install still succeeds and ``shm.bytesjson`` decodes with numpy (about half as fast). Set
-``CPNODE_NO_EXTENSION=1`` to skip it on purpose.
+Everything else lives in pyproject.toml. Both extensions are optional accelerators: without a C
+compiler the install still succeeds, ``shm.bytesjson`` decodes with numpy (about a fifth of the
+speed) and workers answer every task in Python. Set ``CPNODE_NO_EXTENSION=1`` to skip them on
+purpose.
 """
 
 import os
@@ -11,13 +13,12 @@ from setuptools import Extension, setup
 
 extensions = []
 if os.environ.get("CPNODE_NO_EXTENSION", "") in ("", "0"):
-    extensions.append(
-        Extension(
-            "shm._bytesjson",
-            sources=["shm/_bytesjson.c"],
-            extra_compile_args=["-O2"],
-            optional=True,
-        )
-    )
+    extensions += [
+        Extension(name, sources=[source], extra_compile_args=["-O2"], optional=True)
+        for name, source in [
+            ("shm._bytesjson", "shm/_bytesjson.c"),
+            ("workers._fastpath", "workers/_fastpath.c"),
+        ]
+    ]
 
 setup(ext_modules=extensions)

@@ -9,10 +9,12 @@ wrong with ends as an `Error` result naming the reason: a result is always produ
 met while running one task (logged with its traceback) is that task's `Error`, never the end
 of the worker.
 
-A `Compute` with a plain expression, as masters write it, is read with one regex match and
-answered without decoding (`_PLAIN_COMPUTE`, `workers.expr.evaluate_plain`). Other `Compute` and
-`ComplexMath` tasks take a path that reads the payload's dict directly instead of building
-records (`workers.expr` memoises repeated expressions).
+A `Compute` with a plain expression, as masters write it, is answered by the compiled
+`workers._fastpath.plain_result` (built at install time where a C compiler is), else read with
+one regex match and answered without decoding (`_PLAIN_COMPUTE`, `workers.expr.evaluate_plain`);
+the C function leaves the few results it would not format alike (exponents) to the latter.
+Other `Compute` and `ComplexMath` tasks take a path that reads the payload's dict directly
+instead of building records (`workers.expr` memoises repeated expressions).
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ from workers.storage import (
     StorageTasks,
     decode_blob_task,
 )
+
+_compiled_plain_result: Callable[[bytes], bytes | None] | None
+try:
+    from workers import _fastpath
+except ImportError:  # built without a C compiler: the Python path answers everything
+    _compiled_plain_result = None
+else:
+    _fastpath.set_max_expression_bytes(MAX_EXPRESSION_BYTES)
+    _compiled_plain_result = _fastpath.plain_result
 
 log = logging.getLogger("cpnode.worker")
 
@@ -132,6 +143,7 @@ class TaskRunner:
         for kind, spec in settings.executors.items():
             self._executors[_task_type(kind)] = load_executor(spec)
         self._expression_fast_path = not {"Compute", "ComplexMath"} & settings.executors.keys()
+        self._compiled_plain = _compiled_plain_result if self._expression_fast_path else None
 
     def run_task(self, task: m.Task) -> Answer:
         """Execute `task`; return its encoded result (never raises for a task's own failure)."""
@@ -153,6 +165,11 @@ class TaskRunner:
         started = _perf_counter()
         result: Answer | None
         try:
+            if self._compiled_plain is not None:
+                result = self._compiled_plain(payload)
+                if result is not None:
+                    self.stats.record("Compute", False, _perf_counter() - started)
+                    return result
             if self._expression_fast_path:
                 plain = _PLAIN_COMPUTE(payload)
                 if plain is not None:
