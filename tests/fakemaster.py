@@ -13,7 +13,10 @@ fake master that misbehaves on cue.
 How the ledger tells a second answer from a legitimate repeat: until the master confirms a
 result (answers a `Heartbeat` written after it), the node may send it again (on a new
 connection, or to answer the same id assigned again meanwhile). After that, a result for the id
-is a duplicate unless the master assigned the id again after confirming it. Whether a task ran
+is a duplicate unless the id has been assigned (at any master) more times than it has been
+answered: a node answers a repeated id whose result awaits confirmation with that result, and
+the repeat may be read (a restarted master's assignment of a task still running) after the node
+wrote a Heartbeat behind the first answer. Whether a task ran
 twice shows in the node's own count of the answers it produced (its last log line), and, where
 a scenario has one connection, in one result frame per id.
 """
@@ -49,20 +52,16 @@ class ResultLedger:
         self.duplicates: list[str] = []  # ids answered twice (see the module docstring)
         self._unconfirmed: dict[ConnKey, list[str]] = collections.defaultdict(list)
         self._confirmed: set[str] = set()
-        self._owed: collections.Counter[str] = collections.Counter()  # assigned after confirmed
+        self._assigned: collections.Counter[str] = collections.Counter()  # at every master
 
     def assigned(self, conn: ConnKey, ident: str) -> None:
         with self._lock:
-            if ident in self._confirmed:
-                self._owed[ident] += 1
+            self._assigned[ident] += 1
 
     def result(self, conn: ConnKey, ident: str, result: m.Result) -> None:
         with self._lock:
-            if ident in self._confirmed:
-                if self._owed[ident] > 0:
-                    self._owed[ident] -= 1
-                else:
-                    self.duplicates.append(ident)
+            if ident in self._confirmed and self.frames[ident] >= self._assigned[ident]:
+                self.duplicates.append(ident)
             self._unconfirmed[conn].append(ident)
             self.frames[ident] += 1
             self.results[ident] = result

@@ -297,6 +297,22 @@ def recorded(monkeypatch: pytest.MonkeyPatch, ledger: ResultLedger) -> ResultLed
     return ledger
 
 
+def test_the_ledger_takes_the_answer_to_a_restarted_masters_repeat_read_after_a_heartbeat() -> None:
+    # Master 0 stops while the node runs x; master 1 replays x as pending and assigns it again.
+    # The node answers x, writes a Heartbeat, then reads the repeat and answers it from the
+    # outbox (the result is not confirmed yet): two answers to two assignments, no duplicate.
+    ledger = ResultLedger()
+    ledger.assigned(("master-0", 1), "x")
+    ledger.assigned(("master-1", 1), "x")
+    ledger.result(("master-1", 1), "x", m.Number(1.0))
+    ledger.heartbeat(("master-1", 1))
+    ledger.result(("master-1", 1), "x", m.Number(1.0))
+    assert ledger.duplicates == []
+    ledger.heartbeat(("master-1", 1))
+    ledger.result(("master-1", 1), "x", m.Number(1.0))  # a third answer to two assignments
+    assert ledger.duplicates == ["x"]
+
+
 # --- worker faults, node level -----------------------------------------------------------------
 
 
