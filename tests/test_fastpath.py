@@ -100,6 +100,13 @@ def test_anything_else_is_declined(junk: bytes) -> None:
         check(payload)
 
 
+def test_a_payload_that_is_not_bytes_is_declined() -> None:
+    payload = codec.encode_payload(m.AssignTask("t", m.Compute("1+1")))
+    assert fastpath.plain_result(payload) is not None
+    for other in (bytearray(payload), memoryview(payload), payload.decode(), None):
+        assert fastpath.plain_result(other) is None
+
+
 def test_expression_length_limit_matches_the_python_path() -> None:
     for length in (MAX_EXPRESSION_BYTES, MAX_EXPRESSION_BYTES + 1):
         text = "1" + "+1" * ((length - 1) // 2) + " " * ((length - 1) % 2)

@@ -148,8 +148,7 @@ static PyObject *
 plain_result(PyObject *module, PyObject *arg)
 {
     if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "plain_result() takes bytes");
-        return NULL;
+        Py_RETURN_NONE; /* a mapped segment or a bytearray: never a small plain task */
     }
     const char *s = PyBytes_AS_STRING(arg);
     Py_ssize_t n = PyBytes_GET_SIZE(arg);
@@ -231,7 +230,7 @@ set_max_expression_bytes(PyObject *module, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"plain_result", plain_result, METH_O,
-     "plain_result(payload: bytes) -> bytes | None\n\n"
+     "plain_result(payload) -> bytes | None\n\n"
      "The TaskResult payload of a plain Compute AssignTask payload, or None: the Python path\n"
      "answers it (see workers/_fastpath.c)."},
     {"set_max_expression_bytes", set_max_expression_bytes, METH_O,
