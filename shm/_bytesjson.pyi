@@ -1,5 +1,6 @@
-"""Type stub of the compiled decoder (shm/_bytesjson.c)."""
+"""Type stub of the compiled codec (shm/_bytesjson.c)."""
 
 from typing_extensions import Buffer
 
 def decode(text: Buffer, start: int, stop: int, /) -> tuple[bytes | None, int, int]: ...
+def encode(data: Buffer, /) -> bytes: ...

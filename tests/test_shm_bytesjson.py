@@ -162,14 +162,18 @@ def test_decodes_examples(text: bytes, expected: bytes, path: str) -> None:
         assert decode_byte_array(bytearray(text)) == expected
 
 
-@given(st.binary(max_size=3000))
-@example(b"")
-@example(bytes(range(256)))
-def test_encode_matches_orjson_and_round_trips(data: bytes) -> None:
-    text = encode_byte_array(data)
-    assert text == orjson.dumps(list(data))
-    assert encode_byte_array(memoryview(data)) == text
-    assert decode_byte_array(text) == data
+@pytest.mark.parametrize("path", ["compiled", "orjson path"])
+@given(data=st.binary(max_size=3000))
+@example(data=b"")
+@example(data=bytes(range(256)))
+@example(data=bytes(range(256)) * 20)
+def test_encode_matches_orjson_and_round_trips(path: str, data: bytes) -> None:
+    with PATHS[path]():
+        text = encode_byte_array(data)
+        assert text == orjson.dumps(list(data))
+        assert encode_byte_array(memoryview(data)) == text
+        assert encode_byte_array(bytearray(data)) == text
+        assert decode_byte_array(text) == data
 
 
 @pytest.mark.parametrize("path", PATHS)
