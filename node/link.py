@@ -175,10 +175,8 @@ class _Connection(asyncio.Protocol):
         # The common frame, an AssignTask as every master writes it, goes to the dispatcher
         # with the others of this read, in one call; anything else takes `on_payload` (after
         # the tasks before it).
-        assign_id = codec.assign_task_id
         tasks: list[tuple[str, bytes]] = []
-        for payload in payloads:
-            ident = assign_id(payload)
+        for ident, payload in zip(codec.assign_task_ids(payloads), payloads, strict=True):
             if ident is not None:
                 tasks.append((ident, payload))
                 continue

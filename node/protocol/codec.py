@@ -341,6 +341,19 @@ def assign_task_id(payload: bytes) -> str | None:
         return None
 
 
+def python_assign_task_ids(payloads: list[bytes]) -> list[str | None]:
+    """`assign_task_id` of each payload: the reference of the compiled `assign_task_ids`."""
+    return [assign_task_id(payload) for payload in payloads]
+
+
+assign_task_ids: Callable[[list[bytes]], list[str | None]]
+"""`assign_task_id` of each payload, in C where `_speedups` was built."""
+try:
+    from node.protocol._speedups import assign_task_ids
+except ImportError:  # built without a C compiler
+    assign_task_ids = python_assign_task_ids
+
+
 def peek_id(payload: bytes) -> str | None:
     """`peek`'s id, or None also when even the head is unreadable."""
     try:

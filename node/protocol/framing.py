@@ -7,7 +7,8 @@ merely announces (the body buffer grows with what actually arrives).
 
     socket bytes ──feed()──▶ [payload, payload, ...] ──codec.decode()──▶ messages
 
-`frame(payload)` is the inverse: prefix + payload.
+`frame(payload)` is the inverse: prefix + payload. Where the compiled `_speedups` module was
+built, the loop over whole small frames runs in C (`split_frames`); the rest stays here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ MAX_WIRE_LENGTH: Final = 0xFFFF_FFFF
 _HEADER: Final = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from
 _pack_header = _HEADER.pack
+
+_split_frames: Callable[[bytes, int, int, int, list[bytes]], int] | None
+try:  # the loop over whole small frames, compiled (see node/protocol/_speedups.c)
+    from node.protocol._speedups import split_frames as _split_frames
+except ImportError:  # built without a C compiler
+    _split_frames = None
+_NEVER: Final = 1 << 62
+"""`spill_from` for a decoder without a spill: no frame is ever spilled."""
 
 
 class Spill(Protocol):
@@ -129,6 +138,12 @@ class FrameDecoder:
             if need < 0:
                 header = self._header
                 if not header and end - pos >= 4:
+                    if _split_frames is not None:
+                        # The whole small frames in C; the frame it stops at is handled below.
+                        spill_from = self.spill_from if self.spill is not None else _NEVER
+                        pos = _split_frames(data, pos, limit, spill_from, out)
+                        if end - pos < 4:
+                            continue
                     (length,) = _unpack_header(data, pos)
                     pos += 4
                 else:

@@ -1,0 +1,143 @@
+/* node.protocol._speedups: the supervisor's per-frame loops in C (see framing.py and codec.py).
+ *
+ * split_frames(data, pos, limit, spill_from, out) appends to the list `out` the payloads of
+ * the whole frames in data[pos:] (a 4-byte big-endian length, then that many bytes) and returns
+ * the offset where it stopped: at the first frame that is not whole in `data`, is above `limit`
+ * or is of `spill_from` bytes or more (and not empty). FrameDecoder.feed handles that frame and
+ * every partial one as before; this only takes its loop over the whole small frames.
+ *
+ * assign_task_ids(payloads) returns, for each payload, what codec.assign_task_id returns: the id
+ * of an AssignTask as every master writes it ({"AssignTask":{"id":"...), or None (another
+ * payload, an id with an escape, or one that is not UTF-8).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+static PyObject *
+split_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "split_frames(data, pos, limit, spill_from, out)");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    PyObject *out = args[4];
+    if (!PyBytes_Check(data) || !PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "split_frames() takes bytes and a list");
+        return NULL;
+    }
+    Py_ssize_t numbers[3];
+    for (int i = 0; i < 3; i++) {
+        numbers[i] = PyLong_AsSsize_t(args[i + 1]);
+        if (numbers[i] == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    Py_ssize_t pos = numbers[0], limit = numbers[1], spill_from = numbers[2];
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t end = PyBytes_GET_SIZE(data);
+    if (pos < 0 || pos > end) {
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        return NULL;
+    }
+    while (end - pos >= 4) {
+        Py_ssize_t length = (Py_ssize_t)((uint32_t)s[pos] << 24 | (uint32_t)s[pos + 1] << 16
+                                         | (uint32_t)s[pos + 2] << 8 | (uint32_t)s[pos + 3]);
+        if (length > limit || (length >= spill_from && length > 0) || end - pos - 4 < length) {
+            break;
+        }
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)s + pos + 4, length);
+        if (payload == NULL) {
+            return NULL;
+        }
+        int failed = PyList_Append(out, payload);
+        Py_DECREF(payload);
+        if (failed) {
+            return NULL;
+        }
+        pos += 4 + length;
+    }
+    return PyLong_FromSsize_t(pos);
+}
+
+static const char ASSIGN_HEAD[] = "{\"AssignTask\":{\"id\":\"";
+#define ASSIGN_HEAD_LENGTH (sizeof(ASSIGN_HEAD) - 1)
+
+static PyObject *
+assign_task_id(PyObject *payload)
+{
+    if (!PyBytes_Check(payload)) {
+        Py_RETURN_NONE;
+    }
+    const char *s = PyBytes_AS_STRING(payload);
+    Py_ssize_t n = PyBytes_GET_SIZE(payload);
+    if (n < (Py_ssize_t)ASSIGN_HEAD_LENGTH + 1 || memcmp(s, ASSIGN_HEAD, ASSIGN_HEAD_LENGTH) != 0) {
+        Py_RETURN_NONE;
+    }
+    const char *start = s + ASSIGN_HEAD_LENGTH;
+    const char *stop = s + n;
+    const char *p = start;
+    while (p < stop && *p != '"' && *p != '\\') {
+        p++;
+    }
+    if (p == stop || *p != '"') {
+        Py_RETURN_NONE;
+    }
+    PyObject *ident = PyUnicode_DecodeUTF8(start, p - start, "strict");
+    if (ident == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return ident;
+}
+
+static PyObject *
+assign_task_ids(PyObject *module, PyObject *payloads)
+{
+    if (!PyList_Check(payloads)) {
+        PyErr_SetString(PyExc_TypeError, "assign_task_ids() takes a list");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(payloads);
+    PyObject *ids = PyList_New(count);
+    if (ids == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *ident = assign_task_id(PyList_GET_ITEM(payloads, i));
+        if (ident == NULL) {
+            Py_DECREF(ids);
+            return NULL;
+        }
+        PyList_SET_ITEM(ids, i, ident);
+    }
+    return ids;
+}
+
+static PyMethodDef methods[] = {
+    {"split_frames", (PyCFunction)(void (*)(void))split_frames, METH_FASTCALL,
+     "split_frames(data, pos, limit, spill_from, out) -> int\n\n"
+     "Append the payloads of the whole frames in data[pos:] to out; return where it stopped."},
+    {"assign_task_ids", assign_task_ids, METH_O,
+     "assign_task_ids(payloads) -> list[str | None]\n\n"
+     "codec.assign_task_id of each payload."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "node.protocol._speedups",
+    "The supervisor's per-frame loops in C (see node/protocol/framing.py).",
+    -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}

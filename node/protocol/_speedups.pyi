@@ -1,0 +1,6 @@
+"""Type stub of the supervisor's compiled frame loops (node/protocol/_speedups.c)."""
+
+def split_frames(
+    data: bytes, pos: int, limit: int, spill_from: int, out: list[bytes], /
+) -> int: ...
+def assign_task_ids(payloads: list[bytes], /) -> list[str | None]: ...
