@@ -68,7 +68,8 @@ fill_compact(void)
  * characters it consumed (up to just after a comma) and appends values to out[*count...]
  * (writing up to 8 bytes beyond them); stops at the first block that is not canonical. */
 __attribute__((target("ssse3,popcnt"))) static Py_ssize_t
-parse_blocks(const unsigned char *s, Py_ssize_t n, unsigned char *out, Py_ssize_t *count)
+parse_blocks(const unsigned char *s, Py_ssize_t n, unsigned char *out, Py_ssize_t *count,
+             Py_ssize_t capacity)
 {
     const __m128i zero_char = _mm_set1_epi8('0');
     const __m128i nine = _mm_set1_epi8(9);
@@ -83,6 +84,11 @@ parse_blocks(const unsigned char *s, Py_ssize_t n, unsigned char *out, Py_ssize_
     Py_ssize_t done = 0;
     unsigned char *o = out + *count;
     for (Py_ssize_t base = 0; base + 16 <= n; base += 16) {
+        /* A block yields at most 8 values, unless its bytes change while it is read (a
+         * bytearray or a mapped segment written meanwhile): never let the text set the bound. */
+        if (o - out + 16 > capacity) {
+            break;
+        }
         const unsigned char *at = s + base;
         __m128i c0 = _mm_loadu_si128((const __m128i *)at);
         __m128i d0 = _mm_sub_epi8(c0, zero_char);
@@ -133,11 +139,11 @@ static int use_blocks;
 #endif
 
 /* Decode the elements in s[0:n] into out; return their count, or -1 with *bad_element and
- * *bad_offset set. out has room for (n + 1) / 2 values: every element but the last takes at
- * least two characters. */
+ * *bad_offset set. out has room for `capacity` values, (n + 1) / 2 + 8: every element but the
+ * last takes at least two characters, and the compaction writes 8 bytes at a time. */
 static Py_ssize_t
-parse(const unsigned char *s, Py_ssize_t n, unsigned char *out, Py_ssize_t *bad_element,
-      Py_ssize_t *bad_offset)
+parse(const unsigned char *s, Py_ssize_t n, unsigned char *out, Py_ssize_t capacity,
+      Py_ssize_t *bad_element, Py_ssize_t *bad_offset)
 {
     Py_ssize_t p = 0;
     Py_ssize_t count = 0;
@@ -145,7 +151,7 @@ parse(const unsigned char *s, Py_ssize_t n, unsigned char *out, Py_ssize_t *bad_
         Py_ssize_t limit = n;
 #if HAVE_BLOCKS
         if (p >= 3 && use_blocks) {
-            p += parse_blocks(s + p, n - p, out, &count);
+            p += parse_blocks(s + p, n - p, out, &count, capacity);
         }
         if (n - p > 128) {
             limit = p + 64; /* past what parse_blocks refused, then back to it */
@@ -153,7 +159,7 @@ parse(const unsigned char *s, Py_ssize_t n, unsigned char *out, Py_ssize_t *bad_
 #endif
         int unusual = 0;
         /* Canonical elements, while four characters are left to look at. */
-        while (p + 4 <= limit) {
+        while (p + 4 <= limit && count < capacity) {
             unsigned d0 = (unsigned)s[p] - '0';
             unsigned d1 = (unsigned)s[p + 1] - '0';
             unsigned d2 = (unsigned)s[p + 2] - '0';
@@ -189,7 +195,7 @@ parse(const unsigned char *s, Py_ssize_t n, unsigned char *out, Py_ssize_t *bad_
             p++;
         }
         if (p - digits > 3 || (p < n && is_digit(s[p])) || (p - digits > 1 && s[digits] == '0')
-            || value > 255) {
+            || value > 255 || count >= capacity) {
             goto fail;
         }
         out[count] = (unsigned char)value;
@@ -235,7 +241,7 @@ decode(PyObject *module, PyObject *args)
     const unsigned char *text = (const unsigned char *)view.buf + start;
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
     Py_BEGIN_ALLOW_THREADS
-    count = parse(text, n, out, &bad_element, &bad_offset);
+    count = parse(text, n, out, (n + 1) / 2 + 8, &bad_element, &bad_offset);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (count < 0) {

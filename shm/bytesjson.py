@@ -84,7 +84,10 @@ class ByteArrayError(ValueError):
 
 def encode_byte_array(data: bytes | bytearray | memoryview) -> bytes:
     """Return ``data`` as a compact JSON array, byte for byte what ``orjson.dumps(list(data))``
-    gives (``b"[104,105]"``, ``b"[]"``)."""
+    gives (``b"[104,105]"``, ``b"[]"``). A memoryview is read as its bytes (``cast("B")``;
+    a non-contiguous one is a TypeError)."""
+    if type(data) is memoryview:
+        data = data.cast("B")
     if _compiled is not None:
         encoded: bytes = _compiled.encode(data)
         return encoded

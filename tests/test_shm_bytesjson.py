@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import tracemalloc
@@ -180,6 +181,15 @@ def test_encode_matches_orjson_and_round_trips(path: str, data: bytes) -> None:
         assert encode_byte_array(memoryview(data)) == text
         assert encode_byte_array(bytearray(data)) == text
         assert decode_byte_array(text) == data
+
+
+@pytest.mark.parametrize("path", ["compiled", "orjson path"])
+def test_a_memoryview_is_encoded_as_its_bytes(path: str) -> None:
+    wide = array.array("H", [300, 1] * 100)
+    with PATHS[path]():
+        assert encode_byte_array(memoryview(wide)) == orjson.dumps(list(wide.tobytes()))
+        with pytest.raises(TypeError):
+            encode_byte_array(memoryview(b"abcd")[::2])
 
 
 @pytest.mark.parametrize("path", PATHS)

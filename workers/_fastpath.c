@@ -169,7 +169,7 @@ plain_result(PyObject *module, PyObject *arg)
         p++;
     }
     Py_ssize_t id_end = p;
-    if (n - id_end < LITERAL_LENGTH(TASK_MIDDLE) + LITERAL_LENGTH(TASK_TAIL)
+    if (n - id_end < (Py_ssize_t)(LITERAL_LENGTH(TASK_MIDDLE) + LITERAL_LENGTH(TASK_TAIL))
         || memcmp(s + id_end, TASK_MIDDLE, LITERAL_LENGTH(TASK_MIDDLE)) != 0) {
         Py_RETURN_NONE;
     }
