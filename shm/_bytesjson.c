@@ -312,7 +312,27 @@ encode(PyObject *module, PyObject *arg)
     return result;
 }
 
+static PyObject *
+set_blocks(PyObject *module, PyObject *arg)
+{
+    int enabled = PyObject_IsTrue(arg);
+    if (enabled < 0) {
+        return NULL;
+    }
+#if HAVE_BLOCKS
+    int was = use_blocks;
+    use_blocks = enabled && __builtin_cpu_supports("ssse3") && __builtin_cpu_supports("popcnt");
+    return PyBool_FromLong(was);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"set_blocks", set_blocks, METH_O,
+     "set_blocks(enabled) -> bool\n\n"
+     "Use the SSSE3 block decoder where the CPU has it (the default), or only the scalar loop\n"
+     "(for tests); returns whether the blocks were in use."},
     {"encode", encode, METH_O,
      "encode(data) -> bytes\n\n"
      "The compact JSON array of the bytes of data, as orjson.dumps(list(data)) writes it."},

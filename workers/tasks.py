@@ -12,7 +12,8 @@ of the worker.
 A `Compute` with a plain expression, as masters write it, is answered by the compiled
 `workers._fastpath.plain_result` (built at install time where a C compiler is), else read with
 one regex match and answered without decoding (`_PLAIN_COMPUTE`, `workers.expr.evaluate_plain`);
-the C function leaves the few results it would not format alike (exponents) to the latter.
+the C function leaves to the latter the results it would not format alike (exponents), the ones
+that are not finite and expressions above the length limit.
 Other `Compute` and `ComplexMath` tasks take a path that reads the payload's dict directly
 instead of building records (`workers.expr` memoises repeated expressions).
 """

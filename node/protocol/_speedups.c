@@ -12,6 +12,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 static PyObject *
@@ -42,12 +43,17 @@ split_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     while (end - pos >= 4) {
-        Py_ssize_t length = (Py_ssize_t)((uint32_t)s[pos] << 24 | (uint32_t)s[pos + 1] << 16
-                                         | (uint32_t)s[pos + 2] << 8 | (uint32_t)s[pos + 3]);
-        if (length > limit || (length >= spill_from && length > 0) || end - pos - 4 < length) {
+        /* Compared as unsigned 64-bit numbers: a length of 2**31 or more stays positive where
+         * Py_ssize_t has 32 bits (limit and spill_from are never negative). */
+        uint64_t length = (uint64_t)s[pos] << 24 | (uint64_t)s[pos + 1] << 16
+                          | (uint64_t)s[pos + 2] << 8 | (uint64_t)s[pos + 3];
+        if (limit < 0 || spill_from < 0 || length > (uint64_t)limit
+            || (length >= (uint64_t)spill_from && length > 0)
+            || (uint64_t)(end - pos - 4) < length) {
             break;
         }
-        PyObject *payload = PyBytes_FromStringAndSize((const char *)s + pos + 4, length);
+        PyObject *payload =
+            PyBytes_FromStringAndSize((const char *)s + pos + 4, (Py_ssize_t)length);
         if (payload == NULL) {
             return NULL;
         }
@@ -56,7 +62,7 @@ split_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (failed) {
             return NULL;
         }
-        pos += 4 + length;
+        pos += 4 + (Py_ssize_t)length;
     }
     return PyLong_FromSsize_t(pos);
 }

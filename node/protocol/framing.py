@@ -14,6 +14,7 @@ built, the loop over whole small frames runs in C (`split_frames`); the rest sta
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
@@ -31,7 +32,7 @@ try:  # the loop over whole small frames, compiled (see node/protocol/_speedups.
     from node.protocol._speedups import split_frames as _split_frames
 except ImportError:  # built without a C compiler
     _split_frames = None
-_NEVER: Final = 1 << 62
+_NEVER: Final = sys.maxsize
 """`spill_from` for a decoder without a spill: no frame is ever spilled."""
 
 
