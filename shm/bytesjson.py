@@ -7,9 +7,9 @@ second, so this module takes faster ways.
 The compiled codec ``shm._bytesjson`` (C, built at install time) does both when it is there.
 It encodes from a table of four bytes per input byte (2.5-6x orjson's numpy serializer) and
 decodes the region between the brackets in one pass (20-33x the orjson baseline in the runs so
-far), saying only valid or not; a plain scan (``_diagnose``) then names the first bad element. Without a C
-compiler (or with ``CPNODE_NO_EXTENSION=1`` at install) orjson encodes and the numpy decoder
-below decodes, about 5-6x the baseline: for text longer than ``SMALL_TEXT``::
+far), saying only valid or not; a plain scan (``_diagnose``) then names the first bad element.
+Without a C compiler (or with ``CPNODE_NO_EXTENSION=1`` at install) orjson encodes and the numpy
+decoder below decodes, about 5-6x the baseline: for text longer than ``SMALL_TEXT``::
 
     text ─ strip whitespace, check "[" … "]" ─► region between the brackets
     region ─ split at commas into ~256 KiB chunks (the temporaries stay in the CPU cache)
