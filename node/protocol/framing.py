@@ -33,7 +33,8 @@ try:  # the loop over whole small frames, compiled (see node/protocol/_speedups.
 except ImportError:  # built without a C compiler
     _split_frames = None
 _NEVER: Final = sys.maxsize
-"""`spill_from` for a decoder without a spill: no frame is ever spilled."""
+"""`spill_from` for a decoder without a spill (no frame is ever spilled), and the largest limit
+handed to the compiled loop (a Py_ssize_t; 2**31 - 1 on a 32-bit build)."""
 
 
 class Spill(Protocol):
@@ -142,7 +143,7 @@ class FrameDecoder:
                     if _split_frames is not None:
                         # The whole small frames in C; the frame it stops at is handled below.
                         spill_from = self.spill_from if self.spill is not None else _NEVER
-                        pos = _split_frames(data, pos, limit, spill_from, out)
+                        pos = _split_frames(data, pos, min(limit, _NEVER), spill_from, out)
                         if end - pos < 4:
                             continue
                     (length,) = _unpack_header(data, pos)
