@@ -36,6 +36,7 @@ from node.health import HealthServer
 from node.iotasks import IoTaskRunner
 from node.link import LinkState, MasterLink, NoMasterError
 from node.protocol import messages as m
+from shm import native
 from shm.errors import NodeDirectoryInUse
 from shm.nodedir import NodeDirectory, claim_node_dir
 from shm.segments import IncomingSegment, discard_spilled, spilled
@@ -137,6 +138,12 @@ class Node:
                 len(self.pool.workers),
                 self.link.peer,
             )
+            # Once per run: which compiled hot paths this install has (a missing one is a
+            # slower node, not a broken one, but an operator should know why).
+            if native.missing():
+                log.warning("%s", native.summary())
+            else:
+                log.info("%s", native.summary())
 
     def request_stop(self) -> None:
         """First call: drain. Second call: stop at once."""

@@ -36,11 +36,9 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-_compiled: types.ModuleType | None
-try:
-    from shm import _bytesjson as _compiled
-except ImportError:  # built without a C compiler: the numpy decoder serves
-    _compiled = None
+from shm import native
+
+_compiled: types.ModuleType | None = native.load("shm._bytesjson")  # None: numpy and orjson serve
 
 __all__ = ["SMALL_TEXT", "ByteArrayError", "decode_byte_array", "encode_byte_array"]
 

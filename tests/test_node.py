@@ -20,6 +20,7 @@ from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder
+from shm import native
 from tests.nodeproc import NodeProcess
 from workers.pool import WorkerPool
 from workers.tasks import WorkerSettings
@@ -66,6 +67,10 @@ def test_node_runs_10000_compute_tasks_correctly(tmp_path: Path, node: NodeProce
     tasks: list[m.Task] = [m.Compute(f"{i}*2+{i % 5}") for i in range(10_000)]
     results = run_tasks(tmp_path / "join.json", tasks)
     assert results == [m.Number(float(i * 2 + i % 5)) for i in range(10_000)]
+    # The start-up line says which compiled hot paths run (all of them, in this install).
+    node.wait_for_log("compiled hot paths in use")
+    if os.environ.get("CPNODE_NO_EXTENSION", "") in ("", "0"):
+        assert f"compiled hot paths in use: {', '.join(native.MODULES)}\n" in node.log
 
 
 def test_every_compute_vector_through_the_node(tmp_path: Path, node: NodeProcess) -> None:

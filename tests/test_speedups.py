@@ -118,3 +118,18 @@ def test_assign_task_ids_of_real_tasks() -> None:
     payloads = [ASSIGN(m.AssignTask(ident, m.Compute("1"))) for ident in ["t1", "", "é", 'a"b']]
     assert _speedups.assign_task_ids(payloads) == ["t1", "", "é", None]
     assert codec.python_assign_task_ids(payloads) == ["t1", "", "é", None]
+
+
+def test_native_load_keeps_the_reason_a_module_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shm import native
+
+    assert native.missing() == {}  # this install has every compiled module
+    assert native.summary() == f"compiled hot paths in use: {', '.join(native.MODULES)}"
+    monkeypatch.setattr(native, "MODULES", (*native.MODULES, "shm._no_such_module"))
+    monkeypatch.setattr(native, "_missing", {})
+    assert native.load("shm._no_such_module") is None
+    assert "No module named 'shm._no_such_module'" in native.missing()["shm._no_such_module"]
+    assert native.summary().endswith(
+        "; running the Python code instead of shm._no_such_module "
+        "(No module named 'shm._no_such_module')"
+    )

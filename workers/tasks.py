@@ -33,6 +33,7 @@ import orjson
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
+from shm import native
 from shm.bytesjson import ByteArrayError
 from shm.segments import PayloadSegment, spill_reference
 from workers.expr import (
@@ -52,12 +53,9 @@ from workers.storage import (
     decode_blob_task,
 )
 
-_compiled_plain_result: Callable[[bytes], bytes | None] | None
-try:
-    from workers import _fastpath
-except ImportError:  # built without a C compiler: the Python path answers everything
-    _compiled_plain_result = None
-else:
+_compiled_plain_result: Callable[[bytes], bytes | None] | None = None
+_fastpath = native.load("workers._fastpath")
+if _fastpath is not None:  # else the Python path answers everything
     _fastpath.set_max_expression_bytes(MAX_EXPRESSION_BYTES)
     _compiled_plain_result = _fastpath.plain_result
 

@@ -30,6 +30,7 @@ import orjson
 from node.protocol import messages as m
 from node.protocol.errors import LocalProtocolError, RemoteProtocolError
 from node.protocol.framing import frame
+from shm import native
 
 _dumps = orjson.dumps
 _loads = orjson.loads
@@ -346,12 +347,11 @@ def python_assign_task_ids(payloads: list[bytes]) -> list[str | None]:
     return [assign_task_id(payload) for payload in payloads]
 
 
-assign_task_ids: Callable[[list[bytes]], list[str | None]]
+_speedups = native.load("node.protocol._speedups")
+assign_task_ids: Callable[[list[bytes]], list[str | None]] = (
+    python_assign_task_ids if _speedups is None else _speedups.assign_task_ids
+)
 """`assign_task_id` of each payload, in C where `_speedups` was built."""
-try:
-    from node.protocol._speedups import assign_task_ids
-except ImportError:  # built without a C compiler
-    assign_task_ids = python_assign_task_ids
 
 
 def peek_id(payload: bytes) -> str | None:

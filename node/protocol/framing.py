@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from node.protocol.errors import FrameTooLarge, LocalProtocolError
+from shm import native
 
 DEFAULT_MAX_FRAME_BYTES: Final = 1 << 30  # 1 GiB; a 16 MiB blob is ~57 MiB of JSON
 MAX_WIRE_LENGTH: Final = 0xFFFF_FFFF
@@ -27,11 +28,11 @@ _HEADER: Final = struct.Struct(">I")
 _unpack_header = _HEADER.unpack_from
 _pack_header = _HEADER.pack
 
-_split_frames: Callable[[bytes, int, int, int, list[bytes]], int] | None
-try:  # the loop over whole small frames, compiled (see node/protocol/_speedups.c)
-    from node.protocol._speedups import split_frames as _split_frames
-except ImportError:  # built without a C compiler
-    _split_frames = None
+# The loop over whole small frames, compiled (see node/protocol/_speedups.c), or None.
+_speedups = native.load("node.protocol._speedups")
+_split_frames: Callable[[bytes, int, int, int, list[bytes]], int] | None = (
+    None if _speedups is None else _speedups.split_frames
+)
 _NEVER: Final = sys.maxsize
 """`spill_from` for a decoder without a spill (no frame is ever spilled), and the largest limit
 handed to the compiled loop (a Py_ssize_t; 2**31 - 1 on a 32-bit build)."""
