@@ -31,22 +31,22 @@ def orjson_decode(text: bytes) -> bytes:
     return bytes(orjson.loads(text))
 
 
-def numpy_decode(text: bytes) -> bytes:
-    """Our decoder without its compiled part (an install without a C compiler)."""
-    saved, bytesjson._compiled = bytesjson._compiled, None
-    try:
-        return decode_byte_array(text)
-    finally:
-        bytesjson._compiled = saved
+def without_compiled(function: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    """`function` as an install without a C compiler runs it: numpy decodes, orjson's numpy
+    serializer encodes."""
+
+    def fallback(arg: bytes) -> bytes:
+        saved, bytesjson._compiled = bytesjson._compiled, None
+        try:
+            return function(arg)
+        finally:
+            bytesjson._compiled = saved
+
+    return fallback
 
 
-def numpy_encode(data: bytes) -> bytes:
-    """Our encoder without its compiled part: orjson's numpy serializer."""
-    saved, bytesjson._compiled = bytesjson._compiled, None
-    try:
-        return encode_byte_array(data)
-    finally:
-        bytesjson._compiled = saved
+numpy_decode = without_compiled(decode_byte_array)
+numpy_encode = without_compiled(encode_byte_array)
 
 
 def orjson_encode(data: bytes) -> bytes:

@@ -194,8 +194,9 @@ parse(const unsigned char *s, Py_ssize_t n, unsigned char *out, Py_ssize_t capac
             value = value * 10 + (s[p] - '0');
             p++;
         }
-        if (p - digits > 3 || (p < n && is_digit(s[p])) || (p - digits > 1 && s[digits] == '0')
-            || value > 255 || count >= capacity) {
+        /* The loop stops after a fourth digit: more than three digits is that case. */
+        if (p - digits > 3 || (p - digits > 1 && s[digits] == '0') || value > 255
+            || count >= capacity) {
             goto fail;
         }
         out[count] = (unsigned char)value;

@@ -5,7 +5,6 @@ result wherever the compiled one answers, and it declines only what it must leav
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,13 @@ from hypothesis import strategies as st
 
 from node.protocol import codec
 from node.protocol import messages as m
+from shm import native
 from workers import tasks
 from workers.expr import MAX_EXPRESSION_BYTES
 
 from .test_expr import PLAIN_EXPRESSIONS
 
-if os.environ.get("CPNODE_NO_EXTENSION", "") not in ("", "0"):
+if native.skipped_on_purpose():
     pytest.importorskip("workers._fastpath", reason="installed with CPNODE_NO_EXTENSION")
 from workers import _fastpath as fastpath
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from shm import bytesjson
+from shm import bytesjson, native
 from shm.bytesjson import ByteArrayError, decode_byte_array, encode_byte_array
 
 WHITESPACE = st.text(alphabet=" \t\n\r", max_size=3)
@@ -39,7 +39,7 @@ def vectorised(chunk_text: int) -> contextlib.AbstractContextManager[None]:
     return numpy_decoder(0, chunk_text)
 
 
-NO_EXTENSION = os.environ.get("CPNODE_NO_EXTENSION", "") not in ("", "0")
+NO_EXTENSION = native.skipped_on_purpose()
 
 
 @contextlib.contextmanager
@@ -116,8 +116,8 @@ def test_compiled_and_numpy_decoders_agree_on_long_texts(
 ) -> None:
     """Long enough (at least 60 elements, about 200 characters) to run through the compiled
     decoder's 16-character blocks; each of up to six edits replaces 0-3 characters somewhere
-    with whitespace, digits, commas or junk. Both decoders
-    return the same bytes or the same error, element and offset."""
+    with whitespace, digits, commas or junk. Both decoders return the same bytes or the same
+    error, element and offset."""
     text = bytearray(orjson.dumps(values))
     for where, width, fault in edits:
         at = 1 + int(where * (len(text) - 2))

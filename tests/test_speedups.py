@@ -5,7 +5,6 @@ stand in for (which stays the reference): `FrameDecoder.feed` with and without t
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 from hypothesis import example, given, settings
@@ -14,8 +13,9 @@ from hypothesis import strategies as st
 from node.protocol import codec, framing
 from node.protocol.errors import FrameTooLarge
 from node.protocol.framing import FrameDecoder, frame
+from shm import native
 
-if os.environ.get("CPNODE_NO_EXTENSION", "") not in ("", "0"):
+if native.skipped_on_purpose():
     pytest.importorskip("node.protocol._speedups", reason="installed with CPNODE_NO_EXTENSION")
 from node.protocol import _speedups  # an install without it fails here
 
@@ -121,8 +121,6 @@ def test_assign_task_ids_of_real_tasks() -> None:
 
 
 def test_native_load_keeps_the_reason_a_module_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shm import native
-
     assert native.missing() == {}  # this install has every compiled module
     assert native.summary() == f"compiled hot paths in use: {', '.join(native.MODULES)}"
     monkeypatch.setattr(native, "MODULES", (*native.MODULES, "shm._no_such_module"))

@@ -164,18 +164,17 @@ class TaskRunner:
         started = _perf_counter()
         result: Answer | None
         try:
-            if self._compiled_plain is not None:
-                result = self._compiled_plain(payload)
+            if self._expression_fast_path:
+                # A plain Compute: in C where built, else (or where C declines) by the regex.
+                compiled = self._compiled_plain
+                result = None if compiled is None else compiled(payload)
+                if result is None:
+                    plain = _PLAIN_COMPUTE(payload)
+                    if plain is not None:
+                        result = _plain_compute_result(*plain.groups())
                 if result is not None:
                     self.stats.record("Compute", False, _perf_counter() - started)
                     return result
-            if self._expression_fast_path:
-                plain = _PLAIN_COMPUTE(payload)
-                if plain is not None:
-                    result = _plain_compute_result(*plain.groups())
-                    if result is not None:
-                        self.stats.record("Compute", False, _perf_counter() - started)
-                        return result
             # A large payload is a blob task: parsing it whole to find out would cost seconds.
             fast = self._expression_fast_path and len(payload) < BLOB_FAST_PATH_BYTES
             result = self._run_expression(payload) if fast else None
