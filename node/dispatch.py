@@ -1,6 +1,6 @@
 """Frames from the master → batches for workers; worker results → the master link.
 
-    MasterLink ──accept_from_master([(id, payload), ...])──▶ pending (FIFO) ──flush, once per
+    MasterLink ──accept_from_master(ids, payloads)──▶ pending (FIFO, in runs) ──flush, once per
                                                               loop turn──▶ workers
     WorkerPool ──on_results(worker, n, frames)──▶ forget n ids ──▶ MasterLink.send_results
 
@@ -32,14 +32,14 @@ import asyncio
 import collections
 import logging
 import re
-import struct
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from node.protocol import codec
 from node.protocol import messages as m
-from node.protocol.framing import frame
+from node.protocol.framing import frame, frames_of
+from shm import native
 from shm.segments import spilled
 from workers.channel import Frames
 from workers.pool import Worker, WorkerLoss, WorkerPool, WorkerStatus
@@ -68,7 +68,10 @@ class Dispatcher:
             raise ValueError("prefetch must be >= 1")
         self.prefetch = prefetch
         self._send_results = send_results
-        self._pending: collections.deque[tuple[str, bytes]] = collections.deque()
+        # Tasks not yet sent to a worker, oldest first, in runs: (ids, payloads) of the same
+        # length (a read's new Computes are one run), `_pending_count` tasks in all.
+        self._pending: collections.deque[tuple[list[str], list[bytes]]] = collections.deque()
+        self._pending_count = 0
         # Payloads of the tasks pending or held by a worker, by id: a repeated id joins its task,
         # and a dead worker's tasks are dispatched again from here.
         self._held: dict[str, bytes] = {}
@@ -111,7 +114,7 @@ class Dispatcher:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self._pending_count
 
     @property
     def received_by_type(self) -> collections.Counter[str]:
@@ -131,41 +134,37 @@ class Dispatcher:
         """True when a worker could start a task now (the node should ask for more)."""
         prefetch = self.prefetch
         free = sum(min(prefetch - len(w.assigned), w.budget) for w in self._ready_workers())
-        return free > len(self._pending)
+        return free > self._pending_count
 
     def _ready_workers(self) -> list[Worker]:
         return [w for w in self._workers if w.status is WorkerStatus.READY]
 
     # ------------------------------------------------------------------------------- input
 
-    def accept_from_master(self, tasks: list[tuple[str, bytes]]) -> None:
-        """`accept` for the AssignTasks of one read from the master, (id, payload) in order: a
-        new `Compute` goes straight to the queue; anything else (a repeated id, another task
-        type, a drain, offloading) takes `accept`."""
+    def accept_from_master(self, ids: list[str], payloads: list[bytes]) -> None:
+        """`accept` for the AssignTasks of one read from the master, ids and payloads in
+        order: runs of new `Compute`s go straight to the queue (`claim_tasks`, in C where
+        built); anything else (a repeated id, another task type, a drain, offloading) takes
+        `accept`."""
         if not self._accepting or self.offload is not None:
-            for ident, payload in tasks:
+            for ident, payload in zip(ids, payloads, strict=True):
                 self.accept(ident, payload)
             return
         held = self._held
-        answered = self._answered
-        answered_before = self._answered_before
-        pending = self._pending
-        queued = 0
-        for ident, payload in tasks:
-            # As the master writes it, the variant follows the id (an id with escapes or
-            # non-ASCII text is longer on the wire than `ident`: `accept` finds those).
-            if (
-                ident in held
-                or ident in answered
-                or ident in answered_before
-                or not payload.startswith(_COMPUTE_AFTER_ID, _ID_START + len(ident))
-            ):
-                self.accept(ident, payload)
-                continue
-            held[ident] = payload
-            pending.append((ident, payload))
-            queued += 1
+        count = len(ids)
+        start = queued = 0
+        while start < count:
+            end = claim_tasks(ids, payloads, start, held, self._answered, self._answered_before)
+            if end - start == count:  # the whole read, the common case
+                self._pending.append((ids, payloads))
+            elif end > start:
+                self._pending.append((ids[start:end], payloads[start:end]))
+            queued += end - start
+            if end < count:
+                self.accept(ids[end], payloads[end])
+            start = end + 1
         if queued:
+            self._pending_count += queued
             self.received += queued
             self.idle.clear()
             self._schedule_flush()
@@ -221,7 +220,12 @@ class Dispatcher:
         ):
             self.io_running += 1
             return
-        self._pending.append((ident, payload))
+        self._queue(ident, payload)
+
+    def _queue(self, ident: str, payload: bytes) -> None:
+        """Put one task at the end of the queue."""
+        self._pending.append(([ident], [payload]))
+        self._pending_count += 1
         self._schedule_flush()
 
     def _resend(self, ident: str, payload: bytes) -> bool:
@@ -270,8 +274,7 @@ class Dispatcher:
     def run_locally(self, ident: str, payload: bytes) -> None:
         """Take back an offloaded task (its peer was lost) and queue it for the workers."""
         self.io_running -= 1
-        self._pending.append((ident, payload))
-        self._schedule_flush()
+        self._queue(ident, payload)
 
     def _route(self, blob: Frames, idents: list[str]) -> None:
         """Send result frames (one per id, in order) to the master or the links they came
@@ -302,7 +305,7 @@ class Dispatcher:
         the rest (`WorkerPool.stop_starting` has the workers answer those they did not start
         through `skipped`)."""
         self._accepting = False
-        dropped = [ident for ident, _ in self._pending]
+        dropped = [ident for ids, _ in self._pending for ident in ids]
         for ident in dropped:
             payload = self._held.pop(ident, None)
             if payload is not None:
@@ -314,6 +317,7 @@ class Dispatcher:
                 reply(frame(codec.task_result_payload(ident, stopping)), [ident])
                 dropped.remove(ident)
         self._pending.clear()
+        self._pending_count = 0
         if dropped:
             self.handed_back += len(dropped)
             self.last_handed_back_at = time.monotonic()
@@ -358,23 +362,36 @@ class Dispatcher:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        pending = self._pending
-        if not pending:
+        if not self._pending:
             return
         workers = sorted(self._ready_workers(), key=lambda w: len(w.assigned))
         for worker in workers:
             room = min(self.prefetch - len(worker.assigned), worker.budget)
-            if room <= 0 or not pending:
+            if room <= 0 or not self._pending:
                 continue
-            take = min(room, len(pending))
-            ids = []
-            frames: list[bytes] = []
-            for _ in range(take):
-                ident, payload = pending.popleft()
-                ids.append(ident)
-                frames += (_pack_length(len(payload)), payload)  # one copy, in the join
+            ids, payloads = self._take(room)
             assert self.pool is not None
-            self.pool.send(worker, ids, b"".join(frames))
+            self.pool.send(worker, ids, frames_of(payloads))
+
+    def _take(self, most: int) -> tuple[list[str], list[bytes]]:
+        """Up to `most` of the oldest pending tasks, off the queue: (ids, payloads)."""
+        pending = self._pending
+        ids, payloads = pending.popleft()
+        if len(ids) > most:  # the rest of the run stays first in line
+            pending.appendleft((ids[most:], payloads[most:]))
+            ids, payloads = ids[:most], payloads[:most]
+        elif len(ids) < most and pending:
+            ids, payloads = list(ids), list(payloads)
+            while pending and len(ids) < most:
+                more_ids, more_payloads = pending.popleft()
+                room = most - len(ids)
+                if len(more_ids) > room:
+                    pending.appendleft((more_ids[room:], more_payloads[room:]))
+                    more_ids, more_payloads = more_ids[:room], more_payloads[:room]
+                ids += more_ids
+                payloads += more_payloads
+        self._pending_count -= len(ids)
+        return ids, payloads
 
     # ------------------------------------------------------------------------------- workers
 
@@ -453,7 +470,9 @@ class Dispatcher:
                 "re-dispatching %d tasks worker %d never started", len(never_started), worker.index
             )
         requeue.extend(never_started)
-        self._pending.extendleft(reversed(requeue))
+        if requeue:
+            self._pending.appendleft(([i for i, _ in requeue], [p for _, p in requeue]))
+            self._pending_count += len(requeue)
         self._schedule_flush()
         self._check_idle()
 
@@ -468,12 +487,44 @@ _IDEMPOTENT = frozenset(
 _COMPUTE_MARK = b'"task":{"Compute":'
 _ID_START = len(b'{"AssignTask":{"id":"')
 _COMPUTE_AFTER_ID = b'",' + _COMPUTE_MARK
-_pack_length = struct.Struct(">I").pack
 _IO_TASKS = frozenset({"HttpRequest", "Tcp", "Udp"})
 # How far into a payload its task's variant is looked for: past an id of any sane length (the
 # search stops at the first match, right after the id, in every payload but a malformed one).
 _VARIANT_WINDOW = 64 * 1024
 _TASK_VARIANT = re.compile(rb'"task"\s*:\s*(?:\{\s*)?"([A-Za-z]+)"')
+
+
+def python_claim_tasks(
+    ids: list[str],
+    payloads: list[bytes],
+    start: int,
+    held: dict[str, bytes],
+    answered: dict[str, bytes],
+    answered_before: dict[str, bytes],
+) -> int:
+    """Claim the run of new `Compute`s from `start`: hold each (``held[id] = payload``) until
+    one is not, and return its index (``len(ids)`` when all were). Not one: an id held,
+    answered or repeated within the run, another task type, or an id whose wire form is longer
+    than its text (escapes, non-ASCII: as the master writes it, the variant follows the id).
+    The reference of the compiled `claim_tasks`."""
+    for index in range(start, len(ids)):
+        ident = ids[index]
+        if (
+            ident in held
+            or ident in answered
+            or ident in answered_before
+            or not payloads[index].startswith(_COMPUTE_AFTER_ID, _ID_START + len(ident))
+        ):
+            return index
+        held[ident] = payloads[index]
+    return len(ids)
+
+
+_speedups = native.load("node.protocol._speedups")
+claim_tasks: Callable[
+    [list[str], list[bytes], int, dict[str, bytes], dict[str, bytes], dict[str, bytes]], int
+] = python_claim_tasks if _speedups is None else _speedups.claim_tasks
+"""`python_claim_tasks`, in C where `_speedups` was built."""
 
 
 def _is_idempotent(payload: bytes) -> bool:

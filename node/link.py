@@ -2,7 +2,7 @@
 
     endpoints (join.json's address, then master_addresses) ──connect──▶ token ──▶ "OK"
         ──▶ RegisterRole, GetConnectedNodes, Heartbeat ──▶ REGISTERED
-    bytes ──FrameDecoder──▶ payloads: AssignTask ──peek id──▶ on_assign([(id, payload), ...])
+    bytes ──FrameDecoder──▶ payloads: AssignTask ──peek id──▶ on_assign([id, ...], [payload, ...])
                                       HeartbeatAck ──▶ confirm the outbox
                                       anything else ──decode──▶ log / skip
     results (wire-ready frames) ──▶ outbox ──write──▶ master
@@ -48,7 +48,7 @@ import sys
 import termios
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from node.config import Config, JoinInfo, format_address
 from node.errors import CpnodeError
@@ -175,17 +175,24 @@ class _Connection(asyncio.Protocol):
         # The common frame, an AssignTask as every master writes it, goes to the dispatcher
         # with the others of this read, in one call; anything else takes `on_payload` (after
         # the tasks before it).
-        tasks: list[tuple[str, bytes]] = []
-        for ident, payload in zip(codec.assign_task_ids(payloads), payloads, strict=True):
+        ids = codec.assign_task_ids(payloads)
+        if None not in ids:  # a read of tasks only, the common case: no per-frame loop here
+            if ids:
+                link._on_assign(cast(list[str], ids), payloads)
+            return
+        run_ids: list[str] = []
+        run: list[bytes] = []
+        for ident, payload in zip(ids, payloads, strict=True):
             if ident is not None:
-                tasks.append((ident, payload))
+                run_ids.append(ident)
+                run.append(payload)
                 continue
-            if tasks:
-                link._on_assign(tasks)
-                tasks = []
+            if run:
+                link._on_assign(run_ids, run)
+                run_ids, run = [], []
             link.on_payload(payload)
-        if tasks:
-            link._on_assign(tasks)
+        if run:
+            link._on_assign(run_ids, run)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.decoder.spilling:
@@ -207,7 +214,7 @@ class MasterLink:
         join: JoinInfo,
         role: m.Role,
         *,
-        on_assign: Callable[[list[tuple[str, bytes]]], None],
+        on_assign: Callable[[list[str], list[bytes]], None],
         has_capacity: Callable[[], bool],
         on_registered: Callable[[], None] = lambda: None,
     ) -> None:
@@ -416,7 +423,7 @@ class MasterLink:
                 return
             ident = codec.assign_task_id(head) or codec.peek_id(head)
             if ident is not None:
-                self._on_assign([(ident, payload)])
+                self._on_assign([ident], [payload])
             elif error:  # the body went nowhere: no way to read the id after its head
                 self._skip_assign(f"a large frame, its id not in its head: {error}")
             else:
@@ -425,7 +432,7 @@ class MasterLink:
         if _is_assign(payload):
             ident = codec.assign_task_id(payload)
             if ident is not None:
-                self._on_assign([(ident, payload)])
+                self._on_assign([ident], [payload])
                 return
             try:
                 ident = codec.peek(payload).id
@@ -433,7 +440,7 @@ class MasterLink:
                 self._skip_assign(f"{len(payload)} bytes: {exc}")
                 return
             if ident is not None:
-                self._on_assign([(ident, payload)])
+                self._on_assign([ident], [payload])
             else:
                 self._skip_assign(f"{len(payload)} bytes")
             return
@@ -449,7 +456,7 @@ class MasterLink:
         if isinstance(message, m.HeartbeatAck):  # in another form than `_ACK_PAYLOAD`
             self._acked()
         elif isinstance(message, m.AssignTask):  # a form `_is_assign` missed (an escaped key)
-            self._on_assign([(message.id, payload)])
+            self._on_assign([message.id], [payload])
         elif isinstance(message, m.ConnectedNodes):
             self._check_listed(message.addrs)
         elif isinstance(message, m.ConnectionInfo) and self.on_connection_info is not None:
@@ -470,7 +477,7 @@ class MasterLink:
         def route(lookup: asyncio.Future[str | None]) -> None:
             ident = lookup.result()
             if ident is not None:
-                self._on_assign([(ident, payload)])
+                self._on_assign([ident], [payload])
                 return
             self._skip_assign(
                 "a large frame, its id neither in its head nor around a byte array; the node"

@@ -742,7 +742,7 @@ def test_the_dispatcher_finds_the_task_type_past_a_long_id_and_counts_every_form
         dispatcher.accept(long_id, codec.encode_payload(m.AssignTask(long_id, task)))
         compute = b'{"AssignTask":{"id":"a","task":{"Compute":{"expression":"1"}}}}'
         spaced = b'{"AssignTask": {"id": "b", "task": {"Compute": {"expression": "1"}}}}'
-        dispatcher.accept_from_master([("a", compute), ("b", spaced)])
+        dispatcher.accept_from_master(["a", "b"], [compute, spaced])
         return dispatcher
 
     ran: list[str] = []

@@ -203,7 +203,7 @@ def test_dispatcher_bookkeeping_on_the_compute_fast_path() -> None:
             ]
             payloads = {i: codec.encode_payload(m.AssignTask(i, task)) for i, task in tasks}
             # One read's worth from the master, a repeated id in it: it joins its task.
-            dispatcher.accept_from_master([*payloads.items(), ("a", payloads["a"])])
+            dispatcher.accept_from_master([*payloads, "a"], [*payloads.values(), payloads["a"]])
             assert not dispatcher.idle.is_set()
             assert dispatcher.held == 4 and dispatcher.pending == 4
             assert dispatcher.joined_duplicates == 1
@@ -223,5 +223,57 @@ def test_dispatcher_bookkeeping_on_the_compute_fast_path() -> None:
         }
         assert len(delivered) == 4
         assert dispatcher.held == 0 and dispatcher.completed == 4
+
+    asyncio.run(go())
+
+
+def test_dispatcher_queues_reads_in_runs_and_hands_them_out_in_order() -> None:
+    """Reads from the master queue as runs of tasks; a worker's batch splits a long run and
+    joins short ones, and every task reaches the worker in the order it arrived (a real worker
+    process, prefetch 3; its first task sleeps so the batches can be looked at)."""
+
+    async def go() -> None:
+        delivered: list[bytes] = []
+        dispatcher = Dispatcher(3, lambda blob, count: delivered.extend(FrameDecoder().feed(blob)))
+        settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
+        pool = WorkerPool(
+            1,
+            settings,
+            on_results=dispatcher.results,
+            on_worker_ready=dispatcher.worker_ready,
+            on_worker_lost=dispatcher.worker_lost,
+            start_method="spawn",
+        )
+        dispatcher.pool = pool
+        await pool.start()
+        reads = [
+            [("t0", "sleep 0.3"), *[(f"t{i}", f"{i}+0") for i in range(1, 5)]],
+            [("s", None), ("t5", "5+0")],  # a GetStorage between runs: a run of its own
+            [(f"t{i}", f"{i}+0") for i in range(6, 10)],
+        ]
+        order = [ident for read in reads for ident, _ in read]
+        try:
+            for read in reads:
+                ids = [ident for ident, _ in read]
+                tasks = [m.Compute(e) if e else m.GetStorage() for _, e in read]
+                payloads = [
+                    codec.encode_payload(m.AssignTask(i, t))
+                    for i, t in zip(ids, tasks, strict=True)
+                ]
+                dispatcher.accept_from_master(ids, payloads)
+            assert dispatcher.pending == len(order) and dispatcher.held == len(order)
+            await asyncio.sleep(0.1)  # flushed: the first 3 of the first run, the rest waits
+            assert list(pool.workers[0].assigned) == order[:3]
+            assert dispatcher.pending == len(order) - 3
+            await asyncio.wait_for(dispatcher.idle.wait(), 30)
+        finally:
+            await pool.stop()
+        answered = [codec.decode(p) for p in delivered]
+        assert [r.id for r in answered] == order  # type: ignore[union-attr]
+        assert [r.result for r in answered if r.id != "s"] == [  # type: ignore[union-attr]
+            m.Number(0.0),
+            *[m.Number(float(i)) for i in range(1, 10)],
+        ]
+        assert dispatcher.pending == 0 and dispatcher.held == 0 and dispatcher.completed == 11
 
     asyncio.run(go())

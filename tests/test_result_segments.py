@@ -170,7 +170,7 @@ def unconnected_link() -> MasterLink:
         Config(),
         JoinInfo("token", "127.0.0.1", 9),
         m.Role.Worker,
-        on_assign=lambda tasks: None,
+        on_assign=lambda ids, payloads: None,
         has_capacity=lambda: True,
     )
 
@@ -230,9 +230,9 @@ def test_repeated_ids_read_the_outbox_once_not_once_each(outbox_splits: list[int
         link.send_results(results_of(batch), batch)
         dispatcher._answered.update((i, payloads[i]) for i in batch)
     entries = len(link._outbox)
-    dispatcher.accept_from_master([(i, payloads[i]) for i in ids[:100]])
+    dispatcher.accept_from_master(ids[:100], [payloads[i] for i in ids[:100]])
     assert outbox_splits == [64, 64]  # the two entries of the first 100 ids, once each
-    dispatcher.accept_from_master([(i, payloads[i]) for i in ids[100:]])
+    dispatcher.accept_from_master(ids[100:], [payloads[i] for i in ids[100:]])
     assert dispatcher.results_resent == len(ids)
     assert len(outbox_splits) == entries  # each entry once; the resends are one frame each
     resent = b"".join(bytes(entry[1]) for entry in list(link._outbox)[entries:])  # type: ignore[call-overload]
@@ -302,7 +302,7 @@ def test_a_spilled_task_whose_id_follows_its_array_is_routed_after_an_off_loop_s
 
     async def scenario() -> None:
         link = unconnected_link()
-        link._on_assign = assigned.extend
+        link._on_assign = lambda ids, payloads: assigned.extend(zip(ids, payloads, strict=True))
         link.on_payload(reference)
         async with asyncio.timeout(10):
             while not assigned:
@@ -477,7 +477,7 @@ def test_a_burst_is_read_a_slice_per_turn_of_the_loop(kind: str) -> None:
         protocol: asyncio.Protocol
         if kind == "master link":
             link = unconnected_link()
-            link._on_assign = lambda tasks: arrived(len(tasks))
+            link._on_assign = lambda ids, payloads: arrived(len(ids))
             protocol = _Connection(link)
         else:
             protocol = DirectConnection(

@@ -131,3 +131,96 @@ def test_native_load_keeps_the_reason_a_module_is_missing(monkeypatch: pytest.Mo
         "; running the Python code instead of shm._no_such_module "
         "(No module named 'shm._no_such_module')"
     )
+
+
+# ------------------------------------------------------------------ frames_of, claim_tasks
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=300), max_size=20))
+def test_frames_of_is_the_frames_back_to_back(payloads: list[bytes]) -> None:
+    expected = b"".join(map(frame, payloads))
+    assert _speedups.frames_of(payloads) == expected
+    assert framing.python_frames_of(payloads) == expected
+    assert FrameDecoder().feed(expected) == payloads
+
+
+def test_frames_of_refuses_what_is_not_a_list_of_bytes() -> None:
+    with pytest.raises(TypeError):
+        _speedups.frames_of((b"a",))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _speedups.frames_of([b"a", "b"])  # type: ignore[list-item]
+
+
+def _task(ident: str, kind: str) -> bytes:
+    from node.protocol import messages as m
+
+    task = {"c": m.Compute("1+1"), "x": m.ComplexMath("1"), "s": m.GetStorage()}[kind]
+    return ASSIGN(m.AssignTask(ident, task))
+
+
+_IDS = st.sampled_from(["a", "b", "c", "t1", "é", 'q"', ""])
+
+
+@settings(max_examples=1500)
+@given(
+    st.lists(st.tuples(_IDS, st.sampled_from("ccccxs")), max_size=12),
+    st.sets(_IDS),
+    st.sets(_IDS),
+    st.sets(_IDS),
+    st.integers(0, 12),
+)
+@example([("a", "c"), ("b", "c"), ("a", "c")], set(), set(), set(), 0)  # repeated in the run
+def test_claim_tasks_claims_like_the_python_path(
+    tasks: list[tuple[str, str]],
+    held: set[str],
+    answered: set[str],
+    answered_before: set[str],
+    start: int,
+) -> None:
+    from node.dispatch import python_claim_tasks
+
+    ids = [ident for ident, _ in tasks]
+    payloads = [_task(ident, kind) for ident, kind in tasks]
+    start = min(start, len(ids))
+    outcomes = []
+    for claim in (_speedups.claim_tasks, python_claim_tasks):
+        holding = {ident: b"before" for ident in held}
+        end = claim(
+            ids,
+            payloads,
+            start,
+            holding,
+            dict.fromkeys(answered, b""),
+            dict.fromkeys(answered_before, b""),
+        )
+        outcomes.append((end, holding))
+    assert outcomes[0] == outcomes[1]
+    end, holding = outcomes[0]
+    # What it claimed: every task from start to end, each a new Compute with a plain id.
+    assert holding == {
+        **dict.fromkeys(held, b"before"),
+        **dict(zip(ids[start:end], payloads[start:end], strict=True)),
+    }
+    assert len(set(ids[start:end])) == end - start
+    if end < len(ids):  # and why it stopped there
+        ident = ids[end]
+        assert (
+            ident in holding
+            or ident in answered
+            or ident in answered_before
+            or tasks[end][1] != "c"
+            or not ident.isascii()
+            or '"' in ident
+        )
+
+
+def test_claim_tasks_refuses_bad_arguments() -> None:
+    payload = _task("a", "c")
+    with pytest.raises(ValueError):
+        _speedups.claim_tasks(["a"], [payload], 2, {}, {}, {})
+    with pytest.raises(ValueError):
+        _speedups.claim_tasks(["a"], [], 0, {}, {}, {})
+    with pytest.raises(TypeError):
+        _speedups.claim_tasks(["a"], [payload], 0, {}, {}, [])  # type: ignore[arg-type]
+    assert _speedups.claim_tasks([None], [payload], 0, {}, {}, {}) == 0  # type: ignore[list-item]
