@@ -5,6 +5,7 @@ result wherever the compiled one answers, and it declines only what it must leav
 from __future__ import annotations
 
 import json
+from array import array
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,11 @@ from hypothesis import strategies as st
 
 from node.protocol import codec
 from node.protocol import messages as m
+from node.protocol.framing import FrameDecoder
 from shm import native
-from workers import tasks
+from workers import tasks, worker
 from workers.expr import MAX_EXPRESSION_BYTES
+from workers.stats import BUCKETS_NS, COMPLETED, FAILED, FIRST_BUCKET, TaskStats
 
 from .test_expr import PLAIN_EXPRESSIONS
 
@@ -129,3 +132,95 @@ def test_the_upstream_corpus_is_answered_as_upstream_did() -> None:
             assert json.loads(answer)["TaskResult"]["result"] == vector["result"], line
             answered += 1
     assert answered >= 10  # the corpus's plain expressions
+
+
+# ------------------------------------------------------------------ plain_batch
+
+
+def _slot(run_limit: int = worker.NO_RUN_LIMIT) -> memoryview:
+    slot = memoryview(bytearray(8 * worker.PROGRESS_FIELDS)).cast("q")
+    slot[worker.RUN_LIMIT] = run_limit
+    return slot
+
+
+def _counts() -> array[int]:
+    return array("q", bytes(8 * (len(BUCKETS_NS) + 1)))
+
+
+def _batch(
+    payloads: list[bytes],
+    start: int = 0,
+    most: int = 1 << 20,
+    slot: memoryview | None = None,
+    seq: int = 0,
+    limit: int = 1 << 20,
+) -> tuple[int, list[bytes], memoryview, array[int], int]:
+    slot = _slot() if slot is None else slot
+    counts = _counts()
+    end, frames, nanoseconds = fastpath.plain_batch(
+        payloads, start, most, slot, seq, limit, BUCKETS_NS, counts
+    )
+    return end, FrameDecoder().feed(frames), slot, counts, nanoseconds
+
+
+PAYLOADS = st.lists(
+    st.sampled_from(["1+2", "7/2", "2^3", "1/0", "x", "3*4-5", "0.1+0.2", "1e300*1e300"]).map(
+        lambda text: codec.encode_payload(m.AssignTask("t", m.Compute(text)))
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=400)
+@given(PAYLOADS, st.integers(0, 30), st.integers(0, 30), st.integers(0, 1000))
+def test_plain_batch_runs_a_run_as_plain_result_answers_each(
+    payloads: list[bytes], start: int, most: int, seq: int
+) -> None:
+    start = min(start, len(payloads))
+    end, frames, slot, counts, nanoseconds = _batch(payloads, start, most, seq=seq)
+    answers = [fastpath.plain_result(p) for p in payloads]
+    # The run from `start` that plain_result answers, at most `most` of it.
+    expected_end = start
+    while expected_end < min(len(payloads), start + most) and answers[expected_end] is not None:
+        expected_end += 1
+    assert end == expected_end
+    assert frames == answers[start:end]
+    ran = end - start
+    assert slot[worker.STARTED] == slot[worker.FINISHED] == (seq + ran if ran else 0)
+    assert (slot[worker.STARTED_AT_NS] > 0) == (ran > 0)  # a declined task is not recorded
+    assert sum(counts) == ran and nanoseconds >= 0
+
+
+def test_plain_batch_stops_at_the_run_limit_and_at_an_oversized_result() -> None:
+    payloads = [codec.encode_payload(m.AssignTask(f"t{i}", m.Compute(f"{i}+1"))) for i in range(6)]
+    end, frames, slot, _, _ = _batch(payloads, slot=_slot(run_limit=12), seq=10)
+    assert end == 2 and len(frames) == 2  # tasks 11 and 12 run; 13 is past the limit
+    assert slot[worker.STARTED] == slot[worker.FINISHED] == 12
+    # A result above max_frame_bytes is left to the Python path (which answers an Error).
+    size = len(fastpath.plain_result(payloads[0]) or b"")
+    assert _batch(payloads, limit=size)[0] == 6
+    assert _batch(payloads, limit=size - 1)[0] == 0
+
+
+def test_plain_batch_counts_like_task_stats() -> None:
+    payloads = [codec.encode_payload(m.AssignTask("a", m.Compute("1")))] * 5
+    end, _, _, counts, nanoseconds = _batch(payloads)
+    stats = TaskStats()
+    stats.record_counted("Compute", nanoseconds / 1e9, counts)
+    row = stats.rows["Compute"]
+    assert end == 5 and row[COMPLETED] == 5 and row[FAILED] == 0
+    assert sum(row[FIRST_BUCKET:]) == 5 and list(counts) == [0] * len(counts)
+
+
+def test_plain_batch_refuses_bad_buffers() -> None:
+    payloads = [codec.encode_payload(m.AssignTask("a", m.Compute("1")))]
+    run = fastpath.plain_batch
+    with pytest.raises(ValueError):  # a slot too short
+        run(payloads, 0, 9, memoryview(bytearray(16)).cast("q"), 0, 99, BUCKETS_NS, _counts())
+    with pytest.raises(ValueError):  # counts too short
+        run(payloads, 0, 9, _slot(), 0, 99, BUCKETS_NS, array("q", [0]))
+    with pytest.raises(BufferError):  # a read-only slot
+        run(payloads, 0, 9, memoryview(bytes(64)), 0, 99, BUCKETS_NS, _counts())  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        run(payloads, 2, 9, _slot(), 0, 99, BUCKETS_NS, _counts())
+    assert run([b"x", *payloads], 0, 9, _slot(), 0, 99, BUCKETS_NS, _counts())[0] == 0

@@ -19,6 +19,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdint.h>
+#include <time.h>
 #include <string.h>
 
 static const char TASK_HEAD[] = "{\"AssignTask\":{\"id\":\"";
@@ -144,6 +146,83 @@ evaluate(const char *s, Py_ssize_t n, double *value)
     return 0;
 }
 
+/* Read and compute a plain Compute payload s[0:n]. On success (1), the id is s[*id_start:*id_end]
+ * and *number the result's shortest text (PyMem_Free it); 0: not one (the Python path answers
+ * it); -1: an error is set. */
+static int
+plain_parse(const char *s, Py_ssize_t n, Py_ssize_t *id_start, Py_ssize_t *id_end, char **number)
+{
+    Py_ssize_t fixed = LITERAL_LENGTH(TASK_HEAD) + LITERAL_LENGTH(TASK_MIDDLE)
+                       + LITERAL_LENGTH(TASK_TAIL);
+    if (n < fixed || memcmp(s, TASK_HEAD, LITERAL_LENGTH(TASK_HEAD)) != 0
+        || memcmp(s + n - LITERAL_LENGTH(TASK_TAIL), TASK_TAIL, LITERAL_LENGTH(TASK_TAIL)) != 0) {
+        return 0;
+    }
+    /* The id: printable ASCII without '"' or '\\', up to the first quote. */
+    Py_ssize_t p = LITERAL_LENGTH(TASK_HEAD);
+    while (p < n && s[p] != '"') {
+        unsigned char c = (unsigned char)s[p];
+        if (c < 0x20 || c > 0x7e || c == '\\') {
+            return 0;
+        }
+        p++;
+    }
+    if (n - p < (Py_ssize_t)(LITERAL_LENGTH(TASK_MIDDLE) + LITERAL_LENGTH(TASK_TAIL))
+        || memcmp(s + p, TASK_MIDDLE, LITERAL_LENGTH(TASK_MIDDLE)) != 0) {
+        return 0;
+    }
+    Py_ssize_t expression_start = p + LITERAL_LENGTH(TASK_MIDDLE);
+    Py_ssize_t expression_length = n - LITERAL_LENGTH(TASK_TAIL) - expression_start;
+    if (expression_length > max_expression_bytes) {
+        return 0;
+    }
+    double value;
+    int status = evaluate(s + expression_start, expression_length, &value);
+    if (status == -2) {
+        return -1;
+    }
+    if (status < 0 || !isfinite(value)) {
+        return 0;
+    }
+    char *text = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) {
+        return -1;
+    }
+    if (strchr(text, 'e') != NULL) {
+        PyMem_Free(text);
+        return 0;
+    }
+    *id_start = LITERAL_LENGTH(TASK_HEAD);
+    *id_end = p;
+    *number = text;
+    return 1;
+}
+
+/* The length of the TaskResult payload for an id and a number of these lengths. */
+static inline Py_ssize_t
+result_length(Py_ssize_t id_length, Py_ssize_t number_length)
+{
+    return LITERAL_LENGTH(RESULT_HEAD) + id_length + LITERAL_LENGTH(RESULT_MIDDLE) + number_length
+           + LITERAL_LENGTH(RESULT_TAIL);
+}
+
+/* Write the TaskResult payload at out (result_length bytes); return where it ends. */
+static char *
+write_result(char *out, const char *id, Py_ssize_t id_length, const char *number,
+             Py_ssize_t number_length)
+{
+    memcpy(out, RESULT_HEAD, LITERAL_LENGTH(RESULT_HEAD));
+    out += LITERAL_LENGTH(RESULT_HEAD);
+    memcpy(out, id, id_length);
+    out += id_length;
+    memcpy(out, RESULT_MIDDLE, LITERAL_LENGTH(RESULT_MIDDLE));
+    out += LITERAL_LENGTH(RESULT_MIDDLE);
+    memcpy(out, number, number_length);
+    out += number_length;
+    memcpy(out, RESULT_TAIL, LITERAL_LENGTH(RESULT_TAIL));
+    return out + LITERAL_LENGTH(RESULT_TAIL);
+}
+
 static PyObject *
 plain_result(PyObject *module, PyObject *arg)
 {
@@ -151,70 +230,164 @@ plain_result(PyObject *module, PyObject *arg)
         Py_RETURN_NONE; /* a mapped segment or a bytearray: never a small plain task */
     }
     const char *s = PyBytes_AS_STRING(arg);
-    Py_ssize_t n = PyBytes_GET_SIZE(arg);
-    Py_ssize_t fixed = LITERAL_LENGTH(TASK_HEAD) + LITERAL_LENGTH(TASK_MIDDLE)
-                       + LITERAL_LENGTH(TASK_TAIL);
-    if (n < fixed || memcmp(s, TASK_HEAD, LITERAL_LENGTH(TASK_HEAD)) != 0
-        || memcmp(s + n - LITERAL_LENGTH(TASK_TAIL), TASK_TAIL, LITERAL_LENGTH(TASK_TAIL)) != 0) {
-        Py_RETURN_NONE;
-    }
-    /* The id: printable ASCII without '"' or '\\', up to the first quote. */
-    Py_ssize_t id_start = LITERAL_LENGTH(TASK_HEAD);
-    Py_ssize_t p = id_start;
-    while (p < n && s[p] != '"') {
-        unsigned char c = (unsigned char)s[p];
-        if (c < 0x20 || c > 0x7e || c == '\\') {
+    Py_ssize_t id_start, id_end;
+    char *number;
+    int status = plain_parse(s, PyBytes_GET_SIZE(arg), &id_start, &id_end, &number);
+    if (status <= 0) {
+        if (status == 0) {
             Py_RETURN_NONE;
         }
-        p++;
-    }
-    Py_ssize_t id_end = p;
-    if (n - id_end < (Py_ssize_t)(LITERAL_LENGTH(TASK_MIDDLE) + LITERAL_LENGTH(TASK_TAIL))
-        || memcmp(s + id_end, TASK_MIDDLE, LITERAL_LENGTH(TASK_MIDDLE)) != 0) {
-        Py_RETURN_NONE;
-    }
-    Py_ssize_t expression_start = id_end + LITERAL_LENGTH(TASK_MIDDLE);
-    Py_ssize_t expression_length = n - LITERAL_LENGTH(TASK_TAIL) - expression_start;
-    if (expression_length > max_expression_bytes) {
-        Py_RETURN_NONE;
-    }
-    double value;
-    int status = evaluate(s + expression_start, expression_length, &value);
-    if (status == -2) {
         return NULL;
-    }
-    if (status < 0 || !isfinite(value)) {
-        Py_RETURN_NONE;
-    }
-    char *number = PyOS_double_to_string(value, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-    if (number == NULL) {
-        return NULL;
-    }
-    if (strchr(number, 'e') != NULL) {
-        PyMem_Free(number);
-        Py_RETURN_NONE;
     }
     Py_ssize_t number_length = (Py_ssize_t)strlen(number);
-    Py_ssize_t id_length = id_end - id_start;
-    PyObject *result = PyBytes_FromStringAndSize(
-        NULL, LITERAL_LENGTH(RESULT_HEAD) + id_length + LITERAL_LENGTH(RESULT_MIDDLE)
-                  + number_length + LITERAL_LENGTH(RESULT_TAIL));
-    if (result == NULL) {
-        PyMem_Free(number);
-        return NULL;
+    PyObject *result = PyBytes_FromStringAndSize(NULL, result_length(id_end - id_start, number_length));
+    if (result != NULL) {
+        write_result(PyBytes_AS_STRING(result), s + id_start, id_end - id_start, number,
+                     number_length);
     }
-    char *out = PyBytes_AS_STRING(result);
-    memcpy(out, RESULT_HEAD, LITERAL_LENGTH(RESULT_HEAD));
-    out += LITERAL_LENGTH(RESULT_HEAD);
-    memcpy(out, s + id_start, id_length);
-    out += id_length;
-    memcpy(out, RESULT_MIDDLE, LITERAL_LENGTH(RESULT_MIDDLE));
-    out += LITERAL_LENGTH(RESULT_MIDDLE);
-    memcpy(out, number, number_length);
-    out += number_length;
-    memcpy(out, RESULT_TAIL, LITERAL_LENGTH(RESULT_TAIL));
     PyMem_Free(number);
     return result;
+}
+
+/* plain_batch: the progress slot's fields (workers/worker.py, PROGRESS_FIELDS). */
+enum { STARTED = 0, STARTED_AT_NS = 1, FINISHED = 2, RUN_LIMIT = 3, PROGRESS_FIELDS = 4 };
+
+static int64_t
+monotonic_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now); /* what time.monotonic_ns() reads on Linux */
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
+static PyObject *
+plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "plain_batch() takes payloads, start, most, progress, "
+                                         "seq, max_result_bytes, bounds, counts");
+        return NULL;
+    }
+    PyObject *payloads = args[0];
+    if (!PyList_Check(payloads)) {
+        PyErr_SetString(PyExc_TypeError, "plain_batch(): payloads must be a list");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t most = PyLong_AsSsize_t(args[2]);
+    long long seq = PyLong_AsLongLong(args[4]);
+    Py_ssize_t max_result = PyLong_AsSsize_t(args[5]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (start < 0 || start > PyList_GET_SIZE(payloads) || most < 0) {
+        PyErr_SetString(PyExc_ValueError, "plain_batch(): start or most out of range");
+        return NULL;
+    }
+    Py_buffer progress, bounds, counts;
+    if (PyObject_GetBuffer(args[3], &progress, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[6], &bounds, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&progress);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[7], &counts, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&bounds);
+        PyBuffer_Release(&progress);
+        return NULL;
+    }
+    PyObject *out = NULL, *answer = NULL;
+    Py_ssize_t nbounds = bounds.len / (Py_ssize_t)sizeof(int64_t);
+    if (progress.len < PROGRESS_FIELDS * (Py_ssize_t)sizeof(int64_t)
+        || ((uintptr_t)progress.buf % sizeof(int64_t)) != 0
+        || counts.len < (nbounds + 1) * (Py_ssize_t)sizeof(int64_t)
+        || ((uintptr_t)bounds.buf % sizeof(int64_t)) != 0
+        || ((uintptr_t)counts.buf % sizeof(int64_t)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "plain_batch(): progress, bounds or counts too short "
+                                          "or misaligned for int64 fields");
+        goto done;
+    }
+    volatile int64_t *slot = (volatile int64_t *)progress.buf;
+    const int64_t *bound = (const int64_t *)bounds.buf;
+    int64_t *count = (int64_t *)counts.buf;
+    /* Every result is at most its task's payload + 8 bytes (see result_length), + its prefix. */
+    Py_ssize_t stop = PyList_GET_SIZE(payloads);
+    if (stop - start > most) {
+        stop = start + most;
+    }
+    Py_ssize_t capacity = 0;
+    for (Py_ssize_t i = start; i < stop; i++) {
+        PyObject *payload = PyList_GET_ITEM(payloads, i);
+        if (!PyBytes_Check(payload)) {
+            stop = i;
+            break;
+        }
+        capacity += PyBytes_GET_SIZE(payload) + 12;
+    }
+    out = PyBytes_FromStringAndSize(NULL, capacity);
+    if (out == NULL) {
+        goto done;
+    }
+    char *write = PyBytes_AS_STRING(out);
+    int64_t total_ns = 0;
+    int64_t then = monotonic_ns();
+    Py_ssize_t i = start;
+    for (; i < stop; i++) {
+        if (seq + 1 > slot[RUN_LIMIT]) {
+            break; /* a drain: the Python loop skips the rest */
+        }
+        PyObject *payload = PyList_GET_ITEM(payloads, i);
+        const char *s = PyBytes_AS_STRING(payload);
+        Py_ssize_t id_start, id_end;
+        char *number;
+        /* Computed before it is recorded as started: a plain expression takes microseconds at
+           most, and one that is not for this path is left unrecorded to the Python loop. */
+        int status = plain_parse(s, PyBytes_GET_SIZE(payload), &id_start, &id_end, &number);
+        if (status <= 0) {
+            if (status < 0) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            break;
+        }
+        Py_ssize_t number_length = (Py_ssize_t)strlen(number);
+        Py_ssize_t length = result_length(id_end - id_start, number_length);
+        if (length > max_result || length + 4 > capacity - (write - PyBytes_AS_STRING(out))) {
+            PyMem_Free(number);
+            break;
+        }
+        slot[STARTED_AT_NS] = then;
+        slot[STARTED] = seq + 1;
+        write[0] = (char)((uint32_t)length >> 24);
+        write[1] = (char)((uint32_t)length >> 16);
+        write[2] = (char)((uint32_t)length >> 8);
+        write[3] = (char)length;
+        write = write_result(write + 4, s + id_start, id_end - id_start, number, number_length);
+        PyMem_Free(number);
+        seq++;
+        int64_t now = monotonic_ns();
+        slot[FINISHED] = seq;
+        int64_t took = now - then;
+        then = now;
+        total_ns += took;
+        Py_ssize_t bucket = 0;
+        while (bucket < nbounds && took > bound[bucket]) {
+            bucket++;
+        }
+        count[bucket]++;
+    }
+    if (_PyBytes_Resize(&out, write - PyBytes_AS_STRING(out)) < 0) {
+        goto done; /* out is NULL now */
+    }
+    answer = Py_BuildValue("(nNL)", i, out, (long long)total_ns);
+    out = NULL; /* the tuple holds it (or it was released on failure) */
+done:
+    Py_XDECREF(out);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&bounds);
+    PyBuffer_Release(&progress);
+    return answer;
 }
 
 static PyObject *
@@ -233,6 +406,11 @@ static PyMethodDef methods[] = {
      "plain_result(payload) -> bytes | None\n\n"
      "The TaskResult payload of a plain Compute AssignTask payload, or None: the Python path\n"
      "answers it (see workers/_fastpath.c)."},
+    {"plain_batch", (PyCFunction)(void (*)(void))plain_batch, METH_FASTCALL,
+     "plain_batch(payloads, start, most, progress, seq, max_result_bytes, bounds, counts)\n"
+     "    -> (end, frames, nanoseconds)\n\n"
+     "Run the plain Computes of payloads[start:start+most] in order, as the worker's loop runs\n"
+     "each (progress slot written per task), until one is not plain: see workers/worker.py."},
     {"set_max_expression_bytes", set_max_expression_bytes, METH_O,
      "set_max_expression_bytes(limit: int) -> None\n\n"
      "Expressions longer than this go to the Python path (workers.expr.MAX_EXPRESSION_BYTES)."},

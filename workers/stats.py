@@ -8,6 +8,7 @@ nothing per task: `merge` adds the latest snapshot of every worker that ever liv
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Iterable
 from typing import Final
 
@@ -15,6 +16,8 @@ import orjson
 
 # Upper bounds (seconds) of the execution-time histogram; one more bucket catches the rest.
 BUCKETS: Final = (1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 60.0)
+# The same bounds in nanoseconds, for counting in C (`workers._fastpath.plain_batch`).
+BUCKETS_NS: Final = array("q", (round(bound * 1e9) for bound in BUCKETS))
 # Layout of one kind's row: completed, failed, sum of seconds, then the bucket counts.
 COMPLETED, FAILED, SECONDS, FIRST_BUCKET = 0, 1, 2, 3
 
@@ -36,6 +39,19 @@ class TaskStats:
             row[FAILED] += 1
         row[SECONDS] += seconds
         row[FIRST_BUCKET + bisect.bisect_left(BUCKETS, seconds)] += 1
+
+    def record_counted(self, kind: str, seconds: float, counts: array[int]) -> None:
+        """Record tasks counted elsewhere, none failed: `counts` per bucket of `BUCKETS_NS`
+        (as `record` would have put them), `seconds` their sum; `counts` is zeroed."""
+        row = self.rows.get(kind)
+        if row is None:
+            row = self.rows[kind] = empty_row()
+        row[COMPLETED] += sum(counts)
+        row[SECONDS] += seconds
+        for bucket, count in enumerate(counts):
+            if count:
+                row[FIRST_BUCKET + bucket] += count
+                counts[bucket] = 0
 
     def snapshot(self) -> bytes:
         return orjson.dumps(self.rows)

@@ -25,6 +25,7 @@ import logging
 import re
 import time
 import typing
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,11 +54,19 @@ from workers.storage import (
     decode_blob_task,
 )
 
+PlainBatch = Callable[
+    [list[bytes], int, int, memoryview, int, int, "array[int]", "array[int]"],
+    tuple[int, bytes, int],
+]
+"""`workers._fastpath.plain_batch`: (payloads, start, most, progress, seq, max_result_bytes,
+bounds_ns, counts) -> (end, frames, nanoseconds)."""
 _compiled_plain_result: Callable[[bytes], bytes | None] | None = None
+_compiled_plain_batch: PlainBatch | None = None
 _fastpath = native.load("workers._fastpath")
 if _fastpath is not None:  # else the Python path answers everything
     _fastpath.set_max_expression_bytes(MAX_EXPRESSION_BYTES)
     _compiled_plain_result = _fastpath.plain_result
+    _compiled_plain_batch = _fastpath.plain_batch
 
 log = logging.getLogger("cpnode.worker")
 
@@ -143,6 +152,8 @@ class TaskRunner:
             self._executors[_task_type(kind)] = load_executor(spec)
         self._expression_fast_path = not {"Compute", "ComplexMath"} & settings.executors.keys()
         self._compiled_plain = _compiled_plain_result if self._expression_fast_path else None
+        # The worker's loop runs runs of plain Computes with this, in C (see workers/worker.py).
+        self.plain_batch = _compiled_plain_batch if self._expression_fast_path else None
 
     def run_task(self, task: m.Task) -> Answer:
         """Execute `task`; return its encoded result (never raises for a task's own failure)."""
