@@ -18,6 +18,12 @@ time tasks out and to know, when a worker dies, which of its tasks it had starte
 lowers the slot's run limit: the worker finishes the task it runs and answers the tasks it has
 not started with one `SKIPPED` message, so the supervisor can hand them back.
 
+Runs of plain `Compute` tasks (the commonest kind, see workers/_fastpath.c) go through one C
+call per run of up to `PLAIN_BATCH_MOST` (`plain_batch`), which writes the progress slot for
+each task as this loop does (started after it was computed: a pure expression of bounded
+length) and counts their times into the stats buckets; any other task is run here, one at a
+time, by `TaskRunner.run_payload`.
+
 It exits when the channel closes (the supervisor stopped or died) and, through
 PR_SET_PDEATHSIG, when the process that spawned it dies, even in the middle of a task.
 """
@@ -252,45 +258,39 @@ def _serve(
         total = len(payloads)
         index = 0
         while index < total:
+            ran = 0
             if plain_batch is not None:
-                # A run of plain Computes, in C: each recorded in the progress slot as the
-                # loop below records it, all their frames in one piece.
+                # A run of plain Computes, in C: each recorded in the progress slot as below,
+                # their frames in one piece.
                 end, blob, nanoseconds = plain_batch(
                     payloads, index, PLAIN_BATCH_MOST, progress, seq, max_frame_bytes,
                     BUCKETS_NS, counts,
                 )  # fmt: skip
-                if end > index:
-                    frames.append((end - index, blob))
+                ran = end - index
+                if ran:
+                    frames.append((ran, blob))
                     record_counted("Compute", nanoseconds / 1e9, counts)
-                    seq += end - index
+                    seq += ran
                     index = end
-                    if index < total:
-                        if not flusher_on:
-                            flusher_on = True
-                            busy.set()
-                            flushed = clock()
-                        elif clock() - flushed > FLUSH_AFTER_S:
-                            sender.flush()
-                            flushed = clock()
+            if not ran:  # any other task, one at a time
+                payload = payloads[index]
+                index += 1
+                seq += 1
+                if seq > progress[run_limit]:
+                    # Not run. Recorded as finished before it is recorded as started, so the
+                    # supervisor's timeout check never sees it running.
+                    progress[finished] = seq
+                    progress[started] = seq
+                    skipped += 1
                     continue
-            payload = payloads[index]
-            index += 1
-            seq += 1
-            if seq > progress[run_limit]:
-                # Not run. Recorded as finished before it is recorded as started, so the
-                # supervisor's timeout check never sees it running.
-                progress[finished] = seq
+                progress[started_at_ns] = clock_ns()
                 progress[started] = seq
-                skipped += 1
-                continue
-            progress[started_at_ns] = clock_ns()
-            progress[started] = seq
-            result = run(payload)
-            if len(result) < large:
-                frames.append((1, frame(bytes(result))))
-            else:
-                sender.send_large(result)
-            progress[finished] = seq
+                result = run(payload)
+                if len(result) < large:
+                    frames.append((1, frame(bytes(result))))
+                else:
+                    sender.send_large(result)
+                progress[finished] = seq
             if index < total:
                 if not flusher_on:
                     flusher_on = True
