@@ -152,22 +152,22 @@ class Dispatcher:
             return
         held = self._held
         count = len(ids)
-        start = queued = 0
+        start = 0
         while start < count:
             end = claim_tasks(ids, payloads, start, held, self._answered, self._answered_before)
-            if end - start == count:  # the whole read, the common case
-                self._pending.append((ids, payloads))
-            elif end > start:
-                self._pending.append((ids[start:end], payloads[start:end]))
-            queued += end - start
+            if end > start:
+                # Counted and scheduled before the next `accept`, which may raise.
+                if end - start == count:  # the whole read, the common case
+                    self._pending.append((ids, payloads))
+                else:
+                    self._pending.append((ids[start:end], payloads[start:end]))
+                self._pending_count += end - start
+                self.received += end - start
+                self.idle.clear()
+                self._schedule_flush()
             if end < count:
                 self.accept(ids[end], payloads[end])
             start = end + 1
-        if queued:
-            self._pending_count += queued
-            self.received += queued
-            self.idle.clear()
-            self._schedule_flush()
 
     def accept(self, ident: str, payload: bytes, reply: ResultSink | None = None) -> None:
         """Queue an `AssignTask` payload (its id read by `codec.peek`); its result goes to

@@ -277,3 +277,24 @@ def test_dispatcher_queues_reads_in_runs_and_hands_them_out_in_order() -> None:
         assert dispatcher.pending == 0 and dispatcher.held == 0 and dispatcher.completed == 11
 
     asyncio.run(go())
+
+
+def test_a_failing_slow_path_leaves_the_queued_run_counted() -> None:
+    """A run claimed from a read stays counted and scheduled when handling a later task of
+    that read raises (here the removal of a repeated task's payload)."""
+
+    async def go() -> None:
+        dispatcher = Dispatcher(4, lambda blob, ids: None)
+
+        def discard(payload: bytes) -> None:
+            raise OSError("segment removal failed")
+
+        dispatcher.discard = discard
+        ids = ["a", "b", "a"]  # the repeated "a" takes the slow path, which raises
+        payloads = [codec.encode_payload(m.AssignTask(i, m.Compute("1+1"))) for i in ids]
+        with pytest.raises(OSError, match="segment removal failed"):
+            dispatcher.accept_from_master(ids, payloads)
+        assert dispatcher.pending == 2 and dispatcher.held == 2 and dispatcher.received == 2
+        assert not dispatcher.idle.is_set() and dispatcher._flush_scheduled
+
+    asyncio.run(go())
