@@ -154,11 +154,12 @@ def _batch(
     slot: memoryview | None = None,
     seq: int = 0,
     limit: int = 1 << 20,
+    budget_ns: int = 10**12,
 ) -> tuple[int, list[bytes], memoryview, array[int], int]:
     slot = _slot() if slot is None else slot
     counts = _counts()
     end, frames, nanoseconds = fastpath.plain_batch(
-        payloads, start, most, slot, seq, limit, BUCKETS_NS, counts
+        payloads, start, most, budget_ns, slot, seq, limit, BUCKETS_NS, counts
     )
     return end, FrameDecoder().feed(frames), slot, counts, nanoseconds
 
@@ -200,6 +201,16 @@ def test_plain_batch_stops_at_the_run_limit_and_at_an_oversized_result() -> None
     size = len(fastpath.plain_result(payloads[0]) or b"")
     assert _batch(payloads, limit=size)[0] == 6
     assert _batch(payloads, limit=size - 1)[0] == 0
+    runner = tasks.TaskRunner(tasks.WorkerSettings(max_frame_bytes=size - 1))
+    assert codec.decode(runner.run_payload(payloads[0])) == m.TaskResult(
+        "t0",
+        m.Error(
+            f"the result would be a frame of {size} bytes, above the limit of {size - 1} bytes"
+            " (max_frame_bytes)"
+        ),
+    )
+    # A run stops once budget_ns has passed, after at least one task.
+    assert _batch(payloads, budget_ns=0)[0] == 1
 
 
 def test_plain_batch_counts_like_task_stats() -> None:
@@ -216,11 +227,17 @@ def test_plain_batch_refuses_bad_buffers() -> None:
     payloads = [codec.encode_payload(m.AssignTask("a", m.Compute("1")))]
     run = fastpath.plain_batch
     with pytest.raises(ValueError):  # a slot too short
-        run(payloads, 0, 9, memoryview(bytearray(16)).cast("q"), 0, 99, BUCKETS_NS, _counts())
+        run(
+            payloads, 0, 9, 10**9, memoryview(bytearray(16)).cast("q"), 0, 99, BUCKETS_NS, _counts()
+        )
     with pytest.raises(ValueError):  # counts too short
-        run(payloads, 0, 9, _slot(), 0, 99, BUCKETS_NS, array("q", [0]))
+        run(payloads, 0, 9, 10**9, _slot(), 0, 99, BUCKETS_NS, array("q", [0]))
     with pytest.raises(BufferError):  # a read-only slot
-        run(payloads, 0, 9, memoryview(bytes(64)), 0, 99, BUCKETS_NS, _counts())  # type: ignore[arg-type]
+        run(payloads, 0, 9, 10**9, memoryview(bytes(64)), 0, 99, BUCKETS_NS, _counts())  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        run(payloads, 2, 9, _slot(), 0, 99, BUCKETS_NS, _counts())
-    assert run([b"x", *payloads], 0, 9, _slot(), 0, 99, BUCKETS_NS, _counts())[0] == 0
+        run(payloads, 2, 9, 10**9, _slot(), 0, 99, BUCKETS_NS, _counts())
+    assert run([b"x", *payloads], 0, 9, 10**9, _slot(), 0, 99, BUCKETS_NS, _counts())[0] == 0
+    with pytest.raises(ValueError):  # a negative seq
+        run(payloads, 0, 9, 10**9, _slot(), -1, 99, BUCKETS_NS, _counts())
+    with pytest.raises(OverflowError):
+        run(payloads, 0, 9, 1 << 70, _slot(), 0, 99, BUCKETS_NS, _counts())

@@ -263,9 +263,9 @@ monotonic_ns(void)
 static PyObject *
 plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "plain_batch() takes payloads, start, most, progress, "
-                                         "seq, max_result_bytes, bounds, counts");
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "plain_batch() takes payloads, start, most, budget_ns, "
+                                         "progress, seq, max_result_bytes, bounds, counts");
         return NULL;
     }
     PyObject *payloads = args[0];
@@ -273,26 +273,29 @@ plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "plain_batch(): payloads must be a list");
         return NULL;
     }
-    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t most = PyLong_AsSsize_t(args[2]);
-    long long seq = PyLong_AsLongLong(args[4]);
-    Py_ssize_t max_result = PyLong_AsSsize_t(args[5]);
-    if (PyErr_Occurred()) {
+    Py_ssize_t start, most, max_result;
+    long long budget_ns, seq;
+    if (((start = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred())
+        || ((most = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred())
+        || ((budget_ns = PyLong_AsLongLong(args[3])) == -1 && PyErr_Occurred())
+        || ((seq = PyLong_AsLongLong(args[5])) == -1 && PyErr_Occurred())
+        || ((max_result = PyLong_AsSsize_t(args[6])) == -1 && PyErr_Occurred())) {
         return NULL;
     }
-    if (start < 0 || start > PyList_GET_SIZE(payloads) || most < 0) {
-        PyErr_SetString(PyExc_ValueError, "plain_batch(): start or most out of range");
+    if (start < 0 || start > PyList_GET_SIZE(payloads) || most < 0 || seq < 0
+        || seq > INT64_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "plain_batch(): start, most or seq out of range");
         return NULL;
     }
     Py_buffer progress, bounds, counts;
-    if (PyObject_GetBuffer(args[3], &progress, PyBUF_WRITABLE) < 0) {
+    if (PyObject_GetBuffer(args[4], &progress, PyBUF_WRITABLE) < 0) {
         return NULL;
     }
-    if (PyObject_GetBuffer(args[6], &bounds, PyBUF_SIMPLE) < 0) {
+    if (PyObject_GetBuffer(args[7], &bounds, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&progress);
         return NULL;
     }
-    if (PyObject_GetBuffer(args[7], &counts, PyBUF_WRITABLE) < 0) {
+    if (PyObject_GetBuffer(args[8], &counts, PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&bounds);
         PyBuffer_Release(&progress);
         return NULL;
@@ -332,6 +335,7 @@ plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char *write = PyBytes_AS_STRING(out);
     int64_t total_ns = 0;
     int64_t then = monotonic_ns();
+    int64_t deadline = then + (budget_ns > 0 ? budget_ns : 0);
     Py_ssize_t i = start;
     for (; i < stop; i++) {
         if (seq + 1 > slot[RUN_LIMIT]) {
@@ -346,8 +350,13 @@ plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         int status = plain_parse(s, PyBytes_GET_SIZE(payload), &id_start, &id_end, &number);
         if (status <= 0) {
             if (status < 0) {
-                Py_CLEAR(out);
-                goto done;
+                if (i == start) {
+                    Py_CLEAR(out);
+                    goto done;
+                }
+                /* Out of memory, say: the tasks before it stand (their results are here and
+                   the progress slot says they ran); the caller meets the error on this one. */
+                PyErr_Clear();
             }
             break;
         }
@@ -376,6 +385,10 @@ plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             bucket++;
         }
         count[bucket]++;
+        if (now >= deadline) {
+            i++;
+            break; /* the worker's loop flushes results this often */
+        }
     }
     if (_PyBytes_Resize(&out, write - PyBytes_AS_STRING(out)) < 0) {
         goto done; /* out is NULL now */
@@ -407,10 +420,12 @@ static PyMethodDef methods[] = {
      "The TaskResult payload of a plain Compute AssignTask payload, or None: the Python path\n"
      "answers it (see workers/_fastpath.c)."},
     {"plain_batch", (PyCFunction)(void (*)(void))plain_batch, METH_FASTCALL,
-     "plain_batch(payloads, start, most, progress, seq, max_result_bytes, bounds, counts)\n"
+     "plain_batch(payloads, start, most, budget_ns, progress, seq, max_result_bytes, bounds,\n"
+     "            counts)\n"
      "    -> (end, frames, nanoseconds)\n\n"
      "Run the plain Computes of payloads[start:start+most] in order, as the worker's loop runs\n"
-     "each (progress slot written per task), until one is not plain: see workers/worker.py."},
+     "each (progress slot written per task), until one is not plain or budget_ns passed: see\n"
+     "workers/worker.py."},
     {"set_max_expression_bytes", set_max_expression_bytes, METH_O,
      "set_max_expression_bytes(limit: int) -> None\n\n"
      "Expressions longer than this go to the Python path (workers.expr.MAX_EXPRESSION_BYTES)."},

@@ -7,6 +7,7 @@ def plain_batch(
     payloads: list[bytes],
     start: int,
     most: int,
+    budget_ns: int,
     progress: memoryview,
     seq: int,
     max_result_bytes: int,

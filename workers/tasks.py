@@ -55,11 +55,11 @@ from workers.storage import (
 )
 
 PlainBatch = Callable[
-    [list[bytes], int, int, memoryview, int, int, "array[int]", "array[int]"],
+    [list[bytes], int, int, int, memoryview, int, int, "array[int]", "array[int]"],
     tuple[int, bytes, int],
 ]
-"""`workers._fastpath.plain_batch`: (payloads, start, most, progress, seq, max_result_bytes,
-bounds_ns, counts) -> (end, frames, nanoseconds)."""
+"""`workers._fastpath.plain_batch`: (payloads, start, most, budget_ns, progress, seq,
+max_result_bytes, bounds_ns, counts) -> (end, frames, nanoseconds)."""
 _compiled_plain_result: Callable[[bytes], bytes | None] | None = None
 _compiled_plain_batch: PlainBatch | None = None
 _fastpath = native.load("workers._fastpath")
@@ -183,7 +183,7 @@ class TaskRunner:
                     plain = _PLAIN_COMPUTE(payload)
                     if plain is not None:
                         result = _plain_compute_result(*plain.groups())
-                if result is not None:
+                if result is not None and len(result) <= self.settings.max_frame_bytes:
                     self.stats.record("Compute", False, _perf_counter() - started)
                     return result
             # A large payload is a blob task: parsing it whole to find out would cost seconds.

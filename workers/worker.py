@@ -19,10 +19,10 @@ lowers the slot's run limit: the worker finishes the task it runs and answers th
 not started with one `SKIPPED` message, so the supervisor can hand them back.
 
 Runs of plain `Compute` tasks (the commonest kind, see workers/_fastpath.c) go through one C
-call per run of up to `PLAIN_BATCH_MOST` (`plain_batch`), which writes the progress slot for
-each task as this loop does (started after it was computed: a pure expression of bounded
-length) and counts their times into the stats buckets; any other task is run here, one at a
-time, by `TaskRunner.run_payload`.
+call per run of up to `PLAIN_BATCH_MOST` tasks or `FLUSH_AFTER_S` (`plain_batch`), which writes
+the progress slot for each task as this loop does (started after it was computed: a pure
+expression of bounded length) and counts their times into the stats buckets; any other task
+is run here, one at a time, by `TaskRunner.run_payload`.
 
 It exits when the channel closes (the supervisor stopped or died) and, through
 PR_SET_PDEATHSIG, when the process that spawned it dies, even in the middle of a task.
@@ -64,8 +64,9 @@ from workers.stats import BUCKETS_NS
 from workers.storage import Answer, BytesResult
 from workers.tasks import TaskRunner, WorkerSettings
 
-PLAIN_BATCH_MOST = 512  # plain Computes per call of the compiled loop (about 0.1 ms)
+PLAIN_BATCH_MOST = 512  # plain Computes per call of the compiled loop (about 0.3 ms)
 FLUSH_AFTER_S = 0.002  # the main thread flushes between tasks this often
+FLUSH_AFTER_NS = round(FLUSH_AFTER_S * 1e9)  # and a compiled run of plain Computes stops
 SLOW_TASK_FLUSH_S = 0.02  # the flusher thread, while one task runs longer than this
 STATS_EVERY_S = 0.5
 RECV_BYTES = 1 << 20
@@ -262,10 +263,14 @@ def _serve(
             if plain_batch is not None:
                 # A run of plain Computes, in C: each recorded in the progress slot as below,
                 # their frames in one piece.
-                end, blob, nanoseconds = plain_batch(
-                    payloads, index, PLAIN_BATCH_MOST, progress, seq, max_frame_bytes,
-                    BUCKETS_NS, counts,
-                )  # fmt: skip
+                try:
+                    end, blob, nanoseconds = plain_batch(
+                        payloads, index, PLAIN_BATCH_MOST, FLUSH_AFTER_NS, progress, seq,
+                        max_frame_bytes, BUCKETS_NS, counts,
+                    )  # fmt: skip
+                except Exception:  # out of memory, say: the Python path answers the task
+                    log.exception("a compiled run of plain Compute tasks failed")
+                    end = index
                 ran = end - index
                 if ran:
                     frames.append((ran, blob))
