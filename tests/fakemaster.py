@@ -12,11 +12,12 @@ fake master that misbehaves on cue.
 
 How the ledger tells a second answer from a legitimate repeat: until the master confirms a
 result (answers a `Heartbeat` written after it), the node may send it again (on a new
-connection, or to answer the same id assigned again meanwhile). After that, a result for the id
-is a duplicate unless the id has been assigned (at any master) more times than it has been
-answered: a node answers a repeated id whose result awaits confirmation with that result, and
+connection, or to answer the same id assigned again meanwhile). A result for the id is a
+duplicate once masters have confirmed as many of its result frames as they assigned it (at
+least one): a node answers a repeated id whose result awaits confirmation with that result, and
 the repeat may be read (a restarted master's assignment of a task still running) after the node
-wrote a Heartbeat behind the first answer. Whether a task ran
+wrote a Heartbeat behind the first answer; that second answer, unconfirmed when its master
+stops, is rightly sent again to the next one. Whether a task ran
 twice shows in the node's own count of the answers it produced (its last log line), and, where
 a scenario has one connection, in one result frame per id.
 """
@@ -51,7 +52,7 @@ class ResultLedger:
         self.masters_of: dict[str, set[str]] = collections.defaultdict(set)
         self.duplicates: list[str] = []  # ids answered twice (see the module docstring)
         self._unconfirmed: dict[ConnKey, list[str]] = collections.defaultdict(list)
-        self._confirmed: set[str] = set()
+        self._confirmed: collections.Counter[str] = collections.Counter()  # frames, per id
         self._assigned: collections.Counter[str] = collections.Counter()  # at every master
 
     def assigned(self, conn: ConnKey, ident: str) -> None:
@@ -60,7 +61,7 @@ class ResultLedger:
 
     def result(self, conn: ConnKey, ident: str, result: m.Result) -> None:
         with self._lock:
-            if ident in self._confirmed and self.frames[ident] >= self._assigned[ident]:
+            if self._confirmed[ident] >= max(1, self._assigned[ident]):
                 self.duplicates.append(ident)
             self._unconfirmed[conn].append(ident)
             self.frames[ident] += 1
@@ -70,7 +71,7 @@ class ResultLedger:
     def heartbeat(self, conn: ConnKey) -> None:
         """The master is about to answer a Heartbeat: it confirms what it read before."""
         with self._lock:
-            self._confirmed.update(self._unconfirmed.pop(conn, ()))
+            self._confirmed.update(self._unconfirmed.pop(conn, ()))  # counts each frame
 
     def answered(self, ids: Iterable[str]) -> int:
         with self._lock:
