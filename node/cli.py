@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefetch",
         type=int,
         metavar="N",
-        help="tasks in flight per worker (default from config: 256)",
+        help="tasks in flight per worker (default from config: 1024)",
     )
     parser.add_argument(
         "--poll-interval-ms", type=int, metavar="MS",

@@ -590,7 +590,10 @@ class Config:
         "pushes tasks only after a frame from the node.",
     )
     prefetch: int = _setting(
-        256, _Integer(1), "Tasks in flight per worker (queued to it plus running)."
+        1024,
+        _Integer(1),
+        "Tasks in flight per worker (queued to it plus running), with at most 8 MiB of their "
+        "payloads (at least one task).",
     )
     shm_dir: str = _setting(
         "/dev/shm", _Text(), "Directory (a tmpfs) of shared-memory payloads and the memory store."

@@ -29,7 +29,9 @@ task, or handed back with `run_locally` when the peer is lost.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import itertools
 import logging
 import re
 import time
@@ -327,7 +329,9 @@ class Dispatcher:
     def skipped(self, worker: Worker, count: int) -> None:
         """A draining worker did not start its `count` oldest tasks: hand them back."""
         assigned = worker.assigned
-        self._give_back([assigned.popleft() for _ in range(count)])
+        idents = [assigned.popleft() for _ in range(count)]
+        worker.inflight_bytes -= sum(len(self._held[ident]) for ident in idents)
+        self._give_back(idents)
 
     def io_not_started(self, tasks: list[tuple[str, bytes]]) -> None:
         """Draining: the I/O runner dropped these tasks, (id, payload), before starting them;
@@ -367,11 +371,31 @@ class Dispatcher:
         workers = sorted(self._ready_workers(), key=lambda w: len(w.assigned))
         for worker in workers:
             room = min(self.prefetch - len(worker.assigned), worker.budget)
-            if room <= 0 or not self._pending:
+            room_bytes = PREFETCH_BYTES - worker.inflight_bytes
+            if room <= 0 or not self._pending or (room_bytes <= 0 and worker.assigned):
                 continue
-            ids, payloads = self._take(room)
+            ids, payloads = self._take(self._fitting(room, room_bytes))
+            worker.inflight_bytes += sum(map(len, payloads))
             assert self.pool is not None
             self.pool.send(worker, ids, frames_of(payloads))
+
+    def _fitting(self, most: int, room_bytes: int) -> int:
+        """How many of the oldest pending tasks, at most `most`, have payloads that fit in
+        `room_bytes` together (at least one)."""
+        count = 0
+        for _, payloads in self._pending:
+            chunk = payloads[: most - count] if len(payloads) > most - count else payloads
+            size = sum(map(len, chunk))
+            if size > room_bytes:
+                count += bisect.bisect_right(
+                    list(itertools.accumulate(map(len, chunk))), room_bytes
+                )
+                break
+            count += len(chunk)
+            room_bytes -= size
+            if count >= most:
+                break
+        return max(count, 1)
 
     def _take(self, most: int) -> tuple[list[str], list[bytes]]:
         """Up to `most` of the oldest pending tasks, off the queue: (ids, payloads)."""
@@ -409,7 +433,9 @@ class Dispatcher:
         else:
             popleft = assigned.popleft
             ids = [popleft() for _ in range(count)]
-        self._answered.update(zip(ids, map(held.pop, ids), strict=True))
+        payloads = list(map(held.pop, ids))
+        worker.inflight_bytes -= sum(map(len, payloads))
+        self._answered.update(zip(ids, payloads, strict=True))
         if self._retried:  # rare: only after a worker died
             self._retried.intersection_update(held)
         self.completed += count
@@ -465,6 +491,7 @@ class Dispatcher:
             self._route(b"".join(errors), errored)
         never_started = [(ident, self._held[ident]) for ident in assigned]
         assigned.clear()
+        worker.inflight_bytes = 0
         if never_started:
             log.warning(
                 "re-dispatching %d tasks worker %d never started", len(never_started), worker.index
@@ -484,6 +511,9 @@ class Dispatcher:
 _IDEMPOTENT = frozenset(
     {b"Compute", b"ComplexMath", b"RetrieveData", b"DiskRead", b"GetGlobalRam", b"GetStorage"}
 )
+PREFETCH_BYTES = 8 << 20
+"""Payload bytes in flight per worker, at most (and `prefetch` tasks): at least one task is
+sent, however big (a payload of 1 MiB or more travels as a reference to its segment)."""
 _COMPUTE_MARK = b'"task":{"Compute":'
 _ID_START = len(b'{"AssignTask":{"id":"')
 _COMPUTE_AFTER_ID = b'",' + _COMPUTE_MARK

@@ -59,7 +59,7 @@ DEFAULTS = {
     "worker_memory_limit_mb": 0,
     "max_frame_bytes": 1073741824,
     "poll_interval_ms": 50,
-    "prefetch": 256,
+    "prefetch": 1024,
     "shm_dir": "/dev/shm",
     "node_id": None,
     "drain_timeout_ms": 30000,

@@ -15,7 +15,7 @@ import pytest
 
 from node.client import Client
 from node.config import Config
-from node.dispatch import Dispatcher
+from node.dispatch import PREFETCH_BYTES, Dispatcher
 from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
@@ -296,5 +296,46 @@ def test_a_failing_slow_path_leaves_the_queued_run_counted() -> None:
             dispatcher.accept_from_master(ids, payloads)
         assert dispatcher.pending == 2 and dispatcher.held == 2 and dispatcher.received == 2
         assert not dispatcher.idle.is_set() and dispatcher._flush_scheduled
+
+    asyncio.run(go())
+
+
+def test_dispatcher_bounds_the_payload_bytes_in_flight_per_worker() -> None:
+    """Besides `prefetch` tasks, a worker holds at most PREFETCH_BYTES of payloads (and at
+    least one task): big inline payloads go a few at a time (a real worker process; its first
+    task sleeps so what it holds can be looked at)."""
+
+    async def go() -> None:
+        delivered: list[bytes] = []
+        dispatcher = Dispatcher(1000, lambda blob, ids: delivered.extend(FrameDecoder().feed(blob)))
+        settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
+        pool = WorkerPool(
+            1,
+            settings,
+            on_results=dispatcher.results,
+            on_worker_ready=dispatcher.worker_ready,
+            on_worker_lost=dispatcher.worker_lost,
+            start_method="spawn",
+        )
+        dispatcher.pool = pool
+        await pool.start()
+        pad = " " * (PREFETCH_BYTES // 3)  # two such payloads fit, three do not
+        expressions = ["sleep 0.3" + pad, *["1" + pad] * 4]
+        ids = [f"t{i}" for i in range(len(expressions))]
+        payloads = [
+            codec.encode_payload(m.AssignTask(i, m.Compute(e)))
+            for i, e in zip(ids, expressions, strict=True)
+        ]
+        try:
+            dispatcher.accept_from_master(ids, payloads)
+            await asyncio.sleep(0.1)
+            worker = pool.workers[0]
+            assert list(worker.assigned) == ["t0", "t1"]
+            assert worker.inflight_bytes == len(payloads[0]) + len(payloads[1])
+            await asyncio.wait_for(dispatcher.idle.wait(), 30)
+            assert worker.inflight_bytes == 0
+        finally:
+            await pool.stop()
+        assert sorted(codec.decode(p).id for p in delivered) == ids  # type: ignore[union-attr]
 
     asyncio.run(go())

@@ -142,6 +142,8 @@ class Worker:
         # Shared with the process (see `workers.worker.PROGRESS_FIELDS`); zeroed per process.
         self.progress = progress
         self.received = 0  # results from the current process
+        # Payload bytes of the tasks in `assigned` (kept by the dispatcher, which bounds it).
+        self.inflight_bytes = 0
         self.budget = sys.maxsize  # tasks the current process may still be sent
         self.killed_for_timeout = 0  # the limit (ms) when the pool killed it for a timeout
         self.retired_for = ""  # why the pool recycles the current process (see `retire`)
