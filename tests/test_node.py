@@ -176,24 +176,31 @@ def test_upstream_scheduling_burst_of_100000(tmp_path: Path) -> None:
             process.close()
 
 
+async def slow_worker_dispatcher(prefetch: int) -> tuple[Dispatcher, WorkerPool, list[bytes]]:
+    """A dispatcher with one real worker process (started) whose `Compute` knows `sleep S`
+    (tests/slowtasks.py), and the list the result payloads are delivered to; stop the pool."""
+    delivered: list[bytes] = []
+    dispatcher = Dispatcher(prefetch, lambda blob, ids: delivered.extend(FrameDecoder().feed(blob)))
+    settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
+    pool = WorkerPool(
+        1,
+        settings,
+        on_results=dispatcher.results,
+        on_worker_ready=dispatcher.worker_ready,
+        on_worker_lost=dispatcher.worker_lost,
+        start_method="spawn",
+    )
+    dispatcher.pool = pool
+    await pool.start()
+    return dispatcher, pool, delivered
+
+
 def test_dispatcher_bookkeeping_on_the_compute_fast_path() -> None:
     """Ids, types, duplicates, the prefetch bound and idle, with a real worker process (its
     first task sleeps, so what the dispatcher holds can be looked at before any result)."""
 
     async def go() -> None:
-        delivered: list[bytes] = []
-        dispatcher = Dispatcher(3, lambda blob, count: delivered.extend(FrameDecoder().feed(blob)))
-        settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
-        pool = WorkerPool(
-            1,
-            settings,
-            on_results=dispatcher.results,
-            on_worker_ready=dispatcher.worker_ready,
-            on_worker_lost=dispatcher.worker_lost,
-            start_method="spawn",
-        )
-        dispatcher.pool = pool
-        await pool.start()
+        dispatcher, pool, delivered = await slow_worker_dispatcher(3)
         try:
             tasks: list[tuple[str, m.Task]] = [
                 ("a", m.Compute("sleep 0.5")),
@@ -233,19 +240,7 @@ def test_dispatcher_queues_reads_in_runs_and_hands_them_out_in_order() -> None:
     process, prefetch 3; its first task sleeps so the batches can be looked at)."""
 
     async def go() -> None:
-        delivered: list[bytes] = []
-        dispatcher = Dispatcher(3, lambda blob, count: delivered.extend(FrameDecoder().feed(blob)))
-        settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
-        pool = WorkerPool(
-            1,
-            settings,
-            on_results=dispatcher.results,
-            on_worker_ready=dispatcher.worker_ready,
-            on_worker_lost=dispatcher.worker_lost,
-            start_method="spawn",
-        )
-        dispatcher.pool = pool
-        await pool.start()
+        dispatcher, pool, delivered = await slow_worker_dispatcher(3)
         reads = [
             [("t0", "sleep 0.3"), *[(f"t{i}", f"{i}+0") for i in range(1, 5)]],
             [("s", None), ("t5", "5+0")],  # a GetStorage between runs: a run of its own
@@ -306,19 +301,7 @@ def test_dispatcher_bounds_the_payload_bytes_in_flight_per_worker() -> None:
     task sleeps so what it holds can be looked at)."""
 
     async def go() -> None:
-        delivered: list[bytes] = []
-        dispatcher = Dispatcher(1000, lambda blob, ids: delivered.extend(FrameDecoder().feed(blob)))
-        settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
-        pool = WorkerPool(
-            1,
-            settings,
-            on_results=dispatcher.results,
-            on_worker_ready=dispatcher.worker_ready,
-            on_worker_lost=dispatcher.worker_lost,
-            start_method="spawn",
-        )
-        dispatcher.pool = pool
-        await pool.start()
+        dispatcher, pool, delivered = await slow_worker_dispatcher(1000)
         pad = " " * (PREFETCH_BYTES // 3)  # two such payloads fit, three do not
         expressions = ["sleep 0.3" + pad, *["1" + pad] * 4]
         ids = [f"t{i}" for i in range(len(expressions))]
