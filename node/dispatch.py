@@ -371,17 +371,20 @@ class Dispatcher:
         workers = sorted(self._ready_workers(), key=lambda w: len(w.assigned))
         for worker in workers:
             room = min(self.prefetch - len(worker.assigned), worker.budget)
-            room_bytes = PREFETCH_BYTES - worker.inflight_bytes
-            if room <= 0 or not self._pending or (room_bytes <= 0 and worker.assigned):
+            if room <= 0 or not self._pending:
                 continue
-            ids, payloads = self._take(self._fitting(room, room_bytes))
+            # At least one task for a worker that holds none, however big.
+            count = self._fitting(room, PREFETCH_BYTES - worker.inflight_bytes)
+            if not count and worker.assigned:
+                continue
+            ids, payloads = self._take(max(count, 1))
             worker.inflight_bytes += sum(map(len, payloads))
             assert self.pool is not None
             self.pool.send(worker, ids, frames_of(payloads))
 
     def _fitting(self, most: int, room_bytes: int) -> int:
         """How many of the oldest pending tasks, at most `most`, have payloads that fit in
-        `room_bytes` together (at least one)."""
+        `room_bytes` together."""
         count = 0
         for _, payloads in self._pending:
             chunk = payloads[: most - count] if len(payloads) > most - count else payloads
@@ -395,7 +398,7 @@ class Dispatcher:
             room_bytes -= size
             if count >= most:
                 break
-        return max(count, 1)
+        return count
 
     def _take(self, most: int) -> tuple[list[str], list[bytes]]:
         """Up to `most` of the oldest pending tasks, off the queue: (ids, payloads)."""

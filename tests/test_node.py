@@ -315,6 +315,8 @@ def test_dispatcher_bounds_the_payload_bytes_in_flight_per_worker() -> None:
             worker = pool.workers[0]
             assert list(worker.assigned) == ["t0", "t1"]
             assert worker.inflight_bytes == len(payloads[0]) + len(payloads[1])
+            dispatcher._flush()  # another flush (a read, say) sends nothing that does not fit
+            assert list(worker.assigned) == ["t0", "t1"]
             await asyncio.wait_for(dispatcher.idle.wait(), 30)
             assert worker.inflight_bytes == 0
         finally:
