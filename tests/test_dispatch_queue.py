@@ -1,0 +1,104 @@
+"""The dispatcher's queue of runs, driven by random reads, results and flushes: tasks reach
+workers in the order they arrived (each new id once), a worker holds at most `prefetch` tasks
+and `PREFETCH_BYTES` of payloads (one task alone when it held none, however big), and
+`Worker.inflight_bytes` is always the bytes of the tasks it holds.
+
+The workers here are `Worker` handles whose sends are recorded (what a worker process does with
+its tasks is covered by the tests with real processes in test_node.py); the queue logic is what
+is exercised, with the compiled `claim_tasks` and its Python reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node import dispatch
+from node.dispatch import Dispatcher
+from node.protocol import codec
+from node.protocol import messages as m
+from workers.pool import Worker, WorkerStatus
+
+
+class Recorder:
+    """Stands in for `WorkerPool.send`: records what each worker is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send(self, worker: Worker, ids: list[str], frames: bytes) -> None:
+        worker.assigned.extend(ids)
+        self.sent += ids
+
+
+def payload(ident: str, size: int) -> bytes:
+    return codec.encode_payload(m.AssignTask(ident, m.Compute("1" + " " * size)))
+
+
+STEPS = st.lists(
+    st.one_of(
+        # a read: (existing id number or a new one, payload padding)
+        st.lists(st.tuples(st.integers(0, 40), st.integers(0, 700)), min_size=1, max_size=12),
+        # a worker answers its k oldest tasks
+        st.tuples(st.sampled_from([0, 1]), st.integers(1, 8)),
+        st.just("flush"),
+    ),
+    max_size=40,
+)
+
+
+@pytest.mark.parametrize("claim", ["compiled", "python"])
+@settings(max_examples=300, deadline=None)
+@given(steps=STEPS, prefetch=st.integers(1, 6), limit=st.integers(30, 1500))
+def test_the_queue_keeps_order_and_bounds(
+    claim: str, steps: list[object], prefetch: int, limit: int
+) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        if claim == "python":
+            patch.setattr(dispatch, "claim_tasks", dispatch.python_claim_tasks)
+        patch.setattr(dispatch, "PREFETCH_BYTES", limit)
+        asyncio.run(run_steps(steps, prefetch, limit))
+
+
+async def run_steps(steps: list[object], prefetch: int, limit: int) -> None:
+    dispatcher = Dispatcher(prefetch, lambda blob, ids: None)
+    recorder = Recorder()
+    dispatcher.pool = recorder  # type: ignore[assignment]
+    workers = [Worker(i, None) for i in range(2)]
+    for worker in workers:
+        worker.status = WorkerStatus.READY
+        dispatcher.worker_ready(worker)
+    arrived: list[str] = []  # ids of the tasks that will run, in the order they arrived
+    for step in steps:
+        if isinstance(step, list):
+            ids = [f"t{n}" for n, _ in step]
+            payloads = [payload(i, size) for i, (_, size) in zip(ids, step, strict=True)]
+            held = set(dispatcher._held)  # a held id joins its task; any other runs (again)
+            for ident in ids:
+                if ident not in held:
+                    arrived.append(ident)
+                    held.add(ident)
+            dispatcher.accept_from_master(ids, payloads)
+        elif isinstance(step, tuple):
+            worker = workers[step[0]]
+            count = min(step[1], len(worker.assigned))
+            if count:
+                dispatcher.results(worker, count, b"")
+        before = {w.index: (len(w.assigned), w.inflight_bytes) for w in workers}
+        sent_before = len(recorder.sent)
+        dispatcher._flush()
+        for worker in workers:
+            held_bytes = sum(len(dispatcher._held[i]) for i in worker.assigned)
+            assert worker.inflight_bytes == held_bytes
+            assert len(worker.assigned) <= prefetch
+            held_before, bytes_before = before[worker.index]
+            grew = len(worker.assigned) > held_before
+            if grew and held_bytes > limit:  # only a lone task sent to an empty worker
+                assert held_before == 0 and len(worker.assigned) == 1, (bytes_before, limit)
+        # Every task sent so far went out in the order it arrived.
+        assert recorder.sent == arrived[: len(recorder.sent)]
+        assert len(recorder.sent) >= sent_before
+        assert dispatcher.pending == sum(len(ids) for ids, _ in dispatcher._pending)
