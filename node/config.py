@@ -593,7 +593,8 @@ class Config:
         1024,
         _Integer(1),
         "Tasks in flight per worker (queued to it plus running), with at most 8 MiB of their "
-        "payloads (at least one task).",
+        "payloads (at least one task). Lower it for long tasks: a task waits behind the tasks "
+        "queued before it on its worker, even while another worker is idle.",
     )
     shm_dir: str = _setting(
         "/dev/shm", _Text(), "Directory (a tmpfs) of shared-memory payloads and the memory store."
