@@ -296,12 +296,17 @@ async def burst(node: Running, round_: int, timeout: float) -> tuple[float, floa
 
 
 async def measure_all(
-    kinds: dict[str, int], workers: int, bursts: int, rtt_samples: int, timeout: float
+    kinds: dict[str, int],
+    workers: int,
+    bursts: int,
+    rtt_samples: int,
+    timeout: float,
+    rtt_block: int = 1,
 ) -> list[Measurement]:
     """Every node runs from start to end. The bursts go one node at a time (they would compete
     for the CPUs), round after round, node after node; each node's figures are those of its
-    median burst. The round trips take turns the same way. So the load other jobs put on this
-    machine meanwhile weighs on every node alike."""
+    median burst. The round trips take turns the same way, `rtt_block` at a time. So the load
+    other jobs put on this machine meanwhile weighs on every node alike."""
     async with contextlib.AsyncExitStack() as stack:
         nodes = [await start_node(k, n, workers, timeout, stack) for k, n in kinds.items()]
         await asyncio.sleep(0.2)
@@ -310,10 +315,11 @@ async def measure_all(
             for node in nodes:
                 rounds[node.kind].append(await burst(node, round_, timeout))
             print(f"burst round {round_ + 1} of {bursts} done", file=sys.stderr, flush=True)
-        for i in range(rtt_samples):
+        for first in range(0, rtt_samples, rtt_block):
             for node in nodes:
-                task = numbered(ROUND_TRIP_FIRST + i, 1)
-                node.rtts.append(await node.master.push(task, timeout))
+                for i in range(first, min(first + rtt_block, rtt_samples)):
+                    task = numbered(ROUND_TRIP_FIRST + i, 1)
+                    node.rtts.append(await node.master.push(task, timeout))
         results = []
         for node in nodes:
             ranked = sorted(rounds[node.kind])
@@ -355,6 +361,13 @@ def main() -> None:
         "--bursts", type=int, default=3, help="bursts per node, the median kept (default 3)"
     )
     parser.add_argument("--rtt-samples", type=int, default=200)
+    parser.add_argument(
+        "--rtt-block",
+        type=int,
+        default=1,
+        help="round trips in a row per node before the next node's turn (default 1: each node "
+        "then idles while the others take theirs, and wakes from idle for every task)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument(
         "--nodes", default=",".join(NODES), help="comma-separated: cpnode,null,relay,naive"
@@ -378,12 +391,16 @@ def main() -> None:
         else args.naive_tasks
         for kind in args.nodes.split(",")
     }
-    if min(args.bursts, args.rtt_samples, *kinds.values()) < 1:
-        parser.error("--tasks, --naive-tasks, --bursts and --rtt-samples must be at least 1")
+    if min(args.bursts, args.rtt_samples, args.rtt_block, *kinds.values()) < 1:
+        parser.error(
+            "--tasks, --naive-tasks, --bursts, --rtt-samples and --rtt-block must be at least 1"
+        )
     # SIGTERM unwinds like Ctrl-C, so that every node started is stopped.
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     results = asyncio.run(
-        measure_all(kinds, args.workers, args.bursts, args.rtt_samples, args.timeout)
+        measure_all(
+            kinds, args.workers, args.bursts, args.rtt_samples, args.timeout, args.rtt_block
+        )
     )
     for result in results:
         print(orjson.dumps(result.__dict__).decode(), file=sys.stderr, flush=True)
