@@ -211,14 +211,7 @@ def _chunk_end(chars: U8, start: int, stop: int, chunk_text: int) -> int:
     hits = np.flatnonzero(chars[start:limit] == _COMMA)
     if hits.size:
         return start + int(hits[-1])
-    position = limit
-    while position < stop:
-        window = chars[position : min(stop, position + chunk_text)]
-        hits = np.flatnonzero(window == _COMMA)
-        if hits.size:
-            return position + int(hits[0])
-        position += len(window)
-    return stop
+    return _next_comma(chars, limit, stop)
 
 
 class _ChunkDecoder:
