@@ -221,6 +221,12 @@ def test_plain_batch_counts_like_task_stats() -> None:
     row = stats.rows["Compute"]
     assert end == 5 and row[COMPLETED] == 5 and row[FAILED] == 0
     assert sum(row[FIRST_BUCKET:]) == 5 and list(counts) == [0] * len(counts)
+    # The bucket rule is `record`'s (bisect_left): a time up to a bound counts below it.
+    slot = _slot()
+    for bounds, expected in [([10**12], [5, 0]), ([0], [0, 5]), ([0, 10**12], [0, 5, 0])]:
+        counts = array("q", [0] * (len(bounds) + 1))
+        fastpath.plain_batch(payloads, 0, 9, 10**12, slot, 0, 1 << 20, array("q", bounds), counts)
+        assert list(counts) == expected
 
 
 def test_plain_batch_refuses_bad_buffers() -> None:
