@@ -60,8 +60,9 @@ def test_the_runner_uses_the_compiled_path() -> None:
     assert fastpath.plain_result(payload) == b'{"TaskResult":{"id":"t1","result":{"Number":7.0}}}'
     assert runner.run_payload(payload) == fastpath.plain_result(payload)
     # A task type replaced by an executor of the operator's turns the fast paths off.
+    assert runner.plain_batch is fastpath.plain_batch  # the worker's loop runs runs with it
     custom = tasks.TaskRunner(tasks.WorkerSettings(executors={"Compute": "json:dumps"}))
-    assert custom._compiled_plain is None
+    assert custom._compiled_plain is None and custom.plain_batch is None
 
 
 @settings(max_examples=1500)

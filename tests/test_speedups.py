@@ -60,9 +60,14 @@ def run(
         framing._split_frames = saved
 
 
-def test_the_compiled_loop_is_used() -> None:
+def test_the_compiled_loops_are_used() -> None:
+    from node import dispatch
+
     assert framing._split_frames is _speedups.split_frames
     assert codec.assign_task_ids is _speedups.assign_task_ids
+    assert framing.frames_of is _speedups.frames_of
+    assert dispatch.claim_tasks is _speedups.claim_tasks
+    assert dispatch.frames_of is _speedups.frames_of
 
 
 @settings(max_examples=1500)
