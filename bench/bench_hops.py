@@ -6,12 +6,22 @@ echo child, both over a Unix socket pair, one message at a time.
 A node's round trip crosses two more hops than the null node's (supervisor → worker → supervisor),
 each a wake-up of a sleeping process: the echo line is that floor on this machine, the worker line
 adds the worker loop and the task itself (a plain `Compute`).
+
+The second table puts that floor next to the null node's, in one run, with no Python work on the
+way: this process sends 60 bytes over TCP loopback to a middle process and waits for them back.
+`null`: the middle answers (the null node's shape). `two hops`: it relays them over a Unix socket
+pair to a child that echoes them (our shape: supervisor and worker). `two hops, spinning`: the
+same, but the middle and the child poll their sockets instead of sleeping, two cores' worth of
+CPU burned while idle (what spinning can buy at best). The `added` column is what the shape costs
+over `null` in µs: compare it with what a round-trip target allows over the null node's
+(`bench/loadgen.py`'s null node takes about 0.15 ms here, so 1.2x of it allows 30 µs).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import socket
 import statistics
 import sys
@@ -31,7 +41,9 @@ TIMEOUT_S = 10.0
 
 
 def echo(sock: socket.socket) -> None:
-    while data := sock.recv(1 << 20):
+    # 64 KiB reads: `recv(1 MiB)` allocates (and gives back) 1 MiB per read, which doubled this
+    # floor here; the worker reads into a buffer made once.
+    while data := sock.recv(1 << 16):
         sock.sendall(data)
 
 
@@ -94,6 +106,88 @@ def round_trips(kind: str, samples: int) -> list[float]:
             process.join(TIMEOUT_S)
 
 
+SHAPES = ("null", "two hops", "two hops, spinning")
+MESSAGE = b"x" * 60
+
+
+def _spin_recv(sock: socket.socket, deadline: float) -> bytes:
+    """`sock.recv` on a non-blocking socket, polling (and yielding the CPU to any other runnable
+    process: a child woken on this CPU) until data comes or `deadline` passes."""
+    while True:
+        try:
+            return sock.recv(1 << 16)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no answer while spinning") from None
+            os.sched_yield()
+
+
+def shape_child(sock: socket.socket, spinning: bool) -> None:
+    if not spinning:
+        echo(sock)
+        return
+    sock.setblocking(False)
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        sock.sendall(data)
+
+
+def shape_middle(listener: socket.socket, shape: str, child: socket.socket) -> None:
+    connection, _ = listener.accept()
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    spinning = shape == "two hops, spinning"
+    if spinning:
+        child.setblocking(False)
+    while data := connection.recv(1 << 16):
+        if shape != "null":
+            child.sendall(data)
+            if spinning:
+                data = _spin_recv(child, time.monotonic() + TIMEOUT_S)
+            else:
+                data = child.recv(1 << 16)
+        connection.sendall(data)
+
+
+def shape_round_trips(shape: str, samples: int) -> list[float]:
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = socket.socketpair()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    child = context.Process(target=shape_child, args=(theirs, shape.endswith("spinning")))
+    middle = context.Process(target=shape_middle, args=(listener, shape, ours))
+    processes = (child, middle)
+    for process in processes:
+        process.start()
+    theirs.close()
+    ours.close()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT_S) as client:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            times = []
+            for _ in range(samples):
+                started = time.perf_counter_ns()
+                client.sendall(MESSAGE)
+                received = 0
+                while received < len(MESSAGE):
+                    received += len(_recv(client))
+                times.append((time.perf_counter_ns() - started) / 1000)
+                time.sleep(0.0003)  # as between a node's real tasks
+        return times[samples // 10 :]
+    finally:
+        listener.close()
+        for process in processes:  # the middle ends with the client's socket, the child with it
+            process.join(TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+                process.join(TIMEOUT_S)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument(
@@ -104,6 +198,13 @@ def main() -> None:
     for kind in ("echo", "worker"):
         times = sorted(round_trips(kind, args.samples))
         print(f"| {kind} | {statistics.median(times):.1f} | {times[len(times) // 10]:.1f} |")
+    print("\n| shape (bare sockets) | median µs | p10 µs | added µs |\n|---|---|---|---|")
+    null = 0.0
+    for shape in SHAPES:
+        times = sorted(shape_round_trips(shape, args.samples))
+        median = statistics.median(times)
+        null = null or median
+        print(f"| {shape} | {median:.1f} | {times[len(times) // 10]:.1f} | {median - null:+.1f} |")
 
 
 if __name__ == "__main__":
