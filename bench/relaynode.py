@@ -9,8 +9,8 @@ copies to the master as it comes. No bookkeeping, no result checks, no heartbeat
     master ──TCP──▶ loop (frames, split) ──socketpair──▶ child k (peek id, answer 0)
     master ◀──TCP── loop (copy whole batches) ◀──socketpair── child k
 
-Whatever a node with a supervisor and worker processes does (contract 3 of DESIGN.md: the
-event loop never computes), it pays at least these two process hops per task and this
+Whatever a node with a supervisor and worker processes does (the supervisor's event loop
+never computes), it pays at least these two process hops per task and this
 relaying: the relay node's burst and round trip bound such a node from above, on the same
 machine in the same run (`python bench/loadgen.py --nodes cpnode,null,relay`).
 """

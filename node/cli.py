@@ -1,13 +1,15 @@
 """`cpnode-supervisor`: run a cpnode (the supervisor and its worker processes).
 
     cpnode-supervisor [CONFIG] [--workers N] [--role ROLE] [--log-level LEVEL] [--join PATH]
+                      [--prefetch N] [--poll-interval-ms MS] [--start-method forkserver|spawn]
                       [--log-format text|json] [--health-port [PORT] | --health-listen HOST:PORT]
                       [--local-master] [--local-master-port PORT]
                       [--direct-port PORT] [--connect-to HOST:PORT ...] [--tls MODE]
                       [--request-connection ADDR ...]
 
-Exit status: 0 after a clean stop, 2 for a bad config or join.json, 3 when every master refused
-the token, 1 for anything else (a port that cannot be listened on, say: a later start may work).
+Exit status: 0 after a clean stop, 2 for a bad config or join.json (or a `shm_dir` it cannot use,
+or a `node_id` another node holds), 3 when every master refused the token, 1 for anything else (a
+port that cannot be listened on, say: a later start may work).
 """
 
 from __future__ import annotations
@@ -49,15 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Files: join.json is read from --join, else $CPCLUSTER_JOIN, else ./join.json; "
             "$CPCLUSTER_TOKEN overrides its token. Stop with SIGTERM or Ctrl-C (drains: "
             "finishes running tasks, delivers their results); a second signal stops at once. "
-            "Exit status: 0 clean stop, 2 bad config or join.json, 3 token refused, 1 other "
-            "(a port in use included)."
+            "Exit status: 0 clean stop, 2 bad config or join.json (or a shm_dir it cannot use, "
+            "or a node_id in use), 3 token refused, 1 other (a port in use included)."
         ),
     )
     parser.add_argument(
         "config", nargs="?", help="config file (upstream format); default: built-in defaults"
     )
     parser.add_argument(
-        "--workers", type=int, metavar="N", help="worker processes (default: CPUs available)"
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes (default from config: workers, else the CPUs available)",
     )
     parser.add_argument(
         "--role",

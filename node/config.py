@@ -495,7 +495,7 @@ class Config:
         _Optional(
             _ListOf(_Address(), 'a list of "host:port" addresses', non_empty=False, distinct=False)
         ),
-        "Master: addresses of its peer masters (`null` = none).",
+        "Upstream master: addresses of its peer masters (`null` = none); cpnode-master ignores it.",
     )
     ca_cert_path: str | None = _upstream(
         None,
