@@ -230,6 +230,41 @@ def test_plain_batch_counts_like_task_stats() -> None:
         assert list(counts) == expected
 
 
+def test_plain_batch_out_of_memory_leaves_no_trace() -> None:
+    """Each allocation in turn fails (alone, or with every later one): the call either answers a
+    run (recorded in the slot and the counts) or raises MemoryError with the slot and the counts
+    as they were, also after tasks ran (the worker's loop then runs them in Python, with the
+    same sequence numbers)."""
+    testcapi = pytest.importorskip("_testcapi")
+    payloads = [
+        codec.encode_payload(m.AssignTask(f"t{i}", m.Compute(f"{i}+0.5"))) for i in range(6)
+    ]
+    for alone, expected in [(True, {"raised", "answered some", "answered all"}),
+                            (False, {"raised", "answered all"})]:  # fmt: skip
+        outcomes = set()
+        for failing in range(40):
+            slot, counts = _slot(), _counts()
+            slot[worker.STARTED] = slot[worker.FINISHED] = 7
+            testcapi.set_nomemory(failing, failing + 1 if alone else 0)
+            try:
+                answer = fastpath.plain_batch(
+                    payloads, 0, 99, 10**12, slot, 7, 1 << 20, BUCKETS_NS, counts
+                )
+            except MemoryError:
+                answer = None
+            finally:
+                testcapi.remove_mem_hooks()
+            if answer is None:
+                outcomes.add("raised")
+                assert (slot[worker.STARTED], slot[worker.FINISHED], sum(counts)) == (7, 7, 0)
+            else:
+                end, frames, _ = answer
+                outcomes.add("answered all" if end == len(payloads) else "answered some")
+                assert slot[worker.STARTED] == slot[worker.FINISHED] == 7 + end
+                assert sum(counts) == end and len(FrameDecoder().feed(frames)) == end
+        assert outcomes == expected, alone
+
+
 def test_plain_batch_refuses_bad_buffers() -> None:
     payloads = [codec.encode_payload(m.AssignTask("a", m.Compute("1")))]
     run = fastpath.plain_batch

@@ -251,6 +251,7 @@ plain_result(PyObject *module, PyObject *arg)
 
 /* plain_batch: the progress slot's fields (workers/worker.py, PROGRESS_FIELDS). */
 enum { STARTED = 0, STARTED_AT_NS = 1, FINISHED = 2, RUN_LIMIT = 3, PROGRESS_FIELDS = 4 };
+enum { MAX_BUCKETS = 16 }; /* of a stats histogram: bounds + 1 */
 
 static int64_t
 monotonic_ns(void)
@@ -304,16 +305,21 @@ plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t nbounds = bounds.len / (Py_ssize_t)sizeof(int64_t);
     if (progress.len < PROGRESS_FIELDS * (Py_ssize_t)sizeof(int64_t)
         || ((uintptr_t)progress.buf % sizeof(int64_t)) != 0
+        || nbounds + 1 > MAX_BUCKETS
         || counts.len < (nbounds + 1) * (Py_ssize_t)sizeof(int64_t)
         || ((uintptr_t)bounds.buf % sizeof(int64_t)) != 0
         || ((uintptr_t)counts.buf % sizeof(int64_t)) != 0) {
-        PyErr_SetString(PyExc_ValueError, "plain_batch(): progress, bounds or counts too short "
-                                          "or misaligned for int64 fields");
+        PyErr_SetString(PyExc_ValueError, "plain_batch(): progress, bounds or counts too short, "
+                                          "misaligned for int64 fields, or too many bounds");
         goto done;
     }
     volatile int64_t *slot = (volatile int64_t *)progress.buf;
     const int64_t *bound = (const int64_t *)bounds.buf;
     int64_t *count = (int64_t *)counts.buf;
+    /* Added to `count` only once the answer is made: a call that fails leaves no trace. */
+    int64_t added[MAX_BUCKETS] = {0};
+    const int64_t first_seq = seq;
+    const int64_t started_before = slot[STARTED], finished_before = slot[FINISHED];
     /* Every result is at most its task's payload + 8 bytes (see result_length), + its prefix. */
     Py_ssize_t stop = PyList_GET_SIZE(payloads);
     if (stop - start > most) {
@@ -384,17 +390,31 @@ plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         while (bucket < nbounds && took > bound[bucket]) {
             bucket++;
         }
-        count[bucket]++;
+        added[bucket]++;
         if (now >= deadline) {
             i++;
             break; /* the worker's loop flushes results this often */
         }
     }
     if (_PyBytes_Resize(&out, write - PyBytes_AS_STRING(out)) < 0) {
-        goto done; /* out is NULL now */
+        goto undo; /* out is NULL now */
     }
     answer = Py_BuildValue("(nNL)", i, out, (long long)total_ns);
     out = NULL; /* the tuple holds it (or it was released on failure) */
+    if (answer == NULL) {
+        goto undo;
+    }
+    for (Py_ssize_t b = 0; b <= nbounds; b++) {
+        count[b] += added[b];
+    }
+    goto done;
+undo:
+    /* Out of memory with the answers lost: the slot says again that these tasks never started
+       (started first, so they never look running), and the caller runs them again. */
+    if (seq > first_seq) {
+        slot[STARTED] = started_before;
+        slot[FINISHED] = finished_before;
+    }
 done:
     Py_XDECREF(out);
     PyBuffer_Release(&counts);
@@ -425,7 +445,8 @@ static PyMethodDef methods[] = {
      "    -> (end, frames, nanoseconds)\n\n"
      "Run the plain Computes of payloads[start:start+most] in order, as the worker's loop runs\n"
      "each (progress slot written per task), until one is not plain or budget_ns passed: see\n"
-     "workers/worker.py."},
+     "workers/worker.py. Their times are added to counts (per bucket of bounds, at most 15). A\n"
+     "call that raises leaves the slot and counts as they were."},
     {"set_max_expression_bytes", set_max_expression_bytes, METH_O,
      "set_max_expression_bytes(limit: int) -> None\n\n"
      "Expressions longer than this go to the Python path (workers.expr.MAX_EXPRESSION_BYTES)."},
