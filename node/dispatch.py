@@ -29,7 +29,6 @@ task, or handed back with `run_locally` when the peer is lost.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import itertools
 import logging
@@ -71,9 +70,11 @@ class Dispatcher:
         self.prefetch = prefetch
         self._send_results = send_results
         # Tasks not yet sent to a worker, oldest first, in runs: (ids, payloads) of the same
-        # length (a read's new Computes are one run), `_pending_count` tasks in all.
+        # length (a read's new Computes are one run), `_pending_count` tasks in all, their
+        # payloads `_pending_bytes` long.
         self._pending: collections.deque[tuple[list[str], list[bytes]]] = collections.deque()
         self._pending_count = 0
+        self._pending_bytes = 0
         # Payloads of the tasks pending or held by a worker, by id: a repeated id joins its task,
         # and a dead worker's tasks are dispatched again from here.
         self._held: dict[str, bytes] = {}
@@ -133,10 +134,17 @@ class Dispatcher:
         return len(self._held)
 
     def has_capacity(self) -> bool:
-        """True when a worker could start a task now (the node should ask for more)."""
+        """True when the workers could take more than the queue holds (the node should ask for
+        more): more free places (`prefetch`) and more free payload bytes (`PREFETCH_BYTES`)
+        than the queue's tasks need."""
         prefetch = self.prefetch
-        free = sum(min(prefetch - len(w.assigned), w.budget) for w in self._ready_workers())
-        return free > self._pending_count
+        free = room = 0
+        for worker in self._ready_workers():
+            places = min(prefetch - len(worker.assigned), worker.budget)
+            if places > 0:
+                free += places
+                room += max(PREFETCH_BYTES - worker.inflight_bytes, 0)
+        return free > self._pending_count and room > self._pending_bytes
 
     def _ready_workers(self) -> list[Worker]:
         return [w for w in self._workers if w.status is WorkerStatus.READY]
@@ -160,10 +168,13 @@ class Dispatcher:
             if end > start:
                 # Counted and scheduled before the next `accept`, which may raise.
                 if end - start == count:  # the whole read, the common case
+                    run = payloads
                     self._pending.append((ids, payloads))
                 else:
-                    self._pending.append((ids[start:end], payloads[start:end]))
+                    run = payloads[start:end]
+                    self._pending.append((ids[start:end], run))
                 self._pending_count += end - start
+                self._pending_bytes += sum(map(len, run))
                 self.received += end - start
                 self.idle.clear()
                 self._schedule_flush()
@@ -228,6 +239,7 @@ class Dispatcher:
         """Put one task at the end of the queue."""
         self._pending.append(([ident], [payload]))
         self._pending_count += 1
+        self._pending_bytes += len(payload)
         self._schedule_flush()
 
     def _resend(self, ident: str, payload: bytes) -> bool:
@@ -320,6 +332,7 @@ class Dispatcher:
                 dropped.remove(ident)
         self._pending.clear()
         self._pending_count = 0
+        self._pending_bytes = 0
         if dropped:
             self.handed_back += len(dropped)
             self.last_handed_back_at = time.monotonic()
@@ -377,31 +390,38 @@ class Dispatcher:
             count = self._fitting(room, PREFETCH_BYTES - worker.inflight_bytes)
             if not count and worker.assigned:
                 continue
-            ids, payloads = self._take(max(count, 1))
-            worker.inflight_bytes += sum(map(len, payloads))
+            ids, payloads, size = self._take(max(count, 1))
+            worker.inflight_bytes += size
             assert self.pool is not None
             self.pool.send(worker, ids, frames_of(payloads))
 
     def _fitting(self, most: int, room_bytes: int) -> int:
         """How many of the oldest pending tasks, at most `most`, have payloads that fit in
-        `room_bytes` together."""
+        `room_bytes` together. On the loop for every worker with room at each flush, so its
+        work is the tasks it counts: a whole run's sizes are summed in C, and a run that does
+        not fit is walked only as far as it fits."""
         count = 0
         for _, payloads in self._pending:
-            chunk = payloads[: most - count] if len(payloads) > most - count else payloads
-            size = sum(map(len, chunk))
-            if size > room_bytes:
-                count += bisect.bisect_right(
-                    list(itertools.accumulate(map(len, chunk))), room_bytes
-                )
+            if len(payloads[0]) > room_bytes:  # a worker whose bytes are full, most often
                 break
-            count += len(chunk)
+            take = min(len(payloads), most - count)
+            size = sum(map(len, itertools.islice(payloads, take)))
+            if size > room_bytes:
+                for size in map(len, payloads):
+                    room_bytes -= size
+                    if room_bytes < 0:
+                        break
+                    count += 1
+                break
+            count += take
             room_bytes -= size
             if count >= most:
                 break
         return count
 
-    def _take(self, most: int) -> tuple[list[str], list[bytes]]:
-        """Up to `most` of the oldest pending tasks, off the queue: (ids, payloads)."""
+    def _take(self, most: int) -> tuple[list[str], list[bytes], int]:
+        """Up to `most` of the oldest pending tasks, off the queue: (ids, payloads, the
+        payloads' bytes)."""
         pending = self._pending
         ids, payloads = pending.popleft()
         if len(ids) > most:  # the rest of the run stays first in line
@@ -417,8 +437,10 @@ class Dispatcher:
                     more_ids, more_payloads = more_ids[:room], more_payloads[:room]
                 ids += more_ids
                 payloads += more_payloads
+        size = sum(map(len, payloads))
         self._pending_count -= len(ids)
-        return ids, payloads
+        self._pending_bytes -= size
+        return ids, payloads, size
 
     # ------------------------------------------------------------------------------- workers
 
@@ -503,6 +525,7 @@ class Dispatcher:
         if requeue:
             self._pending.appendleft(([i for i, _ in requeue], [p for _, p in requeue]))
             self._pending_count += len(requeue)
+            self._pending_bytes += sum(len(p) for _, p in requeue)
         self._schedule_flush()
         self._check_idle()
 

@@ -1,8 +1,8 @@
 """The dispatcher's queue of runs, driven by random reads, results and flushes: tasks reach
 workers in the order they arrived (each new id once), a worker holds at most `prefetch` tasks
 and `PREFETCH_BYTES` of payloads (one task alone when it held none, however big), no worker
-is left empty while tasks wait, and `Worker.inflight_bytes` is always the bytes of the tasks it
-holds.
+is left empty while tasks wait, `Worker.inflight_bytes` is always the bytes of the tasks it
+holds, and `has_capacity` counts free bytes as well as free places.
 
 The workers here are `Worker` handles whose sends are recorded (what a worker process does with
 its tasks is covered by the tests with real processes in test_node.py); the queue logic is what
@@ -102,3 +102,50 @@ async def run_steps(steps: list[object], prefetch: int, limit: int) -> None:
         # Every task sent so far went out in the order it arrived.
         assert recorder.sent == arrived[: len(recorder.sent)]
         assert dispatcher.pending == sum(len(ids) for ids, _ in dispatcher._pending)
+        waiting = [p for _, payloads in dispatcher._pending for p in payloads]
+        assert dispatcher._pending_bytes == sum(map(len, waiting))
+        if not waiting:  # the node asks for more exactly while some worker has room
+            roomy = [w for w in workers if len(w.assigned) < prefetch and w.inflight_bytes < limit]
+            assert dispatcher.has_capacity() == bool(roomy)
+        elif not any(len(w.assigned) < prefetch for w in workers):
+            assert not dispatcher.has_capacity()
+
+
+def test_capacity_counts_payload_bytes_and_offload_takes_what_does_not_fit() -> None:
+    """Tasks of 200 KB: each worker holds what fits in PREFETCH_BYTES, far fewer than
+    `prefetch`; the node stops asking for more once the queue holds what no worker has bytes
+    for, and a dialed peer is offered the tasks instead of the queue growing."""
+
+    async def run() -> tuple[list[Worker], Dispatcher, list[str]]:
+        dispatcher = Dispatcher(1024, lambda blob, ids: None)
+        dispatcher.pool = Recorder()  # type: ignore[assignment]
+        workers = [Worker(i, None) for i in range(2)]
+        for worker in workers:
+            worker.status = WorkerStatus.READY
+            dispatcher.worker_ready(worker)
+        offered: list[str] = []
+        dispatcher.offload = lambda ident, payload: offered.append(ident) is None
+        for i in range(100):
+            dispatcher.accept_from_master([f"t{i}"], [payload(f"t{i}", 200_000)])
+            await asyncio.sleep(0)  # the flush
+        return workers, dispatcher, offered
+
+    workers, dispatcher, offered = asyncio.run(run())
+    per_worker = dispatch.PREFETCH_BYTES // len(payload("t0", 200_000))
+    assert [len(w.assigned) for w in workers] == [per_worker, per_worker]
+    assert dispatcher.pending <= 2 and not dispatcher.has_capacity()
+    assert len(offered) == 100 - 2 * per_worker - dispatcher.pending
+
+
+class Unwalkable(list):  # type: ignore[type-arg]
+    """A run whose payloads may be looked at one by one but not walked through."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("walked a run that could not fit")
+
+
+def test_fitting_a_worker_with_no_room_left_looks_at_one_payload() -> None:
+    dispatcher = Dispatcher(1024, lambda blob, ids: None)
+    big = [payload(f"t{i}", 1000) for i in range(1000)]
+    dispatcher._pending.append(([f"t{i}" for i in range(1000)], Unwalkable(big)))
+    assert dispatcher._fitting(1000, len(big[0]) - 1) == 0
