@@ -381,13 +381,25 @@ class Dispatcher:
         self._flush_scheduled = False
         if not self._pending:
             return
+        # The waiting tasks are shared out so that the workers hold about as many each (the
+        # least loaded first, none above `prefetch`): a batch of slow tasks smaller than
+        # `prefetch` keeps every worker busy instead of queueing behind one.
         workers = sorted(self._ready_workers(), key=lambda w: len(w.assigned))
-        for worker in workers:
-            room = min(self.prefetch - len(worker.assigned), worker.budget)
-            if room <= 0 or not self._pending:
+        rooms = [(w, min(self.prefetch - len(w.assigned), w.budget)) for w in workers]
+        rooms = [(worker, room) for worker, room in rooms if room > 0]
+        held = sum(len(worker.assigned) for worker, _ in rooms)
+        left = len(rooms)
+        for worker, room in rooms:
+            if not self._pending:
+                break
+            holds = len(worker.assigned)
+            share = -(-(self._pending_count + held) // left) - holds  # up to the even level
+            held -= holds
+            left -= 1
+            if share <= 0:
                 continue
             # At least one task for a worker that holds none, however big.
-            count = self._fitting(room, PREFETCH_BYTES - worker.inflight_bytes)
+            count = self._fitting(min(room, share), PREFETCH_BYTES - worker.inflight_bytes)
             if not count and worker.assigned:
                 continue
             ids, payloads, size = self._take(max(count, 1))

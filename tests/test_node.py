@@ -176,14 +176,16 @@ def test_upstream_scheduling_burst_of_100000(tmp_path: Path) -> None:
             process.close()
 
 
-async def slow_worker_dispatcher(prefetch: int) -> tuple[Dispatcher, WorkerPool, list[bytes]]:
-    """A dispatcher with one real worker process (started) whose `Compute` knows `sleep S`
+async def slow_worker_dispatcher(
+    prefetch: int, workers: int = 1
+) -> tuple[Dispatcher, WorkerPool, list[bytes]]:
+    """A dispatcher with real worker processes (started) whose `Compute` knows `sleep S`
     (tests/slowtasks.py), and the list the result payloads are delivered to; stop the pool."""
     delivered: list[bytes] = []
     dispatcher = Dispatcher(prefetch, lambda blob, ids: delivered.extend(FrameDecoder().feed(blob)))
     settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
     pool = WorkerPool(
-        1,
+        workers,
         settings,
         on_results=dispatcher.results,
         on_worker_ready=dispatcher.worker_ready,
@@ -193,6 +195,28 @@ async def slow_worker_dispatcher(prefetch: int) -> tuple[Dispatcher, WorkerPool,
     dispatcher.pool = pool
     await pool.start()
     return dispatcher, pool, delivered
+
+
+def test_a_batch_smaller_than_prefetch_is_shared_by_the_workers() -> None:
+    """Six slow tasks in one read, two real workers, `prefetch` 1024: each worker gets three
+    (not all six to the first), and each runs its three."""
+
+    async def go() -> None:
+        dispatcher, pool, delivered = await slow_worker_dispatcher(1024, workers=2)
+        try:
+            ids = [f"s{i}" for i in range(6)]
+            payloads = [codec.encode_payload(m.AssignTask(i, m.Compute("sleep 0.1"))) for i in ids]
+            dispatcher.accept_from_master(ids, payloads)
+            await asyncio.sleep(0)  # the flush
+            assert sorted(len(w.assigned) for w in pool.workers) == [3, 3]
+            async with asyncio.timeout(30):
+                await dispatcher.idle.wait()
+            assert sorted(codec.decode(p).id for p in delivered) == ids  # type: ignore[attr-defined]
+            assert [w.tasks_done for w in pool.workers] == [3, 3]
+        finally:
+            await pool.stop()
+
+    asyncio.run(go())
 
 
 def test_dispatcher_bookkeeping_on_the_compute_fast_path() -> None:
