@@ -593,8 +593,9 @@ class Config:
         1024,
         _Integer(1),
         "Tasks in flight per worker (queued to it plus running), with at most 8 MiB of their "
-        "payloads (at least one task). Lower it for long tasks: a task waits behind the tasks "
-        "queued before it on its worker, even while another worker is idle.",
+        "payloads (at least one task); waiting tasks are shared out evenly. A worker whose task "
+        "has run 50 ms is sent no more, and the tasks queued behind that task are taken back "
+        "for a worker that idles (not in an install without the compiled modules).",
     )
     shm_dir: str = _setting(
         "/dev/shm", _Text(), "Directory (a tmpfs) of shared-memory payloads and the memory store."

@@ -44,6 +44,7 @@ from shm import native
 from shm.segments import spilled
 from workers.channel import Frames
 from workers.pool import Worker, WorkerLoss, WorkerPool, WorkerStatus
+from workers.worker import STARTED_AT_NS
 
 log = logging.getLogger("cpnode.dispatch")
 
@@ -112,6 +113,8 @@ class Dispatcher:
         self.results_resent = 0  # repeated ids answered with their unconfirmed result
         self.idle = asyncio.Event()
         self.idle.set()
+        self.taken_back = 0  # tasks taken back from a worker busy with a long one (`_take_back`)
+        self._take_back_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------------------- state
 
@@ -383,9 +386,15 @@ class Dispatcher:
             return
         # The waiting tasks are shared out so that the workers hold about as many each (the
         # least loaded first, none above `prefetch`): a batch of slow tasks smaller than
-        # `prefetch` keeps every worker busy instead of queueing behind one.
+        # `prefetch` keeps every worker busy instead of queueing behind one. A worker whose
+        # task has run TAKE_BACK_AFTER_S gets none: they would wait behind it.
         workers = sorted(self._ready_workers(), key=lambda w: len(w.assigned))
-        rooms = [(w, min(self.prefetch - len(w.assigned), w.budget)) for w in workers]
+        now = time.monotonic_ns()
+        rooms = [
+            (w, min(self.prefetch - len(w.assigned), w.budget))
+            for w in workers
+            if not w.assigned or not self._busy_with_a_long_task(w, now)
+        ]
         rooms = [(worker, room) for worker, room in rooms if room > 0]
         held = sum(len(worker.assigned) for worker, _ in rooms)
         left = len(rooms)
@@ -406,6 +415,69 @@ class Dispatcher:
             worker.inflight_bytes += size
             assert self.pool is not None
             self.pool.send(worker, ids, frames_of(payloads))
+
+    def _busy_with_a_long_task(self, worker: Worker, now_ns: int) -> bool:
+        assert self.pool is not None
+        return (
+            self.pool.running(worker)
+            and now_ns - worker.progress[STARTED_AT_NS] >= TAKE_BACK_AFTER_NS
+        )
+
+    def _arm_take_back_for_idle(self) -> None:
+        """A worker idles with nothing queued here: look again once a task another worker
+        holds tasks behind may have run long enough."""
+        if not self._pending and any(len(w.assigned) > 1 for w in self._workers):
+            self._arm_take_back(TAKE_BACK_AFTER_S)
+
+    def _arm_take_back(self, delay: float) -> None:
+        if self._take_back_timer is None and self.pool is not None and self.pool.can_take_back:
+            loop = asyncio.get_running_loop()
+            self._take_back_timer = loop.call_later(delay, self._take_back)
+
+    def _take_back(self) -> None:
+        """While a worker idles and no task waits: take back the tasks queued behind a task
+        that has run TAKE_BACK_AFTER_S on another worker (not started, so run once wherever
+        they go), and share them out."""
+        self._take_back_timer = None
+        pool = self.pool
+        if pool is None or not self._accepting or self._pending:
+            return
+        workers = self._ready_workers()
+        if all(worker.assigned for worker in workers):
+            return
+        now = time.monotonic_ns()
+        soonest_ns = 0  # until the next worker's task has run long enough, when one may
+        for worker in workers:
+            if len(worker.assigned) < 2 or not pool.running(worker):
+                continue
+            ran_ns = now - worker.progress[STARTED_AT_NS]
+            if ran_ns < TAKE_BACK_AFTER_NS:
+                left_ns = TAKE_BACK_AFTER_NS - ran_ns
+                soonest_ns = min(soonest_ns, left_ns) if soonest_ns else left_ns
+                continue
+            count = pool.take_back(worker)
+            if not count:
+                continue
+            assigned = worker.assigned
+            ids = [assigned.pop() for _ in range(count)]
+            ids.reverse()
+            payloads = [self._held[ident] for ident in ids]
+            size = sum(map(len, payloads))
+            worker.inflight_bytes -= size
+            self._pending.appendleft((ids, payloads))
+            self._pending_count += count
+            self._pending_bytes += size
+            self.taken_back += count
+            log.debug(  # counted in cpnode_tasks_taken_back_total
+                "took back %d tasks from worker %d: its task has run %.0f ms",
+                count,
+                worker.index,
+                ran_ns / 1e6,
+            )
+        if self._pending:
+            self._flush()
+        elif soonest_ns:
+            self._arm_take_back(soonest_ns / 1e9)
 
     def _fitting(self, most: int, room_bytes: int) -> int:
         """How many of the oldest pending tasks, at most `most`, have payloads that fit in
@@ -460,6 +532,7 @@ class Dispatcher:
         if worker not in self._workers:
             self._workers.append(worker)
         self._schedule_flush()
+        self._arm_take_back_for_idle()
 
     def results(self, worker: Worker, count: int, blob: Frames) -> None:
         assigned = worker.assigned
@@ -485,6 +558,8 @@ class Dispatcher:
             self._schedule_flush()
         else:
             self._check_idle()
+            if not assigned:
+                self._arm_take_back_for_idle()
 
     def worker_lost(self, worker: Worker, loss: WorkerLoss) -> None:
         """Answer or retry the tasks the dead worker started; re-queue the ones it never did.
@@ -552,6 +627,10 @@ _IDEMPOTENT = frozenset(
 PREFETCH_BYTES = 8 << 20
 """Payload bytes in flight per worker, at most (and `prefetch` tasks): at least one task is
 sent, however big (a payload of 1 MiB or more travels as a reference to its segment)."""
+TAKE_BACK_AFTER_S = 0.05
+"""A task that has run this long is long: the tasks queued behind it on its worker are taken
+back when another worker idles, and its worker is sent no more until it is done."""
+TAKE_BACK_AFTER_NS = round(TAKE_BACK_AFTER_S * 1e9)
 _COMPUTE_MARK = b'"task":{"Compute":'
 _ID_START = len(b'{"AssignTask":{"id":"')
 _COMPUTE_AFTER_ID = b'",' + _COMPUTE_MARK

@@ -267,6 +267,11 @@ class NodeCollector:
             "AssignTask frames whose id was already running here (joined, not run twice).",
             dispatcher.joined_duplicates,
         )
+        yield _counter(
+            "cpnode_tasks_taken_back",
+            "Tasks taken back unstarted from a worker busy with a long task, for an idle one.",
+            dispatcher.taken_back,
+        )
         yield _gauge(
             "cpnode_tasks_queued", "Tasks waiting for a worker (not yet sent).", dispatcher.pending
         )

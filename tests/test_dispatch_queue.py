@@ -34,6 +34,12 @@ class Recorder:
         worker.assigned.extend(ids)
         self.sent += ids
 
+    can_take_back = False  # (test_node.py takes tasks back from real workers)
+
+    @staticmethod
+    def running(worker: Worker) -> bool:
+        return False
+
 
 def payload(ident: str, size: int) -> bytes:
     return codec.encode_payload(m.AssignTask(ident, m.Compute("1" + " " * size)))

@@ -138,9 +138,11 @@ def test_the_upstream_corpus_is_answered_as_upstream_did() -> None:
 # ------------------------------------------------------------------ plain_batch
 
 
-def _slot(run_limit: int = worker.NO_RUN_LIMIT) -> memoryview:
+def _slot(run_limit: int = worker.NO_RUN_LIMIT, seq: int = 0) -> memoryview:
+    """A progress slot as a worker's loop leaves it after `seq` tasks."""
     slot = memoryview(bytearray(8 * worker.PROGRESS_FIELDS)).cast("q")
     slot[worker.RUN_LIMIT] = run_limit
+    slot[worker.STARTED] = slot[worker.FINISHED] = seq
     return slot
 
 
@@ -157,7 +159,7 @@ def _batch(
     limit: int = 1 << 20,
     budget_ns: int = 10**12,
 ) -> tuple[int, list[bytes], memoryview, array[int], int]:
-    slot = _slot() if slot is None else slot
+    slot = _slot(seq=seq) if slot is None else slot
     counts = _counts()
     end, frames, nanoseconds = fastpath.plain_batch(
         payloads, start, most, budget_ns, slot, seq, limit, BUCKETS_NS, counts
@@ -188,14 +190,14 @@ def test_plain_batch_runs_a_run_as_plain_result_answers_each(
     assert end == expected_end
     assert frames == answers[start:end]
     ran = end - start
-    assert slot[worker.STARTED] == slot[worker.FINISHED] == (seq + ran if ran else 0)
+    assert slot[worker.STARTED] == slot[worker.FINISHED] == seq + ran
     assert (slot[worker.STARTED_AT_NS] > 0) == (ran > 0)  # a declined task is not recorded
     assert sum(counts) == ran and nanoseconds >= 0
 
 
 def test_plain_batch_stops_at_the_run_limit_and_at_an_oversized_result() -> None:
     payloads = [codec.encode_payload(m.AssignTask(f"t{i}", m.Compute(f"{i}+1"))) for i in range(6)]
-    end, frames, slot, _, _ = _batch(payloads, slot=_slot(run_limit=12), seq=10)
+    end, frames, slot, _, _ = _batch(payloads, slot=_slot(run_limit=12, seq=10), seq=10)
     assert end == 2 and len(frames) == 2  # tasks 11 and 12 run; 13 is past the limit
     assert slot[worker.STARTED] == slot[worker.FINISHED] == 12
     # A result above max_frame_bytes is left to the Python path (which answers an Error).
@@ -223,10 +225,11 @@ def test_plain_batch_counts_like_task_stats() -> None:
     assert end == 5 and row[COMPLETED] == 5 and row[FAILED] == 0
     assert sum(row[FIRST_BUCKET:]) == 5 and list(counts) == [0] * len(counts)
     # The bucket rule is `record`'s (bisect_left): a time up to a bound counts below it.
-    slot = _slot()
     for bounds, expected in [([10**12], [5, 0]), ([0], [0, 5]), ([0, 10**12], [0, 5, 0])]:
         counts = array("q", [0] * (len(bounds) + 1))
-        fastpath.plain_batch(payloads, 0, 9, 10**12, slot, 0, 1 << 20, array("q", bounds), counts)
+        fastpath.plain_batch(
+            payloads, 0, 9, 10**12, _slot(), 0, 1 << 20, array("q", bounds), counts
+        )
         assert list(counts) == expected
 
 
@@ -263,6 +266,34 @@ def test_plain_batch_out_of_memory_leaves_no_trace() -> None:
                 assert slot[worker.STARTED] == slot[worker.FINISHED] == 7 + end
                 assert sum(counts) == end and len(FrameDecoder().feed(frames)) == end
         assert outcomes == expected, alone
+
+
+def test_a_task_taken_back_is_not_claimed() -> None:
+    """The supervisor takes back tasks 5-9 (`STARTED` 4 -> 9) while task 4 runs: the worker's
+    claim of task 5 (4 -> 5) fails, in `plain_batch` too, which then runs nothing and records
+    nothing; task 10 is claimed (9 -> 10)."""
+    cas = fastpath.compare_and_swap
+    payloads = [codec.encode_payload(m.AssignTask(f"t{i}", m.Compute(f"{i}+1"))) for i in range(3)]
+    slot = _slot(seq=4)
+    assert cas(slot, worker.STARTED, 4, 9)
+    assert not cas(slot, worker.STARTED, 4, 5) and slot[worker.STARTED] == 9
+    counts = _counts()
+    end, frames, _ = fastpath.plain_batch(
+        payloads, 0, 9, 10**12, slot, 4, 1 << 20, BUCKETS_NS, counts
+    )
+    assert (end, frames, sum(counts)) == (0, b"", 0)
+    assert (slot[worker.STARTED], slot[worker.FINISHED]) == (9, 4)
+    slot[worker.FINISHED] = 9  # the worker's loop skips 5-9
+    end, frames, _ = fastpath.plain_batch(
+        payloads, 0, 9, 10**12, slot, 9, 1 << 20, BUCKETS_NS, counts
+    )
+    assert end == 3 and slot[worker.STARTED] == slot[worker.FINISHED] == 12
+    with pytest.raises(ValueError):
+        cas(slot, worker.PROGRESS_FIELDS, 0, 1)
+    with pytest.raises(ValueError):
+        cas(slot, -1, 0, 1)
+    with pytest.raises(BufferError):
+        cas(bytes(32), 0, 0, 1)
 
 
 def test_plain_batch_refuses_bad_buffers() -> None:

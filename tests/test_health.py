@@ -208,6 +208,7 @@ EXPECTED_METRICS = {
     "cpnode_tasks_failed_total",
     "cpnode_task_execution_seconds_bucket",
     "cpnode_tasks_answered_total",
+    "cpnode_tasks_taken_back_total",
     "cpnode_tasks_queued",
     "cpnode_tasks_held",
     "cpnode_worker_tasks_in_flight",

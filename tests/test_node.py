@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from node import dispatch
 from node.client import Client
 from node.config import Config
 from node.dispatch import PREFETCH_BYTES, Dispatcher
@@ -22,7 +23,9 @@ from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder
 from shm import native
 from tests.nodeproc import NodeProcess
+from workers.expr import evaluate_compute
 from workers.pool import WorkerPool
+from workers.stats import COMPLETED
 from workers.tasks import WorkerSettings
 
 DATA = Path(__file__).parent / "data"
@@ -213,6 +216,95 @@ def test_a_batch_smaller_than_prefetch_is_shared_by_the_workers() -> None:
                 await dispatcher.idle.wait()
             assert sorted(codec.decode(p).id for p in delivered) == ids  # type: ignore[attr-defined]
             assert [w.tasks_done for w in pool.workers] == [3, 3]
+        finally:
+            await pool.stop()
+
+    asyncio.run(go())
+
+
+async def _ran_by_each(pool: WorkerPool, expected: int) -> list[float]:
+    """`Compute` tasks each worker process counted as run, once their stats (sent after half a
+    second idle) add up to `expected`; at most 10 s."""
+    async with asyncio.timeout(10):
+        while True:
+            ran = [w.stats.get("Compute", [0.0])[COMPLETED] for w in pool.workers]
+            if sum(ran) >= expected:
+                return ran
+            await asyncio.sleep(0.05)
+
+
+def test_tasks_queued_behind_a_long_task_are_taken_back_by_an_idle_worker() -> None:
+    """Worker 0 gets a 2 s task and four quick ones behind it, worker 1 five quick ones: once
+    worker 1 idles and the long task has run TAKE_BACK_AFTER_S, the four are taken back and run
+    by worker 1, each once, before the long task ends."""
+    if native.load("workers._fastpath") is None:
+        pytest.skip("installed with CPNODE_NO_EXTENSION: nothing is taken back")
+
+    async def go() -> None:
+        dispatcher, pool, delivered = await slow_worker_dispatcher(1024, workers=2)
+        try:
+            ids = ["long", *(f"q{i}" for i in range(9))]
+            tasks = [m.Compute("sleep 2"), *(m.Compute(f"{i}+1") for i in range(9))]
+            payloads = [
+                codec.encode_payload(m.AssignTask(i, t)) for i, t in zip(ids, tasks, strict=True)
+            ]
+            dispatcher.accept_from_master(ids, payloads)
+            async with asyncio.timeout(30):
+                await dispatcher.idle.wait()
+            answered = [codec.decode(p).id for p in delivered]  # type: ignore[attr-defined]
+            assert sorted(answered) == sorted(ids) and answered[-1] == "long"
+            assert dispatcher.taken_back == 4
+            assert [w.tasks_done for w in pool.workers] == [1, 9]
+            assert await _ran_by_each(pool, 10) == [1, 9]  # none ran twice
+        finally:
+            await pool.stop()
+
+    asyncio.run(go())
+
+
+def test_taking_back_under_churn_runs_every_task_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain Computes (run in C runs) mixed with slow ones (about 3 ms each, in Python), two
+    workers, tasks taken back after 1 ms: every task is answered once and run once, whichever
+    of the claims (compiled run, Python loop) meets a take-back."""
+    if native.load("workers._fastpath") is None:
+        pytest.skip("installed with CPNODE_NO_EXTENSION: nothing is taken back")
+    monkeypatch.setattr(dispatch, "TAKE_BACK_AFTER_S", 0.001)
+    monkeypatch.setattr(dispatch, "TAKE_BACK_AFTER_NS", 1_000_000)
+    slow = "+".join(f"sin({k})*cos({k})" for k in range(150))
+
+    async def go() -> None:
+        delivered: list[bytes] = []
+        dispatcher = Dispatcher(64, lambda b, ids: delivered.extend(FrameDecoder().feed(b)))
+        pool = WorkerPool(
+            2,
+            WorkerSettings(),
+            on_results=dispatcher.results,
+            on_worker_ready=dispatcher.worker_ready,
+            on_worker_lost=dispatcher.worker_lost,
+            start_method="spawn",
+        )
+        dispatcher.pool = pool
+        await pool.start()
+        try:
+            expected: dict[str, float] = {}
+            for read in range(40):
+                ids, payloads = [], []
+                for i in range(25):
+                    ident = f"r{read}-{i}"
+                    text = f"{i}+{slow}" if (read + i) % 7 == 0 else f"{read}*{i}+1"
+                    ids.append(ident)
+                    payloads.append(codec.encode_payload(m.AssignTask(ident, m.Compute(text))))
+                    expected[ident] = evaluate_compute(text)
+                dispatcher.accept_from_master(ids, payloads)
+                await asyncio.sleep(0.002 * (read % 3))
+            async with asyncio.timeout(60):
+                await dispatcher.idle.wait()
+            results = [codec.decode(p) for p in delivered]
+            answers = {r.id: r.result for r in results}  # type: ignore[attr-defined]
+            assert len(results) == len(expected) == len(answers)
+            assert answers == {i: m.Number(v) for i, v in expected.items()}
+            assert dispatcher.taken_back > 0
+            assert sum(await _ran_by_each(pool, len(expected))) == len(expected)
         finally:
             await pool.stop()
 

@@ -373,7 +373,14 @@ plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         slot[STARTED_AT_NS] = then;
-        slot[STARTED] = seq + 1;
+        int64_t expected = seq;
+        if (!__atomic_compare_exchange_n(&slot[STARTED], &expected, seq + 1, 0, __ATOMIC_SEQ_CST,
+                                         __ATOMIC_SEQ_CST)) {
+            /* The supervisor took this task back (compare_and_swap): the Python loop sees it
+               too, and skips what was taken. */
+            PyMem_Free(number);
+            break;
+        }
         write[0] = (char)((uint32_t)length >> 24);
         write[1] = (char)((uint32_t)length >> 16);
         write[2] = (char)((uint32_t)length >> 8);
@@ -412,7 +419,14 @@ undo:
     /* Out of memory with the answers lost: the slot says again that these tasks never started
        (started first, so they never look running), and the caller runs them again. */
     if (seq > first_seq) {
-        slot[STARTED] = started_before;
+        int64_t claimed = seq;
+        if (!__atomic_compare_exchange_n(&slot[STARTED], &claimed, started_before, 0,
+                                         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            /* The supervisor took back the tasks after these meanwhile: they cannot be
+               unclaimed, nor answered. Dying is what the supervisor accounts for (it retries
+               the started ones, pure Computes, once). */
+            Py_FatalError("plain_batch(): out of memory after the supervisor took tasks back");
+        }
         slot[FINISHED] = finished_before;
     }
 done:
@@ -420,6 +434,41 @@ done:
     PyBuffer_Release(&counts);
     PyBuffer_Release(&bounds);
     PyBuffer_Release(&progress);
+    return answer;
+}
+
+/* compare_and_swap: one int64 field of a writable buffer shared between processes (a progress
+   slot), atomically. */
+static PyObject *
+compare_and_swap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "compare_and_swap() takes buffer, index, expected, new");
+        return NULL;
+    }
+    Py_ssize_t index;
+    long long expected, replacement;
+    if (((index = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred())
+        || ((expected = PyLong_AsLongLong(args[2])) == -1 && PyErr_Occurred())
+        || ((replacement = PyLong_AsLongLong(args[3])) == -1 && PyErr_Occurred())) {
+        return NULL;
+    }
+    Py_buffer buffer;
+    if (PyObject_GetBuffer(args[0], &buffer, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    PyObject *answer = NULL;
+    if (index < 0 || (index + 1) * (Py_ssize_t)sizeof(int64_t) > buffer.len
+        || ((uintptr_t)buffer.buf % sizeof(int64_t)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "compare_and_swap(): index out of range, or the buffer "
+                                          "is misaligned for int64 fields");
+    } else {
+        int64_t seen = (int64_t)expected;
+        answer = PyBool_FromLong(__atomic_compare_exchange_n(
+            (int64_t *)buffer.buf + index, &seen, (int64_t)replacement, 0, __ATOMIC_SEQ_CST,
+            __ATOMIC_SEQ_CST));
+    }
+    PyBuffer_Release(&buffer);
     return answer;
 }
 
@@ -447,6 +496,10 @@ static PyMethodDef methods[] = {
      "each (progress slot written per task), until one is not plain or budget_ns passed: see\n"
      "workers/worker.py. Their times are added to counts (per bucket of bounds, at most 15). A\n"
      "call that raises leaves the slot and counts as they were."},
+    {"compare_and_swap", (PyCFunction)(void (*)(void))compare_and_swap, METH_FASTCALL,
+     "compare_and_swap(buffer, index, expected, new) -> bool\n\n"
+     "Atomically: if the int64 field buffer[index] is expected, make it new (True); else\n"
+     "leave it (False). For a progress slot shared with another process."},
     {"set_max_expression_bytes", set_max_expression_bytes, METH_O,
      "set_max_expression_bytes(limit: int) -> None\n\n"
      "Expressions longer than this go to the Python path (workers.expr.MAX_EXPRESSION_BYTES)."},

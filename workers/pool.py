@@ -57,6 +57,7 @@ from workers.worker import (
     RUN_LIMIT,
     STARTED,
     STARTED_AT_NS,
+    compare_and_swap,
     worker_main,
 )
 
@@ -141,7 +142,11 @@ class Worker:
         self.stats: dict[str, list[float]] = {}  # latest snapshot from the live process
         # Shared with the process (see `workers.worker.PROGRESS_FIELDS`); zeroed per process.
         self.progress = progress
-        self.received = 0  # results from the current process
+        self.received = 0  # results (and tasks taken back) from the current process
+        # After tasks were taken back (`WorkerPool.take_back`): `STARTED` was moved from
+        # `taken_after` (the task then running) to `taken_through` (the last one taken).
+        self.taken_after = 0
+        self.taken_through = 0
         # Payload bytes of the tasks in `assigned` (kept by the dispatcher, which bounds it).
         self.inflight_bytes = 0
         self.budget = sys.maxsize  # tasks the current process may still be sent
@@ -285,6 +290,7 @@ class WorkerPool:
         assert self._loop is not None
         worker.started_at = time.monotonic()
         worker.received = 0
+        worker.taken_after = worker.taken_through = 0
         ours, theirs = socket.socketpair()
         process = None
         try:
@@ -386,6 +392,41 @@ class WorkerPool:
         if worker.ready is not None and not worker.ready.done():
             worker.ready.set_result(None)
         self._on_worker_ready(worker)
+
+    @staticmethod
+    def running(worker: Worker) -> bool:
+        """Whether `worker` runs a task now, by its progress slot."""
+        progress = worker.progress
+        started, finished = progress[STARTED], progress[FINISHED]
+        if started <= finished:
+            return False
+        # After a take-back `STARTED` names the last task taken, none of which runs: once the
+        # task running then has finished, nothing runs until the worker claims another.
+        return not (started == worker.taken_through and finished >= worker.taken_after)
+
+    @property
+    def can_take_back(self) -> bool:
+        return compare_and_swap is not None
+
+    def take_back(self, worker: Worker) -> int:
+        """Take back the tasks `worker` holds and has not started while it runs one (work
+        stealing): how many, the newest of `worker.assigned`, which the caller takes out and
+        sends elsewhere; the worker skips them unanswered. 0 when there are none, the worker
+        moved on meanwhile, or the install has no compiled module."""
+        if compare_and_swap is None or not self.running(worker):
+            return 0
+        progress = worker.progress
+        started: int = progress[STARTED]
+        last = worker.received + len(worker.assigned)  # the number of the last task sent
+        count = last - started
+        if count <= 0 or not compare_and_swap(progress, STARTED, started, last):
+            return 0  # all started, or the worker claimed one meanwhile
+        if started != worker.taken_through:  # else more taken while the same task runs
+            worker.taken_after = started
+        worker.taken_through = last
+        worker.received += count
+        worker.budget += count
+        return count
 
     def stop_starting(self) -> None:
         """Start no task not already started (a drain): each worker finishes the one it runs and
@@ -496,9 +537,7 @@ class WorkerPool:
         for worker in self.workers:
             if worker.status not in (WorkerStatus.READY, WorkerStatus.RETIRING):
                 continue
-            progress = worker.progress
-            started = progress[STARTED]
-            if started <= progress[FINISHED] or now - progress[STARTED_AT_NS] <= timeout_ns:
+            if not self.running(worker) or now - worker.progress[STARTED_AT_NS] <= timeout_ns:
                 continue
             if worker.killed_for_timeout or worker.process is None:
                 continue
@@ -590,7 +629,7 @@ class WorkerPool:
         loss = WorkerLoss(
             how=how,
             started=started,
-            running=started > 0 and progress[STARTED] > progress[FINISHED],
+            running=started > 0 and self.running(worker),
             timeout_ms=worker.killed_for_timeout,
         )
         if loss.timeout_ms:

@@ -18,6 +18,14 @@ time tasks out and to know, when a worker dies, which of its tasks it had starte
 lowers the slot's run limit: the worker finishes the task it runs and answers the tasks it has
 not started with one `SKIPPED` message, so the supervisor can hand them back.
 
+A task is claimed by moving `STARTED` from its number - 1 to its number with an atomic
+compare-and-swap, and the supervisor takes back tasks a worker has not started (work stealing:
+a long task holds up the ones behind it while another worker idles) by moving `STARTED` from
+the running task's number to the last one it sent, the same way. A claim that fails finds the
+tasks up to that number taken: the worker skips them, silently (the supervisor already counts
+them answered), and marks them finished so nothing looks running. Without the compiled module
+the claim is a plain write and nothing is taken back.
+
 Runs of plain `Compute` tasks (the commonest kind, see workers/_fastpath.c) go through one C
 call per run of up to `PLAIN_BATCH_MOST` tasks or `FLUSH_AFTER_S` (`plain_batch`), which writes
 the progress slot for each task as this loop does (started after it was computed: a pure
@@ -43,10 +51,11 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from node.protocol.framing import FrameDecoder, frame
+from shm import native
 from shm.nodedir import node_prefix
 from shm.segments import write_segment
 from workers.channel import (
@@ -63,6 +72,13 @@ from workers.logformat import configure_logging
 from workers.stats import BUCKETS_NS
 from workers.storage import Answer, BytesResult
 from workers.tasks import TaskRunner, WorkerSettings
+
+_fastpath = native.load("workers._fastpath")
+compare_and_swap: Callable[[Any, int, int, int], bool] | None = (
+    None if _fastpath is None else _fastpath.compare_and_swap
+)
+"""`workers._fastpath.compare_and_swap(buffer, index, expected, new)`: an atomic update of
+one int64 field of shared memory (a progress slot), or None: then no task is taken back."""
 
 PLAIN_BATCH_MOST = 512  # plain Computes per call of the compiled loop (about 0.3 ms)
 FLUSH_AFTER_S = 0.002  # the main thread flushes between tasks this often
@@ -230,6 +246,8 @@ def _serve(
     stats_sent = 0.0
     unsent = False  # tasks ran since the last STATS message
     seq = 0
+    taken_through = 0  # tasks numbered up to this were taken back by the supervisor
+    cas = compare_and_swap
     # A read waits at most STATS_EVERY_S (the kernel's receive timeout: no `select` before
     # each read, one system call less on a lone task's round trip).
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(STATS_EVERY_S))
@@ -261,6 +279,11 @@ def _serve(
         total = len(payloads)
         index = 0
         while index < total:
+            if seq < taken_through:  # tasks the supervisor took back: not run, not answered
+                gone = min(total - index, taken_through - seq)
+                index += gone
+                seq += gone
+                continue
             ran = 0
             if plain_batch is not None:
                 # A run of plain Computes, in C: each recorded in the progress slot as below,
@@ -281,17 +304,20 @@ def _serve(
                     index = end
             if not ran:  # any other task, one at a time
                 payload = payloads[index]
+                progress[started_at_ns] = clock_ns()
+                if cas is None:
+                    progress[started] = seq + 1
+                elif not cas(progress, started, seq, seq + 1):
+                    # Taken back, with the tasks after it up to `STARTED`: skipped above.
+                    taken_through = progress[started]
+                    progress[finished] = taken_through
+                    continue
                 index += 1
                 seq += 1
-                if seq > progress[run_limit]:
-                    # Not run. Recorded as finished before it is recorded as started, so the
-                    # supervisor's timeout check never sees it running.
+                if seq > progress[run_limit]:  # a drain: not run, answered SKIPPED
                     progress[finished] = seq
-                    progress[started] = seq
                     skipped += 1
                     continue
-                progress[started_at_ns] = clock_ns()
-                progress[started] = seq
                 result = run(payload)
                 if len(result) < large:
                     frames.append((1, frame(bytes(result))))
