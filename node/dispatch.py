@@ -142,9 +142,10 @@ class Dispatcher:
         than the queue's tasks need."""
         prefetch = self.prefetch
         free = room = 0
+        now = time.monotonic_ns()
         for worker in self._ready_workers():
             places = min(prefetch - len(worker.assigned), worker.budget)
-            if places > 0:
+            if places > 0 and not (worker.assigned and self._busy_with_a_long_task(worker, now)):
                 free += places
                 room += max(PREFETCH_BYTES - worker.inflight_bytes, 0)
         return free > self._pending_count and room > self._pending_bytes
@@ -442,13 +443,19 @@ class Dispatcher:
         pool = self.pool
         if pool is None or not self._accepting or self._pending:
             return
-        workers = self._ready_workers()
-        if all(worker.assigned for worker in workers):
+        if all(worker.assigned for worker in self._ready_workers()):
             return
         now = time.monotonic_ns()
         soonest_ns = 0  # until the next worker's task has run long enough, when one may
-        for worker in workers:
-            if len(worker.assigned) < 2 or not pool.running(worker):
+        queues = False  # a worker holds tasks behind another
+        for worker in self._workers:
+            # A retiring worker (recycled after its last tasks) is robbed too: it gets no more.
+            if worker.status not in (WorkerStatus.READY, WorkerStatus.RETIRING):
+                continue
+            if len(worker.assigned) < 2:
+                continue
+            queues = True
+            if not pool.running(worker):  # between two tasks: look again
                 continue
             ran_ns = now - worker.progress[STARTED_AT_NS]
             if ran_ns < TAKE_BACK_AFTER_NS:
@@ -476,8 +483,8 @@ class Dispatcher:
             )
         if self._pending:
             self._flush()
-        elif soonest_ns:
-            self._arm_take_back(soonest_ns / 1e9)
+        elif queues:  # not yet long enough, between tasks, or claimed meanwhile: look again
+            self._arm_take_back(soonest_ns / 1e9 if soonest_ns else TAKE_BACK_AFTER_S)
 
     def _fitting(self, most: int, room_bytes: int) -> int:
         """How many of the oldest pending tasks, at most `most`, have payloads that fit in

@@ -292,6 +292,9 @@ def test_a_task_taken_back_is_not_claimed() -> None:
         cas(slot, worker.PROGRESS_FIELDS, 0, 1)
     with pytest.raises(ValueError):
         cas(slot, -1, 0, 1)
+    for huge in (2**60, 2**61, 2**61 + 2):  # (index + 1) * 8 would wrap around
+        with pytest.raises(ValueError):
+            cas(slot, huge, 0, 1)
     with pytest.raises(BufferError):
         cas(bytes(32), 0, 0, 1)
 

@@ -458,7 +458,7 @@ compare_and_swap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *answer = NULL;
-    if (index < 0 || (index + 1) * (Py_ssize_t)sizeof(int64_t) > buffer.len
+    if (index < 0 || index >= buffer.len / (Py_ssize_t)sizeof(int64_t)
         || ((uintptr_t)buffer.buf % sizeof(int64_t)) != 0) {
         PyErr_SetString(PyExc_ValueError, "compare_and_swap(): index out of range, or the buffer "
                                           "is misaligned for int64 fields");
