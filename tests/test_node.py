@@ -180,13 +180,15 @@ def test_upstream_scheduling_burst_of_100000(tmp_path: Path) -> None:
 
 
 async def slow_worker_dispatcher(
-    prefetch: int, workers: int = 1
+    prefetch: int, workers: int = 1, settings: WorkerSettings | None = None
 ) -> tuple[Dispatcher, WorkerPool, list[bytes]]:
     """A dispatcher with real worker processes (started) whose `Compute` knows `sleep S`
-    (tests/slowtasks.py), and the list the result payloads are delivered to; stop the pool."""
+    (tests/slowtasks.py) unless `settings` say otherwise, and the list the result payloads are
+    delivered to; stop the pool."""
     delivered: list[bytes] = []
     dispatcher = Dispatcher(prefetch, lambda blob, ids: delivered.extend(FrameDecoder().feed(blob)))
-    settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
+    if settings is None:
+        settings = WorkerSettings(executors={"Compute": "tests.slowtasks:compute"})
     pool = WorkerPool(
         workers,
         settings,
@@ -277,18 +279,8 @@ def test_taking_back_under_churn_runs_every_task_once(monkeypatch: pytest.Monkey
     slow = "+".join(f"sin({k})*cos({k})" for k in range(150))
 
     async def go() -> None:
-        delivered: list[bytes] = []
-        dispatcher = Dispatcher(64, lambda b, ids: delivered.extend(FrameDecoder().feed(b)))
-        pool = WorkerPool(
-            2,
-            WorkerSettings(),
-            on_results=dispatcher.results,
-            on_worker_ready=dispatcher.worker_ready,
-            on_worker_lost=dispatcher.worker_lost,
-            start_method="spawn",
-        )
-        dispatcher.pool = pool
-        await pool.start()
+        # The built-in executors: plain Computes take the compiled runs.
+        dispatcher, pool, delivered = await slow_worker_dispatcher(64, 2, WorkerSettings())
         try:
             expected: dict[str, float] = {}
             for read in range(40):
