@@ -1151,6 +1151,37 @@ def test_a_repeated_task_that_its_worker_died_on_gets_the_same_error_not_a_secon
     asyncio.run(scenario())
 
 
+def test_tasks_taken_back_are_no_progress_for_the_crash_backoff() -> None:
+    """A worker that dies in its first task after tasks behind it were taken back got nothing
+    done: it counts as a crash in a row (backed off), not as a worker that answered tasks."""
+    if pool_module.compare_and_swap is None:
+        pytest.skip("installed with CPNODE_NO_EXTENSION: nothing is taken back")
+
+    async def scenario() -> None:
+        pool = WorkerPool(1, WorkerSettings(), start_method="spawn", **_NO_CALLBACKS)
+        pool._loop = asyncio.get_running_loop()
+        worker = pool.workers[0]
+        worker.started_at = time.monotonic()
+        worker.assigned.extend(["running", "a", "b"])
+        worker.progress[pool_module.STARTED] = 1  # "running" runs
+        assert pool.take_back(worker) == 2 and worker.received == 2
+        pool._schedule_respawn(worker, crashed=True)
+        try:
+            assert worker.crashes_in_a_row == 1
+        finally:
+            for handle in pool._respawns:
+                handle.cancel()
+
+    asyncio.run(scenario())
+
+
+_NO_CALLBACKS: dict[str, Callable[..., None]] = {
+    "on_results": lambda *args: None,
+    "on_worker_ready": lambda *args: None,
+    "on_worker_lost": lambda *args: None,
+}
+
+
 def test_a_worker_that_exits_on_start_is_respawned_with_backoff(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -147,6 +147,7 @@ class Worker:
         # `taken_after` (the task then running) to `taken_through` (the last one taken).
         self.taken_after = 0
         self.taken_through = 0
+        self.taken_back = 0  # of `received`: tasks taken back, not answered
         # Payload bytes of the tasks in `assigned` (kept by the dispatcher, which bounds it).
         self.inflight_bytes = 0
         self.budget = sys.maxsize  # tasks the current process may still be sent
@@ -290,7 +291,7 @@ class WorkerPool:
         assert self._loop is not None
         worker.started_at = time.monotonic()
         worker.received = 0
-        worker.taken_after = worker.taken_through = 0
+        worker.taken_after = worker.taken_through = worker.taken_back = 0
         ours, theirs = socket.socketpair()
         process = None
         try:
@@ -425,6 +426,7 @@ class WorkerPool:
             worker.taken_after = started
         worker.taken_through = last
         worker.received += count
+        worker.taken_back += count
         worker.budget += count
         return count
 
@@ -671,7 +673,7 @@ class WorkerPool:
             # A crash loop is a worker dying before it gets anything done: one that answered
             # tasks (and was killed, say) comes back at once.
             lived = time.monotonic() - worker.started_at
-            stable = worker.received > 0 or lived > _STABLE_AFTER_S
+            stable = worker.received > worker.taken_back or lived > _STABLE_AFTER_S
             worker.crashes_in_a_row = 0 if stable else worker.crashes_in_a_row + 1
             delay = min(_RESPAWN_BACKOFF_MAX_S, 0.05 * (2 ** max(0, worker.crashes_in_a_row - 1)))
         else:
