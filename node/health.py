@@ -559,6 +559,7 @@ class HealthServer:
                 "held": dispatcher.held,
                 "io_running": dispatcher.io_running,
                 "unconfirmed": link.unconfirmed,
+                "taken_back": dispatcher.taken_back,
             },
             "workers": [
                 {

@@ -262,6 +262,7 @@ def test_metrics_parse_and_counters_move_when_tasks_run(running: Running) -> Non
     assert moved("cpnode_tasks_received_total", compute) == 505
     assert moved("cpnode_tasks_failed_total", compute) == 5
     assert moved("cpnode_tasks_answered_total") == 505
+    assert moved("cpnode_tasks_taken_back_total") == 0  # no task ran long: nothing taken back
     assert moved("cpnode_task_execution_seconds_count", compute) == 505
     assert moved("cpnode_task_execution_seconds_bucket", (("le", "+Inf"), *compute)) == 505
     done = sum(moved("cpnode_worker_tasks_done_total", (("worker", str(i)),)) for i in range(2))
@@ -351,6 +352,7 @@ def test_cpnode_status_prints_the_summary(
     document = json.loads(capsys.readouterr().out)
     assert document["ready"] is True
     assert document["role"] == "Worker"
+    assert document["tasks"]["taken_back"] == 0
 
 
 def test_cpnode_status_names_an_unreachable_node(capsys: pytest.CaptureFixture[str]) -> None:
