@@ -7,7 +7,8 @@ dispatcher with two real worker processes (the pool and dispatcher the superviso
 the master link), `prefetch` 1024. The waiting tasks are shared out evenly, so the long task's
 worker gets about half of the quick ones queued behind it; once its task has run 50 ms and the
 other worker idles, they are taken back (work stealing) and run there. Without the take-back
-(`--compare` runs that too) they wait for the long task.
+(`--compare` runs that too; the long task's worker still gets no new tasks) they wait for the
+long task.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ async def run(long_s: float, quick: int, take_back: bool) -> tuple[float, float,
     dispatcher.pool = pool
     if not take_back:
         dispatcher._arm_take_back = lambda delay: None  # type: ignore[method-assign]
-    await pool.start()
     try:
+        await pool.start()
         ids = ["long", *(f"q{i}" for i in range(quick))]
         tasks = [m.Compute(f"sleep {long_s}")] + [m.Compute("sleep 0.001")] * quick
         payloads = [
@@ -71,7 +72,9 @@ async def run(long_s: float, quick: int, take_back: bool) -> tuple[float, float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--long-s", type=float, default=2.0, help="the long task (default 2 s)")
-    parser.add_argument("--quick", type=int, default=99, help="quick tasks (default 99)")
+    parser.add_argument(
+        "--quick", type=lambda text: max(1, int(text)), default=99, help="quick tasks (default 99)"
+    )
     parser.add_argument("--compare", action="store_true", help="also run with taking back off")
     args = parser.parse_args()
     print("| take-back | last quick result ms | long result ms | tasks per worker |")

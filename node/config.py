@@ -594,8 +594,9 @@ class Config:
         _Integer(1),
         "Tasks in flight per worker (queued to it plus running), with at most 8 MiB of their "
         "payloads (at least one task); waiting tasks are shared out evenly. A worker whose task "
-        "has run 50 ms is sent no more, and the tasks queued behind that task are taken back "
-        "for a worker that idles (not in an install without the compiled modules).",
+        "has run 50 ms is sent no more until it ends, and the tasks queued behind that task "
+        "are taken back for a worker that idles (not in an install without the compiled "
+        "modules).",
     )
     shm_dir: str = _setting(
         "/dev/shm", _Text(), "Directory (a tmpfs) of shared-memory payloads and the memory store."

@@ -5,13 +5,17 @@
     WorkerPool ──on_results(worker, n, frames)──▶ forget n ids ──▶ MasterLink.send_results
 
 The dispatcher knows where every task is (DESIGN contract 5): waiting in `pending`, or held by
-exactly one worker (`Worker.assigned`, oldest first). Each worker holds at most `prefetch`
-tasks. Tasks are batched without added latency: `accept` only queues and schedules one flush
-for the end of the current loop turn, so everything that arrived in one read goes out in one
-write per worker. A repeated id of a task still held here joins it (one execution, one result).
-So does a repeated id whose result is still on its way to the master (not confirmed yet): a
-master that restarted, or re-queued a task while its result was in transit, assigns it again
-before it reads that result; the result is sent once more instead of running the task again.
+exactly one worker (`Worker.assigned`, oldest first). Each worker holds at most `prefetch` tasks
+and `PREFETCH_BYTES` of payloads, the waiting tasks shared out evenly. Tasks a worker holds
+behind one that has run `TAKE_BACK_AFTER_S` go back to `pending`, first in line, when another
+worker idles (`_take_back`: each still runs once, see `WorkerPool.take_back`), and that worker
+gets no more until its task ends. Tasks are batched without added latency: `accept` only queues
+and schedules one flush for the end of the current loop turn, so everything that arrived in one
+read goes out in one write per worker. A repeated id of a task still held here joins it (one
+execution, one result). So does a repeated id whose result is still on its way to the master
+(not confirmed yet): a master that restarted, or re-queued a task while its result was in
+transit, assigns it again before it reads that result; the result is sent once more instead of
+running the task again.
 
 When a worker dies, `WorkerLoss` says which of its tasks it had started: the one it was running
 gets an `Error` naming the cause (the time limit, or the exit code or signal) unless it is safe
@@ -44,7 +48,7 @@ from shm import native
 from shm.segments import spilled
 from workers.channel import Frames
 from workers.pool import Worker, WorkerLoss, WorkerPool, WorkerStatus
-from workers.worker import STARTED_AT_NS
+from workers.worker import STARTED, STARTED_AT_NS
 
 log = logging.getLogger("cpnode.dispatch")
 
@@ -139,7 +143,7 @@ class Dispatcher:
     def has_capacity(self) -> bool:
         """True when the workers could take more than the queue holds (the node should ask for
         more): more free places (`prefetch`) and more free payload bytes (`PREFETCH_BYTES`)
-        than the queue's tasks need."""
+        than the queue's tasks need, on workers not busy with a long task (which get none)."""
         prefetch = self.prefetch
         free = room = 0
         now = time.monotonic_ns()
@@ -448,6 +452,7 @@ class Dispatcher:
         now = time.monotonic_ns()
         soonest_ns = 0  # until the next worker's task has run long enough, when one may
         queues = False  # a worker holds tasks behind another
+        taken: list[tuple[list[str], list[bytes]]] = []
         for worker in self._workers:
             # A retiring worker (recycled after its last tasks) is robbed too: it gets no more.
             if worker.status not in (WorkerStatus.READY, WorkerStatus.RETIRING):
@@ -455,6 +460,9 @@ class Dispatcher:
             if len(worker.assigned) < 2:
                 continue
             queues = True
+            # The task numbered `started`, read before its start time (which a worker writes
+            # before it claims a task), is the one taken back behind: none if it moved on.
+            started = worker.progress[STARTED]
             if not pool.running(worker):  # between two tasks: look again
                 continue
             ran_ns = now - worker.progress[STARTED_AT_NS]
@@ -462,7 +470,7 @@ class Dispatcher:
                 left_ns = TAKE_BACK_AFTER_NS - ran_ns
                 soonest_ns = min(soonest_ns, left_ns) if soonest_ns else left_ns
                 continue
-            count = pool.take_back(worker)
+            count = pool.take_back(worker, started)
             if not count:
                 continue
             assigned = worker.assigned
@@ -471,7 +479,7 @@ class Dispatcher:
             payloads = [self._held[ident] for ident in ids]
             size = sum(map(len, payloads))
             worker.inflight_bytes -= size
-            self._pending.appendleft((ids, payloads))
+            taken.append((ids, payloads))
             self._pending_count += count
             self._pending_bytes += size
             self.taken_back += count
@@ -481,6 +489,7 @@ class Dispatcher:
                 worker.index,
                 ran_ns / 1e6,
             )
+        self._pending.extendleft(reversed(taken))  # first in line, in the workers' order
         if self._pending:
             self._flush()
         elif queues:  # not yet long enough, between tasks, or claimed meanwhile: look again

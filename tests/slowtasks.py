@@ -1,13 +1,17 @@
 """Task executors for pool tests, loaded by workers through `WorkerSettings.executors`.
 
-`compute` runs `Compute` tasks like the built-in executor, except for two test expressions:
+`compute` runs `Compute` tasks like the built-in executor, except for these test expressions:
 `sleep S` sleeps S seconds (a task past its time limit), `grow N` allocates N MiB and keeps
-them (a worker whose memory grows) and `orphan PREFIX` writes a payload segment under PREFIX in
-/dev/shm, then hangs (a worker killed while it writes a big result).
+them (a worker whose memory grows), `orphan PREFIX` writes a payload segment under PREFIX in
+/dev/shm, then hangs (a worker killed while it writes a big result), `wait PATH` runs until the
+file PATH exists (a long task the test ends; at most WAIT_S) and `exit-once PATH S` makes the
+file PATH and exits the process after S seconds, or answers 0 when PATH exists already (a
+worker that dies in its task, which its retry survives).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from node.protocol import messages as m
@@ -15,6 +19,7 @@ from shm.segments import write_segment
 from workers.expr import ExpressionError, evaluate_compute
 
 _kept: list[bytes] = []
+WAIT_S = 30.0
 
 
 def compute(task: m.Compute) -> m.Result:
@@ -26,6 +31,19 @@ def compute(task: m.Compute) -> m.Result:
         write_segment("/dev/shm", expression.removeprefix("orphan "), [b"x" * 4096], 4096)
         time.sleep(30)
         return m.Number(0.0)
+    if expression.startswith("wait "):
+        path = expression.removeprefix("wait ")
+        deadline = time.monotonic() + WAIT_S
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return m.Number(0.0)
+    if expression.startswith("exit-once "):
+        path, seconds = expression.removeprefix("exit-once ").rsplit(" ", 1)
+        if os.path.exists(path):
+            return m.Number(0.0)
+        open(path, "x").close()
+        time.sleep(float(seconds))
+        os._exit(1)
     if expression.startswith("grow "):
         _kept.append(b"x" * (int(expression.removeprefix("grow ")) << 20))
         return m.Number(float(len(_kept)))

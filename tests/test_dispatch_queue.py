@@ -12,6 +12,8 @@ is exercised, with the compiled `claim_tasks` and its Python reference.
 from __future__ import annotations
 
 import asyncio
+import time
+from array import array
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +24,7 @@ from node.dispatch import Dispatcher
 from node.protocol import codec
 from node.protocol import messages as m
 from workers.pool import Worker, WorkerStatus
+from workers.worker import PROGRESS_FIELDS, STARTED_AT_NS
 
 
 class Recorder:
@@ -29,6 +32,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.running_workers: set[int] = set()  # indexes of the workers that run a task
 
     def send(self, worker: Worker, ids: list[str], frames: bytes) -> None:
         worker.assigned.extend(ids)
@@ -36,9 +40,8 @@ class Recorder:
 
     can_take_back = False  # (test_node.py takes tasks back from real workers)
 
-    @staticmethod
-    def running(worker: Worker) -> bool:
-        return False
+    def running(self, worker: Worker) -> bool:
+        return worker.index in self.running_workers
 
 
 def payload(ident: str, size: int) -> bytes:
@@ -155,3 +158,32 @@ def test_fitting_a_worker_with_no_room_left_looks_at_one_payload() -> None:
     big = [payload(f"t{i}", 1000) for i in range(1000)]
     dispatcher._pending.append(([f"t{i}" for i in range(1000)], Unwalkable(big)))
     assert dispatcher._fitting(1000, len(big[0]) - 1) == 0
+
+
+def test_a_worker_busy_with_a_long_task_gets_no_more_and_is_no_capacity() -> None:
+    """Worker 0 runs a task that has run TAKE_BACK_AFTER_S: a read goes to worker 1 whole, and
+    once worker 1 is full the node has no capacity, though worker 0 has free places."""
+
+    async def run() -> None:
+        dispatcher = Dispatcher(8, lambda blob, ids: None)
+        recorder = Recorder()
+        dispatcher.pool = recorder  # type: ignore[assignment]
+        workers = [Worker(i, array("q", [0] * PROGRESS_FIELDS)) for i in range(2)]
+        for worker in workers:
+            worker.status = WorkerStatus.READY
+            dispatcher.worker_ready(worker)
+        dispatcher.accept_from_master(["long"], [payload("long", 0)])
+        await asyncio.sleep(0)
+        busy = next(w for w in workers if w.assigned)
+        recorder.running_workers.add(busy.index)
+        busy.progress[STARTED_AT_NS] = time.monotonic_ns() - 2 * dispatch.TAKE_BACK_AFTER_NS
+        other = workers[1 - busy.index]
+        ids = [f"t{i}" for i in range(8)]
+        dispatcher.accept_from_master(ids, [payload(i, 0) for i in ids])
+        await asyncio.sleep(0)
+        assert list(other.assigned) == ids and list(busy.assigned) == ["long"]
+        assert not dispatcher.has_capacity()
+        recorder.running_workers.clear()  # its task ended: it counts again
+        assert dispatcher.has_capacity()
+
+    asyncio.run(run())

@@ -27,6 +27,7 @@ from workers.expr import evaluate_compute
 from workers.pool import WorkerPool
 from workers.stats import COMPLETED
 from workers.tasks import WorkerSettings
+from workers.worker import STATS_EVERY_S
 
 DATA = Path(__file__).parent / "data"
 FAILOVER_MS = 400
@@ -198,13 +199,22 @@ async def slow_worker_dispatcher(
         start_method="spawn",
     )
     dispatcher.pool = pool
-    await pool.start()
+    try:
+        await pool.start()
+    except BaseException:
+        await pool.stop()  # the workers that did start
+        raise
     return dispatcher, pool, delivered
 
 
-def test_a_batch_smaller_than_prefetch_is_shared_by_the_workers() -> None:
+def test_a_batch_smaller_than_prefetch_is_shared_by_the_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Six slow tasks in one read, two real workers, `prefetch` 1024: each worker gets three
-    (not all six to the first), and each runs its three."""
+    (not all six to the first), and each runs its three (taking back is off here: a worker
+    that started late could otherwise lose a task to the other)."""
+    monkeypatch.setattr(dispatch, "TAKE_BACK_AFTER_S", 3600.0)
+    monkeypatch.setattr(dispatch, "TAKE_BACK_AFTER_NS", 3600 * 10**9)
 
     async def go() -> None:
         dispatcher, pool, delivered = await slow_worker_dispatcher(1024, workers=2)
@@ -226,27 +236,35 @@ def test_a_batch_smaller_than_prefetch_is_shared_by_the_workers() -> None:
 
 async def _ran_by_each(pool: WorkerPool, expected: int) -> list[float]:
     """`Compute` tasks each worker process counted as run, once their stats (sent after half a
-    second idle) add up to `expected`; at most 10 s."""
+    second idle) add up to `expected`, and a stats interval later (a run twice would show
+    then); at most 10 s."""
+
+    def ran() -> list[float]:
+        return [w.stats.get("Compute", [0.0])[COMPLETED] for w in pool.workers]
+
     async with asyncio.timeout(10):
-        while True:
-            ran = [w.stats.get("Compute", [0.0])[COMPLETED] for w in pool.workers]
-            if sum(ran) >= expected:
-                return ran
+        while sum(ran()) < expected:
             await asyncio.sleep(0.05)
+        await asyncio.sleep(STATS_EVERY_S + 0.2)
+    return ran()
 
 
-def test_tasks_queued_behind_a_long_task_are_taken_back_by_an_idle_worker() -> None:
-    """One worker gets a 2 s task and four quick ones behind it, the other five quick ones:
+def test_tasks_queued_behind_a_long_task_are_taken_back_by_an_idle_worker(
+    tmp_path: Path,
+) -> None:
+    """One worker gets a long task and four quick ones behind it, the other five quick ones:
     once the other idles and the long task has run TAKE_BACK_AFTER_S, the four are taken back
-    and run by the other, each once, before the long task ends."""
+    and run by the other, each once, while the long task still runs (it ends when the test
+    makes a file, after the four are answered)."""
     if native.load("workers._fastpath") is None:
         pytest.skip("installed with CPNODE_NO_EXTENSION: nothing is taken back")
+    done = tmp_path / "done"
 
     async def go() -> None:
         dispatcher, pool, delivered = await slow_worker_dispatcher(1024, workers=2)
         try:
             ids = ["long", *(f"q{i}" for i in range(9))]
-            tasks = [m.Compute("sleep 2"), *(m.Compute(f"{i}+1") for i in range(9))]
+            tasks = [m.Compute(f"wait {done}"), *(m.Compute(f"{i}+1") for i in range(9))]
             payloads = [
                 codec.encode_payload(m.AssignTask(i, t)) for i, t in zip(ids, tasks, strict=True)
             ]
@@ -255,14 +273,20 @@ def test_tasks_queued_behind_a_long_task_are_taken_back_by_an_idle_worker() -> N
             slow = next(i for i, w in enumerate(pool.workers) if "long" in w.assigned)
             assert sorted(len(w.assigned) for w in pool.workers) == [5, 5]
             async with asyncio.timeout(30):
-                await dispatcher.idle.wait()
+                while len(delivered) < 9:
+                    await asyncio.sleep(0.01)
             answered = [codec.decode(p).id for p in delivered]  # type: ignore[attr-defined]
-            assert sorted(answered) == sorted(ids) and answered[-1] == "long"
+            assert sorted(answered) == ids[1:]  # every quick one, the long one still running
             assert dispatcher.taken_back == 4
+            done.touch()
+            async with asyncio.timeout(30):
+                await dispatcher.idle.wait()
+            assert codec.decode(delivered[-1]).id == "long"  # type: ignore[attr-defined]
             expected = [1, 9] if slow == 0 else [9, 1]
             assert [w.tasks_done for w in pool.workers] == expected
             assert await _ran_by_each(pool, 10) == expected  # none ran twice
         finally:
+            done.touch()
             await pool.stop()
 
     asyncio.run(go())
@@ -271,30 +295,40 @@ def test_tasks_queued_behind_a_long_task_are_taken_back_by_an_idle_worker() -> N
 def test_taking_back_under_churn_runs_every_task_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain Computes (run in C runs) mixed with slow ones (about 3 ms each, in Python), two
     workers, tasks taken back after 1 ms: every task is answered once and run once, whichever
-    of the claims (compiled run, Python loop) meets a take-back."""
+    of the claims (compiled run, Python loop) meets a take-back. Reads of a slower task (about
+    10 ms) and quick ones follow until one is taken back, at most 20."""
     if native.load("workers._fastpath") is None:
         pytest.skip("installed with CPNODE_NO_EXTENSION: nothing is taken back")
     monkeypatch.setattr(dispatch, "TAKE_BACK_AFTER_S", 0.001)
     monkeypatch.setattr(dispatch, "TAKE_BACK_AFTER_NS", 1_000_000)
     slow = "+".join(f"sin({k})*cos({k})" for k in range(150))
+    slower = "+".join(f"sin({k})*cos({k})" for k in range(500))
 
     async def go() -> None:
         # The built-in executors: plain Computes take the compiled runs.
         dispatcher, pool, delivered = await slow_worker_dispatcher(64, 2, WorkerSettings())
         try:
             expected: dict[str, float] = {}
-            for read in range(40):
-                ids, payloads = [], []
-                for i in range(25):
-                    ident = f"r{read}-{i}"
-                    text = f"{i}+{slow}" if (read + i) % 7 == 0 else f"{read}*{i}+1"
-                    ids.append(ident)
-                    payloads.append(codec.encode_payload(m.AssignTask(ident, m.Compute(text))))
-                    expected[ident] = evaluate_compute(text)
+
+            def read_of(read: int, texts: list[str]) -> None:
+                ids = [f"r{read}-{i}" for i in range(len(texts))]
+                payloads = [codec.encode_payload(m.AssignTask(ident, m.Compute(text)))
+                            for ident, text in zip(ids, texts, strict=True)]  # fmt: skip
+                expected.update(zip(ids, map(evaluate_compute, texts), strict=True))
                 dispatcher.accept_from_master(ids, payloads)
+
+            for read in range(40):
+                read_of(read, [f"{i}+{slow}" if (read + i) % 7 == 0 else f"{read}*{i}+1"
+                               for i in range(25)])  # fmt: skip
                 await asyncio.sleep(0.002 * (read % 3))
             async with asyncio.timeout(60):
                 await dispatcher.idle.wait()
+            for read in range(40, 60):
+                if dispatcher.taken_back:
+                    break
+                read_of(read, [f"0+{slower}", *(f"{read}+{i}" for i in range(11))])
+                async with asyncio.timeout(60):
+                    await dispatcher.idle.wait()
             results = [codec.decode(p) for p in delivered]
             answers = {r.id: r.result for r in results}  # type: ignore[attr-defined]
             assert len(results) == len(expected) == len(answers)

@@ -8,13 +8,16 @@
                                                                        it keeps dying)
     watchdog timer ─ progress slots ──▶ a task past task_timeout_ms: SIGKILL its worker
                    ─ psutil USS     ──▶ a worker above its memory limit: retire it
+    take_back(worker) ─ compare-and-swap of its slot's STARTED ──▶ its unstarted tasks, for
+                                                                    another worker
 
 Each worker owns one Unix socket pair, driven on the supervisor side by an asyncio transport,
 so a send never blocks the loop (the transport buffers while the worker is busy). A worker's
 death is noticed through its process sentinel at once, not by a timeout; `describe_exit` names
 the exit code or signal for the log and for the `Error` of the task it was running. Its
 progress slot (shared memory, see `workers.worker`) says how many of the tasks it was sent it
-had started, so `WorkerLoss` tells the dispatcher exactly which tasks ran and which never did.
+had started, so `WorkerLoss` tells the dispatcher exactly which tasks ran and which never did;
+tasks taken back from it (`take_back`) count as received, as if answered, and it skips them.
 
 Recycling happens between tasks: a worker that reached `max_tasks_per_child` tasks, or whose
 USS passed `memory_limit_mb`, is RETIRING: it is sent nothing more, finishes what it holds, then
@@ -142,7 +145,7 @@ class Worker:
         self.stats: dict[str, list[float]] = {}  # latest snapshot from the live process
         # Shared with the process (see `workers.worker.PROGRESS_FIELDS`); zeroed per process.
         self.progress = progress
-        self.received = 0  # results (and tasks taken back) from the current process
+        self.received = 0  # tasks answered (results, SKIPPED) or taken back, current process
         # After tasks were taken back (`WorkerPool.take_back`): `STARTED` was moved from
         # `taken_after` (the task then running) to `taken_through` (the last one taken).
         self.taken_after = 0
@@ -409,15 +412,15 @@ class WorkerPool:
     def can_take_back(self) -> bool:
         return compare_and_swap is not None
 
-    def take_back(self, worker: Worker) -> int:
-        """Take back the tasks `worker` holds and has not started while it runs one (work
-        stealing): how many, the newest of `worker.assigned`, which the caller takes out and
-        sends elsewhere; the worker skips them unanswered. 0 when there are none, the worker
-        moved on meanwhile, or the install has no compiled module."""
+    def take_back(self, worker: Worker, started: int) -> int:
+        """Take back the tasks `worker` holds behind task number `started` (its `STARTED` as
+        the caller read it) while it runs that task (work stealing): how many, the newest of
+        `worker.assigned`, which the caller takes out and sends elsewhere; the worker skips
+        them unanswered. 0 when there are none, the worker moved on meanwhile, or the install
+        has no compiled module."""
         if compare_and_swap is None or not self.running(worker):
             return 0
         progress = worker.progress
-        started: int = progress[STARTED]
         last = worker.received + len(worker.assigned)  # the number of the last task sent
         count = last - started
         if count <= 0 or not compare_and_swap(progress, STARTED, started, last):

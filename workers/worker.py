@@ -9,6 +9,7 @@
     channel ◀── (HEADER RESULT_SEGMENT 1 len, its name), after the results before it
     progress slot (shared memory) ◀── before each task: started-at, started; after: finished
                                   ──▶ run limit: tasks past it are skipped, not run (a drain)
+                                  ──▶ started, moved on by the supervisor: tasks taken back
 
 A worker reads whatever tasks are waiting (a batch), runs them in order and sends the results
 back in one message; while a batch runs, a helper thread flushes finished results every few
@@ -92,9 +93,9 @@ _PR_SET_PDEATHSIG = 1
 # zeroed before each start). Counts are of tasks since this process started; the supervisor
 # knows how many results it received, so `STARTED` minus that is how many of the oldest tasks
 # it sent were started, and `STARTED > FINISHED` means the last of them is running.
-STARTED: Final = 0  # tasks started
+STARTED: Final = 0  # tasks started, claimed by compare-and-swap (and tasks taken back)
 STARTED_AT_NS: Final = 1  # time.monotonic_ns() when the last one started (written first)
-FINISHED: Final = 2  # tasks finished (written after each)
+FINISHED: Final = 2  # tasks finished (written after each; and after tasks taken back)
 RUN_LIMIT: Final = 3  # written by the supervisor: take no task numbered above this (a drain)
 PROGRESS_FIELDS: Final = 4
 NO_RUN_LIMIT: Final = (1 << 63) - 1
@@ -249,7 +250,8 @@ def _serve(
     taken_through = 0  # tasks numbered up to this were taken back by the supervisor
     cas = compare_and_swap
     # A read waits at most STATS_EVERY_S (the kernel's receive timeout: no `select` before
-    # each read, one system call less on a lone task's round trip).
+    # each read, one system call less on a lone task's round trip); an idle worker wakes that
+    # often, and sends its stats the first time.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(STATS_EVERY_S))
     while True:
         # Into a buffer made once: `recv(RECV_BYTES)` would allocate (and give back) 1 MiB per
@@ -315,6 +317,7 @@ def _serve(
                 index += 1
                 seq += 1
                 if seq > progress[run_limit]:  # a drain: not run, answered SKIPPED
+                    # (claimed first, like any task, so it looks running for an instant)
                     progress[finished] = seq
                     skipped += 1
                     continue
