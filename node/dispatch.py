@@ -144,15 +144,22 @@ class Dispatcher:
         """True when the workers could take more than the queue holds (the node should ask for
         more): more free places (`prefetch`) and more free payload bytes (`PREFETCH_BYTES`)
         than the queue's tasks need, on workers not busy with a long task (which get none)."""
-        prefetch = self.prefetch
         free = room = 0
         now = time.monotonic_ns()
         for worker in self._ready_workers():
-            places = min(prefetch - len(worker.assigned), worker.budget)
-            if places > 0 and not (worker.assigned and self._busy_with_a_long_task(worker, now)):
+            places = self._places(worker, now)
+            if places > 0:
                 free += places
                 room += max(PREFETCH_BYTES - worker.inflight_bytes, 0)
         return free > self._pending_count and room > self._pending_bytes
+
+    def _places(self, worker: Worker, now_ns: int) -> int:
+        """How many more tasks `worker` may be sent: none while it is busy with a task that
+        has run TAKE_BACK_AFTER_S (they would wait behind it), else up to `prefetch` held and
+        its process's task budget."""
+        if worker.assigned and self._busy_with_a_long_task(worker, now_ns):
+            return 0
+        return min(self.prefetch - len(worker.assigned), worker.budget)
 
     def _ready_workers(self) -> list[Worker]:
         return [w for w in self._workers if w.status is WorkerStatus.READY]
@@ -391,15 +398,10 @@ class Dispatcher:
             return
         # The waiting tasks are shared out so that the workers hold about as many each (the
         # least loaded first, none above `prefetch`): a batch of slow tasks smaller than
-        # `prefetch` keeps every worker busy instead of queueing behind one. A worker whose
-        # task has run TAKE_BACK_AFTER_S gets none: they would wait behind it.
+        # `prefetch` keeps every worker busy instead of queueing behind one (see `_places`).
         workers = sorted(self._ready_workers(), key=lambda w: len(w.assigned))
         now = time.monotonic_ns()
-        rooms = [
-            (w, min(self.prefetch - len(w.assigned), w.budget))
-            for w in workers
-            if not w.assigned or not self._busy_with_a_long_task(w, now)
-        ]
+        rooms = [(worker, self._places(worker, now)) for worker in workers]
         rooms = [(worker, room) for worker, room in rooms if room > 0]
         held = sum(len(worker.assigned) for worker, _ in rooms)
         left = len(rooms)
