@@ -183,13 +183,9 @@ class Dispatcher:
             if end > start:
                 # Counted and scheduled before the next `accept`, which may raise.
                 if end - start == count:  # the whole read, the common case
-                    run = payloads
-                    self._pending.append((ids, payloads))
+                    self._enqueue(ids, payloads)
                 else:
-                    run = payloads[start:end]
-                    self._pending.append((ids[start:end], run))
-                self._pending_count += end - start
-                self._pending_bytes += sum(map(len, run))
+                    self._enqueue(ids[start:end], payloads[start:end])
                 self.received += end - start
                 self.idle.clear()
                 self._schedule_flush()
@@ -252,10 +248,17 @@ class Dispatcher:
 
     def _queue(self, ident: str, payload: bytes) -> None:
         """Put one task at the end of the queue."""
-        self._pending.append(([ident], [payload]))
-        self._pending_count += 1
-        self._pending_bytes += len(payload)
+        self._enqueue([ident], [payload])
         self._schedule_flush()
+
+    def _enqueue(self, ids: list[str], payloads: list[bytes], *, first: bool = False) -> None:
+        """Add a run to the queue, at its end or `first` in line, counted."""
+        if first:
+            self._pending.appendleft((ids, payloads))
+        else:
+            self._pending.append((ids, payloads))
+        self._pending_count += len(ids)
+        self._pending_bytes += sum(map(len, payloads))
 
     def _resend(self, ident: str, payload: bytes) -> bool:
         """Answer a repeated `ident` with its result awaiting confirmation, when it is the same
@@ -482,8 +485,6 @@ class Dispatcher:
             size = sum(map(len, payloads))
             worker.inflight_bytes -= size
             taken.append((ids, payloads))
-            self._pending_count += count
-            self._pending_bytes += size
             self.taken_back += count
             log.debug(  # counted in cpnode_tasks_taken_back_total
                 "took back %d tasks from worker %d: its task has run %.0f ms",
@@ -491,7 +492,8 @@ class Dispatcher:
                 worker.index,
                 ran_ns / 1e6,
             )
-        self._pending.extendleft(reversed(taken))  # first in line, in the workers' order
+        for ids, payloads in reversed(taken):  # first in line, in the workers' order
+            self._enqueue(ids, payloads, first=True)
         if self._pending:
             self._flush()
         elif queues:  # not yet long enough, between tasks, or claimed meanwhile: look again
@@ -628,9 +630,7 @@ class Dispatcher:
             )
         requeue.extend(never_started)
         if requeue:
-            self._pending.appendleft(([i for i, _ in requeue], [p for _, p in requeue]))
-            self._pending_count += len(requeue)
-            self._pending_bytes += sum(len(p) for _, p in requeue)
+            self._enqueue([i for i, _ in requeue], [p for _, p in requeue], first=True)
         self._schedule_flush()
         self._check_idle()
 
