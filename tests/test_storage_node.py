@@ -69,7 +69,7 @@ def test_upstream_storage_vectors(
             expected = codec.result_from_json(vector["result"])
             if isinstance(expected, m.Response) and expected.text.startswith("free: 1048573"):
                 # Upstream counts only StoreData against the quota; ours counts every write
-                # (k1: 3 bytes, a/b.txt: 2, top.bin: 1), as PROTOCOL.md says we must.
+                # (k1: 3 bytes, a/b.txt: 2, top.bin: 1): disk_space_mb bounds every disk write.
                 expected = m.Response(expected.text.replace("1048573", "1048570"))
             if isinstance(expected, m.Response) and role == "Worker" and "b: 1" in expected.text:
                 expected = m.Response("a: 1 bytes\nb: 1 bytes\n")  # ours: sorted by key

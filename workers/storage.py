@@ -1,5 +1,5 @@
 """The storage tasks, run inside a worker: StoreData, RetrieveData, DiskWrite, DiskRead,
-GetGlobalRam, GetStorage (DESIGN contract 7, PROTOCOL.md "What each task does").
+GetGlobalRam, GetStorage, with the upstream node's answers (tests/data/storage_vectors.jsonl).
 
     Worker role:  StoreData/RetrieveData/GetGlobalRam ──▶ MemoryStore (node-wide, in shm_dir)
     Disk role:    StoreData/RetrieveData/DiskWrite/DiskRead/GetStorage ──▶ DiskStore (quota)

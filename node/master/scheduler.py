@@ -40,7 +40,7 @@ __all__ = [
     "role_of",
 ]
 
-# Upstream's routing table (PROTOCOL.md, "Routing by role"); every other task is a Worker's.
+# Upstream's routing table (the master's, by task type); every other task is a Worker's.
 _ROLE_OF_TASK: Final[dict[type, Role]] = {
     m.DiskWrite: Role.Disk,
     m.DiskRead: Role.Disk,

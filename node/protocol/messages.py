@@ -1,8 +1,8 @@
 """Typed records for every CPCluster message, task and result variant.
 
 One frozen, slotted dataclass per upstream variant, named as the upstream Rust enums name them
-(`cpcluster_common::{NodeMessage, Task, TaskResult}`), so that this file reads beside
-`shared/PROTOCOL.md`. The records carry no behaviour; `codec.py` turns them into bytes and back.
+(`cpcluster_common::{NodeMessage, Task, TaskResult}`), so that this file reads beside the
+upstream source. The records carry no behaviour; `codec.py` turns them into bytes and back.
 
 Byte fields (`data`) are always `bytes`; the wire form (a JSON array of integers) is the codec's
 business. Unit variants (`Heartbeat`, `GetGlobalRam`, ...) are dataclasses without fields, and
@@ -17,7 +17,7 @@ from typing import Final
 
 
 class Role(enum.StrEnum):
-    """A node's role; the master routes tasks by it (see PROTOCOL.md, "Routing by role")."""
+    """A node's role; the master routes tasks by it (see node/master/scheduler.py)."""
 
     Worker = "Worker"
     Disk = "Disk"
