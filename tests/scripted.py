@@ -84,6 +84,18 @@ class ScriptedMaster:
             self._answer(message)
         return results
 
+    def results_until(self, last: str, timeout: float = 30.0) -> list[tuple[str, m.Result]]:
+        """Every `TaskResult` the node sends, (id, result) in arrival order, up to and with the
+        one for `last` (answering heartbeats meanwhile)."""
+        seen: list[tuple[str, m.Result]] = []
+        deadline = time.monotonic() + timeout
+        while not seen or seen[-1][0] != last:
+            message = codec.decode(self._next_payload(deadline))
+            if isinstance(message, m.TaskResult):
+                seen.append((message.id, message.result))
+            self._answer(message)
+        return seen
+
     def answer_in_background(self, timeout: float = 30.0) -> threading.Thread:
         """Keep answering heartbeats until the node closes the connection (for its drain)."""
 

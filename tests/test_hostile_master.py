@@ -200,3 +200,56 @@ def test_an_assign_task_without_a_readable_id_is_skipped_with_one_warning(
         assert stop_node(node, scripted) == 0
     finally:
         node.close()
+
+
+def test_an_assign_task_with_two_ids_gets_one_answer_under_the_id_the_node_took(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    # The node took each task under its first id; the worker's JSON parser keeps the last, so
+    # both were answered under "b" and "a" never was (one result lost, one doubled).
+    frames = [
+        b'{"AssignTask":{"id":"b","task":{"Compute":{"expression":"sqrt(4)"}}}}',
+        b'{"AssignTask":{"id":"a","id":"b","task":{"Compute":{"expression":"sqrt(9)"}}}}',
+        b'{"AssignTask":{"id":"c","task":{"Compute":{"expression":"sqrt(16)"}},"id":"b"}}',
+        b'{"AssignTask":{"id":"d","task":{"Compute":{"expression":"1"}}},'
+        b'"AssignTask":{"id":"b","task":{"Compute":{"expression":"2"}}}}',
+        b'{ "AssignTask" : { "id" : "e" , "id" : "b" , "task" : { "ComplexMath" : '
+        b'{ "expression" : "1+i" } } } }',
+    ]
+    node = start_node(tmp_path, scripted, "hostile-two-ids", workers=1)
+    try:
+        scripted.send_raw(b"".join(frame(payload) for payload in frames))
+        scripted.send_raw(codec.encode(m.AssignTask("last", m.Compute("2*21"))))
+        seen = scripted.results_until("last")  # one worker: the tasks end in order
+        assert [ident for ident, _ in seen] == ["b", "a", "c", "d", "e", "last"]
+        assert seen[0][1] == m.Number(2.0)
+        for ident, result in seen[1:5]:
+            assert isinstance(result, m.Error), (ident, result)
+            assert result.message.startswith(f"malformed task: more than one id ('{ident}', 'b')")
+        assert seen[5][1] == m.Number(42.0)
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
+
+
+def test_ids_that_are_not_utf8_are_skipped_not_taken_for_one_task(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    # Both ids read as "u\ufffd": the second joined the first, two frames got one answer
+    # under an id the master never sent.
+    frames = [
+        b'{ "AssignTask":{"id":"u\xff","task":{"Compute":{"expression":"1"}}}}',
+        b'{ "AssignTask":{"id":"u\xfe","task":{"Compute":{"expression":"2"}}}}',
+        b'{"AssignTask":{"id":"v\xff","task":{"Compute":{"expression":"3"}}}}',
+    ]
+    node = start_node(tmp_path, scripted, "hostile-not-utf8", workers=1)
+    try:
+        scripted.send_raw(b"".join(frame(payload) for payload in frames))
+        scripted.send_raw(codec.encode(m.AssignTask("last", m.Compute("2*21"))))
+        assert scripted.results_until("last") == [("last", m.Number(42.0))]
+        skipped = [line for line in node.log.splitlines() if "skipping" in line]
+        assert len(skipped) == 3, skipped
+        assert all("the id is not valid UTF-8" in line for line in skipped), skipped
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()

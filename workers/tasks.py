@@ -236,18 +236,23 @@ class TaskRunner:
             blob = decode_blob_task(payload)
             if blob is not None:
                 ident, task = blob
-                result_head = b'{"TaskResult":{"id":' + codec.json_str(ident)
-                return type(task).__name__, _enveloped(result_head, self.run_task(task))
-            message = codec.decode(payload)
+            else:
+                message = codec.decode(payload)
+                if type(message) is not m.AssignTask:
+                    error = m.Error(f"not a task: {type(message).__name__}")
+                    return "malformed", codec.task_result_payload(_id_of(payload_head), error)
+                ident, task = message.id, message.task
         except (RemoteProtocolError, ByteArrayError) as exc:
             error = m.Error(f"malformed task: {exc}")
             return "malformed", codec.task_result_payload(_error_id(payload, payload_head), error)
-        if type(message) is not m.AssignTask:
-            error = m.Error(f"not a task: {type(message).__name__}")
-            return "malformed", codec.task_result_payload(_id_of(payload_head), error)
-        result_head = b'{"TaskResult":{"id":' + codec.json_str(message.id)
-        kind = type(message.task).__name__
-        return kind, _enveloped(result_head, self.run_task(message.task))
+        booked = codec.head_id(payload_head)
+        if booked is not None and booked != ident:
+            # Duplicate "id" keys (or variants): the node took the task for the first id; the
+            # parser kept the last. One answer, under the id the node booked.
+            error = m.Error(f"malformed task: more than one id ({booked!r}, {ident!r})")
+            return "malformed", codec.task_result_payload(booked, error)
+        result_head = b'{"TaskResult":{"id":' + codec.json_str(ident)
+        return type(task).__name__, _enveloped(result_head, self.run_task(task))
 
     @staticmethod
     def _run_expression(payload: bytes) -> bytes | None:
@@ -268,8 +273,8 @@ class TaskRunner:
             expression = inner["expression"]
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
-        if type(expression) is not str:
-            return None
+        if type(expression) is not str or codec.head_id(payload) not in (ident, None):
+            return None  # (another id at the head: `_run_decoded` answers the duplicate)
         return (
             b'{"TaskResult":{"id":' + orjson.dumps(ident) + b',"result":' + run(expression) + b"}}"
         )

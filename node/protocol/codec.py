@@ -364,11 +364,12 @@ def peek_id(payload: bytes) -> str | None:
 
 def peek(payload: bytes) -> Head:
     """Variant and id of a payload for routing: from its first bytes when it is in the form
-    serde writes; else (the id after the task, spaces, ...) by parsing a payload of up to
-    1 MiB whole, or a larger one around its byte array, never decoding that array.
+    serde writes; else (the id after the task, ...) by parsing a payload of up to 1 MiB and
+    `_PARSE_ELEMENTS_AT_MOST` values whole, or around its byte array, never decoding that array
+    (neither: no id, and the frame is skipped; no frame costs the event loop more than a few ms).
 
     Routing only: the full decode still validates. Raises `RemoteProtocolError` when even
-    the head is unreadable.
+    the head is unreadable, or the id in it is not UTF-8 (no master could have meant it).
     """
     ident = assign_task_id(payload)
     if ident is not None:  # the common frame: no regex, no JSON
@@ -376,9 +377,7 @@ def peek(payload: bytes) -> Head:
     head = payload[:_HEAD_WINDOW]
     match = _ID_HEAD.match(head)
     if match is not None:
-        raw = match.group(2)
-        text = raw.decode("utf-8", "replace") if b"\\" not in raw else loads(b'"' + raw + b'"')
-        return Head(match.group(1).decode("ascii"), str(text))
+        return Head(match.group(1).decode("ascii"), _head_id_text(match.group(2)))
     match = _ANY_HEAD.match(head)
     if match is None:
         raise RemoteProtocolError("message: no variant name at the start of the payload")
@@ -390,13 +389,42 @@ def peek(payload: bytes) -> Head:
     return Head(name, None)
 
 
+def head_id(payload: bytes) -> str | None:
+    """The id at the head of a payload, where `peek` reads it first (the first ``"id"`` of
+    the variant's object, in the form serde writes or with spaces), or None when the head
+    shows none. A worker answers under this id: the one the node booked the task under, also
+    when a later duplicate key says otherwise (the JSON parser keeps the last)."""
+    ident = assign_task_id(payload)
+    if ident is not None:
+        return ident
+    match = _ID_HEAD.match(payload[:_HEAD_WINDOW])
+    if match is None:
+        return None
+    try:
+        return _head_id_text(match.group(2))
+    except RemoteProtocolError:
+        return None
+
+
+def _head_id_text(raw: bytes) -> str:
+    if b"\\" in raw:
+        return str(loads(b'"' + raw + b'"'))  # a JSON string: always a str
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        # Two such ids would both read as U+FFFD and be taken for one task.
+        raise RemoteProtocolError("message: the id is not valid UTF-8") from None
+
+
 _ID_VARIANTS: Final = frozenset({"AssignTask", "SubmitTask", "TaskResult"})
 _PARSE_WHOLE_BYTES: Final = 64 * 1024
-"""`peek` parses a payload whose id is not at its head whole up to this size; a longer one
-around its byte array first (`around_blob`)."""
+"""`around_blob` parses at most this much around a byte array."""
 _PARSE_AT_MOST_BYTES: Final = 1 << 20
-"""... and whole when that finds none, up to this size (a few ms of parsing at most; the node
-spills longer frames to segments, whose ids it looks for only around a byte array)."""
+_PARSE_ELEMENTS_AT_MOST: Final = 10_000
+"""`peek` parses a payload whose id is not at its head whole when it is at most
+`_PARSE_AT_MOST_BYTES` long and holds at most this many JSON values (counted as its commas and
+opening brackets): about 2 ms of orjson's time for the worst JSON of that size, where a MiB of
+``[[],[],...]`` took 100-300 ms. Any other payload only around its byte array."""
 _MAX_BRACKETS: Final = 64
 """`around_blob` gives up on a payload with more brackets than this (of each kind)."""
 
@@ -410,15 +438,19 @@ class Searchable(Protocol):
 
 
 def _id_anywhere(payload: bytes, name: str) -> str | None:
-    if len(payload) > _PARSE_WHOLE_BYTES:
-        ident = id_around_byte_array(payload, name)
-        if ident is not None or len(payload) > _PARSE_AT_MOST_BYTES:
-            return ident
-    try:
-        value = _loads(payload)
-    except _JSONDecodeError:
-        return None
-    return _id_in(value, name)
+    if len(payload) <= _PARSE_AT_MOST_BYTES and _elements(payload) <= _PARSE_ELEMENTS_AT_MOST:
+        try:
+            value = _loads(payload)
+        except _JSONDecodeError:
+            return None
+        return _id_in(value, name)
+    return id_around_byte_array(payload, name)
+
+
+def _elements(payload: bytes) -> int:
+    """At least how many values a JSON text holds beyond its first (strings may hold commas
+    too: a count errs high, never low), at C speed."""
+    return payload.count(b",") + payload.count(b"[") + payload.count(b"{")
 
 
 def id_around_byte_array(payload: Searchable, name: str) -> str | None:
