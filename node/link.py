@@ -16,7 +16,8 @@ an idle node with free capacity polls with a `Heartbeat` every `poll_interval_ms
 Failure handling, each logged with its reason:
 - Connecting: every address in turn; a round without a connection waits an exponential backoff
   with jitter (from 0.1 s), `max_retries` rounds, then `retry_interval_ms` between rounds, for
-  as long as it takes. `Invalid token` rules that address out for good.
+  as long as it takes. `Invalid token` rules that address out for good; any other answer to
+  the token than `OK` is a failed attempt like no answer.
 - Stuck master: a heartbeat unanswered, no byte received and none of the bytes we wrote up
   to that heartbeat taken off the wire for twice `failover_timeout_ms`: close, try the next
   address first. Twice, as the master waits before it evicts a silent node: a master that is
@@ -139,7 +140,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.writer: PacedWriter | None = None  # every write of ours goes through it, in order
         self.reader: PacedReader = None  # type: ignore[assignment]  # set on connect
-        self.authenticated: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        # The master's answer to the token: b"OK", b"Invalid token", or anything else.
+        self.authenticated: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -167,10 +169,9 @@ class _Connection(asyncio.Protocol):
         if not self.authenticated.done():
             if not payloads:
                 return
-            first = payloads.pop(0)
-            self.authenticated.set_result(first == b"OK")
-            if first != b"OK":
-                log.debug("master answered %r to the token", first[:100])
+            answer = payloads.pop(0).strip()
+            self.authenticated.set_result(answer)
+            if answer != b"OK":
                 return
         # The common frame, an AssignTask as every master writes it, goes to the dispatcher
         # with the others of this read, in one call; anything else takes `on_payload` (after
@@ -661,13 +662,16 @@ class MasterLink:
         self.state = LinkState.AUTHENTICATING
         connection.transport.write(frame(self.join.token.encode()))
         try:
-            accepted = await asyncio.wait_for(asyncio.shield(connection.authenticated), timeout)
+            answer = await asyncio.wait_for(asyncio.shield(connection.authenticated), timeout)
         except BaseException:
             connection.transport.close()
             raise
-        if not accepted:
+        if answer != b"OK":
             connection.transport.close()
-            raise AuthenticationError(f"master {format_address(host, port)} said Invalid token")
+            if answer == b"Invalid token":
+                raise AuthenticationError(f"master {format_address(host, port)} said Invalid token")
+            # Not the token's fault: try again later, like a master that did not answer.
+            raise ConnectionError(f"it answered {answer[:100]!r} to the token, not OK")
         if connection.transport.is_closing():
             raise ConnectionError("the master closed the connection as it accepted the token")
         self._connection = connection

@@ -253,3 +253,38 @@ def test_ids_that_are_not_utf8_are_skipped_not_taken_for_one_task(
         assert stop_node(node, scripted) == 0
     finally:
         node.close()
+
+
+def test_an_answer_to_the_token_other_than_invalid_token_is_retried(tmp_path: Path) -> None:
+    # Any answer but "OK" was taken for "Invalid token": the node gave up on the only master
+    # and exited with status 3.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    port = listener.getsockname()[1]
+    join = tmp_path / "join.json"
+    join.write_text(f'{{"token": "t", "ip": "127.0.0.1", "port": {port}}}')
+    node = NodeProcess(
+        tmp_path,
+        join,
+        {"failover_timeout_ms": 2000, "master_addresses": [f"127.0.0.1:{port}"]},
+        "--workers",
+        "1",
+    )
+    try:
+        first, _ = listener.accept()
+        with first:
+            first.settimeout(10)
+            first.recv(1 << 16)
+            first.sendall(frame(b"busy, retry"))
+        second, _ = listener.accept()
+        with second:
+            second.settimeout(10)
+            assert second.recv(1 << 16) == frame(b"t")
+            second.sendall(frame(b"OK"))
+            node.wait_for_log("registered with master")
+        assert "answered b'busy, retry' to the token, not OK" in node.log
+        assert "Invalid token" not in node.log
+        assert node.proc.poll() is None, node.log
+    finally:
+        listener.close()
+        node.close()
