@@ -511,6 +511,8 @@ class IoTaskRunner:
             ) from None
         except aiohttp.InvalidURL as error:
             raise _TaskFailed(f"{what}: not a valid http(s) URL ({error})") from None
+        except UnicodeError as error:  # a host name IDNA cannot encode (a label too long, ...)
+            raise _TaskFailed(f"{what}: not a valid http(s) URL ({error})") from None
         except aiohttp.ClientError as error:
             raise _TaskFailed(f"{what}: {type(error).__name__}: {error}") from None
         body = b"".join(chunks)

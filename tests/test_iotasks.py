@@ -256,6 +256,13 @@ def test_http_bad_urls_are_errors(url: str) -> None:
     assert error_text(one(Config(), m.HttpRequest(url))).startswith(f"HttpRequest {url}: ")
 
 
+def test_a_host_name_idna_cannot_encode_is_a_bad_url_not_an_internal_error() -> None:
+    # A 300-letter label was "internal error: UnicodeError(...)", logged with a traceback.
+    url = "http://" + "a" * 300 + "/"
+    text = error_text(one(Config(), m.HttpRequest(url)))
+    assert text.startswith(f"HttpRequest {url}: not a valid http(s) URL ("), text
+
+
 # --- the network policy --------------------------------------------------------------------------
 
 
