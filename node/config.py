@@ -649,21 +649,24 @@ class Config:
     network_allow: tuple[str, ...] = _setting(
         ("0.0.0.0/0", "::/0"),
         _ListOf(_Network(), "a list of CIDR networks", non_empty=False, distinct=True),
-        "Targets `HttpRequest`/`Tcp`/`Udp` may reach, checked on every resolved address: the "
-        "most specific matching rule of this list and `network_deny` decides (deny on a tie); "
-        "an address no rule matches is refused.",
+        "Targets `HttpRequest`/`Tcp`/`Udp` (and the peer a `ConnectionInfo` names) may reach, "
+        "checked on every resolved address: the most specific matching rule of this list and "
+        "`network_deny` decides (deny on a tie); an address no rule matches is refused.",
     )
     network_deny: tuple[str, ...] = _setting(
         ("169.254.0.0/16", "fe80::/10"),
         _ListOf(_Network(), "a list of CIDR networks", non_empty=False, distinct=True),
-        "Targets network tasks may not reach (default: link-local, where cloud metadata "
-        "services live).",
+        "Targets network tasks (and `ConnectionInfo` links) may not reach (default: link-local, "
+        "where cloud metadata services live).",
     )
     direct_port: int | None = _setting(
         None, _Optional(_PORT), "Port this node accepts direct links on (`null` = none)."
     )
     direct_host: str = _setting(
-        "0.0.0.0", _Text(), "Address the `direct_port` listens on (`::` for every IPv6 one)."
+        "0.0.0.0",
+        _Text(),
+        "Address the `direct_port`, and the port a `ConnectionInfo` names, listen on (`::` for "
+        "every IPv6 one).",
     )
     connect_to: tuple[str, ...] = _setting(
         (),

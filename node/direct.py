@@ -20,9 +20,13 @@ Who uses them:
   the others get an `Error` saying the peer was lost.
 - `DirectClient` (`cpnode-submit --direct`): sends tasks to a node's direct port and awaits their
   results, which are pushed, not polled.
-- `ConnectionInfo(addr, port)` from the master (after a `RequestConnection`), as upstream meant
-  it: listen on `port` and dial the host of `addr` on `port`, the first connection wins, within
-  `failover_timeout_ms`; the link then runs what the peer sends.
+- `ConnectionInfo(addr, port)` from the master, as upstream meant it: listen on `port` (on
+  `direct_host`) and dial the host of `addr` on `port`, the first connection wins, within
+  `failover_timeout_ms`; the link then runs what the peer sends. Dialing sends the cluster token,
+  so only an answer to a `RequestConnection` this node sent on the current master connection,
+  not answered yet, is acted on (`ConnectionRequests`), and only when `network_allow` and
+  `network_deny` let this node reach that host (the check `Tcp` tasks pass); anything else is
+  logged and ignored: no listener, no dial.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ import asyncio
 import enum
 import functools
 import hmac
+import ipaddress
 import itertools
 import logging
 import random
+import socket
 import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from node.config import Config, JoinInfo, format_address, parse_address
 from node.dispatch import Dispatcher, _is_idempotent
@@ -60,7 +66,11 @@ from node.tls import (
 )
 from workers.channel import Frames
 
+if TYPE_CHECKING:  # the client library (`DirectClient`) need not load the I/O tasks' aiohttp
+    from node.iotasks import NetworkPolicy
+
 __all__ = [
+    "ConnectionRequests",
     "DirectClient",
     "DirectError",
     "DirectLinkRefused",
@@ -362,13 +372,16 @@ async def dial(
     on_task: Callable[[DirectConnection, str, bytes], None] | None = None,
     on_result: Callable[[str, bytes], None] | None = None,
     what: str = "direct peer",
+    server_name: str | None = None,
 ) -> DirectConnection:
     """Connect to a direct port and authenticate; DirectError (DirectLinkRefused for a wrong
-    token, TlsVerifyError for a certificate) when that fails."""
+    token, TlsVerifyError for a certificate) when that fails. `server_name`: the name `host`
+    was resolved from, which the TLS rule and the certificate check go by (default `host`)."""
     loop = asyncio.get_running_loop()
-    use_tls = wants_tls(host, tls_mode)
+    name = server_name or host
+    use_tls = wants_tls(name, tls_mode)
     if use_tls and tls is None:
-        raise DirectError(f"{what} {format_address(host, port)} needs TLS but has no CA set up")
+        raise DirectError(f"{what} {format_address(name, port)} needs TLS but has no CA set up")
 
     def factory() -> DirectConnection:
         return DirectConnection(
@@ -376,19 +389,19 @@ async def dial(
             on_task=on_task, on_result=on_result, what=what,
         )  # fmt: skip
 
-    where = format_address(host, port)
+    where = format_address(name, port)
     connection: DirectConnection | None = None
     try:
         async with asyncio.timeout(timeout):
             _, connection = await loop.create_connection(
                 factory, host, port,
                 ssl=tls.context if use_tls and tls else None,
-                server_hostname=host if use_tls else None,
+                server_hostname=name if use_tls else None,
             )  # fmt: skip
             await asyncio.shield(connection.opened)
     except ssl.SSLCertVerificationError as error:
         assert tls is not None
-        raise await verify_failure(error, what, host, port, tls.trust) from None
+        raise await verify_failure(error, what, name, port, tls.trust) from None
     except DirectError:
         raise
     except TimeoutError:
@@ -624,6 +637,59 @@ class Offloader:
 # --- ConnectionInfo, as upstream meant it --------------------------------------------------------
 
 
+class ConnectionRequests:
+    """The `RequestConnection`s sent on the current master connection and not answered yet.
+
+    A `ConnectionInfo` is acted on only when it answers one of them, once: dialing sends the
+    cluster token, so a master may not aim a node at an address the node never asked for.
+    Addresses are compared as host and port, an IP host as `ipaddress` writes it (an
+    IPv4-mapped one as its IPv4 address), a name in lower case without a final dot; text that
+    is no address only as it is.
+    """
+
+    def __init__(self) -> None:
+        self._unanswered: list[tuple[str, int] | str] = []
+
+    def sent(self, addresses: Iterable[str]) -> None:
+        """A new master connection was asked for these; what an earlier one was asked is void."""
+        self._unanswered = [_address_key(address) for address in addresses]
+
+    def answer(self, addr: str) -> bool:
+        """True when `addr` answers a request not answered yet (which it then answers)."""
+        key = _address_key(addr)
+        if key not in self._unanswered:
+            return False
+        self._unanswered.remove(key)
+        return True
+
+
+def _address_key(text: str) -> tuple[str, int] | str:
+    try:
+        host, port = parse_address(text)
+    except ValueError:
+        return text
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().removesuffix("."), port
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped), port
+    return str(ip), port
+
+
+async def _address_to_dial(host: str, port: int, policy: NetworkPolicy) -> str:
+    """The first address `host` resolves to that `policy` lets this node reach (the check a
+    `Tcp` task passes); `NetworkRefused` naming the rule when there is none, OSError when
+    `host` does not resolve. The address, not the name, is dialed: a second look-up could
+    answer another one."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    allowed = policy.filter(infos)
+    if not allowed:
+        raise OSError(f"{host} resolves to no address")
+    return str(allowed[0][4][0])
+
+
 async def accept_connection_info(
     info: m.ConnectionInfo,
     *,
@@ -632,13 +698,24 @@ async def accept_connection_info(
     on_task: Callable[[DirectConnection, str, bytes], None],
     links: set[DirectConnection],
     listen_tls: ServerTls,
+    policy: NetworkPolicy,
 ) -> DirectConnection | None:
-    """Listen on `info.port` and dial the host of `info.addr` on it; keep the first link that
-    authenticates (within `failover_timeout_ms`), close the rest. None when neither did."""
+    """Listen on `info.port` (on `direct_host`) and dial the host of `info.addr` on it; keep the
+    first link that authenticates (within `failover_timeout_ms`), close the rest. None when
+    neither did, or when `policy` (`network_allow`/`network_deny`) refuses that host: then
+    nothing listens and nothing is dialed."""
     try:
         host, _ = parse_address(info.addr)
     except ValueError as error:
         log.warning("ConnectionInfo %r: %s; ignored", info.addr, error)
+        return None
+    try:
+        address = await _address_to_dial(host, info.port, policy)
+    except OSError as error:
+        log.warning(
+            "ConnectionInfo %s port %d: %s; no listener, no dial",
+            info.addr, info.port, error.strerror or error,
+        )  # fmt: skip
         return None
     timeout = config.failover_timeout_ms / 1000
     loop = asyncio.get_running_loop()
@@ -662,12 +739,12 @@ async def accept_connection_info(
     tls = client_tls(config.ca_cert, config.ca_cert_path) if wants_tls(host, config.tls) else None
     started = loop.time()
     listener = await TlsListener.start(
-        inbound, "0.0.0.0", info.port, context=listen_tls.context, mode=listen_tls.mode,
+        inbound, config.direct_host, info.port, context=listen_tls.context, mode=listen_tls.mode,
         what="direct link (ConnectionInfo)",
     )  # fmt: skip
     dialing = asyncio.ensure_future(
         dial(
-            host,
+            address,
             info.port,
             token=join.token,
             tls_mode=config.tls,
@@ -676,6 +753,7 @@ async def accept_connection_info(
             max_frame_bytes=config.max_frame_bytes,
             on_task=on_task,
             what="direct peer",
+            server_name=host,
         )
     )
     winner: DirectConnection | None = None
@@ -837,12 +915,16 @@ class DirectClient:
 
 class DirectLinks:
     """Everything direct a node does: its `direct_port`, its `connect_to` peers, the links that
-    `ConnectionInfo` opens, and the `RequestConnection`s it was asked to send."""
+    `ConnectionInfo` opens, and the `RequestConnection`s it was asked to send (and which of
+    them are still unanswered)."""
 
-    def __init__(self, config: Config, join: JoinInfo, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, config: Config, join: JoinInfo, dispatcher: Dispatcher, policy: NetworkPolicy
+    ) -> None:
         self.config = config
         self.join = join
         self.dispatcher = dispatcher
+        self.policy = policy  # the I/O tasks' own: a ConnectionInfo's peer passes the same check
         # Built now, so a bad certificate setting is a config error before anything starts.
         self.server = DirectServer(config, join, dispatcher) if config.direct_port else None
         self._listen_tls = self.server.tls if self.server is not None else ServerTls(None, "never")
@@ -852,6 +934,7 @@ class DirectLinks:
         if self.peers:
             dispatcher.offload = Offloader(self.peers)
         self.request_connections: list[str] = []
+        self.requests = ConnectionRequests()
         self.links: set[DirectConnection] = set()
         self._pending: set[asyncio.Task[DirectConnection | None]] = set()
 
@@ -870,16 +953,24 @@ class DirectLinks:
 
     def registered(self, send: Callable[[m.Message], None]) -> None:
         """Connected to a master: ask it for the connections we were asked to request."""
+        self.requests.sent(self.request_connections)
         for address in self.request_connections:
             send(m.RequestConnection(address))
 
-    def connection_info(self, info: m.ConnectionInfo) -> None:
-        """The master's answer to a `RequestConnection`: open that link, in the background."""
+    def connection_info(self, info: m.ConnectionInfo, *, registered: bool) -> None:
+        """The master's answer to a `RequestConnection`: open that link, in the background.
+        `registered`: the master connection it came on has registered (a frame read together
+        with the master's "OK" comes before that connection's requests were sent)."""
+        if not (registered and self.requests.answer(info.addr)):
+            log.warning(
+                "ignoring a ConnectionInfo for %.200r: this node did not request it", info.addr
+            )
+            return
         on_task = functools.partial(hand_over, self.dispatcher)
         task = asyncio.ensure_future(
             accept_connection_info(
                 info, config=self.config, join=self.join, on_task=on_task, links=self.links,
-                listen_tls=self._listen_tls,
+                listen_tls=self._listen_tls, policy=self.policy,
             )
         )  # fmt: skip
         self._pending.add(task)

@@ -112,8 +112,8 @@ class Node:
         self.link.on_confirmed = self.dispatcher.forget_confirmed
         self.link.discard = self._discard
         # direct_port, connect_to peers, ConnectionInfo links (node/direct.py).
-        self.direct = DirectLinks(config, join, self.dispatcher)
-        self.link.on_connection_info = self.direct.connection_info
+        self.direct = DirectLinks(config, join, self.dispatcher, self.io.policy)
+        self.link.on_connection_info = self._connection_info
         self._stop = asyncio.Event()
         self._signals = 0
         self.frames_spilled = 0  # large frames from the master written to a segment
@@ -127,6 +127,9 @@ class Node:
 
     def _deliver(self, blob: Frames, ids: list[str]) -> None:
         self.link.send_results(blob, ids)
+
+    def _connection_info(self, info: m.ConnectionInfo) -> None:
+        self.direct.connection_info(info, registered=self.link.state is LinkState.REGISTERED)
 
     def _registered(self) -> None:
         self.direct.registered(self.link.send)

@@ -13,7 +13,9 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from node.protocol import codec
 from node.protocol import messages as m
@@ -21,6 +23,8 @@ from node.protocol.framing import FrameDecoder, frame
 from tests.nodeproc import NodeProcess
 
 TOKEN = "scripted-token"
+
+M = TypeVar("M", bound=m.Message)
 
 
 class ScriptedMaster:
@@ -36,8 +40,9 @@ class ScriptedMaster:
     def write_join(self, path: Path) -> None:
         path.write_text(json.dumps({"token": TOKEN, "ip": "127.0.0.1", "port": self.port}))
 
-    def accept(self, timeout: float = 30.0) -> None:
-        """Take the node's connection and its handshake (token, RegisterRole, Heartbeat)."""
+    def accept(self, timeout: float = 30.0, *, after_ok: bytes = b"") -> None:
+        """Take the node's connection and its handshake (token, RegisterRole, Heartbeat);
+        `after_ok` goes out in the same write as the "OK", so the node reads it with the OK."""
         if self._conn is not None:
             self._conn.close()
         self._decoder = FrameDecoder()
@@ -47,7 +52,7 @@ class ScriptedMaster:
         self._conn.settimeout(timeout)
         token = self._next_payload(time.monotonic() + timeout)
         assert token == TOKEN.encode(), token
-        self._conn.sendall(frame(b"OK"))
+        self._conn.sendall(frame(b"OK") + after_ok)
         deadline = time.monotonic() + timeout
         while self.role is None:
             message = codec.decode(self._next_payload(deadline))
@@ -96,6 +101,15 @@ class ScriptedMaster:
             self._answer(message)
         return seen
 
+    def expect(self, kind: type[M], timeout: float = 30.0) -> M:
+        """Read until the node sends a `kind` (answering heartbeats meanwhile); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = codec.decode(self._next_payload(deadline))
+            self._answer(message)
+            if isinstance(message, kind):
+                return message
+
     def answer_in_background(self, timeout: float = 30.0) -> threading.Thread:
         """Keep answering heartbeats until the node closes the connection (for its drain)."""
 
@@ -142,11 +156,17 @@ class ScriptedMaster:
 
 
 def start_node(
-    tmp_path: Path, master: ScriptedMaster, node_id: str, *, workers: int = 2, **config: object
+    tmp_path: Path,
+    master: ScriptedMaster,
+    node_id: str,
+    *,
+    workers: int = 2,
+    args: Sequence[str] = (),
+    **config: object,
 ) -> NodeProcess:
     """A node joined to `master` (plain TCP, a long failover timeout, `storage_dir` under
-    `tmp_path`, `config` on top), ready and its children recorded; stopped if it never gets
-    there."""
+    `tmp_path`, `config` on top, `args` on its command line), ready and its children recorded;
+    stopped if it never gets there."""
     join = tmp_path / "join.json"
     master.write_join(join)
     settings = {
@@ -156,7 +176,7 @@ def start_node(
         "storage_dir": str(tmp_path / "storage"),
         **config,
     }
-    node = NodeProcess(tmp_path, join, settings, "--workers", str(workers))
+    node = NodeProcess(tmp_path, join, settings, "--workers", str(workers), *args)
     try:
         master.accept()
         node.wait_for_log("node ready")

@@ -1,6 +1,8 @@
 """Direct links between real node processes and from the client library, on loopback: tasks and
-results over the link (not through the master), the token check, and a node that gives the
-tasks it has no room for to a peer it dialed."""
+results over the link (not through the master), the token check, a node that gives the
+tasks it has no room for to a peer it dialed, and the `ConnectionInfo`s a node acts on (only
+answers to its own `RequestConnection`s, only to peers `network_allow`/`network_deny` let it
+reach)."""
 
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ import pytest
 
 from node.client import Client
 from node.config import Config
-from node.direct import DirectClient, DirectLinkRefused
+from node.direct import ConnectionRequests, DirectClient, DirectLinkRefused
+from node.iotasks import NetworkPolicy
 from node.master import MasterThread
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder, frame
 from tests.netservers import TcpEcho, free_port
 from tests.nodeproc import NodeProcess
+from tests.scripted import ScriptedMaster, stop_node
+from tests.scripted import start_node as start_scripted_node
 from tests.test_node import run_tasks
 
 FAILOVER_MS = 1000
@@ -228,6 +233,7 @@ def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
             accept_connection_info(
                 m.ConnectionInfo("[::1]:40000", port), config=config, join=join,
                 on_task=answer, links=links, listen_tls=ServerTls(None, "auto"),
+                policy=NetworkPolicy(config.network_allow, config.network_deny),
             )
         )  # fmt: skip
         client = None
@@ -272,3 +278,168 @@ def test_tasks_in_another_json_form_are_run_over_a_direct_link(
     assert payloads[0] == b"OK"
     (result,) = [codec.decode(p) for p in payloads if p.startswith(b'{"TaskResult"')]
     assert result == m.TaskResult("odd", m.Number(42.0))
+
+
+# --- which ConnectionInfo a node acts on ----------------------------------------------------------
+
+
+def test_connection_requests_are_answered_once_and_only_on_their_connection() -> None:
+    requests = ConnectionRequests()
+    assert not requests.answer("127.0.0.1:4000")  # nothing asked yet
+    requests.sent(["127.0.0.1:4000", "[0:0::1]:4001", "Peer.Example.:4002", "not an address"])
+    assert not requests.answer("127.0.0.1:4001")  # another port
+    assert not requests.answer("127.0.0.2:4000")  # another host
+    assert requests.answer("127.0.0.1:4000")
+    assert not requests.answer("127.0.0.1:4000")  # answered already
+    # Spelled otherwise, the same address.
+    assert requests.answer("[::1]:4001")
+    assert requests.answer("peer.example:4002")
+    assert requests.answer("not an address")
+    requests.sent(["[::ffff:10.0.0.5]:4000", "[::ffff:10.0.0.5]:4000"])
+    assert requests.answer("10.0.0.5:4000")
+    # A new master connection: what the earlier one was asked is void.
+    requests.sent(["127.0.0.1:5000"])
+    assert not requests.answer("10.0.0.5:4000")
+    assert requests.answer("127.0.0.1:5000")
+
+
+def listening_socket() -> socket.socket:
+    """A socket on 127.0.0.1 that nobody is meant to reach (see `was_connected`)."""
+    return socket.create_server(("127.0.0.1", 0))
+
+
+def assert_nobody_connected(server: socket.socket) -> None:
+    """The kernel queues a connection to `server` (and what it sent) whether or not it is
+    accepted, so one accept without waiting tells whether anything connected."""
+    server.setblocking(False)
+    try:
+        conn, _ = server.accept()
+    except BlockingIOError:
+        return
+    with conn:
+        conn.settimeout(1)
+        sent = conn.recv(4096)
+    raise AssertionError(f"something connected to {server.getsockname()} and sent {sent!r}")
+
+
+def nothing_listens_on(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_an_unrequested_connection_info_opens_no_listener_and_dials_nothing(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    # The node asks for one peer; the master names two others. Each would have had the node
+    # listen on the port and dial it with the cluster token.
+    requested = "127.0.0.1:7001"
+    idle = free_port()
+    with listening_socket() as target:
+        port = target.getsockname()[1]
+        node = start_scripted_node(
+            tmp_path, scripted, "conninfo-unrequested", workers=1,
+            args=["--request-connection", requested],
+        )  # fmt: skip
+        try:
+            assert scripted.expect(m.RequestConnection) == m.RequestConnection(requested)
+            scripted.send_raw(
+                codec.encode(m.ConnectionInfo(f"127.0.0.1:{port}", port))
+                + codec.encode(m.ConnectionInfo(f"127.0.0.1:{idle}", idle))
+            )
+            # Both frames were handled before this task (a connection's frames are read in
+            # order), and a poll after its result.
+            assert scripted.run(m.Compute("6*7")) == m.Number(42.0)
+            scripted.expect(m.Heartbeat)
+            assert nothing_listens_on(idle)
+            node.wait_for_log(f"ignoring a ConnectionInfo for '127.0.0.1:{idle}'")
+            assert f"ignoring a ConnectionInfo for '127.0.0.1:{port}'" in node.log
+            assert_nobody_connected(target)
+            assert "direct link with" not in node.log
+            assert stop_node(node, scripted) == 0
+        finally:
+            node.close()
+
+
+def test_a_connection_info_read_with_the_masters_ok_answers_nothing(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    # Asked on the first connection, answered on the next one before it registered (in the
+    # same read as the master's "OK"): not an answer to anything this connection sent.
+    requested = "127.0.0.1:7001"
+    idle = free_port()
+    node = start_scripted_node(
+        tmp_path, scripted, "conninfo-early", workers=1, args=["--request-connection", requested]
+    )
+    try:
+        scripted.expect(m.RequestConnection)
+        scripted.accept(after_ok=codec.encode(m.ConnectionInfo(requested, idle)))
+        assert scripted.expect(m.RequestConnection) == m.RequestConnection(requested)
+        assert scripted.run(m.Compute("1+1")) == m.Number(2.0)
+        node.wait_for_log(f"ignoring a ConnectionInfo for '{requested}'")
+        assert nothing_listens_on(idle)
+        assert "direct link with" not in node.log
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
+
+
+def test_a_requested_connection_info_to_a_refused_peer_dials_nothing(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    # The reviewer's case: a Tcp task could not reach the peer, so neither may the token.
+    idle = free_port()
+    with listening_socket() as target:
+        port = target.getsockname()[1]
+        node = start_scripted_node(
+            tmp_path, scripted, "conninfo-refused", workers=1,
+            network_deny=["127.0.0.0/8", "::1/128"],
+            args=["--request-connection", "127.0.0.1:7001", "--request-connection", "[::1]:7002"],
+        )  # fmt: skip
+        try:
+            scripted.expect(m.RequestConnection)
+            scripted.expect(m.RequestConnection)
+            scripted.send_raw(
+                codec.encode(m.ConnectionInfo("127.0.0.1:7001", port))
+                + codec.encode(m.ConnectionInfo("[::1]:7002", idle))
+            )
+            node.wait_for_log(
+                f"ConnectionInfo 127.0.0.1:7001 port {port}: 127.0.0.1 is refused by network_deny"
+                " 127.0.0.0/8; no listener, no dial"
+            )
+            node.wait_for_log(
+                f"ConnectionInfo [::1]:7002 port {idle}: ::1 is refused by network_deny ::1/128;"
+                " no listener, no dial"
+            )
+            assert nothing_listens_on(idle)
+            assert_nobody_connected(target)
+            assert "did not request it" not in node.log
+            assert stop_node(node, scripted) == 0
+        finally:
+            node.close()
+
+
+def test_a_requested_connection_info_opens_a_link_once(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    requested = "127.0.0.1:7001"
+    port = free_port()
+    node = start_scripted_node(
+        tmp_path, scripted, "conninfo-requested", workers=1, direct_host="127.0.0.1",
+        args=["--request-connection", requested],
+    )  # fmt: skip
+    try:
+        assert scripted.expect(m.RequestConnection) == m.RequestConnection(requested)
+        # Nothing else listens on the port, so the node's dial reaches its own listener: a
+        # link with itself, opened as a link with a peer would be.
+        scripted.send_raw(codec.encode(m.ConnectionInfo(requested, port)))
+        node.wait_for_log("direct link with 127.0.0.1:")
+        assert "(ConnectionInfo)" in node.log
+        scripted.send_raw(codec.encode(m.ConnectionInfo(requested, port)))  # answered already
+        node.wait_for_log(f"ignoring a ConnectionInfo for '{requested}'")
+        assert node.log.count("direct link with") == 1
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
