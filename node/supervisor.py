@@ -243,12 +243,16 @@ class Node:
         self.pool.run_dir = self.node_dir.path  # the forkserver's socket goes with it
         try:
             await self.pool.start()
-        except RuntimeError as error:
-            log.error("cannot start the workers: %s", error)
+        except (RuntimeError, EOFError, OSError) as error:  # EOFError: the forkserver died
+            stopping = self._signals > 0
+            if stopping:  # a Ctrl-C to the whole process group can reach a forkserver starting
+                log.info("stopped while the workers were starting (%s)", error)
+            else:
+                log.error("cannot start the workers: %s", error)
             await self.pool.stop(timeout=0)
             self.node_dir.release()
             self.status = NodeStatus.STOPPED
-            return 1
+            return 0 if stopping else 1
         link_task: asyncio.Task[None] | None = None
         stop_task: asyncio.Task[bool] | None = None
         try:

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import multiprocessing
 import os
 import random
 import re
@@ -23,6 +24,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -1294,3 +1296,29 @@ def test_a_retiring_worker_killed_for_a_timeout_counts_once() -> None:
             await run.pool.stop()
 
     asyncio.run(scenario())
+
+
+def _report_sigint(conn: Any) -> None:
+    """A forked child's first act: say whether SIGINT is ignored."""
+    conn.send(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+    conn.close()
+
+
+def test_a_worker_ignores_sigint_from_its_first_instruction() -> None:
+    # A terminal's Ctrl-C reaches the whole process group. A worker forked while it came
+    # (before `worker_main` ignores SIGINT) died with exit code 1, and the node, starting,
+    # logged ERRORs and exited 1 instead of stopping. The forkserver hands its children the
+    # handlers it had when its loop started: the preload's, ignoring SIGINT.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(pool_module.FORKSERVER_PRELOAD)
+    ours, theirs = context.Pipe()
+    child = context.Process(target=_report_sigint, args=(theirs,))
+    child.start()
+    try:
+        assert ours.poll(30), "the child said nothing"
+        assert ours.recv() is True
+    finally:
+        child.join(10)
+        ours.close()
+        theirs.close()
+    assert child.exitcode == 0

@@ -66,6 +66,10 @@ from workers.worker import (
 
 log = logging.getLogger("cpnode.pool")
 
+FORKSERVER_PRELOAD: Final = ["workers.forkserver_init", "workers.worker"]
+"""Imported by the forkserver before it forks a worker: signal handling first, then the worker's
+own modules (each worker would import them again otherwise)."""
+
 _RESPAWN_BACKOFF_MAX_S = 5.0
 _STABLE_AFTER_S = 10.0
 # A dead worker's exit code is looked for every _REAP_RETRY_S, for at most _REAP_WAIT_S.
@@ -233,7 +237,7 @@ class WorkerPool:
         self.limits = limits if limits is not None else WorkerLimits()
         self._context: BaseContext = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
-            self._context.set_forkserver_preload(["workers.forkserver_init", "workers.worker"])
+            self._context.set_forkserver_preload(FORKSERVER_PRELOAD)
         # Progress slots live in the context's shared heap: passed to each process at start
         # (as a file descriptor), and a file that is unlinked at once, so nothing outlives us.
         self.workers = [
@@ -366,7 +370,8 @@ class WorkerPool:
                 await asyncio.sleep(0.01)
             if process.is_alive():
                 # Workers ignore SIGTERM (the supervisor owns shutdown), so no polite signal.
-                log.warning("worker %d did not exit in time; killing it", worker.index)
+                if timeout > 0:
+                    log.warning("worker %d did not exit in time; killing it", worker.index)
                 process.kill()
             await asyncio.to_thread(process.join, 2.0)
             self._forget_process(worker)
