@@ -12,8 +12,9 @@ the hot path: `NodeCollector` reads the dispatcher's, pool's and link's counters
 comes (the task histograms come from the workers' own snapshots, `workers.stats`), and the text
 is formatted in a thread. What needs the file system (store sizes under `storage_dir` and
 `shm_dir`) or /proc (worker memory) is read in a thread too, at most every STORAGE_SCAN_EVERY_S,
-and a scrape never waits on it for more than a second. `RecentProblems` keeps the last warnings
-and errors logged, for `/status`.
+and a scrape never waits on it for more than a second; a read that fails is logged and the
+scrape serves the figures read before. `RecentProblems` keeps the last warnings and errors
+logged, for `/status`.
 """
 
 from __future__ import annotations
@@ -98,29 +99,38 @@ class RecentProblems(logging.Handler):
 
 @dataclass
 class _Resources:
-    """What is read off the loop: sizes on disk and worker memory, with when it was read."""
+    """What is read off the loop: sizes on disk and worker memory."""
 
-    read_at: float = 0.0
     disk_store_bytes: int | None = None
     shm_bytes: int = 0
     shm_free_bytes: int | None = None
     worker_rss: dict[int, int] = field(default_factory=dict)
 
 
-def _tree_bytes(path: str) -> int:
-    """Bytes of the regular files below `path`, following no symlink."""
+def _tree_bytes(*directories: str) -> int:
+    """Bytes of the regular files below `directories`, following no symlink.
+
+    A loop over a stack of directories still to list, not a recursion: a DiskWrite may nest
+    directories two thousand deep. Each directory is listed and closed before the next is
+    opened, so the walk holds one descriptor however deep it goes."""
     total = 0
-    with contextlib.suppress(OSError), os.scandir(path) as listing:
-        for entry in listing:
-            total += _entry_bytes(entry)
+    pending = list(directories)
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as listing:
+                for entry in listing:
+                    total += _file_bytes(entry, pending)
+        except OSError:  # removed meanwhile, unreadable, or its path longer than PATH_MAX
+            pass
     return total
 
 
-def _entry_bytes(entry: os.DirEntry[str]) -> int:
+def _file_bytes(entry: os.DirEntry[str], directories: list[str]) -> int:
+    """The size of `entry` if it is a regular file; a directory is added to `directories`."""
     try:
         if entry.is_dir(follow_symlinks=False):
-            return _tree_bytes(entry.path)
-        if entry.is_file(follow_symlinks=False):
+            directories.append(entry.path)
+        elif entry.is_file(follow_symlinks=False):
             return entry.stat(follow_symlinks=False).st_size
     except OSError:  # removed meanwhile, or unreadable
         pass
@@ -131,7 +141,7 @@ def _read_resources(
     storage_dir: str, shm_dir: str, shm_prefix: str, workers: Sequence[tuple[int, int]]
 ) -> _Resources:
     """Runs in a thread: store sizes and worker memory."""
-    found = _Resources(read_at=time.monotonic())
+    found = _Resources()
     try:
         if stat.S_ISDIR(os.stat(storage_dir).st_mode):
             found.disk_store_bytes = _tree_bytes(storage_dir)
@@ -148,7 +158,8 @@ def _read_resources(
                 for entry in listing
                 if entry.name == shm_prefix or entry.name.startswith(shm_prefix + "-seg-")
             ]
-        found.shm_bytes = sum(_entry_bytes(entry) for entry in mine)
+        below: list[str] = []
+        found.shm_bytes = sum(_file_bytes(entry, below) for entry in mine) + _tree_bytes(*below)
         found.shm_free_bytes = psutil.disk_usage(shm_dir).free
     for index, pid in workers:
         with contextlib.suppress(psutil.Error):
@@ -454,6 +465,8 @@ class HealthServer:
         self._watcher: asyncio.Task[None] | None = None
         self._last_tick = 0.0
         self._scan: asyncio.Future[_Resources] | None = None
+        self._next_scan = 0.0  # time.monotonic() from which a scrape starts a new read
+        self._scan_failure: str | None = None  # how the last read failed, until one succeeds
         self._handlers: set[asyncio.Task[None]] = set()
 
     @property
@@ -584,8 +597,13 @@ class HealthServer:
         return await asyncio.to_thread(generate_latest, families)
 
     async def _refresh_resources(self) -> None:
-        """Start a new read when the last is stale; wait for it a second at most."""
-        if self._scan is None and time.monotonic() - self.resources.read_at > STORAGE_SCAN_EVERY_S:
+        """Start a new read when the last is stale; wait for it a second at most.
+
+        A read that fails counts as a read: the next one waits its STORAGE_SCAN_EVERY_S like
+        any other, so a failure that repeats costs one read per interval, not one per scrape."""
+        now = time.monotonic()
+        if self._scan is None and now >= self._next_scan:
+            self._next_scan = now + STORAGE_SCAN_EVERY_S
             node = self.node
             workers = [(w.index, w.pid) for w in node.pool.workers if w.pid is not None]
             prefix = f"cpnode-{node.settings.node_id}"
@@ -596,13 +614,30 @@ class HealthServer:
             )
             self._scan.add_done_callback(self._scanned)
         if self._scan is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._scan), 1.0)
+            # asyncio.wait neither raises the read's error (`_scanned` logs it) nor cancels it.
+            await asyncio.wait([self._scan], timeout=1.0)
 
     def _scanned(self, scan: asyncio.Future[_Resources]) -> None:
         self._scan = None
-        if not scan.cancelled() and scan.exception() is None:
+        if scan.cancelled():
+            return
+        error = scan.exception()
+        if error is None:
             self.resources = scan.result()
+            if self._scan_failure is not None:
+                log.info("health endpoint: store sizes and worker memory read again")
+                self._scan_failure = None
+            return
+        failure = f"{type(error).__name__}: {error}"
+        if failure != self._scan_failure:  # once, not at every read while it keeps failing
+            log.error(
+                "health endpoint: reading store sizes and worker memory failed (%s); /metrics "
+                "serves the figures read before, and tries again every %g s",
+                failure,
+                STORAGE_SCAN_EVERY_S,
+                exc_info=error,
+            )
+            self._scan_failure = failure
 
     # ------------------------------------------------------------------------------- HTTP
 

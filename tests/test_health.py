@@ -29,6 +29,7 @@ from node.protocol import messages as m
 from node.supervisor import Node
 from tests.netservers import HttpServer
 from tests.nodeproc import NodeProcess
+from tests.scripted import ScriptedMaster, start_node, stop_node
 from tests.test_node import run_tasks
 from workers.logformat import JsonFormatter, configure_logging
 
@@ -481,21 +482,111 @@ def test_health_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
             node.close()
 
 
+def nested(top: Path, depth: int = 600) -> Path:
+    """A directory `depth` levels below `top`: as deep as a walk that recursed (two calls a
+    level) could not go. Made level by level: os.makedirs recurses too."""
+    directory = top
+    for _ in range(depth):
+        directory = directory / "d"
+        directory.mkdir()
+    return directory
+
+
 def test_store_sizes_count_this_nodes_files_only(tmp_path: Path) -> None:
     storage, shm = tmp_path / "storage", tmp_path / "shm"
     (storage / "sub").mkdir(parents=True)
     (storage / "k1").write_bytes(b"x" * 100)
     (storage / "sub" / "k2").write_bytes(b"x" * 20)
+    (nested(storage / "sub") / "k3").write_bytes(b"x" * 3)
     (storage / "link").symlink_to(tmp_path)  # never followed
     (shm / "cpnode-a" / "mem").mkdir(parents=True)
     (shm / "cpnode-a" / "mem" / "key").write_bytes(b"x" * 7)
+    (nested(shm / "cpnode-a" / "mem") / "deep").write_bytes(b"x" * 2)
     (shm / "cpnode-a-seg-1234").write_bytes(b"x" * 5)
     (shm / "cpnode-ab").mkdir()
     (shm / "cpnode-ab" / "other").write_bytes(b"x" * 1000)
     found = health._read_resources(str(storage), str(shm), "cpnode-a", [(0, 1 << 30)])
-    assert found.disk_store_bytes == 120
-    assert found.shm_bytes == 12
+    assert found.disk_store_bytes == 123
+    assert found.shm_bytes == 14
     assert found.shm_free_bytes is not None and found.shm_free_bytes > 0
     assert found.worker_rss == {}  # no such process
     missing = health._read_resources(str(tmp_path / "none"), str(shm), "cpnode-z", [])
     assert (missing.disk_store_bytes, missing.shm_bytes) == (0, 0)  # nothing written yet
+
+
+def test_a_deep_disk_write_leaves_metrics_answering(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    """A DiskWrite 600 directories deep once made every scrape drop its connection: the size
+    walk recursed into a RecursionError, the scrape died of it, and the next scrape read again."""
+    port = free_port()
+    node = start_node(
+        tmp_path, scripted, f"test-deep-{os.getpid()}",
+        role="Disk", shm_dir="/dev/shm", health_listen=f"127.0.0.1:{port}",
+    )  # fmt: skip
+    try:
+        blob = b"x" * 1000
+        assert scripted.run(m.DiskWrite("/".join(["d"] * 600) + "/f", blob)) == m.Written()
+        # The first scrape starts the read and waits a second at most for it; the figure shows
+        # once the read has finished. Every scrape answers meanwhile.
+        stored = ("cpnode_disk_store_bytes", ())
+        deadline = time.monotonic() + 30
+        while stored not in (samples := scrape(port)):
+            assert time.monotonic() < deadline, "the store size never showed in /metrics"
+            time.sleep(0.1)
+        assert samples[stored] == len(blob)
+        assert samples[("cpnode_disk_store_quota_bytes", ())] > len(blob)
+        assert "Traceback" not in node.log
+        assert "reading store sizes" not in node.log  # the read did not fail
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
+
+
+def test_a_failing_store_read_is_logged_once_and_scrapes_still_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read of store sizes can fail with more than an OSError (here a ValueError: a NUL in
+    `storage_dir`). A scrape answers without the figure, and a failure that repeats is logged
+    once. STORAGE_SCAN_EVERY_S = 0 makes every scrape read again."""
+    monkeypatch.setattr(health, "STORAGE_SCAN_EVERY_S", 0.0)
+
+    async def scrape_status(port: int) -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        assert response, "the connection closed without an answer"
+        head, _, body = response.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    async def go() -> None:
+        node = Node(
+            Config(
+                workers=1,
+                health_listen=f"127.0.0.1:{free_port()}",
+                storage_dir=str(tmp_path / "bad\x00name"),
+            ),
+            JoinInfo("t", "127.0.0.1", 1),
+            start_method="spawn",
+        )
+        server = node.health
+        assert server is not None
+        await server.start()
+        try:
+            for _ in range(3):
+                status, body = await scrape_status(server.port)
+                assert status == 200
+                assert b"cpnode_disk_store_quota_bytes" in body
+                assert b"cpnode_disk_store_bytes " not in body  # no figure, not a made-up one
+            logged = [r["message"] for r in server.problems.records]
+        finally:
+            await server.close()
+        failures = [line for line in logged if "reading store sizes" in str(line)]
+        assert len(failures) == 1, logged
+        assert "ValueError: embedded null byte" in str(failures[0])
+
+    asyncio.run(go())
