@@ -7,14 +7,16 @@
     GET /status   JSON for `cpnode-status`: role, master, workers, queue, recent problems
 
 A tiny HTTP/1.1 server on asyncio (one request per connection, `Connection: close`) serves it
-from the supervisor's loop: no thread of its own, no web framework. Nothing is counted for it on
-the hot path: `NodeCollector` reads the dispatcher's, pool's and link's counters when a scrape
-comes (the task histograms come from the workers' own snapshots, `workers.stats`), and the text
-is formatted in a thread. What needs the file system (store sizes under `storage_dir` and
-`shm_dir`) or /proc (worker memory) is read in a thread too, at most every STORAGE_SCAN_EVERY_S,
-and a scrape never waits on it for more than a second; a read that fails is logged and the
-scrape serves the figures read before. `RecentProblems` keeps the last warnings and errors
-logged, for `/status`.
+from the supervisor's loop: no thread of its own, no web framework. It serves MAX_CONNECTIONS at
+once, each for REQUEST_TIMEOUT_S at most; one more is closed as soon as it is accepted (counted,
+and logged at most every REFUSED_LOG_EVERY_S), so a flood of connections cannot take the node's
+file descriptors. Nothing is counted for it on the hot path: `NodeCollector` reads the
+dispatcher's, pool's and link's counters when a scrape comes (the task histograms come from the
+workers' own snapshots, `workers.stats`), and the text is formatted in a thread. What needs the
+file system (store sizes under `storage_dir` and `shm_dir`) or /proc (worker memory) is read in a
+thread too, at most every STORAGE_SCAN_EVERY_S, and a scrape never waits on it for more than a
+second; a read that fails is logged and the scrape serves the figures read before.
+`RecentProblems` keeps the last warnings and errors logged, for `/status`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ LAG_LIMIT_S: Final = 2.0
 LAG_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0)
 STORAGE_SCAN_EVERY_S: Final = 10.0
 REQUEST_TIMEOUT_S: Final = 5.0
+# Plenty for probes and scrapers; a descriptor each, so far below any process's limit (1024).
+MAX_CONNECTIONS: Final = 64
+REFUSED_LOG_EVERY_S: Final = 60.0
 RECENT_PROBLEMS: Final = 20
 _MAX_REQUEST_HEAD: Final = 16384
 _METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -228,6 +233,11 @@ class NodeCollector:
         yield _gauge("cpnode_uptime_seconds", "Seconds since the node started.", server.uptime())
         yield _gauge(
             "cpnode_start_time_seconds", "When the node started, in Unix time.", server.started_wall
+        )
+        yield _counter(
+            "cpnode_health_connections_refused",
+            f"Connections to this endpoint closed unanswered: {MAX_CONNECTIONS} were open.",
+            server.connections_refused,
         )
         yield _gauge(
             "cpnode_event_loop_lag_current_seconds",
@@ -467,7 +477,9 @@ class HealthServer:
         self._scan: asyncio.Future[_Resources] | None = None
         self._next_scan = 0.0  # time.monotonic() from which a scrape starts a new read
         self._scan_failure: str | None = None  # how the last read failed, until one succeeds
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()  # one per connection being served
+        self.connections_refused = 0
+        self._refused_log_due = 0.0  # time.monotonic() from which a refusal is logged again
 
     @property
     def address(self) -> str:
@@ -642,6 +654,9 @@ class HealthServer:
     # ------------------------------------------------------------------------------- HTTP
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._handlers) >= MAX_CONNECTIONS:
+            self._refuse(writer)
+            return
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
@@ -654,6 +669,23 @@ class HealthServer:
         finally:
             self._handlers.discard(task)
             writer.close()
+
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Close a connection over MAX_CONNECTIONS now: nothing read, no timer, no answer
+        (writing one could wait on the peer), one log line per REFUSED_LOG_EVERY_S at most."""
+        writer.transport.abort()
+        self.connections_refused += 1
+        now = time.monotonic()
+        if now >= self._refused_log_due:
+            log.warning(
+                "health endpoint: %d connections open, the most it serves at once: new ones are"
+                " closed unanswered (%d so far, in cpnode_health_connections_refused_total; this"
+                " line comes at most every %g s)",
+                MAX_CONNECTIONS,
+                self.connections_refused,
+                REFUSED_LOG_EVERY_S,
+            )
+            self._refused_log_due = now + REFUSED_LOG_EVERY_S
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

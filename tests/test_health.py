@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
@@ -203,6 +204,7 @@ EXPECTED_METRICS = {
     "cpnode_status",
     "cpnode_ready",
     "cpnode_uptime_seconds",
+    "cpnode_health_connections_refused_total",
     "cpnode_event_loop_lag_seconds_count",
     "cpnode_tasks_received_total",
     "cpnode_tasks_completed_total",
@@ -590,3 +592,79 @@ def test_a_failing_store_read_is_logged_once_and_scrapes_still_answer(
         assert "ValueError: embedded null byte" in str(failures[0])
 
     asyncio.run(go())
+
+
+def idle_connection(port: int) -> socket.socket:
+    """A connection to 127.0.0.1:`port` that sends nothing, non-blocking from now on."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setblocking(False)  # a timeout would make recv wait for data, MSG_DONTWAIT or not
+    return sock
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed the non-blocking `sock` (without sending anything)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_over_the_cap_are_closed_and_hold_no_descriptor(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    """Each connection to the health endpoint may stay open REQUEST_TIMEOUT_S; unbounded, a
+    client opening them faster than they time out took every descriptor the node had. Hold
+    MAX_CONNECTIONS idle connections, then open more one at a time: they are closed unanswered,
+    and the node's open descriptors never grow by more than MAX_CONNECTIONS (and a few)."""
+    cap, wanted = health.MAX_CONNECTIONS, 16  # `wanted`: refused connections to see
+    port = free_port()
+    node = start_node(
+        tmp_path, scripted, f"test-cap-{os.getpid()}", workers=1, health_listen=f"127.0.0.1:{port}"
+    )
+    held: list[socket.socket] = []
+    try:
+        process = psutil.Process(node.proc.pid)
+        before = most = process.num_fds()
+
+        def settle(opened: list[socket.socket]) -> list[socket.socket]:
+            """Wait until the node holds or has closed each of `opened`; return those closed."""
+            nonlocal most
+            deadline = time.monotonic() + 30
+            while True:
+                peers = {
+                    c.raddr.port
+                    for c in process.net_connections(kind="tcp")
+                    if c.raddr and c.laddr.port == port
+                }
+                most = max(most, process.num_fds())
+                closed = [s for s in opened if closed_by_peer(s)]
+                if all(s in closed or s.getsockname()[1] in peers for s in opened):
+                    return closed
+                assert time.monotonic() < deadline, "the node neither took nor closed a connection"
+                time.sleep(0.01)
+
+        held += [idle_connection(port) for _ in range(cap)]
+        settle(held)
+        # A held connection times out after REQUEST_TIMEOUT_S and frees its place, so the next
+        # one may be taken rather than closed: go on until `wanted` were closed.
+        refused = 0
+        for _ in range(2 * cap + wanted):
+            held.append(idle_connection(port))
+            refused += len(settle(held[-1:]))
+            if refused == wanted:
+                break
+        assert most <= before + cap + 4, (before, most)
+        assert refused == wanted
+
+        for sock in held:
+            sock.close()
+        wait_for(port, "/healthz", 200, node)  # the places are free again
+        assert scrape(port)[("cpnode_health_connections_refused_total", ())] >= wanted
+        assert node.log.count("new ones are closed unanswered") == 1, node.log  # one warning
+        assert stop_node(node, scripted) == 0
+    finally:
+        for sock in held:
+            sock.close()
+        node.close()
