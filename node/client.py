@@ -23,6 +23,10 @@ Errors, by fault and by whether retrying helps (all derive from `node.errors.Cpn
 - `MasterProtocolError`: the master sent something the protocol does not allow.
 - `MasterTimeout`: the master stopped answering; the connection is closed.
 - `ResultTimeout`: the task is not finished yet; it stays on the master, poll again later.
+
+Whatever error ends a submission or a wait for results carries what the call had: `done`, the
+results that arrived, and `pending`, the ids still without one, so that no result received is
+lost and every task can be asked for again (`result(id)`) on a new connection.
 """
 
 from __future__ import annotations
@@ -93,7 +97,18 @@ _PENDING: Final = DirectMessage("Pending")
 
 
 class ClientError(CpnodeError):
-    """Base of the errors the client raises."""
+    """Base of the errors the client raises.
+
+    One that ends `submit_many`, `results`, `result` or `run` carries what the call had:
+    `done`, the results that arrived, by id, and `pending`, the ids of the tasks still without
+    one (submitted, perhaps not accepted; the master keeps the accepted ones as long as it
+    keeps its tasks, so poll them again later). Both are empty for any other error.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.done: dict[str, Result] = {}
+        self.pending: list[str] = []
 
 
 class MasterUnreachable(ClientError, ConnectionError):
@@ -124,7 +139,7 @@ class ResultTimeout(ClientError, TimeoutError):
     """Some tasks had no result before the deadline; they stay on the master.
 
     `pending` lists their ids (poll them again later); `done` holds the results that did
-    arrive, by id; `timeout` is the deadline that passed, in seconds.
+    arrive, by id (as for every `ClientError`); `timeout` is the deadline that passed, in seconds.
     """
 
     def __init__(
@@ -529,13 +544,18 @@ class Client:
         if not ids:
             return ids
         what = f"waiting for TaskAccepted of {len(ids)} submitted task(s)"
-        answers = await self._request(b"".join(frames), len(ids), what)
-        for task_id, payload in zip(ids, answers, strict=True):
-            # Our ids need no JSON escaping, so the master's answer has exactly this form.
-            if payload != b'{"TaskAccepted":"' + task_id.encode() + b'"}':
-                expected = f"TaskAccepted({task_id!r})"
-                if self._decode(payload, expected) != TaskAccepted(task_id):
-                    raise self._violation(payload, expected)
+        try:
+            answers = await self._request(b"".join(frames), len(ids), what)
+            for task_id, payload in zip(ids, answers, strict=True):
+                # Our ids need no JSON escaping, so the master's answer has exactly this form.
+                if payload != b'{"TaskAccepted":"' + task_id.encode() + b'"}':
+                    expected = f"TaskAccepted({task_id!r})"
+                    if self._decode(payload, expected) != TaskAccepted(task_id):
+                        raise self._violation(payload, expected)
+        except ClientError as error:
+            # Some of them may be on the master: their ids are the only way to ask for them.
+            error.pending = ids
+            raise
         return ids
 
     async def _poll(self, ids: list[str], done: dict[str, Result]) -> int:
@@ -568,7 +588,9 @@ class Client:
         Each round writes `GetTaskResult` for the ids still pending (in chunks) and reads the
         answers; the pause between rounds starts at 1 ms and doubles, up to `poll_interval`,
         while nothing finishes. `progress(done, total)` is called after every round. Raises
-        `ResultTimeout` (with the results that did arrive) when `timeout` seconds pass first.
+        `ResultTimeout` when `timeout` seconds pass first; that error, or any other
+        `ClientError` that ends the wait (the connection lost, say), carries the results that
+        did arrive (`done`) and the ids still without one (`pending`).
         """
         deadline = asyncio.get_running_loop().time() + timeout
         return await self._collect(
@@ -606,11 +628,18 @@ class Client:
                         _FIRST_POLL_INTERVAL if finished else interval * 2, poll_interval
                     )
                     await asyncio.sleep(interval)
+        except ClientError as error:
+            # `MasterTimeout` is a TimeoutError too: handled here, not as the deadline below.
+            error.done = done
+            error.pending = [task_id for task_id in wanted if task_id not in done]
+            raise
         except TimeoutError:
             if not scope.expired():
                 raise
-            message = _overdue(pending, len(wanted), timeout)
-            raise ResultTimeout(message, pending, done, timeout) from None
+            # Not `pending`: the deadline may have passed in a round that found some results.
+            missing = [task_id for task_id in wanted if task_id not in done]
+            message = _overdue(missing, len(wanted), timeout)
+            raise ResultTimeout(message, missing, done, timeout) from None
         return {task_id: done[task_id] for task_id in wanted}
 
     async def result(

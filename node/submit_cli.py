@@ -93,16 +93,19 @@ output:
   Error     "cpnode-submit: task ID failed: MESSAGE" on stderr (exit status 1)
   --json    one line {"id":ID,"result":RESULT}, RESULT in the wire form
             ({"Number":3.0}, {"Response":"..."}, {"Bytes":[1,2]}, "Stored", {"Error":"..."}),
-            or {"id":ID,"result":null,"error":"timeout: ..."} when no result came in time
-  batch     the same, one line per task in input order, with "task_index":N after the id
+            or {"id":ID,"result":null,"error":"timeout: ..."} when no result came in time,
+            {"id":ID,"result":null,"error":"connection: ..."} when the connection broke first
+  batch     the same, one line per task in input order, with "task_index":N after the id:
+            when the connection breaks, every result already received is still printed
+  A task without a result may still be on the master: `cpnode-submit result ID` fetches it.
 
 exit status:
   0  every result arrived and none is an Error
   1  a result is an Error, or a result did not arrive before --timeout
   2  bad command line, join.json, data file or batch file (nothing was submitted)
   3  the master rejected the token (join.json's token, CPCLUSTER_TOKEN or --token)
-  4  cannot connect to the master, the connection broke, or the master stopped answering
-     or broke the protocol
+  4  cannot connect to the master (or the --direct node), the connection broke, or the
+     master stopped answering or broke the protocol
   130  interrupted (Ctrl-C)
 
 environment:
@@ -116,7 +119,10 @@ reads standard input. The whole file is checked before anything is submitted. Ev
 submitted in one go, then the results are polled; --timeout bounds the wait for them all. Prints
 one JSON line per task in input order: {"id":ID,"task_index":N,"result":RESULT}, or
 {"id":ID,"task_index":N,"result":null,"error":"timeout: ..."} for a task without a result in
-time. Exit status 1 when any result is an Error or missing."""
+time. Exit status 1 when any result is an Error or missing. When the connection breaks (the
+master stopped or restarted), the results already received are printed all the same, each other
+task gets {"id":ID,"task_index":N,"result":null,"error":"connection: ..."}, and the exit status
+is 4; `cpnode-submit result ID` fetches such a task's result if the master kept it."""
 
 
 # --- command line --------------------------------------------------------------------------
@@ -370,9 +376,35 @@ def _result_line(task_id: str, index: int | None, result: Result) -> bytes:
     return _line_head(task_id, index) + b',"result":' + result_to_json(result) + b"}\n"
 
 
-def _timeout_line(task_id: str, index: int | None, timeout: float) -> bytes:
-    reason = orjson.dumps(f"timeout: no result within {timeout:g} s")
-    return _line_head(task_id, index) + b',"result":null,"error":' + reason + b"}\n"
+def _missing_line(task_id: str, index: int | None, reason: str) -> bytes:
+    return _line_head(task_id, index) + b',"result":null,"error":' + orjson.dumps(reason) + b"}\n"
+
+
+def _timed_out(timeout: float) -> str:
+    """Why a task has no result, when the wait for it ran out."""
+    return f"timeout: no result within {timeout:g} s"
+
+
+def _cut_off(error: BaseException) -> str:
+    """Why a task has no result, when the connection that would carry it broke."""
+    return f"connection: {error}"
+
+
+def _no_result_reason(error: ClientError) -> str:
+    return _timed_out(error.timeout) if isinstance(error, ResultTimeout) else _cut_off(error)
+
+
+def _fetch_later(ids: Sequence[str]) -> str:
+    """The hint after a broken connection: how to get the results that did not arrive."""
+    if len(ids) == 1:
+        return (
+            f"task {ids[0]} has no result: `{_PROG} result {ids[0]}` fetches it if the master "
+            "kept it"
+        )
+    return (
+        f"{len(ids)} tasks have no result (their lines name their ids): "
+        f"`{_PROG} result ID` fetches one if the master kept it"
+    )
 
 
 def _write_result(task_id: str, result: Result, as_json: bool) -> int:
@@ -457,32 +489,35 @@ async def _run_direct(args: argparse.Namespace, tasks: list[Task], batch: bool) 
     )
     results: dict[str, Result] = {}
     failures: dict[str, str] = {}
+    link_broke = False
     async with client:
         submitted = [client.submit(task) for task in tasks]
         await asyncio.wait([waiter for _, waiter in submitted], timeout=args.timeout)
         for task_id, waiter in submitted:
             if not waiter.done():
                 waiter.cancel()
-                failures[task_id] = f"no result within {args.timeout:g} s"
+                failures[task_id] = _timed_out(args.timeout)
             elif (error := waiter.exception()) is not None:
-                failures[task_id] = str(error)
+                failures[task_id] = _cut_off(error)
+                link_broke = True
             else:
                 results[task_id] = waiter.result()
     ids = [task_id for task_id, _ in submitted]
+    failed_status = EXIT_CONNECTION if link_broke else EXIT_TASK_FAILED
     if not batch:
         (task_id,) = ids
         if task_id in results:
             return _write_result(task_id, results[task_id], args.json)
         if args.json:
-            sys.stdout.buffer.write(_timeout_line(task_id, None, args.timeout))
+            sys.stdout.buffer.write(_missing_line(task_id, None, failures[task_id]))
             sys.stdout.flush()
         _complain(f"task {task_id}: {failures[task_id]}")
-        return EXIT_TASK_FAILED
+        return failed_status
     lines: list[bytes] = []
     for index, task_id in enumerate(ids):
         result = results.get(task_id)
         lines.append(
-            _timeout_line(task_id, index, args.timeout)
+            _missing_line(task_id, index, failures[task_id])
             if result is None
             else _result_line(task_id, index, result)
         )
@@ -491,7 +526,8 @@ async def _run_direct(args: argparse.Namespace, tasks: list[Task], batch: bool) 
     if failures:
         reason = next(iter(failures.values()))
         _complain(f"{len(failures)} of {len(ids)} tasks had no result: {reason}")
-    failed = failures or any(isinstance(result, Error) for result in results.values())
+        return failed_status
+    failed = any(isinstance(result, Error) for result in results.values())
     return EXIT_TASK_FAILED if failed else EXIT_OK
 
 
@@ -504,15 +540,21 @@ async def _run_single(args: argparse.Namespace, task: Task | None) -> int:
         args.join, host=args.host, port=args.port, token=args.token,
         tls=args.tls, ca_cert_path=args.ca_cert,
     ) as client:  # fmt: skip
-        task_id = args.id if task is None else await client.submit(task)
         try:
+            task_id = args.id if task is None else await client.submit(task)
             result = await client.result(task_id, args.timeout)
-        except ResultTimeout as error:
+        except ClientError as error:
+            # The id was made here and printed nowhere yet: say it, or the task is lost.
             if args.json:
-                sys.stdout.buffer.write(_timeout_line(task_id, None, error.timeout))
+                reason = _no_result_reason(error)
+                for task_id in error.pending:
+                    sys.stdout.buffer.write(_missing_line(task_id, None, reason))
                 sys.stdout.flush()
-            _complain(str(error))
-            return EXIT_TASK_FAILED
+            if isinstance(error, ResultTimeout):
+                _complain(str(error))
+                return EXIT_TASK_FAILED
+            _complain(f"{error}; {_fetch_later(error.pending)}" if error.pending else str(error))
+            return EXIT_CONNECTION
     return _write_result(task_id, result, args.json)
 
 
@@ -525,24 +567,29 @@ async def _run_batch(args: argparse.Namespace, tasks: list[Task]) -> int:
         args.join, host=args.host, port=args.port, token=args.token,
         tls=args.tls, ca_cert_path=args.ca_cert,
     ) as client:  # fmt: skip
-        ids = await client.submit_many(tasks)
-        missing: ResultTimeout | None = None
+        ids: list[str] = []
+        failure: ClientError | None = None
         try:
+            ids = await client.submit_many(tasks)
             results = await client.results(
                 ids, args.timeout, progress=bar.update if bar is not None else None
             )
-        except ResultTimeout as error:
-            missing = error
+        except ClientError as error:
+            # Whatever ended the wait, the results received are printed; a submission that
+            # broke off hands back the ids it made in `pending`.
+            failure = error
+            ids = ids or error.pending
             results = error.done
         finally:
             if bar is not None:
                 bar.finish()
+    reason = "" if failure is None else _no_result_reason(failure)
     status = EXIT_OK
     lines: list[bytes] = []
     for index, task_id in enumerate(ids):
         result = results.get(task_id)
         if result is None:
-            lines.append(_timeout_line(task_id, index, args.timeout))
+            lines.append(_missing_line(task_id, index, reason))
             status = EXIT_TASK_FAILED
         else:
             lines.append(_result_line(task_id, index, result))
@@ -550,9 +597,13 @@ async def _run_batch(args: argparse.Namespace, tasks: list[Task]) -> int:
                 status = EXIT_TASK_FAILED
     sys.stdout.buffer.write(b"".join(lines))
     sys.stdout.flush()
-    if missing is not None:
-        _complain(str(missing))
-    return status
+    if failure is None:
+        return status
+    if isinstance(failure, ResultTimeout):
+        _complain(str(failure))
+        return status
+    _complain(f"{failure}; {_fetch_later(failure.pending)}" if failure.pending else str(failure))
+    return EXIT_CONNECTION
 
 
 def _expression_behind_dashes(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -3,7 +3,8 @@
     test ──Client / `python -m node.submit_cli`──▶ master ──AssignTask──▶ FakeNode (one per role)
 
 The master is the real one (`node.master`); the library's tests also run against `FakeMaster`,
-and the misbehaviour cases (silence, hang-up, garbage) need it, since it can be scripted.
+and the misbehaviour cases (silence, hang-up, garbage) need it, since it can be scripted. The
+tests of a master that goes away mid-batch run `cpnode-master` as a process and SIGTERM it.
 
 TEST FAKES, never used outside this file:
 - `FakeMaster`: authenticates, answers `SubmitTask` with `TaskAccepted` and `GetTaskResult` with
@@ -22,6 +23,8 @@ import operator
 import os
 import pty
 import re
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -227,10 +230,14 @@ class FakeMaster:
 
 
 class FakeNode:
-    """TEST FAKE of a node: joins with a role, heartbeats every 20 ms, answers AssignTask."""
+    """TEST FAKE of a node: joins with a role, heartbeats every 20 ms, answers AssignTask.
+
+    `holding` is set once it was assigned a task it never answers (`never`).
+    """
 
     def __init__(self, role: p.Role) -> None:
         self.role = role
+        self.holding = threading.Event()
         self._service = _Service()
         self._store: dict[str, bytes] = {}
 
@@ -262,7 +269,9 @@ class FakeNode:
                     message = p.decode(payload)
                     if isinstance(message, p.AssignTask):
                         result = fake_execute(message.task, self._store)
-                        if result is not None:
+                        if result is None:
+                            self.holding.set()
+                        else:
                             out.append(p.encode(p.TaskResult(message.id, result)))
                 writer.write(b"".join(out))
                 await writer.drain()
@@ -346,6 +355,67 @@ def backend(
             tmp_path_factory.mktemp("scripted") / "join.json", master.host, master.port
         )
         yield Cluster(master.host, master.port, join_path)
+
+
+@dataclass(frozen=True)
+class DoomedMaster:
+    """A real `cpnode-master` process that the test stops mid-work, and the nodes it has."""
+
+    process: subprocess.Popen[bytes]
+    join_path: Path
+    nodes: list[FakeNode]
+
+    def stop(self) -> None:
+        """SIGTERM, as a restart would: it closes every connection and exits."""
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(30) == 0
+
+
+@pytest.fixture
+def doomed_master(tmp_path: Path) -> Iterator[DoomedMaster]:
+    """`cpnode-master` as a process of its own (stopped by the test), a FakeNode per role."""
+    join_path = tmp_path / "join.json"
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
+    env = dict(os.environ, PYTHONPATH=path, CPCLUSTER_JOIN=str(join_path))
+    with (tmp_path / "master.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "node.master.cli", "--no-config", "--listen", "127.0.0.1:0",
+             "--tls", "never", "--token", TOKEN, "--state-file", str(tmp_path / "state.jsonl")],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        with LoopThread() as loop:
+            deadline = time.monotonic() + 30
+            while not join_path.exists():  # written once the master listens
+                assert process.poll() is None, (tmp_path / "master.log").read_text()
+                assert time.monotonic() < deadline, "cpnode-master wrote no join.json in 30 s"
+                time.sleep(0.02)
+            port = json.loads(join_path.read_text())["port"]
+            nodes = [loop.call(FakeNode(role).start("127.0.0.1", port)) for role in p.Role]
+            try:
+                yield DoomedMaster(process, join_path, nodes)
+            finally:
+                for node in nodes:
+                    loop.call(node.stop())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def read_until(fd: int, text: bytes, timeout: float) -> bytes:
+    """Read the terminal `fd` until `text` appears; AssertionError after `timeout` seconds."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{text!r} did not appear within {timeout} s: {seen!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:  # EIO: the other side closed
+                raise AssertionError(f"{text!r} never appeared: {seen!r}") from None
+    return seen
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 20) -> T:
@@ -513,6 +583,50 @@ def test_a_broken_connection_fails_every_waiting_request() -> None:
         run(scenario(master))
 
 
+def test_a_lost_connection_hands_over_the_results_that_arrived(tmp_path: Path) -> None:
+    # As ResultTimeout does: the error carries the results received and the ids without one.
+    join_path = str(tmp_path / "join.json")
+    with MasterThread(token=TOKEN, join_path=join_path) as master, LoopThread() as loop:
+        nodes = [loop.call(FakeNode(role).start(master.host, master.port)) for role in p.Role]
+
+        async def scenario() -> None:
+            arrived = asyncio.Event()
+
+            def progress(done: int, total: int) -> None:
+                if done == 2:
+                    arrived.set()
+
+            async with Client.connect(host=master.host, port=master.port, token=TOKEN) as client:
+                ids = await client.submit_many(
+                    [p.Compute("1+1"), p.Compute(NEVER), p.Compute("2*3")]
+                )
+                waiting = asyncio.create_task(client.results(ids, timeout=60, progress=progress))
+                await asyncio.wait_for(arrived.wait(), 10)
+                await asyncio.to_thread(master.stop)
+                with pytest.raises(ConnectionClosed, match="closed") as caught:
+                    await waiting
+            assert caught.value.done == {ids[0]: p.Number(2.0), ids[2]: p.Number(6.0)}
+            assert caught.value.pending == [ids[1]]
+
+        try:
+            run(scenario())
+        finally:
+            for node in nodes:
+                loop.call(node.stop())
+
+
+def test_a_submission_cut_off_hands_back_its_ids() -> None:
+    async def scenario(master: FakeMaster) -> None:
+        async with Client.connect(host=master.host, port=master.port, token=TOKEN) as client:
+            with pytest.raises(ConnectionClosed) as caught:
+                await client.submit_many([p.Compute("1+2"), p.Compute("3+4")])
+            assert len(set(caught.value.pending)) == 2
+            assert caught.value.done == {}
+
+    with fake_master("hangup") as master:
+        run(scenario(master))
+
+
 # --- the command line ----------------------------------------------------------------------
 
 
@@ -642,6 +756,83 @@ def test_cli_batch_timeout_marks_the_missing_task(cluster: Cluster) -> None:
     assert second["result"] is None
     assert second["error"] == "timeout: no result within 1 s"
     assert b"no result for 1 of 2 tasks" in done.stderr
+
+
+def test_cli_batch_prints_what_arrived_when_the_master_goes_away(
+    doomed_master: DoomedMaster, tmp_path: Path
+) -> None:
+    # The master stops (SIGTERM, as a restart) after 4 of 6 results reached cpnode-submit, as
+    # its progress bar on a terminal shows: those 4 are printed, the 2 others say why they have
+    # none and give their ids, and the exit status is 4.
+    expressions = ["1+1", NEVER, "2+2", "3+3", NEVER, "4+4"]
+    batch = tmp_path / "tasks.jsonl"
+    batch.write_bytes(
+        b"".join(b'{"Compute":{"expression":"%s"}}\n' % e.encode() for e in expressions)
+    )
+    command = ["--join", str(doomed_master.join_path), "batch", str(batch)]
+    leader, follower = pty.openpty()
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-m", "node.submit_cli", *command],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            cwd=ROOT,
+        ) as process:
+            os.close(follower)
+            try:
+                read_until(leader, b"4/6 tasks", timeout=30)
+                doomed_master.stop()
+                stdout, _ = process.communicate(timeout=30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate(timeout=10)
+        terminal = b""
+        with contextlib.suppress(OSError):  # EIO once the child's side is closed
+            while chunk := os.read(leader, 4096):
+                terminal += chunk
+    finally:
+        os.close(leader)
+    assert process.returncode == 4, terminal
+    lines = [orjson.loads(line) for line in stdout.splitlines()]
+    assert [line["task_index"] for line in lines] == list(range(6))
+    assert [line["result"] for line in lines] == [
+        {"Number": 2.0}, None, {"Number": 4.0}, {"Number": 6.0}, None, {"Number": 8.0},
+    ]  # fmt: skip
+    missing = [line for line in lines if line["result"] is None]
+    port = json.loads(doomed_master.join_path.read_text())["port"]
+    for line in missing:
+        assert line["error"].startswith("connection: "), line
+        assert f"the master at 127.0.0.1:{port} closed the connection" in line["error"], line
+    assert len({line["id"] for line in lines}) == 6
+    assert f"the master at 127.0.0.1:{port} closed the connection".encode() in terminal
+    assert b"2 tasks have no result (their lines name their ids)" in terminal
+    assert b"cpnode-submit result ID" in terminal
+
+
+def test_cli_single_task_names_its_id_when_the_master_goes_away(
+    doomed_master: DoomedMaster,
+) -> None:
+    # The id is made by cpnode-submit: without it, `cpnode-submit result ID` cannot ask again.
+    with subprocess.Popen(
+        [sys.executable, "-m", "node.submit_cli", "--join", str(doomed_master.join_path),
+         "--json", "compute", NEVER],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    ) as process:  # fmt: skip
+        try:
+            worker = next(node for node in doomed_master.nodes if node.role is p.Role.Worker)
+            assert worker.holding.wait(30), "the task never reached the node"
+            doomed_master.stop()
+            stdout, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=10)
+    assert process.returncode == 4, stderr
+    line = orjson.loads(stdout)
+    assert line["result"] is None
+    assert line["error"].startswith("connection: "), line
+    assert f"`cpnode-submit result {line['id']}` fetches it".encode() in stderr
 
 
 def test_cli_batch_progress_bar_on_a_terminal(cluster: Cluster) -> None:
