@@ -40,6 +40,7 @@ from workers.logformat import LEVELS as LOG_LEVELS
 __all__ = [
     "CONFIG_FIELDS",
     "DEFAULT_JOIN_PATH",
+    "MIN_TASK_TIMEOUT_MS",
     "Config",
     "FieldSpec",
     "JoinInfo",
@@ -62,6 +63,11 @@ _DEFAULT_MASTER_IP: Final = "127.0.0.1"
 _DEFAULT_MASTER_PORT: Final = 55000
 # A config or join file is a few KiB; the cap keeps a path such as /dev/zero from hanging start-up.
 _MAX_FILE_BYTES: Final = 1 << 20
+# Well above the 20 ms after which a worker's flusher thread sends the results held back by a
+# long task (workers/worker.py, SLOW_TASK_FLUSH_S) plus the GIL's 5 ms switch interval, and the
+# pool's 10 ms watchdog period (workers/pool.py, `_watch`): a worker killed for the limit then
+# has sent the results of the tasks it finished before the overdue one.
+MIN_TASK_TIMEOUT_MS: Final = 100
 
 
 def parse_role(text: str) -> Role:
@@ -308,6 +314,22 @@ class _Integer(_Check):
             self.fail(value)
         if value < self.low or (self.high is not None and value > self.high):
             self.fail(value)
+        return value
+
+
+class _OffOrAtLeast(_Check):
+    """0 (off), or an integer of at least `low`; `why` explains the bound to whoever set less."""
+
+    def __init__(self, low: int, why: str) -> None:
+        self.low = low
+        self.why = why
+        self.expected = f"0 (off) or an integer of at least {low}"
+
+    def __call__(self, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.fail(value)
+        if 0 < value < self.low:
+            self.fail(value, note=self.why)
         return value
 
 
@@ -563,8 +585,16 @@ class Config:
     )
     task_timeout_ms: int = _setting(
         60000,
-        _Integer(0),
-        "Time limit per task; its worker is replaced and it gets an `Error` (0 = no limit).",
+        _OffOrAtLeast(
+            MIN_TASK_TIMEOUT_MS,
+            "a worker sends the results it finished every 20 ms while a long task runs: a "
+            "shorter limit would kill workers still holding them",
+        ),
+        "Time limit per task; its worker is killed and replaced and it gets an `Error` (0 = no "
+        f"limit). At least {MIN_TASK_TIMEOUT_MS}: while a task runs, its worker sends the "
+        "results of the tasks it finished before it every 20 ms (plus up to 5 ms to get the "
+        "GIL), and the limit is checked every 10 ms or more; a shorter limit would kill workers "
+        "still holding finished results.",
     )
     max_tasks_per_child: int = _setting(
         0,

@@ -587,25 +587,39 @@ class Dispatcher:
         A worker answers in order, so the `loss.started` oldest tasks it held are the ones it
         started: the last was running (a time-limit kill answers it with an `Error` naming the
         limit), the others had finished but their results died with the process. A task safe to
-        repeat is retried once; any other gets an `Error` naming the cause.
+        repeat is retried once; any other gets an `Error` naming the cause: for a worker the
+        pool killed for the limit, that limit (its exit, SIGKILL, would suggest running out of
+        memory).
         """
         assigned = worker.assigned
         requeue: list[tuple[str, bytes]] = []
         errors: list[bytes] = []
         errored: list[str] = []
+        limit = f"task_timeout_ms = {loss.timeout_ms} ms"
+        if loss.timeout_ms:
+            # Without a running task, the overdue one finished as it was killed: it is one of
+            # the finished tasks.
+            overdue = "another task" if loss.running else "a task"
+            died = f"was killed because {overdue} ran longer than {limit}"
+        else:
+            died = f"died ({loss.how})"
         for position in range(loss.started):
             ident = assigned.popleft()
             payload = self._held[ident]
             running = loss.running and position == loss.started - 1
             if running and loss.timeout_ms:
                 error = m.Error(
-                    f"task ran longer than task_timeout_ms = {loss.timeout_ms} ms; "
-                    f"worker {worker.index} was killed and replaced"
+                    f"task ran longer than {limit}; worker {worker.index} was killed and replaced"
                 )
             elif _is_idempotent(payload) and ident not in self._retried:
                 self._retried.add(ident)
                 requeue.append((ident, payload))
                 continue
+            elif loss.timeout_ms:
+                error = m.Error(
+                    f"worker {worker.index} {died}; this task had finished, but its result was "
+                    "lost with the worker"
+                )
             else:
                 when = "while running" if running else "after running (its result was lost)"
                 error = m.Error(f"worker {worker.index} died {when} this task: {loss.how}")
@@ -615,9 +629,7 @@ class Dispatcher:
             errors.append(frame(codec.task_result_payload(ident, error)))
             errored.append(ident)
         if requeue:
-            log.warning(
-                "retrying %d tasks once: worker %d died (%s)", len(requeue), worker.index, loss.how
-            )
+            log.warning("retrying %d tasks once: worker %d %s", len(requeue), worker.index, died)
         if errors:
             self.completed += len(errors)
             self._route(b"".join(errors), errored)

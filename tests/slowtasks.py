@@ -1,7 +1,10 @@
 """Task executors for pool tests, loaded by workers through `WorkerSettings.executors`.
 
 `compute` runs `Compute` tasks like the built-in executor, except for these test expressions:
-`sleep S` sleeps S seconds (a task past its time limit), `grow N` allocates N MiB and keeps
+`sleep S` sleeps S seconds (a task past its time limit), `spin S` computes in Python for S
+seconds (a long computation: the worker's other thread gets the GIL only when the interpreter
+switches), `hold S` spends S seconds (whole) in one C call that keeps the GIL (the worker's
+other thread does not run meanwhile), `grow N` allocates N MiB and keeps
 them (a worker whose memory grows), `orphan PREFIX` writes a payload segment under PREFIX in
 /dev/shm, then hangs (a worker killed while it writes a big result), `wait PATH` runs until the
 file PATH exists (a long task the test ends; at most WAIT_S) and `exit-once PATH S` makes the
@@ -11,6 +14,7 @@ worker that dies in its task, which its retry survives).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 
@@ -26,6 +30,16 @@ def compute(task: m.Compute) -> m.Result:
     expression = task.expression
     if expression.startswith("sleep "):
         time.sleep(float(expression.removeprefix("sleep ")))
+        return m.Number(0.0)
+    if expression.startswith("spin "):
+        deadline = time.monotonic() + float(expression.removeprefix("spin "))
+        turns = 0
+        while time.monotonic() < deadline:
+            turns += 1
+        return m.Number(float(turns))
+    if expression.startswith("hold "):
+        # A PyDLL function is called with the GIL held: libc's sleep() keeps it.
+        ctypes.pythonapi.sleep(ctypes.c_uint(int(expression.removeprefix("hold "))))
         return m.Number(0.0)
     if expression.startswith("orphan "):
         write_segment("/dev/shm", expression.removeprefix("orphan "), [b"x" * 4096], 4096)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from node.config import (
     CONFIG_FIELDS,
+    MIN_TASK_TIMEOUT_MS,
     Config,
     JoinInfo,
     Role,
@@ -304,6 +305,18 @@ BAD_CONFIGS = [
         '{path}: `node_id` must be a name of 1-64 letters, digits, ".", "_" or "-",'
         ' starting with a letter or digit, got "../other"',
         id="node-id-escapes",
+    ),
+    pytest.param(
+        {"task_timeout_ms": 3},
+        "{path}: `task_timeout_ms` must be 0 (off) or an integer of at least 100, got 3 (a worker "
+        "sends the results it finished every 20 ms while a long task runs: a shorter limit would "
+        "kill workers still holding them)",
+        id="task-timeout-below-the-flush-period",
+    ),
+    pytest.param(
+        {"task_timeout_ms": -1},
+        "{path}: `task_timeout_ms` must be 0 (off) or an integer of at least 100, got -1",
+        id="negative-task-timeout",
     ),
     pytest.param(
         {"workers": 0, "disk_space_mb": -1},
@@ -695,6 +708,26 @@ def test_storage_dir_may_not_reach_the_nodes_files_in_shm_dir(
     else:
         with pytest.raises(ConfigError, match=refused):
             check_node_paths(config)
+
+
+def test_task_timeout_ms_is_off_or_at_least_the_smallest_limit() -> None:
+    assert Config(task_timeout_ms=0).task_timeout_ms == 0
+    assert Config(task_timeout_ms=MIN_TASK_TIMEOUT_MS).task_timeout_ms == MIN_TASK_TIMEOUT_MS
+    with pytest.raises(ConfigError, match="at least 100, got 99"):
+        Config(task_timeout_ms=MIN_TASK_TIMEOUT_MS - 1)
+
+
+def test_the_node_refuses_a_task_timeout_ms_below_the_smallest_limit(tmp_path: Path) -> None:
+    (tmp_path / "join.json").write_text('{"token":"t","ip":"127.0.0.1","port":1}')
+    process = NodeProcess(tmp_path, tmp_path / "join.json", {"task_timeout_ms": 3})
+    try:
+        assert process.proc.wait(30) == 2
+        assert (
+            f"{process.config_path}: `task_timeout_ms` must be 0 (off) or an integer of at "
+            "least 100, got 3"
+        ) in process.log
+    finally:
+        process.close()
 
 
 def test_the_node_refuses_a_storage_dir_that_holds_shm_dir(tmp_path: Path) -> None:
