@@ -35,7 +35,7 @@ from node.errors import ConfigError, ListenError
 from node.health import DEFAULT_PORT as DEFAULT_HEALTH_PORT
 from node.supervisor import Node
 from workers.logformat import FORMATS as LOG_FORMATS
-from workers.logformat import configure_logging
+from workers.logformat import HeldRecords, configure_logging
 
 log = logging.getLogger("cpnode")
 
@@ -159,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides["role"] = parse_role(args.role)
         if args.health_port is not None:
             overrides["health_listen"] = f"127.0.0.1:{args.health_port}"
-        config = load_config(args.config, overrides=overrides, override_source="command line")
-        check_node_paths(config, args.config)
+        # The config gives the log's format and level: what reading it logs waits until then.
+        with HeldRecords():
+            config = load_config(args.config, overrides=overrides, override_source="command line")
+            check_node_paths(config, args.config)
+            configure_logging(config.log_level, config.log_format)
     except ConfigError as exc:
         print(f"cpnode-supervisor: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level, config.log_format)
     master: subprocess.Popen[bytes] | None = None
     try:
         if args.local_master:

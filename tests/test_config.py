@@ -33,6 +33,7 @@ from node.config import (
 )
 from node.errors import ConfigError, CpnodeError
 from tests.nodeproc import NodeProcess
+from tests.scripted import ScriptedMaster, stop_node
 
 DATA = Path(__file__).parent / "data"
 
@@ -728,6 +729,49 @@ def test_the_node_refuses_a_task_timeout_ms_below_the_smallest_limit(tmp_path: P
         ) in process.log
     finally:
         process.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "flags"),
+    [
+        pytest.param({"foo": 1}, ("--log-format", "json"), id="json-from-the-command-line"),
+        pytest.param({"foo": 1, "log_format": "json"}, (), id="json-from-the-file"),
+    ],
+)
+def test_the_nodes_config_warnings_are_in_its_log_format(
+    tmp_path: Path, settings: dict[str, object], flags: tuple[str, ...]
+) -> None:
+    # The unknown field's warning came before logging was set up, as a plain-text line that a
+    # JSON log reader (`journalctl ... | jq`) stops at.
+    master = ScriptedMaster()
+    join = tmp_path / "join.json"
+    master.write_join(join)
+    settings |= {
+        "failover_timeout_ms": 60_000,
+        "master_addresses": [f"127.0.0.1:{master.port}"],
+        "storage_dir": str(tmp_path / "storage"),
+    }
+    node = NodeProcess(tmp_path, join, settings, "--workers", "1", *flags)
+    try:
+        master.accept()
+        node.wait_for_log("node ready")
+        node.record_children()
+        assert stop_node(node, master) == 0
+        records = [json.loads(line) for line in node.log.splitlines()]  # each line one object
+        warning = f"{node.config_path}: ignoring unknown field `foo`"
+        assert [r | {"ts": ""} for r in records if warning in r["message"]] == [
+            {
+                "ts": "",
+                "level": "warn",
+                "logger": "cpnode.config",
+                "message": warning,
+                "pid": node.proc.pid,
+            }
+        ]
+        assert node.leftover_children() == []
+    finally:
+        node.close()
+        master.close()
 
 
 def test_the_node_refuses_a_storage_dir_that_holds_shm_dir(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from tests.netservers import HttpServer
 from tests.nodeproc import NodeProcess
 from tests.scripted import ScriptedMaster, start_node, stop_node
 from tests.test_node import run_tasks
-from workers.logformat import JsonFormatter, configure_logging
+from workers.logformat import HeldRecords, JsonFormatter, configure_logging
 
 FAILOVER_MS = 400
 TOKEN = "health-test-token"
@@ -313,6 +313,33 @@ def test_json_formatter_keeps_extra_fields_and_tracebacks() -> None:
     assert (first["task_id"], first["bytes"], first["worker"]) == ("abc", 7, 3)
     assert second["level"] == "error"
     assert "ValueError: boom" in second["exc"]
+
+
+def test_records_held_until_logging_is_configured_come_out_once_at_its_level_and_format() -> None:
+    root = logging.getLogger()
+    level = root.level
+    stream = io.StringIO()
+    logger = logging.getLogger("cpnode.test-held")
+    try:
+        with HeldRecords():
+            logger.warning("below the level configured next")
+            logger.error("at it")
+            configure_logging("error", "json", stream=stream)
+        assert [json.loads(line) | {"ts": ""} for line in stream.getvalue().splitlines()] == [
+            {
+                "ts": "",
+                "level": "error",
+                "logger": "cpnode.test-held",
+                "message": "at it",
+                "pid": os.getpid(),
+            }
+        ]
+        assert not [h for h in root.handlers if isinstance(h, HeldRecords)]
+    finally:
+        for handler in root.handlers[:]:
+            if handler.get_name() == "cpnode-stderr":
+                root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def test_configure_logging_supports_trace_and_replaces_its_own_handler() -> None:

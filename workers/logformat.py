@@ -8,7 +8,9 @@ The supervisor and its workers write to the same stderr, so both configure loggi
 lives in `workers` because workers may not import `node`). Level names are upstream's: `error`,
 `warn`, `info`, `debug`, `trace` (5, below DEBUG) and `off`. A JSON line carries the record's
 `extra=` fields and the process's static fields (a worker's index) beside the four standard
-ones, and `exc` with the traceback when there is one.
+ones, and `exc` with the traceback when there is one. What a process logs before it knows how
+(a config file's warnings, read before the config gives the format and level) is held by
+`HeldRecords` until `configure_logging` has run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Final, TextIO
 
 import orjson
@@ -118,3 +121,34 @@ def configure_logging(
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
+
+
+class HeldRecords(logging.Handler):
+    """`with HeldRecords():` holds what is logged in the block (a config file's warnings, say,
+    logged before that config gives the log's format and level) and logs it at the block's end,
+    once, through the handlers configured meanwhile and at their level (with none, Python's last
+    resort prints warnings and errors as they are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._records.append(record)
+
+    def __enter__(self) -> HeldRecords:
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        logging.getLogger().removeHandler(self)
+        records, self._records = self._records, []
+        for record in records:
+            logger = logging.getLogger(record.name)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
