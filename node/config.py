@@ -342,6 +342,16 @@ class _Text(_Check):
         return value
 
 
+class _Path(_Text):
+    # The OS takes no NUL in a path: a storage_dir holding one failed only when first used.
+    expected = "a path (a non-empty string without NUL characters)"
+
+    def __call__(self, value: object) -> str:
+        if super().__call__(value).find("\0") >= 0:
+            self.fail(value)
+        return str(value)
+
+
 class _NodeId(_Check):
     # It names files in shm_dir and the lock beside them, so nothing that could leave that
     # directory or hide a file (no "/", no "..", no leading dot).
@@ -521,7 +531,7 @@ class Config:
     )
     ca_cert_path: str | None = _upstream(
         None,
-        _Optional(_Text()),
+        _Optional(_Path()),
         "PEM file of the CA that signs a non-local master's certificate (after `ca_cert`).",
     )
     ca_cert: str | None = _upstream(
@@ -531,12 +541,12 @@ class Config:
     )
     cert_path: str | None = _upstream(
         None,
-        _Optional(_Text()),
+        _Optional(_Path()),
         "PEM certificate the master (and a node's `direct_port`) presents over TLS; created "
         "self-signed when missing.",
     )
     key_path: str | None = _upstream(
-        None, _Optional(_Text()), "PEM private key of `cert_path` (created with it)."
+        None, _Optional(_Path()), "PEM private key of `cert_path` (created with it)."
     )
     internet_ports: tuple[int, ...] | None = _upstream(
         None,
@@ -547,12 +557,12 @@ class Config:
     )
     storage_dir: str = _upstream(
         "storage",
-        _Text(),
+        _Path(),
         "Directory of `DiskWrite` files (and, on Disk nodes, `StoreData` keys); may not hold "
         "`shm_dir`.",
     )
     state_file: str = _upstream(
-        "master_state.json", _Text(), "Master: file where it persists its state."
+        "master_state.json", _Path(), "Master: file where it persists its state."
     )
     disk_space_mb: int = _upstream(
         1024, _Integer(0), "Disk nodes: quota of everything written to `storage_dir`, in MiB."
@@ -629,7 +639,7 @@ class Config:
         "modules).",
     )
     shm_dir: str = _setting(
-        "/dev/shm", _Text(), "Directory (a tmpfs) of shared-memory payloads and the memory store."
+        "/dev/shm", _Path(), "Directory (a tmpfs) of shared-memory payloads and the memory store."
     )
     node_id: str | None = _setting(
         None,

@@ -293,12 +293,18 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         {"storage_dir": ""},
-        '{path}: `storage_dir` must be a non-empty string, got ""',
+        '{path}: `storage_dir` must be a path (a non-empty string without NUL characters), got ""',
         id="empty-storage-dir",
     ),
     pytest.param(
+        {"storage_dir": "data\u0000x"},
+        "{path}: `storage_dir` must be a path (a non-empty string without NUL characters), got "
+        '"data\\u0000x"',
+        id="nul-in-storage-dir",
+    ),
+    pytest.param(
         {"ca_cert_path": 5},
-        "{path}: `ca_cert_path` must be a non-empty string, got 5",
+        "{path}: `ca_cert_path` must be a path (a non-empty string without NUL characters), got 5",
         id="number-for-path",
     ),
     pytest.param(
