@@ -565,7 +565,10 @@ class Config:
         "master_state.json", _Path(), "Master: file where it persists its state."
     )
     disk_space_mb: int = _upstream(
-        1024, _Integer(0), "Disk nodes: quota of everything written to `storage_dir`, in MiB."
+        1024,
+        _Integer(0),
+        "Disk nodes: quota of everything written to `storage_dir`, in MiB: file bytes, and 4 KiB "
+        "for each directory.",
     )
     # _upstream returns a dataclasses.Field, like field(); ruff only trusts immutable annotations.
     role: Role = _upstream(  # noqa: RUF009

@@ -50,6 +50,7 @@ from node.config import format_address
 from node.errors import ListenError
 from node.histogram import Histogram
 from node.link import LinkState
+from shm.diskstore import DIRECTORY_BYTES
 from workers.logformat import level_name
 from workers.pool import WorkerStatus
 from workers.stats import BUCKETS, COMPLETED, FAILED, FIRST_BUCKET, SECONDS
@@ -112,8 +113,9 @@ class _Resources:
     worker_rss: dict[int, int] = field(default_factory=dict)
 
 
-def _tree_bytes(*directories: str) -> int:
-    """Bytes of the regular files below `directories`, following no symlink.
+def _tree_bytes(*directories: str, directory_bytes: int = 0) -> int:
+    """Bytes of the regular files below `directories`, and `directory_bytes` for each directory
+    below them, following no symlink.
 
     A loop over a stack of directories still to list, not a recursion: a DiskWrite may nest
     directories two thousand deep. Each directory is listed and closed before the next is
@@ -124,18 +126,20 @@ def _tree_bytes(*directories: str) -> int:
         try:
             with os.scandir(pending.pop()) as listing:
                 for entry in listing:
-                    total += _file_bytes(entry, pending)
+                    total += _file_bytes(entry, pending, directory_bytes)
         except OSError:  # removed meanwhile, unreadable, or its path longer than PATH_MAX
             pass
     return total
 
 
-def _file_bytes(entry: os.DirEntry[str], directories: list[str]) -> int:
-    """The size of `entry` if it is a regular file; a directory is added to `directories`."""
+def _file_bytes(entry: os.DirEntry[str], directories: list[str], directory_bytes: int = 0) -> int:
+    """The size of `entry` if it is a regular file; a directory is added to `directories` and
+    counts `directory_bytes`."""
     try:
         if entry.is_dir(follow_symlinks=False):
             directories.append(entry.path)
-        elif entry.is_file(follow_symlinks=False):
+            return directory_bytes
+        if entry.is_file(follow_symlinks=False):
             return entry.stat(follow_symlinks=False).st_size
     except OSError:  # removed meanwhile, or unreadable
         pass
@@ -149,7 +153,8 @@ def _read_resources(
     found = _Resources()
     try:
         if stat.S_ISDIR(os.stat(storage_dir).st_mode):
-            found.disk_store_bytes = _tree_bytes(storage_dir)
+            # As the disk store's quota counts: directories too.
+            found.disk_store_bytes = _tree_bytes(storage_dir, directory_bytes=DIRECTORY_BYTES)
     except FileNotFoundError:
         found.disk_store_bytes = 0  # nothing written yet (a node that is not a Disk node)
     except OSError:
@@ -432,7 +437,8 @@ class NodeCollector:
         if resources.disk_store_bytes is not None:
             yield _gauge(
                 "cpnode_disk_store_bytes",
-                "Bytes of the files below storage_dir (the quota counts them all).",
+                f"Bytes of the files below storage_dir and {DIRECTORY_BYTES} for each directory"
+                " (as the quota counts them).",
                 resources.disk_store_bytes,
             )
         yield _gauge(

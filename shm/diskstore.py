@@ -8,10 +8,11 @@ key with ``/`` creates its subdirectories as a ``DiskWrite`` path does.
 
 Confinement. A path is split on ``/``; empty and ``.`` parts are dropped; an absolute path, a
 ``..`` part, a NUL, text that is not valid Unicode (a lone surrogate), a part that looks like our
-temporary files, or nothing left at all is ``InvalidPath`` ("Invalid path"). A path of 4096
-bytes or more gets the ``ENAMETOOLONG`` error upstream gets from the system; a path that names a
-directory (ending in ``/`` or ``/.``) gets the system's errors too: ``EISDIR`` to write it, and
-to read it ``ENOENT``, ``ENOTDIR`` or ``EISDIR`` as the name is missing, a file or a directory.
+temporary files, more than ``MAX_PATH_PARTS`` parts, or nothing left at all is ``InvalidPath``
+("Invalid path"; the log says which rule). A path of 4096 bytes or more gets the
+``ENAMETOOLONG`` error upstream gets from the system; a path that names a directory (ending in
+``/`` or ``/.``) gets the system's errors too: ``EISDIR`` to write it, and to read it
+``ENOENT``, ``ENOTDIR`` or ``EISDIR`` as the name is missing, a file or a directory.
 ``RetrieveData`` answers "Key not found" for those three errors only; any other keeps its own
 text. The directories are then opened one by one with
 ``openat(O_NOFOLLOW | O_DIRECTORY)`` from a descriptor of ``storage_dir``, and the file is opened
@@ -21,36 +22,44 @@ ever looked up by path twice.
 
 Writes::
 
-    check quota (a first look) and free space ─► .cpnode-tmp-<pid>-<uuid> in storage_dir:
-    posix_fallocate, free space again, write ─► under the ledger's flock: measure the old
-    file, check the quota, add (new size - old size) to the ledger, rename over the target
+    each missing directory: check quota (a first look) and free space ─► mkdir
+    .cpnode-tmp-<pid>-<uuid> in storage_dir, free space again ─► under the ledger's flock:
+    still missing?, check the quota, add DIRECTORY_BYTES, rename it into place
+    the file: check quota (a first look) and free space ─► .cpnode-tmp-<pid>-<uuid> in
+    storage_dir: posix_fallocate, free space again, write ─► under the ledger's flock: measure
+    the old file, check the quota, add (new size - old size) to the ledger, rename over the target
 
 A refused write leaves the old content as it was, and removes the directories it created (those
-still empty). Only the commit holds the lock, so workers write their data in parallel and the
-quota still holds for all of them together. The count changes before the rename (and back if the
-rename fails), so a writer killed at any point leaves either a ledger that is right or its
-temporary file. Temporary files live directly in ``storage_dir`` (a rename crosses directories,
-not devices), so what a killed worker left is found with one look at one directory: the pool
-calls ``sweep_temporary(pid)`` as soon as it sees a worker die, which removes them and, with a
-quota, recounts the ledger from the files. The exception is a directory on another filesystem
-mounted inside ``storage_dir``: its temporaries go beside their targets, and a killed writer's
-is removed by the next full count (a Disk node's start), not at once. (Counting after the rename
-instead leaves a wide window: renaming over a big file frees its blocks, and a kill then loses
-the count with no trace.)
+still empty), giving their count back under the lock. Only the commits hold the lock, so workers
+write their data in parallel and the quota still holds for all of them together; a directory is
+looked for, counted and put in place under one hold of the lock, so two writers making the same
+one count it once. The count changes before the rename (and back if the rename fails), so a
+writer killed at any point leaves either a ledger that is right or its temporary file or
+directory; a directory's count is given back after its removal, so a writer killed between the
+two leaves the count ``DIRECTORY_BYTES`` high (never low) until the next full count.
+Temporaries live directly in ``storage_dir`` (a rename crosses directories, not devices), so
+what a killed worker left is found with one look at one directory: the pool calls
+``sweep_temporary(pid)`` as soon as it sees a worker die, which removes them and, with a quota,
+recounts the ledger from the tree. The exception is a directory on another filesystem mounted
+inside ``storage_dir``: its temporaries go beside their targets, and a killed writer's is removed
+by the next full count (a Disk node's start), not at once. (Counting after the rename instead
+leaves a wide window: renaming over a big file frees its blocks, and a kill then loses the count
+with no trace.) Without a quota a directory is made in place, after the same free-space checks.
 
 Quota. ``quota_bytes`` (``disk_space_mb`` * 1,048,576) counts the size of every regular file
-below ``storage_dir`` — ``StoreData`` and ``DiskWrite`` alike (upstream counts ``StoreData`` only).
-The running total lives in a 16-byte ledger file in ``ledger_dir`` (in the node's directory under
-``shm_dir``, so it starts afresh with each run), changed only under an exclusive ``flock``; the
-first process to open a fresh ledger scans ``storage_dir`` to fill it. Worker-role nodes pass
-``quota_bytes=None``: like upstream, their ``DiskWrite`` has no quota, but every write — with or
-without a quota — must leave ``reserve_bytes`` free on the filesystem (psutil), and the error
-says so and by how much.
+below ``storage_dir`` — ``StoreData`` and ``DiskWrite`` alike (upstream counts ``StoreData`` only)
+— and ``DIRECTORY_BYTES`` for every directory below it (not ``storage_dir`` itself, not our
+temporaries): without that, empty files in deep new directories filled the disk while the quota
+saw nothing. The running total lives in a 16-byte ledger file in ``ledger_dir`` (in the node's
+directory under ``shm_dir``, so it starts afresh with each run), changed only under an exclusive
+``flock``; the first process to open a fresh ledger scans ``storage_dir`` to fill it. Worker-role
+nodes pass ``quota_bytes=None``: like upstream, their ``DiskWrite`` has no quota, but every write
+and every directory — with or without a quota — must leave ``reserve_bytes`` free on the
+filesystem (psutil), and the error says so and by how much.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -58,7 +67,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Final
 
@@ -66,13 +75,29 @@ from shm import space
 from shm.closing import Closing
 from shm.errors import FileError, InvalidPath, KeyNotFound, QuotaExceeded, StoreError
 
-__all__ = ["DEFAULT_RESERVE_BYTES", "MIB", "DiskStore", "UsageLedger", "has_temporary_files"]
+__all__ = [
+    "DEFAULT_RESERVE_BYTES",
+    "DIRECTORY_BYTES",
+    "MAX_PATH_PARTS",
+    "MIB",
+    "DiskStore",
+    "UsageLedger",
+    "has_temporary_files",
+]
 
 MIB: Final = 1_048_576
 """Bytes per ``disk_space_mb``."""
 
 DEFAULT_RESERVE_BYTES: Final = 16 * MIB
 """Free space every write leaves on the filesystem under ``storage_dir``, unless told otherwise."""
+
+DIRECTORY_BYTES: Final = 4096
+"""What each directory below ``storage_dir`` counts against the quota, and the room it must find
+free: one ext4 block, fixed so that the count does not depend on the filesystem."""
+
+MAX_PATH_PARTS: Final = 64
+"""The most parts (directories and the file name) a path or key may have: one write makes at
+most ``MAX_PATH_PARTS - 1`` directories."""
 
 _TEMPORARY: Final = ".cpnode-tmp-"
 _NO_SUCH_KEY: Final = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EISDIR))
@@ -196,7 +221,8 @@ class DiskStore(Closing):
     # --- accounting --------------------------------------------------------------------------
 
     def used_bytes(self) -> int:
-        """Bytes of all regular files below ``storage_dir`` (the ledger's count, with a quota)."""
+        """Bytes of all regular files below ``storage_dir``, and ``DIRECTORY_BYTES`` for each
+        directory below it (the ledger's count, with a quota)."""
         if self._ledger is not None:
             return self._ledger.peek()
         return self._scan_usage()
@@ -234,17 +260,16 @@ class DiskStore(Closing):
         opened: list[int] = []  # every directory opened below the root, the last is ``fd``
         created: list[tuple[int, str]] = []  # (descriptor of its parent, name)
         try:
-            for name in dirs:
+            for depth, name in enumerate(dirs):
                 parent = fd
-                fd, made = _open_directory(parent, name, path, create=create)
+                directory = "/".join(dirs[: depth + 1])
+                fd, made = self._open_directory(parent, directory, path, create=create)
                 if made:
                     created.append((parent, name))
                 opened.append(fd)
             yield fd
         except BaseException:
-            for parent, name in reversed(created):
-                with contextlib.suppress(OSError):  # not empty: another writer uses it now
-                    os.rmdir(name, dir_fd=parent)
+            self._remove_directories(reversed(created))
             raise
         finally:
             for descriptor in opened:
@@ -261,9 +286,7 @@ class DiskStore(Closing):
             if used - old + size > self.quota_bytes:
                 raise QuotaExceeded(path=path, used=used, change=size - old, quota=self.quota_bytes)
         here, where = root, self.path
-        if parent != root and os.fstat(parent).st_dev != self._root_device:
-            # A filesystem mounted inside storage_dir: no rename crosses into it, so the
-            # temporary goes beside the target, and the room is that filesystem's.
+        if self._on_another_filesystem(parent):
             here, where = parent, os.path.dirname(os.path.join(self.path, path))
         what = f"{size} bytes for {path!r}"
         space.check_free(where, size, self.reserve_bytes, what, dir_fd=here)
@@ -306,6 +329,121 @@ class DiskStore(Closing):
                 usage.used = before  # not `-= change`: the setter clamps a drifted sum at 0
                 raise
 
+    def _on_another_filesystem(self, directory: int) -> bool:
+        """Whether ``directory`` is on a filesystem mounted inside ``storage_dir``: no rename
+        crosses into it, so a temporary for it goes beside its target, and the room is that
+        filesystem's."""
+        return directory != self._root_fd and os.fstat(directory).st_dev != self._root_device
+
+    def _open_directory(
+        self, parent: int, directory: str, path: str, *, create: bool
+    ) -> tuple[int, bool]:
+        """Open ``directory`` (its path below ``storage_dir``; ``parent`` is its parent, open)
+        without following a symlink, making it if ``create``; return its descriptor and whether
+        this call made it."""
+        name = directory.rpartition("/")[2]
+        made = False
+        for attempt in range(3):
+            try:
+                return os.open(name, _DIRECTORY, dir_fd=parent), made
+            except FileNotFoundError as error:
+                if not create or attempt == 2:
+                    raise FileError.from_os_error(error, path) from None
+            except OSError as error:
+                if error.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(parent, name):
+                    raise InvalidPath(path, f"{name!r} is a symlink") from None
+                raise FileError.from_os_error(error, path) from None
+            made = self._make_directory(parent, directory, path) or made
+        raise AssertionError("unreachable")
+
+    def _make_directory(self, parent: int, directory: str, path: str) -> bool:
+        """Make ``directory`` (in ``parent``) for the write of ``path`` as a file of
+        ``DIRECTORY_BYTES`` is written: within the quota, leaving the reserve free. False when
+        another writer made it meanwhile (and counted it)."""
+        head, _, name = directory.rpartition("/")
+        where, full = os.path.join(self.path, head), os.path.join(self.path, directory)
+        if self._ledger is not None and self.quota_bytes is not None:
+            used = self._ledger.peek()
+            if used + DIRECTORY_BYTES > self.quota_bytes:
+                raise QuotaExceeded(
+                    path=path,
+                    used=used,
+                    change=DIRECTORY_BYTES,
+                    quota=self.quota_bytes,
+                    directory=directory,
+                )
+        what = f"the directory {directory!r} of {path!r}"
+        space.check_free(where, DIRECTORY_BYTES, self.reserve_bytes, what, dir_fd=parent)
+        if self._ledger is None:
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent)
+            except FileExistsError:
+                return False
+            except OSError as error:
+                raise FileError.from_os_error(error, path) from None
+            try:
+                space.check_left_free(parent, DIRECTORY_BYTES, full, self.reserve_bytes)
+            except BaseException:
+                _remove_empty(parent, name)
+                raise
+            return True
+        here = parent if self._on_another_filesystem(parent) else self._root_fd
+        temporary = space.temporary_name(_TEMPORARY)
+        try:
+            os.mkdir(temporary, 0o755, dir_fd=here)
+        except OSError as error:
+            raise FileError.from_os_error(error, path) from None
+        try:
+            space.check_left_free(here, DIRECTORY_BYTES, full, self.reserve_bytes)
+            return self._commit_directory(here, temporary, parent, directory, path)
+        finally:
+            _remove_empty(here, temporary)  # gone already once it is in place
+
+    def _commit_directory(
+        self, here: int, temporary: str, parent: int, directory: str, path: str
+    ) -> bool:
+        """Under the ledger's lock: unless ``directory`` is there by now, count it and rename
+        the empty ``temporary`` (in ``here``) to it; whether this did."""
+        assert self._ledger is not None and self.quota_bytes is not None
+        name = directory.rpartition("/")[2]
+        with self._ledger.locked() as usage:
+            try:
+                os.stat(name, dir_fd=parent, follow_symlinks=False)
+                return False  # made meanwhile (if it is no directory, opening it says so)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise FileError.from_os_error(error, path) from None
+            if usage.used + DIRECTORY_BYTES > self.quota_bytes:
+                raise QuotaExceeded(
+                    path=path,
+                    used=usage.used,
+                    change=DIRECTORY_BYTES,
+                    quota=self.quota_bytes,
+                    directory=directory,
+                )
+            before = usage.used
+            usage.used = before + DIRECTORY_BYTES  # before the rename: see "Writes"
+            try:
+                _rename(here, temporary, parent, name, path)
+            except BaseException:
+                usage.used = before
+                raise
+            return True
+
+    def _remove_directories(self, created: Iterable[tuple[int, str]]) -> None:
+        """Remove the directories a refused write made (each ``(parent, name)``, the deepest
+        first) that are still empty, and give their count back; one that is not empty holds
+        another writer's file now and stays, counted."""
+        if self._ledger is None:
+            for parent, name in created:
+                _remove_empty(parent, name)
+            return
+        with self._ledger.locked() as usage:
+            for parent, name in created:
+                if _remove_empty(parent, name):
+                    usage.used -= DIRECTORY_BYTES  # after: a kill in between leaves it high
+
     def _read(self, parent: int, leaf: str, path: str, *, directory: bool) -> bytes:
         try:
             fd = os.open(leaf, _READ, dir_fd=parent)
@@ -340,8 +478,9 @@ class DiskStore(Closing):
                     continue
 
     def _scan_usage(self) -> int:
-        """Sum the sizes of all regular files below ``storage_dir``; remove the temporary files
-        of writers that died (a worker killed in the middle of a write).
+        """Sum the sizes of all regular files below ``storage_dir`` and ``DIRECTORY_BYTES`` for
+        each directory below it; remove the temporary files and directories of writers that
+        died (a worker killed in the middle of a write), and count no temporary.
 
         Depth first, with one directory open at a time (plus the root's): a wide or deep tree
         never runs out of descriptors. Each level keeps its listing; the walk goes down with
@@ -362,10 +501,15 @@ class DiskStore(Closing):
                     continue
                 name = names[position]
                 position += 1
+                if name.startswith(_TEMPORARY):
+                    if not space.writer_alive(name, _TEMPORARY):
+                        space.remove_quietly(name, dir_fd)
+                    continue
                 try:
                     info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                     if stat.S_ISDIR(info.st_mode):
                         child = os.open(name, _DIRECTORY, dir_fd=dir_fd)
+                        used += DIRECTORY_BYTES
                         levels.append((names, position))
                         os.close(dir_fd)
                         dir_fd = child
@@ -373,10 +517,7 @@ class DiskStore(Closing):
                         continue
                 except FileNotFoundError:
                     continue
-                if name.startswith(_TEMPORARY):
-                    if not space.writer_alive(name, _TEMPORARY):
-                        space.unlink_quietly(name, dir_fd)
-                elif stat.S_ISREG(info.st_mode):
+                if stat.S_ISREG(info.st_mode):
                     used += info.st_size
         finally:
             os.close(dir_fd)
@@ -506,6 +647,10 @@ def _split(path: str) -> tuple[list[str], str, bool]:
             raise InvalidPath(path, "'..' leaves the directory")
         if part.startswith(_TEMPORARY):
             raise InvalidPath(path, "reserved name")
+    if len(parts) > MAX_PATH_PARTS:
+        raise InvalidPath(
+            path, f"{len(parts)} parts deep, more than the {MAX_PATH_PARTS} a path may have"
+        )
     return parts[:-1], parts[-1], path.rpartition("/")[2] in ("", ".")
 
 
@@ -518,28 +663,13 @@ def _removed(directory: int) -> bool:
     return os.fstat(directory).st_nlink == 0
 
 
-def _open_directory(parent: int, name: str, path: str, *, create: bool) -> tuple[int, bool]:
-    """Open the directory ``name`` in ``parent`` without following a symlink, creating it if
-    ``create``; return its descriptor and whether this call created it."""
-    made = False
-    for attempt in range(3):
-        try:
-            return os.open(name, _DIRECTORY, dir_fd=parent), made
-        except FileNotFoundError as error:
-            if not create or attempt == 2:
-                raise FileError.from_os_error(error, path) from None
-        except OSError as error:
-            if error.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(parent, name):
-                raise InvalidPath(path, f"{name!r} is a symlink") from None
-            raise FileError.from_os_error(error, path) from None
-        try:
-            os.mkdir(name, 0o755, dir_fd=parent)
-            made = True
-        except FileExistsError:
-            pass
-        except OSError as error:
-            raise FileError.from_os_error(error, path) from None
-    raise AssertionError("unreachable")
+def _remove_empty(parent: int, name: str) -> bool:
+    """Remove the directory ``name`` from ``parent`` if it is there and empty; whether it was."""
+    try:
+        os.rmdir(name, dir_fd=parent)
+    except OSError:
+        return False
+    return True
 
 
 def _existing_size(parent: int, leaf: str, path: str) -> int:

@@ -71,20 +71,27 @@ class QuotaExceeded(StoreError):
     """A disk write that would take the store above ``disk_space_mb``.
 
     The text is upstream's, ``quota exceeded``; ``detail`` says by how much, for the log.
+    ``directory`` names the directory of ``path`` that was to be made, when that was refused.
     """
 
-    def __init__(self, *, path: str, used: int, change: int, quota: int) -> None:
+    def __init__(
+        self, *, path: str, used: int, change: int, quota: int, directory: str | None = None
+    ) -> None:
         super().__init__("quota exceeded")
         self.path = path
         self.used = used
         self.change = change
         self.quota = quota
+        self.directory = directory
 
     @property
     def detail(self) -> str:
         over = self.used + self.change - self.quota
+        doing = f"writing {self.path!r}"
+        if self.directory is not None:
+            doing = f"making the directory {self.directory!r} for {self.path!r}"
         return (
-            f"writing {self.path!r} would change the store's use by {self.change} bytes, from "
+            f"{doing} would change the store's use by {self.change} bytes, from "
             f"{self.used} to {self.used + self.change}, above the quota of {self.quota} bytes "
             f"(by {over} bytes)"
         )

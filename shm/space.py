@@ -8,8 +8,9 @@ running at once each passed ``check_free``), then ``write_all``. (``write_segmen
 its pieces without ``posix_fallocate`` and looks again after.) Every failure raises
 ``StoreFullError`` saying which directory, how much was needed and how much was free.
 
-Temporary files are named ``<prefix><pid>-<uuid>``, so that what a writer killed mid-write left
-behind can be told apart from a live writer's file (``writer_alive``).
+Temporary files (and the disk store's temporary directories) are named ``<prefix><pid>-<uuid>``,
+so that what a writer killed mid-write left behind can be told apart from a live writer's
+(``writer_alive``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "has_temporary_files",
     "read_all",
     "remove_dead_temporaries",
+    "remove_quietly",
     "reserve",
     "temporary_name",
     "unlink_quietly",
@@ -186,14 +188,14 @@ def writer_alive(name: str, prefix: str) -> bool:
 
 
 def remove_dead_temporaries(dir_fd: int, prefix: str, pid: int | None = None) -> list[str]:
-    """Remove the temporary files (named by `temporary_name(prefix)`) in the directory
-    ``dir_fd`` whose writer died in the middle of a write, only those of ``pid`` when given;
-    return their names. A running process's files are never touched."""
+    """Remove the temporary files and directories (named by `temporary_name(prefix)`) in the
+    directory ``dir_fd`` whose writer died in the middle of a write, only those of ``pid`` when
+    given; return their names. A running process's are never touched."""
     start = prefix if pid is None else f"{prefix}{pid}-"
     removed = []
     for name in os.listdir(dir_fd):
         if name.startswith(start) and not writer_alive(name, prefix):
-            unlink_quietly(name, dir_fd)
+            remove_quietly(name, dir_fd)
             removed.append(name)
     return removed
 
@@ -207,6 +209,18 @@ def has_temporary_files(directory: str | os.PathLike[str], prefix: str, pid: int
             return any(entry.name.startswith(start) for entry in entries)
     except (FileNotFoundError, NotADirectoryError):
         return False
+
+
+def remove_quietly(name: str, dir_fd: int) -> None:
+    """Remove the file or empty directory ``name`` from the directory ``dir_fd`` if it is still
+    there (a directory that is not empty stays)."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        with contextlib.suppress(OSError):  # gone, or not empty
+            os.rmdir(name, dir_fd=dir_fd)
 
 
 def unlink_quietly(name: str, dir_fd: int) -> None:

@@ -28,6 +28,7 @@ from node.config import Config, JoinInfo
 from node.master import MasterThread
 from node.protocol import messages as m
 from node.supervisor import Node
+from shm.diskstore import DIRECTORY_BYTES
 from tests.netservers import HttpServer
 from tests.nodeproc import NodeProcess
 from tests.scripted import ScriptedMaster, start_node, stop_node
@@ -535,7 +536,8 @@ def test_store_sizes_count_this_nodes_files_only(tmp_path: Path) -> None:
     (shm / "cpnode-ab").mkdir()
     (shm / "cpnode-ab" / "other").write_bytes(b"x" * 1000)
     found = health._read_resources(str(storage), str(shm), "cpnode-a", [(0, 1 << 30)])
-    assert found.disk_store_bytes == 123
+    # Directories count 4 KiB each below storage_dir, as for the quota: sub/ and 600 nested.
+    assert found.disk_store_bytes == 123 + 601 * DIRECTORY_BYTES
     assert found.shm_bytes == 14
     assert found.shm_free_bytes is not None and found.shm_free_bytes > 0
     assert found.worker_rss == {}  # no such process

@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from shm import diskstore, space
-from shm.diskstore import MIB, DiskStore, has_temporary_files
+from shm.diskstore import DIRECTORY_BYTES, MAX_PATH_PARTS, MIB, DiskStore, has_temporary_files
 from shm.errors import (
     FileError,
     InvalidKey,
@@ -80,6 +80,17 @@ def tree(directory: Path) -> list[str]:
     return sorted(str(path.relative_to(directory)) for path in directory.rglob("*"))
 
 
+def charge(storage: Path) -> int:
+    """What the quota counts for ``storage``, found apart from the store: the bytes of its
+    files and DIRECTORY_BYTES for each directory below it (no temporaries)."""
+    total = 0
+    for path in storage.rglob("*"):
+        if path.name.startswith(".cpnode-tmp-") or path.is_symlink():
+            continue
+        total += DIRECTORY_BYTES if path.is_dir() else path.stat().st_size
+    return total
+
+
 # --- processes the tests start ---------------------------------------------------------------
 
 
@@ -128,6 +139,17 @@ def fill_under_quota(
             except QuotaExceeded:
                 refused += 1
     report.send((stored, refused))
+
+
+def make_shared_directories(
+    storage: str, ledger: str, writer: int, start: Event, report: Connection
+) -> None:
+    """Write one byte into each of 20 directories (two deep) that every writer makes too."""
+    with DiskStore(storage, MIB, ledger, reserve_bytes=0) as store:
+        start.wait(DEADLINE)
+        for index in range(20):
+            store.write(f"shared{index}/sub/w{writer}", b"x")
+    report.send(writer)
 
 
 def keep_storing_big_blobs(
@@ -449,13 +471,14 @@ def test_disk_vectors(node_dir: NodeDirectory, memory: MemoryStore, tmp_path: Pa
             result = run_step(step["task"], disk, memory)
             if step["role"] in ("disk4_", "disk10_"):
                 # Upstream counts only StoreData against the quota (1048576 - 3 for k1); ours
-                # counts every write, the DiskWrites of a/b.txt (2) and top.bin (1) too.
+                # counts every write, the DiskWrites of a/b.txt (2) and top.bin (1) too, and
+                # the directory a/ (4096).
                 assert step["result"]["Response"].startswith("free: 1048573 bytes\n")
-                expected = {"Response": "free: 1048570 bytes\nk1: 3 bytes\ntop.bin: 1 bytes\n"}
+                expected = {"Response": "free: 1044474 bytes\nk1: 3 bytes\ntop.bin: 1 bytes\n"}
                 assert result == expected, step["role"]
             else:
                 assert result == step["result"], step["role"]
-        assert disk.used_bytes() == 6
+        assert disk.used_bytes() == 6 + DIRECTORY_BYTES
 
 
 def test_worker_role_disk_writes_have_no_quota(tmp_path: Path) -> None:
@@ -549,7 +572,7 @@ def test_a_path_that_names_a_directory_is_never_a_file(
         with pytest.raises(KeyNotFound):
             disk.retrieve(path)
         assert tree(storage) == before
-        assert disk.used_bytes() == 2
+        assert disk.used_bytes() == 2 + DIRECTORY_BYTES
         assert disk.read("file") == b"f"
 
 
@@ -577,15 +600,16 @@ def test_retrieve_says_key_not_found_only_when_no_file_is_there(
 
 
 def test_deep_paths_work_and_are_counted(node_dir: NodeDirectory, tmp_path: Path) -> None:
-    deep = "/".join(["d"] * 300) + "/f"
+    deep = "/".join(["d"] * (MAX_PATH_PARTS - 1)) + "/f"  # as deep as a path may go
+    counted = 4 + (MAX_PATH_PARTS - 1) * DIRECTORY_BYTES
     with disk_store(node_dir, tmp_path / "storage", MIB) as disk:
         disk.write(deep, b"deep")
         assert disk.read(deep) == b"deep"
-        assert disk.used_bytes() == 4
+        assert disk.used_bytes() == counted
     shutil.rmtree(node_dir.ledger_dir)
     os.mkdir(node_dir.ledger_dir)
     with disk_store(node_dir, tmp_path / "storage", MIB) as rescanned:
-        assert rescanned.used_bytes() == 4
+        assert rescanned.used_bytes() == counted
 
 
 def test_symlinks_are_never_followed(node_dir: NodeDirectory, tmp_path: Path) -> None:
@@ -662,19 +686,21 @@ def test_a_symlink_swapped_in_during_writes_never_lets_a_byte_out(
 
 
 def test_quota_exactly_at_and_one_byte_over(node_dir: NodeDirectory, tmp_path: Path) -> None:
-    with disk_store(node_dir, tmp_path / "storage", 1000) as disk:
+    quota = DIRECTORY_BYTES + 1000  # room for dir/ and 1000 bytes of files
+    with disk_store(node_dir, tmp_path / "storage", quota) as disk:
         disk.write("a", bytes(1000))
         with pytest.raises(QuotaExceeded) as caught:
-            disk.write("dir/b", b"1")
+            disk.write("dir/b", b"1")  # dir/ fits exactly; its file does not
         assert str(caught.value) == "quota exceeded"
-        assert "above the quota of 1000 bytes (by 1 bytes)" in caught.value.detail
+        assert f"above the quota of {quota} bytes (by 1 bytes)" in caught.value.detail
+        assert disk.used_bytes() == 1000  # dir/ was removed and its count given back
         disk.write("a", b"\x07" * 1000)  # replacing counts only the difference
         with pytest.raises(QuotaExceeded):
-            disk.write("a", bytes(1001))
+            disk.write("a", bytes(quota + 1))
         assert disk.read("a") == b"\x07" * 1000
         disk.write("a", bytes(500))
         disk.store("dir/b", bytes(500))
-        assert disk.used_bytes() == 1000
+        assert disk.used_bytes() == quota
         assert disk.get_storage_report() == "free: 0 bytes\na: 500 bytes\n"
         assert disk.retrieve("dir/b") == bytes(500)
     assert not list((tmp_path / "storage").rglob(".cpnode-tmp-*"))
@@ -684,31 +710,182 @@ def test_a_refused_write_removes_the_directories_it_created(
     node_dir: NodeDirectory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    with disk_store(node_dir, storage, 1000) as disk:
+    with disk_store(node_dir, storage, 4 * DIRECTORY_BYTES + 1000) as disk:
         disk.write("kept/a", bytes(10))
-        with pytest.raises(QuotaExceeded):
+        with pytest.raises(QuotaExceeded):  # its three directories fit, its 1000 bytes not
             disk.write("kept/new/deeper/still/b", bytes(1000))
         assert tree(storage) == ["kept", "kept/a"]
+        assert disk.used_bytes() == DIRECTORY_BYTES + 10  # their count given back
         with pytest.raises(FileError, match="File name too long"):  # by the system, at last
             disk.write("kept/one/two/" + "x" * 300, b"x")
         assert tree(storage) == ["kept", "kept/a"]
+        assert disk.used_bytes() == DIRECTORY_BYTES + 10
         disk.write("kept/one/b", b"x")  # and a write that succeeds keeps what it made
         assert tree(storage) == ["kept", "kept/a", "kept/one", "kept/one/b"]
+        assert disk.used_bytes() == 2 * DIRECTORY_BYTES + 11 == charge(storage)
+
+
+def test_each_directory_made_counts_once_against_the_quota(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    with disk_store(node_dir, storage, MIB) as disk:
+        disk.write("a/b/empty", b"")
+        assert disk.used_bytes() == 2 * DIRECTORY_BYTES
+        disk.write("a/b/more", b"12")  # into directories that are there: the file alone
+        disk.write("a/c/f", b"3")
+        assert disk.used_bytes() == 3 * DIRECTORY_BYTES + 3 == charge(storage)
+        free = MIB - 3 * DIRECTORY_BYTES - 3
+        assert disk.get_storage_report() == f"free: {free} bytes\nNo entries found\n"
+
+
+def test_a_directory_over_the_quota_is_refused_and_nothing_is_left(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    quota = 2 * DIRECTORY_BYTES + 10
+    with disk_store(node_dir, storage, quota) as disk:
+        with pytest.raises(QuotaExceeded) as caught:
+            disk.write("a/b/c/f", b"")  # a/ and a/b/ fit; a/b/c/ does not
+        assert str(caught.value) == "quota exceeded"
+        assert caught.value.detail == (
+            "making the directory 'a/b/c' for 'a/b/c/f' would change the store's use by 4096 "
+            f"bytes, from 8192 to 12288, above the quota of {quota} bytes (by 4086 bytes)"
+        )
+        assert tree(storage) == []  # no directory, no temporary one
+        assert disk.used_bytes() == 0
+        disk.write("a/f", bytes(10))
+        disk.write("b/f", b"")  # exactly at the quota
+        with pytest.raises(QuotaExceeded):
+            disk.write("c/f", b"")
+        assert tree(storage) == ["a", "a/f", "b", "b/f"]
+        assert disk.used_bytes() == quota == charge(storage)
+
+
+def test_many_deep_writes_stop_at_the_quota(node_dir: NodeDirectory, tmp_path: Path) -> None:
+    """The reviewer's case, within the depth bound: empty files at the end of 63 new
+    directories each, until a 1 MiB quota holds no more; what is there is what is counted."""
+    storage = tmp_path / "storage"
+    deep = "/".join(["d"] * (MAX_PATH_PARTS - 2))
+    with disk_store(node_dir, storage, MIB) as disk:
+        outcomes = []
+        for index in range(25):
+            try:
+                disk.write(f"t{index}/{deep}/f", b"")
+                outcomes.append("written")
+            except QuotaExceeded:
+                outcomes.append("refused")
+        assert outcomes == ["written"] * 4 + ["refused"] * 21  # 4 x 63 of 256 directories
+        assert disk.used_bytes() == 4 * 63 * DIRECTORY_BYTES == charge(storage)
+        assert sorted(os.listdir(storage)) == ["t0", "t1", "t2", "t3"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/".join(["d"] * MAX_PATH_PARTS) + "/f",
+        "t0/" + "/".join(["d"] * 2000) + "/f",  # the reviewer's: 2002 parts, 4004 bytes
+    ],
+    ids=["one-part-too-many", "2002-parts"],
+)
+def test_paths_deeper_than_the_bound_are_invalid(
+    node_dir: NodeDirectory, tmp_path: Path, path: str
+) -> None:
+    storage = tmp_path / "storage"
+    parts = len([part for part in path.split("/") if part])
+    with disk_store(node_dir, storage, MIB) as disk:
+        for attempt in (
+            lambda: disk.write(path, b"x"),
+            lambda: disk.read(path),
+            lambda: disk.store(path, b"x"),
+            lambda: disk.retrieve(path),
+        ):
+            with pytest.raises(InvalidPath) as caught:
+                attempt()
+            assert str(caught.value) == "Invalid path"
+            assert caught.value.why == f"{parts} parts deep, more than the 64 a path may have"
+        assert disk.used_bytes() == 0
+    assert tree(storage) == []
+
+
+def test_the_recount_counts_directories_and_no_temporaries(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    """A full count (a node's start) and a sweep's recount count each directory at
+    DIRECTORY_BYTES and leave temporaries out; a dead writer's temporary directory goes. A
+    writer killed after counting a directory and before renaming it into place left the
+    ledger high and its temporary directory: the sweep finds it and recounts."""
+    storage = tmp_path / "storage"
+    dead = dead_pid()
+    with disk_store(node_dir, storage, MIB) as disk:
+        disk.write("x/y/z/f", bytes(100))
+        disk.write("x/g", bytes(20))
+        disk.write("top", b"t")
+    (storage / "made-by-hand" / "inner").mkdir(parents=True)
+    (storage / f".cpnode-tmp-{dead}-dir").mkdir()
+    (storage / "x" / f".cpnode-tmp-{dead}-deeper").mkdir()
+    (storage / f".cpnode-tmp-{os.getpid()}-live").mkdir()  # a live writer's, not counted yet
+    expected = 121 + 5 * DIRECTORY_BYTES  # x, x/y, x/y/z, made-by-hand, made-by-hand/inner
+    shutil.rmtree(node_dir.ledger_dir)
+    os.mkdir(node_dir.ledger_dir)
+    with disk_store(node_dir, storage, MIB) as rescanned:
+        assert rescanned.used_bytes() == expected
+        assert not (storage / f".cpnode-tmp-{dead}-dir").exists()
+        assert not (storage / "x" / f".cpnode-tmp-{dead}-deeper").exists()
+        assert (storage / f".cpnode-tmp-{os.getpid()}-live").is_dir()
+        (storage / f".cpnode-tmp-{os.getpid()}-live").rmdir()
+        ledger = rescanned._ledger
+        assert ledger is not None
+        with ledger.locked() as usage:  # as such a writer left it
+            usage.used += DIRECTORY_BYTES
+        (storage / f".cpnode-tmp-{dead}-killed").mkdir()
+        assert rescanned.used_bytes() == expected + DIRECTORY_BYTES
+        assert has_temporary_files(storage, dead)
+        assert rescanned.sweep_temporary(dead) == [f".cpnode-tmp-{dead}-killed"]
+        assert rescanned.used_bytes() == expected == charge(storage)
+    assert not any(name.startswith(".cpnode-tmp-") for name in os.listdir(storage))
+
+
+def test_writers_making_the_same_directories_at_once_count_each_once(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    start = SPAWN.Event()
+    pipes = [SPAWN.Pipe(duplex=False) for _ in range(8)]
+    with contextlib.ExitStack() as processes:
+        started = [
+            processes.enter_context(
+                child_process(
+                    make_shared_directories, str(storage), node_dir.ledger_dir, writer, start, send
+                )
+            )
+            for writer, (_, send) in enumerate(pipes)
+        ]
+        start.set()
+        for receive, _ in pipes:
+            assert receive.poll(DEADLINE)
+            receive.recv()
+        for process in started:
+            process.join(DEADLINE)
+            assert process.exitcode == 0
+    with disk_store(node_dir, storage, MIB) as disk:
+        assert disk.used_bytes() == 20 * 2 * DIRECTORY_BYTES + 8 * 20 == charge(storage)
+    assert not any(name.startswith(".cpnode-tmp-") for name in os.listdir(storage))
 
 
 def test_a_write_whose_directory_another_writer_removed_makes_it_again(
     node_dir: NodeDirectory, tmp_path: Path
 ) -> None:
     # Writer A makes d/ for d/a and is refused, while writer B has opened d/ for d/b and is
-    # still writing its temporary file: A's clean-up removes the (empty) d/, and B's rename
-    # into it failed. B must make d/ again and succeed.
+    # still writing its temporary file: A's clean-up removes the (empty) d/ and gives its
+    # count back, and B's rename into it failed. B must make d/ again (counting it) and succeed.
     class RacedWriter(DiskStore):
         raced = False
 
         def _write(self, parent: int, leaf: str, path: str, data: bytes) -> None:  # type: ignore[override]
             if not self.raced:
                 self.raced = True
-                os.rmdir(os.path.join(self.path, "d"))  # what A's refused write does
+                self._remove_directories([(self._root_fd, "d")])  # what A's refused write does
             super()._write(parent, leaf, path, data)
 
     storage = tmp_path / "storage"
@@ -716,7 +893,7 @@ def test_a_write_whose_directory_another_writer_removed_makes_it_again(
         disk.write("d/b", b"valid")
         assert disk.raced
         assert disk.read("d/b") == b"valid"
-        assert disk.used_bytes() == 5
+        assert disk.used_bytes() == DIRECTORY_BYTES + 5
     assert tree(storage) == ["d", "d/b"]
 
 
@@ -743,7 +920,7 @@ def test_eight_writer_processes_never_exceed_the_quota_together(
         for process in started:
             process.join(DEADLINE)
             assert process.exitcode == 0
-    total = sum(path.stat().st_size for path in storage.rglob("*") if path.is_file())
+    total = charge(storage)
     assert total <= MIB
     assert sum(refused for _, refused in reports) > 0
     with disk_store(node_dir, storage, MIB) as disk:
@@ -772,6 +949,24 @@ def test_the_filesystem_is_never_filled(node_dir: NodeDirectory, tmp_path: Path)
         ):
             disk.write("more", bytes(200 * 1024))
         assert tree(tiny) == ["small", "storage", "storage/fits"]
+
+
+@pytest.mark.parametrize("quota", [None, 100 * MIB], ids=["no-quota", "quota"])
+def test_directories_never_fill_the_filesystem(
+    node_dir: NodeDirectory, tmp_path: Path, quota: int | None
+) -> None:
+    """A directory needs DIRECTORY_BYTES free above the reserve, as a file of that size does,
+    on every role (without a quota too): empty files in new directories once filled a disk
+    while every write needed nothing."""
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as tiny:
+        storage = tiny / "storage"
+        reserve = space.free_bytes(str(tiny)) - 100
+        with DiskStore(storage, quota, node_dir.ledger_dir, reserve_bytes=reserve) as disk:
+            disk.write("top", b"")  # a file of no bytes still fits
+            with pytest.raises(StoreFullError, match="no room for the directory 'd' of 'd/f'"):
+                disk.write("d/f", b"")
+            assert disk.used_bytes() == 0
+        assert tree(storage) == ["top"]
 
 
 def test_writers_that_looked_at_once_never_eat_the_reserve_together(tmp_path: Path) -> None:
@@ -862,10 +1057,11 @@ def test_report_lists_only_regular_files_at_the_top(
         disk.write("sub/deep.bin", b"12")
         (storage / "link").symlink_to(storage / "sub" / "deep.bin")
         (storage / f".cpnode-tmp-{os.getpid()}-x").write_bytes(b"in flight")
-        assert disk.get_storage_report() == f"free: {MIB - 2} bytes\nNo entries found\n"
+        free = MIB - 2 - DIRECTORY_BYTES  # sub/ counts, though the report lists no directory
+        assert disk.get_storage_report() == f"free: {free} bytes\nNo entries found\n"
         disk.write("b", b"1")
         disk.write("a", b"")
-        assert disk.get_storage_report() == f"free: {MIB - 3} bytes\na: 0 bytes\nb: 1 bytes\n"
+        assert disk.get_storage_report() == f"free: {free - 1} bytes\na: 0 bytes\nb: 1 bytes\n"
 
 
 def test_ledger_starts_from_a_scan_shared_by_every_process(
@@ -880,11 +1076,12 @@ def test_ledger_starts_from_a_scan_shared_by_every_process(
     dead.join(DEADLINE)
     (storage / "x" / f".cpnode-tmp-{dead.pid}-abc").write_bytes(bytes(5000))
     with disk_store(node_dir, storage, MIB) as first, disk_store(node_dir, storage, MIB) as second:
-        assert first.used_bytes() == second.used_bytes() == 320
+        counted = 320 + 2 * DIRECTORY_BYTES  # x/ and x/y/ too
+        assert first.used_bytes() == second.used_bytes() == counted
         assert not (storage / "x" / f".cpnode-tmp-{dead.pid}-abc").exists()
         first.write("top", bytes(120))
-        assert second.used_bytes() == 420
-        assert second.free_bytes() == MIB - 420
+        assert second.used_bytes() == counted + 100
+        assert second.free_bytes() == MIB - counted - 100
 
 
 def test_temporary_files_live_in_the_top_directory_only(
@@ -912,7 +1109,7 @@ def test_temporary_files_live_in_the_top_directory_only(
             watcher.join(DEADLINE)
         assert temporary, "the watcher never saw a write in flight"
         assert all("/" not in name for name in temporary)
-        assert disk.used_bytes() == 6 * MIB
+        assert disk.used_bytes() == 6 * MIB + 3 * DIRECTORY_BYTES
     assert tree(storage) == ["a", "a/b", "a/b/c", "a/b/c/deep0", "a/b/c/deep1", "a/b/c/deep2"]
 
 
@@ -978,16 +1175,17 @@ def test_a_write_into_a_filesystem_mounted_below_storage_dir_works(
     storage = tmp_path / "storage"
     storage.mkdir()
     with mounted_tmpfs(storage / "mnt", "1m"), disk_store(node_dir, storage, 4 * MIB) as disk:
+        directories = 2 * DIRECTORY_BYTES  # mnt/ (there before the store opened) and mnt/sub/
         disk.write("kept", bytes(100))
         disk.write("mnt/sub/file", bytes(500))
         assert disk.read("mnt/sub/file") == bytes(500)
-        assert disk.used_bytes() == 600
+        assert disk.used_bytes() == 600 + directories
         with pytest.raises(StoreFullError, match="mnt/sub has"):  # the mount's 1 MiB, not /tmp's
             disk.write("mnt/sub/big", bytes(2 * MIB))
-        assert disk.used_bytes() == 600
+        assert disk.used_bytes() == 600 + directories
         assert tree(storage) == ["kept", "mnt", "mnt/sub", "mnt/sub/file"]
         disk.write("mnt/sub/file", bytes(7))  # replaced in place, as anywhere else
-        assert disk.used_bytes() == 107
+        assert disk.used_bytes() == 107 + directories
         assert tree(storage) == ["kept", "mnt", "mnt/sub", "mnt/sub/file"]
 
 
@@ -1046,12 +1244,14 @@ def test_no_descriptor_outlives_its_owner(node_id: str, tmp_path: Path) -> None:
             memory.list_entries()
             with pytest.raises(KeyNotFound):
                 memory.retrieve("missing")
-        with DiskStore(tmp_path / "s", 10, claimed.ledger_dir, reserve_bytes=0) as disk:
+        quota = DIRECTORY_BYTES + 10
+        with DiskStore(tmp_path / "s", quota, claimed.ledger_dir, reserve_bytes=0) as disk:
             disk.write("a/b", b"12345")
             disk.read("a/b")
             disk.get_storage_report()
             for failing in (
                 lambda: disk.write("a/c", bytes(11)),
+                lambda: disk.write("b/c", b""),
                 lambda: disk.read("a/missing"),
                 lambda: disk.read("../x"),
                 lambda: disk.write("a/b/c", b"x"),
@@ -1070,12 +1270,13 @@ def test_the_usage_scan_keeps_one_directory_open_at_a_time(tmp_path: Path) -> No
     at once: with more directories than the process may hold descriptors (1,100 of them
     under a limit of 1,024) the store no longer opened, and every task said "Too many open
     files". Here a child process with a limit of 64 opens a tree 150 wide and 150 deep."""
-    storage = tmp_path / "storage"
-    with DiskStore(storage, None, reserve_bytes=0) as store:
-        for index in range(150):
-            store.write(f"wide{index}/f", b"ab")
-        deep = "/".join(["d"] * 150)
-        store.write(f"{deep}/f", b"abc")
+    storage = tmp_path / "storage"  # made as an operator would: deeper than a path may go
+    for index in range(150):
+        (storage / f"wide{index}").mkdir(parents=True)
+        (storage / f"wide{index}" / "f").write_bytes(b"ab")
+    deep = "/".join(["d"] * 150)
+    (storage / deep).mkdir(parents=True)
+    (storage / deep / "f").write_bytes(b"abc")
     dead = storage / deep / f".cpnode-tmp-{dead_pid()}-0123"
     dead.write_bytes(b"left by a killed writer")
     ledger = tmp_path / "ledger"
@@ -1095,5 +1296,5 @@ def test_the_usage_scan_keeps_one_directory_open_at_a_time(tmp_path: Path) -> No
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert int(done.stdout) == 150 * 2 + 3
+    assert int(done.stdout) == 150 * 2 + 3 + 300 * DIRECTORY_BYTES
     assert not dead.exists()  # removed at any depth

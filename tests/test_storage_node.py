@@ -22,8 +22,8 @@ from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from node.protocol.framing import frame
 from shm.bytesjson import ByteArrayError
-from shm.diskstore import MIB, DiskStore
-from shm.nodedir import claim_node_dir
+from shm.diskstore import DIRECTORY_BYTES, MAX_PATH_PARTS, MIB, DiskStore
+from shm.nodedir import LEDGER_DIR, claim_node_dir, node_dir_path
 from shm.segments import IncomingSegment
 from tests.nodeproc import NodeProcess
 from tests.scripted import ScriptedMaster, stop_node
@@ -32,6 +32,7 @@ from tests.test_health import free_port, scrape
 from tests.test_node import run_tasks
 from tests.test_result_segments import PoolRun
 from tests.test_shm_segments import mounted_tmpfs
+from tests.test_shm_stores import charge
 from workers import tasks as worker_tasks
 from workers.channel import SEGMENT_RESERVE_BYTES
 from workers.storage import BLOB_FAST_PATH_BYTES, decode_blob_task, memory_reserve_bytes
@@ -69,8 +70,9 @@ def test_upstream_storage_vectors(
             expected = codec.result_from_json(vector["result"])
             if isinstance(expected, m.Response) and expected.text.startswith("free: 1048573"):
                 # Upstream counts only StoreData against the quota; ours counts every write
-                # (k1: 3 bytes, a/b.txt: 2, top.bin: 1): disk_space_mb bounds every disk write.
-                expected = m.Response(expected.text.replace("1048573", "1048570"))
+                # (k1: 3 bytes, a/b.txt: 2, top.bin: 1) and each directory it makes at 4 KiB
+                # (a/ for a/b.txt): disk_space_mb bounds all that a disk write takes.
+                expected = m.Response(expected.text.replace("1048573", "1044474"))
             if isinstance(expected, m.Response) and role == "Worker" and "b: 1" in expected.text:
                 expected = m.Response("a: 1 bytes\nb: 1 bytes\n")  # ours: sorted by key
             assert result == expected, vector
@@ -169,6 +171,45 @@ def test_a_write_over_the_quota_says_by_how_much_in_the_log(
     finally:
         stop_node(node, scripted)
         node.close()
+
+
+def test_deep_disk_writes_on_a_1_mib_disk_node_stay_within_the_quota(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    """The reviewer's case: 25 DiskWrites of an empty file 2,000 directories deep all said
+    `Written`, storage_dir grew to 195 MiB against a 1 MiB quota, and GetStorage still said
+    all of it was free. Now such a path is too deep; and paths as deep as allowed (63 new
+    directories each, sent at once to both workers) are refused once their directories fill
+    the quota, while GetStorage's figure is what the ledger and the tree say."""
+    node_id = f"test-deep-{os.getpid()}"
+    storage = tmp_path / "storage"
+    node = start_node(tmp_path, scripted, "Disk", node_id, disk_space_mb=1)
+    try:
+        reviewers = [m.DiskWrite(f"t{i}/" + "/".join(["d"] * 2000) + "/f", b"") for i in range(25)]
+        assert scripted.run_many(reviewers) == [m.Error("Invalid path")] * 25
+        node.wait_for_log("2002 parts deep, more than the 64 a path may have")
+        assert not storage.exists() or list(storage.iterdir()) == []
+        deep = "/".join(["d"] * (MAX_PATH_PARTS - 2))
+        results = scripted.run_many([m.DiskWrite(f"u{i}/{deep}/f", b"") for i in range(25)])
+        written = results.count(m.Written())
+        assert results.count(m.Error("quota exceeded")) == 25 - written
+        # At most 4 x 63 of the 256 directories 1 MiB holds (two writers racing for the last
+        # room may both be refused); a refused write leaves none of its directories.
+        assert 1 <= written <= MIB // (63 * DIRECTORY_BYTES) == 4
+        counted = charge(storage)
+        assert counted == written * 63 * DIRECTORY_BYTES
+        on_disk = sum(path.lstat().st_blocks * 512 for path in storage.rglob("*"))
+        assert on_disk <= MIB  # what the filesystem really gave it (ext4: 4 KiB a directory)
+        report = scripted.run(m.GetStorage())
+        assert report == m.Response(f"free: {MIB - counted} bytes\nNo entries found\n")
+        ledger = os.path.join(node_dir_path(SHM, node_id), LEDGER_DIR)
+        with DiskStore(storage, MIB, ledger) as shared:  # the node's own ledger
+            assert shared.used_bytes() == counted
+        node.wait_for_log("DiskWrite refused: making the directory 'u")
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()
+    assert ours_in_shm(node_id) == []
 
 
 def test_sigkill_then_restart_leaves_nothing_in_shm(
