@@ -30,7 +30,7 @@ from node.config import (
     parse_address,
 )
 from node.errors import ConfigError
-from node.master.journal import JournalError
+from node.master.journal import JournalError, check_writable
 from node.master.server import new_event_loop, new_token, start_master
 from node.tls import ServerTls, ensure_certificate, server_tls
 
@@ -272,8 +272,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        # Before the certificate: a bad state_file must leave no new files behind.
+        check_writable(config.state_file)
         tls = _server_tls(config, [host] if args.advertise is None else [host, args.advertise])
-    except ConfigError as error:
+    except (ConfigError, JournalError) as error:
         print(f"cpnode-master: {error}", file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
