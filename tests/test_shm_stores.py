@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -150,6 +150,34 @@ def make_shared_directories(
         for index in range(20):
             store.write(f"shared{index}/sub/w{writer}", b"x")
     report.send(writer)
+
+
+def run_writers(
+    target: Callable[[str, str, int, Event, Connection], None],
+    storage: Path,
+    node_dir: NodeDirectory,
+    writers: int = 8,
+) -> list[Any]:
+    """Run `target` in `writers` processes on one store at once (released together), and
+    return what each reported, in writer order, once every one has exited with status 0."""
+    start = SPAWN.Event()
+    pipes = [SPAWN.Pipe(duplex=False) for _ in range(writers)]
+    reports = []
+    with contextlib.ExitStack() as processes:
+        started = [
+            processes.enter_context(
+                child_process(target, str(storage), node_dir.ledger_dir, writer, start, send)
+            )
+            for writer, (_, send) in enumerate(pipes)
+        ]
+        start.set()
+        for receive, _ in pipes:
+            assert receive.poll(DEADLINE)
+            reports.append(receive.recv())
+        for process in started:
+            process.join(DEADLINE)
+            assert process.exitcode == 0
+    return reports
 
 
 def keep_storing_big_blobs(
@@ -850,24 +878,7 @@ def test_writers_making_the_same_directories_at_once_count_each_once(
     node_dir: NodeDirectory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    start = SPAWN.Event()
-    pipes = [SPAWN.Pipe(duplex=False) for _ in range(8)]
-    with contextlib.ExitStack() as processes:
-        started = [
-            processes.enter_context(
-                child_process(
-                    make_shared_directories, str(storage), node_dir.ledger_dir, writer, start, send
-                )
-            )
-            for writer, (_, send) in enumerate(pipes)
-        ]
-        start.set()
-        for receive, _ in pipes:
-            assert receive.poll(DEADLINE)
-            receive.recv()
-        for process in started:
-            process.join(DEADLINE)
-            assert process.exitcode == 0
+    run_writers(make_shared_directories, storage, node_dir)
     with disk_store(node_dir, storage, MIB) as disk:
         assert disk.used_bytes() == 20 * 2 * DIRECTORY_BYTES + 8 * 20 == charge(storage)
     assert not any(name.startswith(".cpnode-tmp-") for name in os.listdir(storage))
@@ -901,25 +912,7 @@ def test_eight_writer_processes_never_exceed_the_quota_together(
     node_dir: NodeDirectory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    start = SPAWN.Event()
-    pipes = [SPAWN.Pipe(duplex=False) for _ in range(8)]
-    with contextlib.ExitStack() as processes:
-        started = [
-            processes.enter_context(
-                child_process(
-                    fill_under_quota, str(storage), node_dir.ledger_dir, writer, start, send
-                )
-            )
-            for writer, (_, send) in enumerate(pipes)
-        ]
-        start.set()
-        reports = []
-        for receive, _ in pipes:
-            assert receive.poll(DEADLINE)
-            reports.append(receive.recv())
-        for process in started:
-            process.join(DEADLINE)
-            assert process.exitcode == 0
+    reports = run_writers(fill_under_quota, storage, node_dir)
     total = charge(storage)
     assert total <= MIB
     assert sum(refused for _, refused in reports) > 0
