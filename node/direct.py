@@ -237,6 +237,12 @@ class DirectConnection(asyncio.Protocol):
         if payload.startswith(b'{"TaskResult":'):
             self._result(codec.peek_id(payload), payload)
             return
+        if codec.costly_to_parse(payload):
+            log.warning(
+                "%s %s: skipping a %d-byte frame: too many JSON values to parse on the event loop",
+                self.what, self.peer, len(payload),
+            )  # fmt: skip
+            return
         try:
             message = codec.decode(payload)
         except RemoteProtocolError as error:

@@ -448,6 +448,14 @@ class MasterLink:
         if payload == _ACK_PAYLOAD:
             self._acked()
             return
+        if codec.costly_to_parse(payload):
+            self.frames_skipped += 1
+            log.warning(
+                "skipping a %d-byte frame from the master: too many JSON values to parse on the"
+                " event loop",
+                len(payload),
+            )
+            return
         try:
             message = codec.decode(payload)
         except RemoteProtocolError as exc:

@@ -288,3 +288,24 @@ def test_an_answer_to_the_token_other_than_invalid_token_is_retried(tmp_path: Pa
     finally:
         listener.close()
         node.close()
+
+
+def test_a_frame_too_costly_to_parse_is_skipped_not_parsed_on_the_loop(
+    tmp_path: Path, scripted: ScriptedMaster
+) -> None:
+    # Just under the 1 MiB spill threshold, 340,000 small arrays: orjson took 100-300 ms over
+    # it on the event loop (heartbeats late) before finding it was no message at all.
+    costly = b'{"ConnectedNodes":[' + b",".join([b"[]"] * 340_000) + b"]}"
+    node = start_node(tmp_path, scripted, "hostile-costly", workers=1)
+    try:
+        scripted.send_raw(frame(costly))
+        assert scripted.run(m.Compute("2*21")) == m.Number(42.0)
+        skipped = [line for line in node.log.splitlines() if "skipping" in line]
+        assert len(skipped) == 1, skipped
+        assert (
+            f"skipping a {len(costly)}-byte frame from the master: too many JSON values to parse"
+            " on the event loop" in skipped[0]
+        )
+        assert stop_node(node, scripted) == 0
+    finally:
+        node.close()

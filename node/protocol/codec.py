@@ -438,13 +438,20 @@ class Searchable(Protocol):
 
 
 def _id_anywhere(payload: bytes, name: str) -> str | None:
-    if len(payload) <= _PARSE_AT_MOST_BYTES and _elements(payload) <= _PARSE_ELEMENTS_AT_MOST:
+    if len(payload) <= _PARSE_AT_MOST_BYTES and not costly_to_parse(payload):
         try:
             value = _loads(payload)
         except _JSONDecodeError:
             return None
         return _id_in(value, name)
     return id_around_byte_array(payload, name)
+
+
+def costly_to_parse(payload: bytes) -> bool:
+    """Whether parsing `payload` whole could hold an event loop for more than a few ms: more
+    than `_PARSE_ELEMENTS_AT_MOST` JSON values (see `peek`). The node skips such a frame where
+    it would decode it on its loop (no message a master or peer sends it there is that big)."""
+    return _elements(payload) > _PARSE_ELEMENTS_AT_MOST
 
 
 def _elements(payload: bytes) -> int:
