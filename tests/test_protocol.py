@@ -364,6 +364,15 @@ def test_peek_parses_up_to_10_000_values_when_the_big_array_is_not_the_blob(
     assert p.peek(above).id is None  # the node parses no such frame whole on its event loop
 
 
+def test_peek_parses_a_task_of_up_to_16_kib_whole_whatever_it_holds() -> None:
+    # 10,001 commas in an expression (a Compute the worker answers with an Error): counted as
+    # values, they made the frame unreadable, and it went unanswered.
+    payload = b'{"AssignTask":{"task":{"Compute":{"expression":"' + b"," * 10_001
+    payload += b'"}},"id":"x"}}'
+    assert 10_000 < len(payload) <= 16 * 1024
+    assert p.peek(payload).id == "x"
+
+
 def test_peek_parses_a_large_payload_of_few_values_whole() -> None:
     # 800 KB, its id last, no byte array: one long string costs orjson well under a ms.
     payload = b'{"AssignTask":{"task":{"Compute":{"expression":"' + b"1+" * 400_000

@@ -421,10 +421,13 @@ _PARSE_WHOLE_BYTES: Final = 64 * 1024
 """`around_blob` parses at most this much around a byte array."""
 _PARSE_AT_MOST_BYTES: Final = 1 << 20
 _PARSE_ELEMENTS_AT_MOST: Final = 10_000
+_PARSE_ANY_BYTES: Final = 16 * 1024
 """`peek` parses a payload whose id is not at its head whole when it is at most
-`_PARSE_AT_MOST_BYTES` long and holds at most this many JSON values (counted as its commas and
-opening brackets): about 2 ms of orjson's time for the worst JSON of that size, where a MiB of
-``[[],[],...]`` took 100-300 ms. Any other payload only around its byte array."""
+`_PARSE_ANY_BYTES` long (whatever it holds: a few ms for the worst JSON, and any task but a
+blob fits, an expression being at most 10,000 bytes), or at most `_PARSE_AT_MOST_BYTES` long
+with at most `_PARSE_ELEMENTS_AT_MOST` JSON values (counted as its commas and opening brackets,
+those in strings too): about 2 ms of orjson's time for the worst JSON of that size, where a MiB
+of ``[[],[],...]`` took 100-300 ms. Any other payload only around its byte array."""
 _MAX_BRACKETS: Final = 64
 """`around_blob` gives up on a payload with more brackets than this (of each kind)."""
 
@@ -448,10 +451,11 @@ def _id_anywhere(payload: bytes, name: str) -> str | None:
 
 
 def costly_to_parse(payload: bytes) -> bool:
-    """Whether parsing `payload` whole could hold an event loop for more than a few ms: more
-    than `_PARSE_ELEMENTS_AT_MOST` JSON values (see `peek`). The node skips such a frame where
-    it would decode it on its loop (no message a master or peer sends it there is that big)."""
-    return _elements(payload) > _PARSE_ELEMENTS_AT_MOST
+    """Whether parsing `payload` whole could hold an event loop for more than a few ms: longer
+    than `_PARSE_ANY_BYTES` with more than `_PARSE_ELEMENTS_AT_MOST` JSON values (see `peek`).
+    The node skips such a frame where it would decode it on its loop (no message a master or
+    peer sends it there is that big)."""
+    return len(payload) > _PARSE_ANY_BYTES and _elements(payload) > _PARSE_ELEMENTS_AT_MOST
 
 
 def _elements(payload: bytes) -> int:
