@@ -44,7 +44,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from node.config import Config, JoinInfo, format_address, parse_address
 from node.dispatch import Dispatcher, _is_idempotent
@@ -58,6 +58,7 @@ from node.tls import (
     ClientTls,
     ServerTls,
     TlsListener,
+    TlsVerifyError,
     client_tls,
     ensure_certificate,
     server_tls,
@@ -683,17 +684,42 @@ def _address_key(text: str) -> tuple[str, int] | str:
     return str(ip), port
 
 
-async def _address_to_dial(host: str, port: int, policy: NetworkPolicy) -> str:
-    """The first address `host` resolves to that `policy` lets this node reach (the check a
-    `Tcp` task passes); `NetworkRefused` naming the rule when there is none, OSError when
-    `host` does not resolve. The address, not the name, is dialed: a second look-up could
-    answer another one."""
+async def _addresses_to_dial(
+    host: str, port: int, policy: NetworkPolicy, timeout: float
+) -> list[str]:
+    """The addresses `host` resolves to (within `timeout`) that `policy` lets this node reach
+    (the check a `Tcp` task passes), in the resolver's order; `NetworkRefused` naming the rule
+    when there is none, OSError when `host` does not resolve. The addresses, not the name,
+    are dialed: a second look-up could answer others."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    async with asyncio.timeout(timeout):
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     allowed = policy.filter(infos)
     if not allowed:
         raise OSError(f"{host} resolves to no address")
-    return str(allowed[0][4][0])
+    return list(dict.fromkeys(str(info[4][0]) for info in allowed))
+
+
+async def _dial_each(
+    addresses: list[str], port: int, *, timeout: float, **options: Any
+) -> DirectConnection:
+    """`dial` the addresses in turn, all within `timeout`, until one links (as a name's
+    connection would try each of its addresses); the last failure when none does. A refused
+    token or certificate ends it: the peer answered."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    failure: Exception = DirectError(f"no address to dial for port {port}")
+    for address in addresses:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        try:
+            return await dial(address, port, timeout=left, **options)
+        except (DirectLinkRefused, TlsVerifyError):
+            raise
+        except DirectError as error:
+            failure = error
+    raise failure
 
 
 async def accept_connection_info(
@@ -715,15 +741,19 @@ async def accept_connection_info(
     except ValueError as error:
         log.warning("ConnectionInfo %r: %s; ignored", info.addr, error)
         return None
-    try:
-        address = await _address_to_dial(host, info.port, policy)
-    except OSError as error:
-        log.warning(
-            "ConnectionInfo %s port %d: %s; no listener, no dial",
-            info.addr, info.port, error.strerror or error,
-        )  # fmt: skip
-        return None
     timeout = config.failover_timeout_ms / 1000
+    try:
+        addresses = await _addresses_to_dial(host, info.port, policy, timeout)
+    except OSError as error:  # TimeoutError included
+        reason = (
+            f"no address within {timeout:g} s"
+            if isinstance(error, TimeoutError)
+            else error.strerror or error
+        )
+        log.warning(
+            "ConnectionInfo %s port %d: %s; no listener, no dial", info.addr, info.port, reason
+        )
+        return None
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future[DirectConnection] = loop.create_future()
 
@@ -749,8 +779,8 @@ async def accept_connection_info(
         what="direct link (ConnectionInfo)",
     )  # fmt: skip
     dialing = asyncio.ensure_future(
-        dial(
-            address,
+        _dial_each(
+            addresses,
             info.port,
             token=join.token,
             tls_mode=config.tls,

@@ -260,6 +260,34 @@ def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
     assert asyncio.run(go()) == m.Number(7.0)
 
 
+def test_a_connection_info_peer_is_dialed_at_each_of_its_addresses_in_turn() -> None:
+    # Only the first address a name resolved to was dialed: a peer listening on its second
+    # one (IPv4 behind an IPv6 first, say) was never reached from this side.
+    from node.direct import DirectConnection, _dial_each
+
+    port = free_port()
+
+    async def go() -> str:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: DirectConnection(token="secret", dialer=False, max_frame_bytes=1 << 20),
+            "127.0.0.1",
+            port,
+        )
+        try:
+            link = await _dial_each(
+                ["127.0.0.2", "127.0.0.1"], port, timeout=TIMEOUT, token="secret",
+                tls_mode="never", tls=None, max_frame_bytes=1 << 20,
+            )  # fmt: skip
+            link.close()
+            return link.peer
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(go()) == f"127.0.0.1:{port}"
+
+
 def test_tasks_in_another_json_form_are_run_over_a_direct_link(
     master: MasterThread, peer: tuple[NodeProcess, int]
 ) -> None:
