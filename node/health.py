@@ -50,7 +50,7 @@ from node.config import format_address
 from node.errors import ListenError
 from node.histogram import Histogram
 from node.link import LinkState
-from shm.diskstore import DIRECTORY_BYTES
+from shm.diskstore import DIRECTORY_BYTES, TEMPORARY
 from workers.logformat import level_name
 from workers.pool import WorkerStatus
 from workers.stats import BUCKETS, COMPLETED, FAILED, FIRST_BUCKET, SECONDS
@@ -113,9 +113,9 @@ class _Resources:
     worker_rss: dict[int, int] = field(default_factory=dict)
 
 
-def _tree_bytes(*directories: str, directory_bytes: int = 0) -> int:
+def _tree_bytes(*directories: str, directory_bytes: int = 0, skip: str | None = None) -> int:
     """Bytes of the regular files below `directories`, and `directory_bytes` for each directory
-    below them, following no symlink.
+    below them, following no symlink and leaving out the entries whose names start with `skip`.
 
     A loop over a stack of directories still to list, not a recursion: a DiskWrite may nest
     directories two thousand deep. Each directory is listed and closed before the next is
@@ -126,7 +126,8 @@ def _tree_bytes(*directories: str, directory_bytes: int = 0) -> int:
         try:
             with os.scandir(pending.pop()) as listing:
                 for entry in listing:
-                    total += _file_bytes(entry, pending, directory_bytes)
+                    if skip is None or not entry.name.startswith(skip):
+                        total += _file_bytes(entry, pending, directory_bytes)
         except OSError:  # removed meanwhile, unreadable, or its path longer than PATH_MAX
             pass
     return total
@@ -153,8 +154,10 @@ def _read_resources(
     found = _Resources()
     try:
         if stat.S_ISDIR(os.stat(storage_dir).st_mode):
-            # As the disk store's quota counts: directories too.
-            found.disk_store_bytes = _tree_bytes(storage_dir, directory_bytes=DIRECTORY_BYTES)
+            # As the disk store's quota counts: directories too, writes in progress not.
+            found.disk_store_bytes = _tree_bytes(
+                storage_dir, directory_bytes=DIRECTORY_BYTES, skip=TEMPORARY
+            )
     except FileNotFoundError:
         found.disk_store_bytes = 0  # nothing written yet (a node that is not a Disk node)
     except OSError:

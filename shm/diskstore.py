@@ -80,6 +80,7 @@ __all__ = [
     "DIRECTORY_BYTES",
     "MAX_PATH_PARTS",
     "MIB",
+    "TEMPORARY",
     "DiskStore",
     "UsageLedger",
     "has_temporary_files",
@@ -99,7 +100,8 @@ MAX_PATH_PARTS: Final = 64
 """The most parts (directories and the file name) a path or key may have: one write makes at
 most ``MAX_PATH_PARTS - 1`` directories."""
 
-_TEMPORARY: Final = ".cpnode-tmp-"
+TEMPORARY: Final = ".cpnode-tmp-"
+"""Names of files and directories being written (a writer's pid in them): counted by no one."""
 _NO_SUCH_KEY: Final = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EISDIR))
 _PATH_MAX: Final = 4096
 _DIRECTORY: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -290,7 +292,7 @@ class DiskStore(Closing):
             here, where = parent, os.path.dirname(os.path.join(self.path, path))
         what = f"{size} bytes for {path!r}"
         space.check_free(where, size, self.reserve_bytes, what, dir_fd=here)
-        temporary = space.temporary_name(_TEMPORARY)
+        temporary = space.temporary_name(TEMPORARY)
         temporary_path = os.path.join(self.path, temporary)
         try:
             fd = os.open(temporary, _CREATE, 0o644, dir_fd=here)
@@ -388,7 +390,7 @@ class DiskStore(Closing):
                 raise
             return True
         here = parent if self._on_another_filesystem(parent) else self._root_fd
-        temporary = space.temporary_name(_TEMPORARY)
+        temporary = space.temporary_name(TEMPORARY)
         try:
             os.mkdir(temporary, 0o755, dir_fd=here)
         except OSError as error:
@@ -464,12 +466,12 @@ class DiskStore(Closing):
             os.close(fd)
 
     def _remove_temporary(self, pid: int) -> list[str]:
-        return space.remove_dead_temporaries(self._root_fd, _TEMPORARY, pid)
+        return space.remove_dead_temporaries(self._root_fd, TEMPORARY, pid)
 
     def _top_level_files(self) -> Iterator[tuple[str, int]]:
         with os.scandir(self._root_fd) as entries:
             for entry in entries:
-                if entry.name.startswith(_TEMPORARY):
+                if entry.name.startswith(TEMPORARY):
                     continue
                 try:
                     if entry.is_file(follow_symlinks=False):
@@ -501,8 +503,8 @@ class DiskStore(Closing):
                     continue
                 name = names[position]
                 position += 1
-                if name.startswith(_TEMPORARY):
-                    if not space.writer_alive(name, _TEMPORARY):
+                if name.startswith(TEMPORARY):
+                    if not space.writer_alive(name, TEMPORARY):
                         space.remove_quietly(name, dir_fd)
                     continue
                 try:
@@ -622,7 +624,7 @@ class UsageLedger:
 def has_temporary_files(storage_dir: str | os.PathLike[str], pid: int) -> bool:
     """Whether process ``pid`` left temporary files in ``storage_dir`` (False when there is no
     such directory): a look before opening the store to ``sweep_temporary`` them."""
-    return space.has_temporary_files(storage_dir, _TEMPORARY, pid)
+    return space.has_temporary_files(storage_dir, TEMPORARY, pid)
 
 
 def _split(path: str) -> tuple[list[str], str, bool]:
@@ -645,7 +647,7 @@ def _split(path: str) -> tuple[list[str], str, bool]:
     for part in parts:
         if part == "..":
             raise InvalidPath(path, "'..' leaves the directory")
-        if part.startswith(_TEMPORARY):
+        if part.startswith(TEMPORARY):
             raise InvalidPath(path, "reserved name")
     if len(parts) > MAX_PATH_PARTS:
         raise InvalidPath(

@@ -316,25 +316,34 @@ def test_json_formatter_keeps_extra_fields_and_tracebacks() -> None:
     assert "ValueError: boom" in second["exc"]
 
 
-def test_records_held_until_logging_is_configured_come_out_once_at_its_level_and_format() -> None:
+@pytest.mark.parametrize(
+    ("configured", "expected"),
+    [("error", ["at it"]), ("info", ["held at info", "below error", "at it"])],
+)
+def test_records_held_until_logging_is_configured_come_out_once_at_its_level_and_format(
+    configured: str, expected: list[str]
+) -> None:
+    # At "info", the info record was lost: the root logger's default WARNING dropped it
+    # before the block held it.
     root = logging.getLogger()
     level = root.level
     stream = io.StringIO()
     logger = logging.getLogger("cpnode.test-held")
     try:
         with HeldRecords():
-            logger.warning("below the level configured next")
+            logger.info("held at info")
+            logger.warning("below error")
             logger.error("at it")
-            configure_logging("error", "json", stream=stream)
-        assert [json.loads(line) | {"ts": ""} for line in stream.getvalue().splitlines()] == [
-            {
-                "ts": "",
-                "level": "error",
-                "logger": "cpnode.test-held",
-                "message": "at it",
-                "pid": os.getpid(),
-            }
-        ]
+            configure_logging(configured, "json", stream=stream)
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [line["message"] for line in lines] == expected
+        assert lines[-1] | {"ts": ""} == {
+            "ts": "",
+            "level": "error",
+            "logger": "cpnode.test-held",
+            "message": "at it",
+            "pid": os.getpid(),
+        }
         assert not [h for h in root.handlers if isinstance(h, HeldRecords)]
     finally:
         for handler in root.handlers[:]:
@@ -529,6 +538,8 @@ def test_store_sizes_count_this_nodes_files_only(tmp_path: Path) -> None:
     (storage / "sub" / "k2").write_bytes(b"x" * 20)
     (nested(storage / "sub") / "k3").write_bytes(b"x" * 3)
     (storage / "link").symlink_to(tmp_path)  # never followed
+    (storage / ".cpnode-tmp-1-x").write_bytes(b"x" * 50)  # a write in progress: not yet
+    (storage / ".cpnode-tmp-1-y").mkdir()  # (as the quota counts)
     (shm / "cpnode-a" / "mem").mkdir(parents=True)
     (shm / "cpnode-a" / "mem" / "key").write_bytes(b"x" * 7)
     (nested(shm / "cpnode-a" / "mem") / "deep").write_bytes(b"x" * 2)

@@ -123,21 +123,30 @@ def configure_logging(
     root.setLevel(LEVELS[level])
 
 
+_HOLD_EVERY_LEVEL: Final = 1  # below TRACE (5): no level `configure_logging` sets
+
+
 class HeldRecords(logging.Handler):
     """`with HeldRecords():` holds what is logged in the block (a config file's warnings, say,
     logged before that config gives the log's format and level) and logs it at the block's end,
     once, through the handlers configured meanwhile and at their level (with none, Python's last
-    resort prints warnings and errors as they are)."""
+    resort prints warnings and errors as they are). Until logging is configured, the block
+    holds records of every level (the root logger's WARNING would drop an INFO one before the
+    configured level could take it); configure logging last in the block."""
 
     def __init__(self) -> None:
         super().__init__()
         self._records: list[logging.LogRecord] = []
+        self._level = logging.WARNING
 
     def emit(self, record: logging.LogRecord) -> None:
         self._records.append(record)
 
     def __enter__(self) -> HeldRecords:
-        logging.getLogger().addHandler(self)
+        root = logging.getLogger()
+        self._level = root.level
+        root.setLevel(_HOLD_EVERY_LEVEL)
+        root.addHandler(self)
         return self
 
     def __exit__(
@@ -146,7 +155,10 @@ class HeldRecords(logging.Handler):
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        logging.getLogger().removeHandler(self)
+        root = logging.getLogger()
+        root.removeHandler(self)
+        if root.level == _HOLD_EVERY_LEVEL:  # not configured in the block (it failed)
+            root.setLevel(self._level)
         records, self._records = self._records, []
         for record in records:
             logger = logging.getLogger(record.name)
