@@ -15,12 +15,13 @@ import asyncio
 import collections
 import contextlib
 import errno
-import multiprocessing
 import os
 import random
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -1397,17 +1398,25 @@ def test_a_worker_ignores_sigint_from_its_first_instruction() -> None:
     # A terminal's Ctrl-C reaches the whole process group. A worker forked while it came
     # (before `worker_main` ignores SIGINT) died with exit code 1, and the node, starting,
     # logged ERRORs and exited 1 instead of stopping. The forkserver hands its children the
-    # handlers it had when its loop started: the preload's, ignoring SIGINT.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(pool_module.FORKSERVER_PRELOAD)
-    ours, theirs = context.Pipe()
-    child = context.Process(target=_report_sigint, args=(theirs,))
-    child.start()
-    try:
-        assert ours.poll(30), "the child said nothing"
-        assert ours.recv() is True
-    finally:
-        child.join(10)
-        ours.close()
-        theirs.close()
-    assert child.exitcode == 0
+    # handlers it had when its loop started: the preload's, ignoring SIGINT. In a process of
+    # its own: a forkserver is one per process, and this one must start with the pool's
+    # preload and stop when the check is done.
+    script = (
+        "import multiprocessing\n"
+        "from tests.test_faults import _report_sigint\n"
+        "from workers.pool import FORKSERVER_PRELOAD\n"
+        "context = multiprocessing.get_context('forkserver')\n"
+        "context.set_forkserver_preload(FORKSERVER_PRELOAD)\n"
+        "ours, theirs = context.Pipe()\n"
+        "child = context.Process(target=_report_sigint, args=(theirs,))\n"
+        "child.start()\n"
+        "print(ours.poll(30) and ours.recv(), flush=True)\n"
+        "child.join(10)\n"
+        "print(child.exitcode, flush=True)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "0"], done.stdout + done.stderr
