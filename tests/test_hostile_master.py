@@ -28,6 +28,19 @@ def segments_of(node_id: str) -> list[str]:
     return sorted(n for n in os.listdir(SHM) if n.startswith(f"cpnode-{node_id}-seg-"))
 
 
+def node_of_listener(tmp_path: Path, port: int) -> NodeProcess:
+    """A node (one worker, token "t") whose only master is whatever listens on `port`."""
+    join = tmp_path / "join.json"
+    join.write_text(f'{{"token": "t", "ip": "127.0.0.1", "port": {port}}}')
+    return NodeProcess(
+        tmp_path,
+        join,
+        {"failover_timeout_ms": 2000, "master_addresses": [f"127.0.0.1:{port}"]},
+        "--workers",
+        "1",
+    )
+
+
 def test_frames_that_look_like_spill_references_name_no_file(
     tmp_path: Path, scripted: ScriptedMaster
 ) -> None:
@@ -81,15 +94,7 @@ def test_a_master_that_closes_right_after_ok_does_not_crash_the_node(tmp_path: P
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    join = tmp_path / "join.json"
-    join.write_text(f'{{"token": "t", "ip": "127.0.0.1", "port": {port}}}')
-    node = NodeProcess(
-        tmp_path,
-        join,
-        {"failover_timeout_ms": 2000, "master_addresses": [f"127.0.0.1:{port}"]},
-        "--workers",
-        "1",
-    )
+    node = node_of_listener(tmp_path, port)
     try:
         thread.join(30)
         assert served == 3
@@ -260,16 +265,7 @@ def test_an_answer_to_the_token_other_than_invalid_token_is_retried(tmp_path: Pa
     # and exited with status 3.
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(30)
-    port = listener.getsockname()[1]
-    join = tmp_path / "join.json"
-    join.write_text(f'{{"token": "t", "ip": "127.0.0.1", "port": {port}}}')
-    node = NodeProcess(
-        tmp_path,
-        join,
-        {"failover_timeout_ms": 2000, "master_addresses": [f"127.0.0.1:{port}"]},
-        "--workers",
-        "1",
-    )
+    node = node_of_listener(tmp_path, listener.getsockname()[1])
     try:
         first, _ = listener.accept()
         with first:
