@@ -28,6 +28,15 @@ def segments_of(node_id: str) -> list[str]:
     return sorted(n for n in os.listdir(SHM) if n.startswith(f"cpnode-{node_id}-seg-"))
 
 
+def skipped_after(scripted: ScriptedMaster, node: NodeProcess, payloads: list[bytes]) -> list[str]:
+    """Send `payloads` as frames, then a task: it must be the only one answered (the frames
+    before it go unanswered); the node's "skipping" log lines by then."""
+    scripted.send_raw(b"".join(frame(payload) for payload in payloads))
+    scripted.send_raw(codec.encode(m.AssignTask("last", m.Compute("2*21"))))
+    assert scripted.results_until("last") == [("last", m.Number(42.0))]
+    return [line for line in node.log.splitlines() if "skipping" in line]
+
+
 def node_of_listener(tmp_path: Path, port: int) -> NodeProcess:
     """A node (one worker, token "t") whose only master is whatever listens on `port`."""
     join = tmp_path / "join.json"
@@ -197,9 +206,7 @@ def test_an_assign_task_without_a_readable_id_is_skipped_with_one_warning(
     broken = b'{"AssignTask":{"task":{"Compute":{"expression":"1+1"}},"id":'
     node = start_node(tmp_path, scripted, "hostile-unreadable", workers=1)
     try:
-        scripted.send_raw(frame(broken))
-        assert scripted.run(m.Compute("2*21")) == m.Number(42.0)
-        skipped = [line for line in node.log.splitlines() if "skipping" in line]
+        skipped = skipped_after(scripted, node, [broken])
         assert len(skipped) == 1, skipped
         assert "skipping an AssignTask frame whose id cannot be read (60 bytes)" in skipped[0]
         assert stop_node(node, scripted) == 0
@@ -249,10 +256,7 @@ def test_ids_that_are_not_utf8_are_skipped_not_taken_for_one_task(
     ]
     node = start_node(tmp_path, scripted, "hostile-not-utf8", workers=1)
     try:
-        scripted.send_raw(b"".join(frame(payload) for payload in frames))
-        scripted.send_raw(codec.encode(m.AssignTask("last", m.Compute("2*21"))))
-        assert scripted.results_until("last") == [("last", m.Number(42.0))]
-        skipped = [line for line in node.log.splitlines() if "skipping" in line]
+        skipped = skipped_after(scripted, node, frames)
         assert len(skipped) == 3, skipped
         assert all("the id is not valid UTF-8" in line for line in skipped), skipped
         assert stop_node(node, scripted) == 0
@@ -294,9 +298,7 @@ def test_a_frame_too_costly_to_parse_is_skipped_not_parsed_on_the_loop(
     costly = b'{"ConnectedNodes":[' + b",".join([b"[]"] * 340_000) + b"]}"
     node = start_node(tmp_path, scripted, "hostile-costly", workers=1)
     try:
-        scripted.send_raw(frame(costly))
-        assert scripted.run(m.Compute("2*21")) == m.Number(42.0)
-        skipped = [line for line in node.log.splitlines() if "skipping" in line]
+        skipped = skipped_after(scripted, node, [costly])
         assert len(skipped) == 1, skipped
         assert (
             f"skipping a {len(costly)}-byte frame from the master: too many JSON values to parse"
