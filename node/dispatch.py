@@ -162,7 +162,7 @@ class Dispatcher:
         return min(self.prefetch - len(worker.assigned), worker.budget)
 
     def _ready_workers(self) -> list[Worker]:
-        return [w for w in self._workers if w.status is WorkerStatus.READY]
+        return [w for w in self._workers if w.takes_tasks]
 
     # ------------------------------------------------------------------------------- input
 

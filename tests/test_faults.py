@@ -897,6 +897,35 @@ def test_a_killed_forkserver_takes_every_worker_and_nothing_is_lost(
     asyncio.run(scenario())
 
 
+def test_a_worker_whose_channel_closed_is_sent_nothing_before_its_death_is_read(
+    tmp_path: Path, ledger: ResultLedger
+) -> None:
+    # A killed worker's channel closes at once, but its death comes through the forkserver,
+    # late when the forkserver is busy: stopped here, so that tasks arrive in between. They
+    # all go to the live worker. (Before, a flush raised on the closed channel, logged an
+    # "Exception in callback", and its share waited there for the death to be read.)
+    async def scenario() -> None:
+        async with fake_master_and_node(tmp_path, ledger, "channel") as (master, node):
+            forkserver = forkserver_of(node)
+            victim = worker_pids(node)[0]
+            forkserver.suspend()
+            try:
+                os.kill(victim, signal.SIGKILL)
+                await asyncio.sleep(0.5)  # the supervisor reads the channel's end meanwhile
+                ids, values = submit_heavy(master, 200, terms=5)
+                await await_until(
+                    lambda: not ledger.missing(ids), 30, "every task is answered, death unread"
+                )
+                assert "died:" not in node.log
+            finally:
+                forkserver.resume()
+            await await_log(node, "died: signal SIGKILL")
+            assert "Exception in callback" not in node.log, node.log
+            await answered_and_stopped("a dead worker's channel", ledger, node, ids, values)
+
+    asyncio.run(scenario())
+
+
 def test_sigkill_of_the_supervisor_leaves_no_process_or_file(tmp_path: Path) -> None:
     join = tmp_path / "join.json"
     node_id = f"faults-{os.getpid()}"

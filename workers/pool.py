@@ -161,6 +161,15 @@ class Worker:
         self.killed_for_timeout = 0  # the limit (ms) when the pool killed it for a timeout
         self.retired_for = ""  # why the pool recycles the current process (see `retire`)
 
+    @property
+    def takes_tasks(self) -> bool:
+        """Ready, and its channel not closing. The channel closes as the process dies, a
+        moment before the death is read off the process sentinel (which the forkserver
+        reports, late when it is busy): tasks sent in between would only wait to be
+        dispatched again."""
+        transport = self.transport
+        return self.status is WorkerStatus.READY and not (transport and transport.is_closing())
+
     def __repr__(self) -> str:
         return f"<Worker {self.index} pid={self.pid} {self.status.value} held={len(self.assigned)}>"
 
@@ -393,7 +402,7 @@ class WorkerPool:
 
     @property
     def ready_workers(self) -> list[Worker]:
-        return [w for w in self.workers if w.status is WorkerStatus.READY]
+        return [w for w in self.workers if w.takes_tasks]
 
     def _ready(self, worker: Worker, pid: int) -> None:
         worker.pid = pid
