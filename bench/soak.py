@@ -1,0 +1,349 @@
+"""A soak under faults: every task's result checked while workers, the master and the node die.
+
+    python bench/soak.py                                   # 120 s, 2 workers
+    python bench/soak.py --duration 1800 --workers 8       # a longer run
+
+A `cpnode-master` (plain TCP on a loopback port, a state file) and a `cpnode-supervisor` run as
+an operator runs them; this process submits tasks through the client library and polls their
+results for `--duration` seconds, while, each on its own clock:
+- a random worker is killed (SIGKILL) every `--kill-every` seconds;
+- the master is stopped (SIGTERM) and started again on the same port and state file every
+  `--master-every` seconds, between two submissions (a submission the master never
+  acknowledged would leave its tasks in doubt);
+- the node is stopped (SIGTERM: it drains, handing back what it has not started) and a new one
+  started every `--node-every` seconds.
+
+Tasks: `Compute` tasks whose values are known by construction (`a*b+c`), slower ones that a kill
+is likely to find running, and `ComplexMath` sums; all different, so no cache answers them.
+At the end every task must have its exact value; an `Error` is allowed only where a kill
+explains it (a task safe to repeat is retried once, so a task a kill finds running twice gets
+one), and each names the cause. Exit status 1 when a result is wrong or missing, there are
+more Errors than kills, or a log holds a traceback (the logs' directory is kept then).
+Nothing leaves loopback; every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import psutil
+
+from node.client import Client, ClientError
+from node.errors import ConfigError
+from node.protocol import messages as m
+
+_SLOW_TERMS = 100  # terms of a slow task: about a millisecond of work, a kill's likely target
+
+
+@dataclass
+class Soak:
+    """What the run has submitted, received and done to the processes."""
+
+    expected: dict[str, m.Result] = field(default_factory=dict)
+    outstanding: dict[str, None] = field(default_factory=dict)  # ids without a result, in order
+    results: dict[str, m.Result] = field(default_factory=dict)
+    kills: int = 0
+    master_restarts: int = 0
+    node_restarts: int = 0
+    in_doubt: int = 0  # tasks of a submission that failed: maybe on the master, maybe not
+    submitting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def make_batch(first: int, count: int, rng: random.Random) -> list[tuple[m.Task, m.Result]]:
+    """`count` different tasks numbered from `first`, with their exact results."""
+    batch: list[tuple[m.Task, m.Result]] = []
+    for number in range(first, first + count):
+        kind = rng.random()
+        a, b = rng.randrange(1, 1000), rng.randrange(1, 1000)
+        if kind < 0.05:  # slow: the sum of many zero terms, exact in floats
+            body = "+".join(["sin(1)*0"] * _SLOW_TERMS)
+            batch.append((m.Compute(f"{number}+{body}"), m.Number(float(number))))
+        elif kind < 0.15:
+            task = m.ComplexMath(f"({number}+{a}*i)+({b}+{a}*i)")
+            batch.append((task, m.Response(f"{number + b}+{2 * a}i")))
+        else:
+            batch.append((m.Compute(f"{a}*{b}+{number}"), m.Number(float(a * b + number))))
+    return batch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Processes:
+    """The master and the node, started and stopped as an operator would, logs in `directory`."""
+
+    def __init__(self, directory: Path, port: int, workers: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.workers = workers
+        self.env = {**os.environ, "CPCLUSTER_JOIN": str(directory / "join.json")}
+        self.master: subprocess.Popen[bytes] | None = None
+        self.node: subprocess.Popen[bytes] | None = None
+        self.config = directory / "node.json"
+        self.config.write_bytes(
+            orjson.dumps(
+                {
+                    "master_addresses": [f"127.0.0.1:{port}"],
+                    "failover_timeout_ms": 3000,
+                    "retry_interval_ms": 200,
+                    "max_retries": 50,
+                }
+            )
+        )
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 (the child holds it)
+        with log:
+            return subprocess.Popen(
+                command, cwd=self.directory, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def start_master(self) -> None:
+        # A restart keeps join.json's token (the node holds it).
+        self.master = self._start(
+            "master",
+            [
+                sys.executable, "-m", "node.master.cli", "--no-config", "--tls", "never",
+                "--listen", f"127.0.0.1:{self.port}", "--state-file", "master-state.jsonl",
+                "--log-level", "warn",
+            ],
+        )  # fmt: skip
+
+    def start_node(self) -> None:
+        self.node = self._start(
+            "node",
+            [
+                sys.executable, "-m", "node.cli", str(self.config), "--workers",
+                str(self.workers), "--log-level", "info",
+            ],
+        )  # fmt: skip
+
+    def worker_pids(self) -> list[int]:
+        """Workers are children of the forkserver, a child of the supervisor."""
+        if self.node is None:
+            return []
+        try:
+            children = psutil.Process(self.node.pid).children()
+            return [g.pid for c in children for g in c.children() if g.is_running()]
+        except psutil.NoSuchProcess:
+            return []
+
+    @staticmethod
+    def stop(process: subprocess.Popen[bytes] | None, what: str, timeout: float = 60) -> None:
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            raise RuntimeError(f"the {what} did not stop within {timeout:g} s of SIGTERM") from None
+        if code != 0:
+            raise RuntimeError(f"the {what} exited {code} after SIGTERM")
+
+    def close(self) -> None:
+        for process in (self.node, self.master):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+async def wait_for_master(join: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with Client.connect(join, timeout=5):
+                return
+        except (ClientError, ConfigError, OSError):  # ConfigError: no join.json yet
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def submitter(soak: Soak, join: Path, batch: int, most_outstanding: int) -> None:
+    rng = random.Random(1)
+    number = 0
+    while not soak.stop.is_set():
+        if len(soak.outstanding) >= most_outstanding:
+            await asyncio.sleep(0.02)
+            continue
+        tasks = make_batch(number, batch, rng)
+        number += batch
+        async with soak.submitting:
+            try:
+                async with Client.connect(join, timeout=10) as client:
+                    ids = await client.submit_many([task for task, _ in tasks])
+            except ClientError as error:
+                soak.in_doubt += len(tasks)
+                print(f"submission of {len(tasks)} tasks failed: {error}", file=sys.stderr)
+                continue
+        for ident, (_, result) in zip(ids, tasks, strict=True):
+            soak.expected[ident] = result
+            soak.outstanding[ident] = None
+
+
+async def collector(soak: Soak, join: Path, submitter_done: asyncio.Event) -> None:
+    while soak.outstanding or not submitter_done.is_set():
+        wanted = list(soak.outstanding)[:20_000]
+        if not wanted:
+            await asyncio.sleep(0.02)
+            continue
+        done: dict[str, m.Result] = {}
+        try:
+            async with Client.connect(join, timeout=10) as client:
+                done = await client.results(wanted, timeout=1.0, poll_interval=0.05)
+        except ClientError as error:  # a timeout, or the master restarting: keep what came
+            done = error.done or {}
+            if not isinstance(error, TimeoutError):
+                await asyncio.sleep(0.1)
+        for ident, result in done.items():
+            soak.results[ident] = result
+            soak.outstanding.pop(ident, None)
+
+
+async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Namespace) -> None:
+    start = time.monotonic()
+    due = {
+        "kill": start + args.kill_every,
+        "master": start + args.master_every,
+        "node": start + args.node_every,
+    }
+    rng = random.Random(2)
+    while not soak.stop.is_set():
+        now = time.monotonic()
+        if args.kill_every and now >= due["kill"]:
+            due["kill"] = now + args.kill_every
+            if pids := processes.worker_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    soak.kills += 1
+        if args.master_every and now >= due["master"]:
+            async with soak.submitting:
+                await asyncio.to_thread(processes.stop, processes.master, "master")
+                processes.start_master()
+                await wait_for_master(join)
+            soak.master_restarts += 1
+            due["master"] = time.monotonic() + args.master_every
+        if args.node_every and now >= due["node"]:
+            await asyncio.to_thread(processes.stop, processes.node, "node")
+            processes.start_node()
+            soak.node_restarts += 1
+            due["node"] = time.monotonic() + args.node_every
+        await asyncio.sleep(0.05)
+
+
+async def run(args: argparse.Namespace, directory: Path) -> int:
+    processes = Processes(directory, free_port(), args.workers)
+    join = directory / "join.json"
+    soak = Soak()
+    try:
+        processes.start_master()
+        await wait_for_master(join)
+        processes.start_node()
+        started = time.monotonic()
+        submitter_done = asyncio.Event()
+
+        async def submit_then_mark() -> None:
+            try:
+                await submitter(soak, join, args.batch, args.batch * 5)
+            finally:
+                submitter_done.set()
+
+        jobs = [
+            asyncio.ensure_future(submit_then_mark()),
+            asyncio.ensure_future(collector(soak, join, submitter_done)),
+            asyncio.ensure_future(chaos(soak, processes, join, args)),
+        ]
+        await asyncio.sleep(args.duration)
+        soak.stop.set()
+        ran = time.monotonic() - started
+        await asyncio.wait_for(asyncio.gather(jobs[0], jobs[2]), 120)
+        with contextlib.suppress(TimeoutError):  # what is still missing is reported
+            await asyncio.wait_for(jobs[1], args.settle)  # (and the collector cancelled)
+        processes.stop(processes.node, "node")
+        processes.stop(processes.master, "master")
+    finally:
+        processes.close()
+    return report(soak, ran, directory)
+
+
+def report(soak: Soak, ran: float, directory: Path) -> int:
+    wrong = {
+        i: r
+        for i, r in soak.results.items()
+        if r != soak.expected[i] and not isinstance(r, m.Error)
+    }
+    errors = collections.Counter(r.message for r in soak.results.values() if isinstance(r, m.Error))
+    missing = len(soak.outstanding)
+    total = len(soak.expected)
+    print("| tasks | answered | tasks/s | worker kills | master restarts | node restarts "
+          "| wrong | missing | errors | in doubt |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {total:,} | {len(soak.results):,} | {len(soak.results) / ran:,.0f} | {soak.kills} "
+        f"| {soak.master_restarts} | {soak.node_restarts} | {len(wrong)} | {missing} "
+        f"| {sum(errors.values())} | {soak.in_doubt} |"
+    )
+    for message, count in errors.most_common():
+        print(f"  Error x{count}: {message}")
+    for ident, result in list(wrong.items())[:10]:
+        print(f"  wrong: {ident}: {result} (expected {soak.expected[ident]})")
+    tracebacks = {
+        log.name: log.read_text(errors="replace").count("Traceback")
+        for log in sorted(directory.glob("*.log"))
+    }
+    for name, count in tracebacks.items():
+        if count:
+            print(f"  {name}: {count} traceback(s)")
+    print(f"logs: {directory}")
+    failed = (
+        bool(wrong) or missing > 0 or sum(errors.values()) > soak.kills or any(tracebacks.values())
+    )
+    return 1 if failed else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=120, help="seconds of submitting")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2000, help="tasks per submission")
+    parser.add_argument("--kill-every", type=float, default=3, help="0: no worker kills")
+    parser.add_argument("--master-every", type=float, default=20, help="0: no master restarts")
+    parser.add_argument("--node-every", type=float, default=30, help="0: no node restarts")
+    parser.add_argument(
+        "--settle", type=float, default=120, help="seconds to wait for the last results"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the logs' directory")
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="cpnode-soak-"))
+    code = asyncio.run(run(args, directory))
+    if not args.keep and code == 0:
+        for path in directory.iterdir():
+            path.unlink()
+        directory.rmdir()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
