@@ -1301,12 +1301,38 @@ def test_a_worker_that_dies_after_a_take_back_counts_as_a_crash_in_a_row(
     asyncio.run(scenario())
 
 
+def test_a_worker_killed_before_it_is_ready_is_replaced_and_the_start_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before, one SIGKILL to a starting worker (the OOM killer, a stray kill) failed the start,
+    # and the node exited.
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("CPNODE_TEST_KILLED_AT_START", str(marker))
+
+    async def scenario() -> None:
+        run = PoolRun(2, WorkerLimits(), {"Compute": "tests.killedatstart:compute"})
+        try:
+            await asyncio.wait_for(run.pool.start(), 60)
+            assert marker.exists()  # a worker was killed at start
+            deaths = [r for r in caplog.records if "died: signal SIGKILL" in r.getMessage()]
+            assert len(deaths) == 1
+            assert run.pool.deaths == 1
+            assert len(run.ready_pids) == 2  # and both slots are ready
+            run.submit("t", "6*7")
+            await run.wait(["t"])
+            assert run.results["t"] == [m.Number(42.0)]
+        finally:
+            await run.pool.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_worker_that_exits_on_start_is_respawned_with_backoff(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario() -> None:
         run = PoolRun(1, WorkerLimits(), {"Compute": "tests.no_such_module:compute"})
-        with pytest.raises(RuntimeError, match="died at start: exit code 3"):
+        with pytest.raises(RuntimeError, match=r"died at start: exit code 3 \(3 times\)"):
             await run.pool.start()
 
         def delays() -> list[str]:

@@ -70,6 +70,10 @@ FORKSERVER_PRELOAD: Final = ["workers.forkserver_init", "workers.worker"]
 """Imported by the forkserver before it forks a worker: signal handling first, then the worker's
 own modules (each worker would import them again otherwise)."""
 
+START_ATTEMPTS: Final = 3
+"""Processes a worker may go through while the pool starts: one killed at start (by the OOM
+killer, or an operator's stray kill) is replaced, as it would be later; one that dies every time
+(a broken install, an executor that cannot load) fails the start, which names the cause."""
 _RESPAWN_BACKOFF_MAX_S = 5.0
 _STABLE_AFTER_S = 10.0
 # A dead worker's exit code is looked for every _REAP_RETRY_S, for at most _REAP_WAIT_S.
@@ -142,6 +146,7 @@ class Worker:
         # order, so a RESULTS message of `count` frames answers the `count` oldest.
         self.assigned: collections.deque[str] = collections.deque()
         self.ready: asyncio.Future[None] | None = None
+        self.start_deaths = 0  # processes that died before READY while the pool started
         self.started_at = 0.0
         self.restarts = 0  # processes that replaced an earlier one in this slot, any cause
         self.crashes_in_a_row = 0  # of processes that got nothing done (backs respawns off)
@@ -276,13 +281,16 @@ class WorkerPool:
     # ------------------------------------------------------------------------------- lifecycle
 
     async def start(self, timeout: float = 60.0) -> None:
-        """Spawn every worker and wait until each has answered READY."""
+        """Spawn every worker and wait until each has answered READY; a worker that dies
+        before it does is replaced, up to START_ATTEMPTS processes in all (RuntimeError when
+        the last dies too, or `timeout` passes first)."""
         self._loop = asyncio.get_running_loop()
         started = time.monotonic()
         if self.run_dir is not None and self._context.get_start_method() == "forkserver":
             _keep_forkserver_socket_in(self.run_dir)
         for worker in self.workers:
             worker.ready = self._loop.create_future()
+            worker.start_deaths = 0
             await self._spawn(worker)
         waits = [w.ready for w in self.workers if w.ready is not None]
         try:
@@ -633,7 +641,12 @@ class WorkerPool:
         retired = worker.status is WorkerStatus.RETIRING and not worker.assigned
         worker.status = WorkerStatus.DEAD
         if worker.ready is not None and not worker.ready.done():
-            worker.ready.set_exception(RuntimeError(f"worker {worker.index} died at start: {how}"))
+            # Replaced below, up to START_ATTEMPTS processes: `ready` waits for the next one.
+            worker.start_deaths += 1
+            if was_stopping or worker.start_deaths >= START_ATTEMPTS:
+                times = f" ({worker.start_deaths} times)" if worker.start_deaths > 1 else ""
+                error = RuntimeError(f"worker {worker.index} died at start: {how}{times}")
+                worker.ready.set_exception(error)
         if was_stopping:
             return
         process.close()
