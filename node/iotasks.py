@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import dataclasses
 import errno
 import functools
 import ipaddress
@@ -54,7 +55,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from node.protocol.framing import frame, frame_joined
-from shm.bytesjson import ByteArrayError, encode_byte_array
+from shm.bytesjson import ByteArrayError, decode_byte_array, encode_byte_array
 from shm.segments import read_spilled, spilled
 from workers.storage import BLOB_FAST_PATH_BYTES, decode_blob_task
 
@@ -63,7 +64,8 @@ __all__ = ["InternetPorts", "IoTaskRunner", "NetworkPolicy", "NetworkRefused"]
 log = logging.getLogger("cpnode.io")
 
 # Payloads and bodies above this are decoded and encoded in a thread (a 1 MiB Tcp task took
-# 14.5 ms of the event loop with orjson); below it a thread hop costs more than the work.
+# 14.5 ms of the event loop with orjson); below it a thread hop costs more than the work, but
+# for a payload with more values than `codec.costly_to_parse` allows on the loop.
 _OFFLOAD_BYTES: Final = BLOB_FAST_PATH_BYTES
 _EMPTY_ARRAY_END: Final = b"[]}}}"  # how an empty `Bytes` result payload ends
 _MAX_REDIRECTS: Final = 10  # as reqwest, which upstream uses
@@ -422,14 +424,20 @@ class IoTaskRunner:
         self._on_done(ident, result_frame)
 
     async def _execute(self, ident: str, payload: bytes) -> bytes:
-        if len(payload) > _OFFLOAD_BYTES or spilled(payload) is not None:
+        if (
+            spilled(payload) is not None
+            or len(payload) > _OFFLOAD_BYTES
+            or codec.costly_to_parse(payload)
+        ):
             # A big byte array: read (from its segment, when it was spilled) and decoded in a
             # thread by the vectorised codec, which lets go of the GIL (orjson would hold it,
             # and the event loop, for 75 ms per MiB of data). A malformed array is answered
-            # from the codec's own diagnosis, as a worker answers a big StoreData.
+            # from the codec's own diagnosis, as a worker answers a big StoreData. A smaller
+            # payload with too many values to parse on the loop goes the same way (see
+            # `_decode_off_loop`).
             loop = asyncio.get_running_loop()
             try:
-                task = await loop.run_in_executor(None, self._decode_big, payload)
+                task = await loop.run_in_executor(None, self._decode_off_loop, payload)
             except (ByteArrayError, RemoteProtocolError) as exc:
                 return _result_frame(ident, m.Error(f"malformed task: {exc}"))
             except OSError as exc:
@@ -521,13 +529,28 @@ class IoTaskRunner:
             return await loop.run_in_executor(None, _response_frame, ident, body, charset)
         return _response_frame(ident, body, charset)
 
-    def _decode_big(self, payload: bytes) -> m.Task | None:
-        """The task of a big or spilled payload (run in a thread); None when it is no task."""
+    def _decode_off_loop(self, payload: bytes) -> m.Task | None:
+        """The task of a big, spilled or costly payload (run in a thread); None when it is no
+        task.
+
+        Below `BLOB_FAST_PATH_BYTES` a payload comes here only when `codec.costly_to_parse`
+        finds more values in it than the loop may parse: a task holds that many only in a
+        `Tcp`/`Udp` byte array, which `_task_around_array` decodes without the GIL. Any other
+        such payload is malformed or carries fields no master writes; the generic decoder
+        answers it here as it did on the loop, but orjson (and the garbage collector, after
+        thousands of arrays) holds the GIL while it parses, so for such a payload the loop
+        still waits about as long as before (2-5 ms median for 64 KiB of such JSON, measured
+        on a busy 2-core host; tens of ms when the collector runs)."""
         whole = read_spilled(self.config.shm_dir, payload)
-        blob = decode_blob_task(whole)
-        if blob is not None:
-            return blob[1]
-        message = codec.decode(whole)  # no blob task `decode_blob_task` reads: rare
+        if len(whole) >= BLOB_FAST_PATH_BYTES:
+            blob = decode_blob_task(whole)
+            if blob is not None:
+                return blob[1]
+        else:
+            task = _task_around_array(whole)
+            if task is not None:
+                return task
+        message = codec.decode(whole)  # no blob task the vectorised codec reads: rare
         return message.task if isinstance(message, m.AssignTask) else None
 
     # --- Tcp and Udp --------------------------------------------------------------------------
@@ -638,6 +661,32 @@ class IoTaskRunner:
             return await waiter
         finally:
             port.forget(key, waiter)
+
+
+def _task_around_array(payload: bytes) -> m.Task | None:
+    """The task of an `AssignTask` payload that is mostly a flat byte array (in any JSON form):
+    the array decoded by the vectorised codec, which lets go of the GIL, and only what is
+    around it parsed, by orjson (`codec.around_blob`). The answer is the generic decoder's:
+    the array is read first, and anything it cannot read (no flat array, or no valid one)
+    gives None, for the generic decoder to name what is wrong in its words; with a valid
+    array the payload is valid JSON, and the data field is checked after every other."""
+    around = codec.around_blob(payload)
+    if around is None:
+        return None
+    value, start, end = around
+    try:
+        data = decode_byte_array(memoryview(payload)[start:end])
+    except ByteArrayError:
+        return None
+    if "AssignTask" not in value:
+        return None  # a SubmitTask or TaskResult: no task for a node
+    (fields,) = value["AssignTask"]["task"].values()  # the shape around_blob checked
+    fields["data"] = []
+    message = codec.message_from_json(value)
+    assert isinstance(message, m.AssignTask)
+    task = message.task
+    assert isinstance(task, m.StoreData | m.DiskWrite | m.Tcp | m.Udp)  # what around_blob takes
+    return dataclasses.replace(task, data=data)
 
 
 def _kind_name(kind: socket.SocketKind) -> str:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -510,6 +511,75 @@ def test_a_big_tcp_task_with_another_tasks_field_is_malformed() -> None:
     (result,) = run_payloads(Config(), [bad])
     assert isinstance(result, m.Error)
     assert result.message.startswith("malformed task: ") and "addr" in result.message
+
+
+_ONE_DIGIT_BYTES = bytes(i % 10 for i in range(25_000))
+_EMPTY_ARRAYS = b"[" + b",".join([b"[]"] * 15_000) + b"]"
+_DEEP = b"[" * 1000 + b"]" * 1000
+COSTLY_BUT_SMALL = [
+    # The `data` field as JSON, fields after it, the answer (the bytes the peer gets, or the
+    # error), and whether the generic decoder reads it (else the vectorised codec does).
+    pytest.param(
+        encode_byte_array(_ONE_DIGIT_BYTES), b"", _ONE_DIGIT_BYTES, False, id="25000-bytes"
+    ),
+    pytest.param(
+        encode_byte_array(_ONE_DIGIT_BYTES)[:-1] + b",256]",
+        b"",
+        "AssignTask.task.Tcp.data[25000]: expected an integer 0-255, got number 256",
+        True,
+        id="a-value-above-255-last",
+    ),
+    pytest.param(
+        _EMPTY_ARRAYS,
+        b"",
+        "AssignTask.task.Tcp.data[0]: expected an integer 0-255, got array of 0",
+        True,
+        id="data-of-15000-arrays",
+    ),
+    pytest.param(b"[1,2,3]", b',"junk":' + _EMPTY_ARRAYS, b"\1\2\3", True, id="junk-of-arrays"),
+    pytest.param(
+        b"[1,2,3]",
+        b',"junk":' + _DEEP + b',"more":[' + b",".join([_DEEP[600:-600]] * 70) + b"]",
+        b"\1\2\3",
+        True,
+        id="junk-nested-deeply",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "more", "answer", "generic"), COSTLY_BUT_SMALL)
+def test_a_small_payload_with_too_many_values_is_decoded_off_the_loop(
+    data: bytes, more: bytes, answer: bytes | str, generic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under 64 KiB a payload was decoded on the event loop whatever it held: 25,000 values of
+    # Tcp data, or 15,000 arrays in a field no master writes, held the loop for several ms.
+    # Now a thread decodes it: the vectorised codec a byte array, the generic decoder (which
+    # gives the answer it always gave) anything else.
+    parsed: list[tuple[str, bool]] = []  # (which parser, whether on the event loop's thread)
+
+    def recorder(real: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(payload: bytes, *args: object) -> Any:
+            if len(payload) > 16 * 1024:  # the task's, not a result frame's
+                on_loop = threading.current_thread() is threading.main_thread()
+                parsed.append((real.__name__, on_loop))
+            return real(payload, *args)
+
+        return recorded
+
+    monkeypatch.setattr(codec, "decode", recorder(codec.decode))
+    monkeypatch.setattr(codec, "around_blob", recorder(codec.around_blob))
+    size = len(answer) if isinstance(answer, bytes) else 0
+    with TcpEcho(digest_when_whole(size)) as echo:
+        task = b'{"Tcp":{"addr":"127.0.0.1:%d","data":%s%s}}' % (echo.port, data, more)
+        payload = b'{"AssignTask":{"id":"0","task":' + task + b"}}"
+        assert len(payload) <= iotasks._OFFLOAD_BYTES and codec.costly_to_parse(payload)
+        (result,) = run_payloads(Config(), [payload])
+    if isinstance(answer, bytes):
+        assert result == m.Bytes(hashlib.sha256(answer).hexdigest().encode())
+    else:
+        assert result == m.Error(f"malformed task: {answer}")
+    assert parsed and [name for name, on_loop in parsed if on_loop] == []
+    assert ("decode" in [name for name, _ in parsed]) is generic
 
 
 def test_tcp_reads_at_most_tcp_read_bytes() -> None:
