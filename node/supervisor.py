@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import signal
 import time
@@ -211,7 +212,12 @@ class Node:
         if free_bytes(self.config.shm_dir) < length + SEGMENT_RESERVE_BYTES:
             return None
         try:
-            segment = IncomingSegment(self.config.shm_dir, self.node_dir.segment_prefix, length)
+            segment = IncomingSegment(
+                self.config.shm_dir,
+                self.node_dir.segment_prefix,
+                length,
+                offload=functools.partial(asyncio.get_running_loop().run_in_executor, None),
+            )
         except OSError as error:
             log.warning(
                 "cannot spill a %d-byte frame to %s: %s", length, self.config.shm_dir, error

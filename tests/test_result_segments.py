@@ -14,6 +14,7 @@ import uuid
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psutil
@@ -28,8 +29,15 @@ from node.link import MasterLink, _Connection
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder, frame
+from node.supervisor import Node
 from shm.errors import StoreFullError
-from shm.segments import IncomingSegment, PayloadSegment, discard_spilled, write_segment
+from shm.segments import (
+    IncomingSegment,
+    PayloadSegment,
+    discard_spilled,
+    spill_reference,
+    write_segment,
+)
 from tests.test_shm_segments import SHM, mounted_tmpfs, ours
 from workers.channel import RESULT_SEGMENT_BYTES, Frames
 from workers.pool import Worker, WorkerLimits, WorkerPool
@@ -351,6 +359,49 @@ def test_a_large_body_cut_off_mid_way_is_removed_off_the_event_loop() -> None:
                 os.unlink(segment.path)
     assert removed_in and threading.main_thread().name not in removed_in
     assert exists == [False]
+
+
+def test_a_large_body_that_finds_shm_dir_full_is_removed_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another writer filled shm_dir while a large body from the master was being spilled: the
+    # write that failed removed the segment on the event loop, and that frees what was
+    # written (55 ms for 256 MiB of tmpfs).
+    unlinked: list[tuple[str, bool]] = []  # (path, whether on the event loop's thread)
+    unlink = os.unlink
+
+    def recorded(path: str, *args: Any, **kwargs: Any) -> None:
+        unlinked.append((os.fspath(path), threading.current_thread() is threading.main_thread()))
+        unlink(path, *args, **kwargs)
+
+    body = bytes(2 << 20)
+
+    async def scenario(shm: Path) -> bytes:
+        node = Node(Config(shm_dir=str(shm), workers=1), JoinInfo("t", "127.0.0.1", 1))
+        node.node_dir = node._claim_node_dir()
+        try:
+            decoder = FrameDecoder(spill=node._spill)
+            assert decoder.feed(frame(body)[: 1 << 20]) == []
+            assert decoder.spilling
+            (shm / "filler").write_bytes(bytes(psutil.disk_usage(shm).free))
+            monkeypatch.setattr(os, "unlink", recorded)
+            (reference,) = decoder.feed(frame(body)[1 << 20 :])
+            name = spill_reference(reference)
+            assert name is not None
+            async with asyncio.timeout(10):
+                while (shm / name[0]).exists():
+                    await asyncio.sleep(0.01)
+            return reference
+        finally:
+            node.node_dir.release()
+
+    with mounted_tmpfs(tmp_path / "shm", "72m") as shm:
+        reference = asyncio.run(scenario(shm))
+        spill = spill_reference(reference)
+        assert spill is not None
+        name, error, _ = spill
+        assert error.startswith(f"the payload does not fit in {shm}: ")
+        assert [on_loop for path, on_loop in unlinked if path == str(shm / name)] == [False]
 
 
 def test_the_outbox_index_follows_new_results_and_confirmations(outbox_splits: list[int]) -> None:
