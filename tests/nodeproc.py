@@ -17,11 +17,22 @@ import psutil
 from shm.errors import NodeDirectoryInUse
 from shm.nodedir import claim_node_dir
 
+REPOSITORY = str(Path(__file__).resolve().parent.parent)
+
 
 class NodeProcess:
-    """`python -m node.cli CONFIG` as a child process, with its log captured to a file."""
+    """`python -m node.cli CONFIG` as a child process, with its log captured to a file;
+    `slow_compute`: `python -m tests.slownode CONFIG`, whose workers know the test expressions
+    of tests/slowtasks.py."""
 
-    def __init__(self, tmp: Path, join: Path, config: dict[str, object], *args: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        join: Path,
+        config: dict[str, object],
+        *args: str,
+        slow_compute: bool = False,
+    ) -> None:
         # An explicit node_id, so that what a killed node leaves in shm_dir can be found.
         config = {"node_id": f"test-{uuid.uuid4().hex[:12]}", **config}
         self.node_id = config["node_id"]
@@ -31,9 +42,13 @@ class NodeProcess:
         self.log_path = tmp / "node.log"
         env = dict(os.environ, CPCLUSTER_JOIN=str(join))
         env.pop("CPCLUSTER_TOKEN", None)
+        module = "node.cli"
+        if slow_compute:  # the node and its workers import `tests`
+            module = "tests.slownode"
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), REPOSITORY]))
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", str(self.config_path), *args],
+            [sys.executable, "-m", module, str(self.config_path), *args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

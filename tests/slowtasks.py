@@ -7,7 +7,9 @@ switches), `hold S` spends S seconds (whole) in one C call that keeps the GIL (t
 other thread does not run meanwhile), `grow N` allocates N MiB and keeps
 them (a worker whose memory grows), `orphan PREFIX` writes a payload segment under PREFIX in
 /dev/shm, then hangs (a worker killed while it writes a big result), `wait PATH` runs until the
-file PATH exists (a long task the test ends; at most WAIT_S) and `exit-once PATH S` makes the
+file PATH exists (a long task the test ends; at most WAIT_S), `pid PATH` adds the worker's pid
+as a line to the file PATH, then runs until it is killed (at most WAIT_S: a task whose worker
+the test kills), and `exit-once PATH S` makes the
 file PATH and exits the process after S seconds, or answers 0 when PATH exists already (a
 worker that dies in its task, which its retry survives).
 """
@@ -50,6 +52,11 @@ def compute(task: m.Compute) -> m.Result:
         deadline = time.monotonic() + WAIT_S
         while not os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.005)
+        return m.Number(0.0)
+    if expression.startswith("pid "):
+        with open(expression.removeprefix("pid "), "a") as pids:
+            pids.write(f"{os.getpid()}\n")
+        time.sleep(WAIT_S)
         return m.Number(0.0)
     if expression.startswith("exit-once "):
         path, seconds = expression.removeprefix("exit-once ").rsplit(" ", 1)
