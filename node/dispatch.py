@@ -23,6 +23,12 @@ to repeat and was not retried yet; finished tasks whose results died with it are
 same way; the tasks it never started are dispatched again, first in line. While draining,
 tasks are no longer accepted: `handed_back` counts those the master must take back.
 
+Metrics cost nothing per task here: workers count the tasks they answer, by type, and report
+now and then (`workers.stats`). What the dispatcher answers itself it counts by type as it
+answers (`answered_here`, `failed_here`: a dead worker's `Error`s, the I/O tasks' results, the
+`Error`s of a drain for direct links), on those rare paths only, so that every answered task is
+counted once under its type.
+
 Direct links (node/direct.py) hand tasks in with a `reply` sink: their results go back on that
 link instead of to the master (`_replies`, looked at only while it is not empty, so the master's
 path pays nothing). With `offload` set, a master task that arrives while the workers have no
@@ -105,7 +111,12 @@ class Dispatcher:
         self.handed_back = 0  # tasks dropped while draining (the master re-queues them)
         self.last_handed_back_at = 0.0  # time.monotonic() of the latest
         self.received = 0
-        self.completed = 0
+        self.completed = 0  # tasks answered, by a worker's result or here
+        # By type, for the metrics (workers count what they answer): the tasks answered here,
+        # not by a worker's result; and the `Error`s no worker counted (those answered here,
+        # and the one for a worker's result lost on its way, `result_lost`).
+        self.answered_here: collections.Counter[str] = collections.Counter()
+        self.failed_here: collections.Counter[str] = collections.Counter()
         self.joined_duplicates = 0
         # Payloads of answered tasks whose results may still await confirmation, in two
         # generations: everything in `_answered_before` is confirmed once the link has
@@ -207,7 +218,7 @@ class Dispatcher:
             self.discard(payload)
             return
         if reply is not None and not self._accepting:
-            reply(frame(codec.task_result_payload(ident, m.Error("the node is stopping"))), [ident])
+            self._answer_stopping(ident, payload, reply)
             self.discard(payload)
             return
         if not self._accepting:
@@ -297,6 +308,8 @@ class Dispatcher:
         payload = self._held.pop(ident, None)
         if payload is not None:  # as a worker's result: a repeat before the ack is re-sent
             self._answered[ident] = payload
+            failed = _ERROR_RESULT.search(result_frame, 0, _VARIANT_WINDOW) is not None
+            self._count_here(payload, failed)
         self.completed += 1
         reply = self._replies.pop(ident, None) if self._replies else None
         (reply or self._send_results)(result_frame, [ident])
@@ -343,11 +356,12 @@ class Dispatcher:
             if payload is not None:
                 self.discard(payload)
         if self._replies:  # a direct peer has no master to take its tasks back: answer them
-            stopping = m.Error("the node is stopping")
-            for ident in [ident for ident in dropped if ident in self._replies]:
-                reply = self._replies.pop(ident)
-                reply(frame(codec.task_result_payload(ident, stopping)), [ident])
-                dropped.remove(ident)
+            for ids, payloads in self._pending:
+                for ident, payload in zip(ids, payloads, strict=True):
+                    reply = self._replies.pop(ident, None)
+                    if reply is not None:
+                        self._answer_stopping(ident, payload, reply)
+                        dropped.remove(ident)
         self._pending.clear()
         self._pending_count = 0
         self._pending_bytes = 0
@@ -375,20 +389,39 @@ class Dispatcher:
     def _give_back(self, idents: list[str]) -> None:
         """Forget held tasks that will not run: the master takes them back by evicting us (a
         direct link, which has no master to take them back, gets an `Error` for each)."""
-        stopping = m.Error("the node is stopping")
         handed_back = 0
         for ident in idents:
-            del self._held[ident]
+            payload = self._held.pop(ident)
             self._retried.discard(ident)
             reply = self._replies.pop(ident, None) if self._replies else None
             if reply is not None:
-                reply(frame(codec.task_result_payload(ident, stopping)), [ident])
+                self._answer_stopping(ident, payload, reply)
             else:
                 handed_back += 1
         if handed_back:
             self.handed_back += handed_back
             self.last_handed_back_at = time.monotonic()
         self._check_idle()
+
+    def _answer_stopping(self, ident: str, payload: bytes, reply: ResultSink) -> None:
+        """Answer a direct link's task that will not run: the node is draining."""
+        reply(frame(codec.task_result_payload(ident, m.Error("the node is stopping"))), [ident])
+        self.completed += 1
+        self._count_here(payload, failed=True)
+
+    def _count_here(self, payload: bytes, failed: bool) -> None:
+        """Count a task answered here (not by a worker's result) under its type."""
+        kind = task_type(payload)
+        self.answered_here[kind] += 1
+        if failed:
+            self.failed_here[kind] += 1
+
+    def result_lost(self, ident: str) -> None:
+        """A worker's result for `ident` was lost on its way and the pool answers the task
+        with an `Error` instead: the worker counted the task, but not as failed."""
+        payload = self._held.get(ident)
+        if payload is not None:
+            self.failed_here[task_type(payload)] += 1
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -626,6 +659,7 @@ class Dispatcher:
             self._retried.discard(ident)
             del self._held[ident]
             self._answered[ident] = payload  # a repeat before the ack gets this Error again
+            self._count_here(payload, failed=True)
             errors.append(frame(codec.task_result_payload(ident, error)))
             errored.append(ident)
         if requeue:
@@ -669,6 +703,18 @@ _IO_TASKS = frozenset({"HttpRequest", "Tcp", "Udp"})
 # search stops at the first match, right after the id, in every payload but a malformed one).
 _VARIANT_WINDOW = 64 * 1024
 _TASK_VARIANT = re.compile(rb'"task"\s*:\s*(?:\{\s*)?"([A-Za-z]+)"')
+# A `TaskResult` whose result is an `Error` (quotes inside a JSON string are escaped, so only
+# the result's own variant can match).
+_ERROR_RESULT = re.compile(rb'"result"\s*:\s*\{\s*"Error"')
+
+
+def task_type(payload: bytes) -> str:
+    """The type an `AssignTask` payload is counted under, as `Dispatcher.accept` files it:
+    its task's variant, "malformed" when none can be read."""
+    if payload.find(_COMPUTE_MARK, 0, 512) >= 0:
+        return "Compute"
+    match = _TASK_VARIANT.search(payload, 0, _VARIANT_WINDOW)
+    return match.group(1).decode() if match is not None else "malformed"
 
 
 def python_claim_tasks(

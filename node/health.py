@@ -11,8 +11,9 @@ from the supervisor's loop: no thread of its own, no web framework. It serves MA
 once, each for REQUEST_TIMEOUT_S at most; one more is closed as soon as it is accepted (counted,
 and logged at most every REFUSED_LOG_EVERY_S), so a flood of connections cannot take the node's
 file descriptors. Nothing is counted for it on the hot path: `NodeCollector` reads the
-dispatcher's, pool's and link's counters when a scrape comes (the task histograms come from the
-workers' own snapshots, `workers.stats`), and the text is formatted in a thread. What needs the
+dispatcher's, pool's and link's counters when a scrape comes (the task counts by type come from
+the workers' own snapshots, `workers.stats`, plus the dispatcher's count of the tasks it answered
+itself), and the text is formatted in a thread. What needs the
 file system (store sizes under `storage_dir` and `shm_dir`) or /proc (worker memory) is read in a
 thread too, at most every STORAGE_SCAN_EVERY_S, and a scrape never waits on it for more than a
 second; a read that fails is logged and the scrape serves the figures read before.
@@ -265,30 +266,36 @@ class NodeCollector:
         for kind, count in sorted(dispatcher.received_by_type.items()):
             received.add_metric([kind], count)
         yield received
-        stats = pool.task_stats()
         completed = CounterMetricFamily(
             "cpnode_tasks_completed",
-            "Tasks workers ran to a result (failed ones included), by type.",
+            "Tasks answered (with a value or an Error), by type.",
             labels=["type"],
         )
         failed = CounterMetricFamily(
-            "cpnode_tasks_failed", "Tasks workers answered with an Error, by type.", labels=["type"]
+            "cpnode_tasks_failed", "Tasks answered with an Error, by type.", labels=["type"]
         )
         seconds = HistogramMetricFamily(
             "cpnode_task_execution_seconds",
             "Time a worker spent running a task, by type.",
             labels=["type"],
         )
-        for kind, row in sorted(stats.items()):
-            completed.add_metric([kind], row[COMPLETED])
-            failed.add_metric([kind], row[FAILED])
-            _histogram(seconds, [kind], BUCKETS, row[FIRST_BUCKET:], row[SECONDS])
+        # What workers answered (as they last reported), and what the supervisor answered
+        # itself: a dead worker's tasks, the I/O tasks, a drain's Errors for direct links.
+        ran = pool.task_stats()
+        answered_here, failed_here = dispatcher.answered_here, dispatcher.failed_here
+        for kind in sorted({*ran, *answered_here, *failed_here}):
+            row = ran.get(kind)
+            completed.add_metric([kind], (row[COMPLETED] if row else 0) + answered_here[kind])
+            failed.add_metric([kind], (row[FAILED] if row else 0) + failed_here[kind])
+            if row is not None:
+                _histogram(seconds, [kind], BUCKETS, row[FIRST_BUCKET:], row[SECONDS])
         yield completed
         yield failed
         yield seconds
         yield _counter(
             "cpnode_tasks_answered",
-            "Results handed to the master link (every type, worker crashes included).",
+            "Tasks answered (every type; sum of cpnode_tasks_completed_total once workers "
+            "have reported).",
             dispatcher.completed,
         )
         yield _counter(

@@ -89,6 +89,7 @@ class Node:
             on_worker_ready=self.dispatcher.worker_ready,
             on_worker_lost=self.dispatcher.worker_lost,
             on_skipped=self.dispatcher.skipped,
+            on_result_lost=self.dispatcher.result_lost,
             start_method=start_method,
             limits=WorkerLimits(
                 task_timeout_ms=config.task_timeout_ms,

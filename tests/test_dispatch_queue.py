@@ -23,6 +23,7 @@ from node import dispatch
 from node.dispatch import Dispatcher
 from node.protocol import codec
 from node.protocol import messages as m
+from node.protocol.framing import FrameDecoder
 from workers.pool import Worker, WorkerStatus
 from workers.worker import PROGRESS_FIELDS, STARTED_AT_NS
 
@@ -187,3 +188,41 @@ def test_a_worker_busy_with_a_long_task_gets_no_more_and_is_no_capacity() -> Non
         assert dispatcher.has_capacity()
 
     asyncio.run(run())
+
+
+def test_a_drain_counts_the_errors_it_answers_direct_links_with_under_their_type() -> None:
+    """Draining, the dispatcher answers a direct link's tasks itself ("the node is stopping"):
+    those it had queued, one its worker did not start (`skipped`) and one that arrives; each is
+    counted once under its type, answered and failed. The master's queued task is handed back,
+    not answered."""
+    replies: dict[str, m.Result] = {}
+
+    def reply(blob: bytes | memoryview, ids: list[str]) -> None:
+        for ident, frame_payload in zip(ids, FrameDecoder().feed(bytes(blob)), strict=True):
+            result = codec.decode(frame_payload)
+            assert isinstance(result, m.TaskResult) and result.id == ident
+            replies[ident] = result.result
+
+    async def run() -> Dispatcher:
+        dispatcher = Dispatcher(1, lambda blob, ids: None)
+        dispatcher.pool = Recorder()  # type: ignore[assignment]
+        worker = Worker(0, None)
+        worker.status = WorkerStatus.READY
+        dispatcher.worker_ready(worker)
+        dispatcher.accept("d0", payload("d0", 0), reply=reply)
+        store = m.AssignTask("d1", m.StoreData("key", b"data"))
+        dispatcher.accept("d1", codec.encode_payload(store), reply=reply)
+        dispatcher.accept("m0", payload("m0", 0))
+        await asyncio.sleep(0)  # the flush: `prefetch` 1, the worker holds d0
+        assert list(worker.assigned) == ["d0"]
+        assert dispatcher.stop_accepting() == ["m0"]
+        dispatcher.skipped(worker, 1)
+        dispatcher.accept("d2", payload("d2", 0), reply=reply)
+        return dispatcher
+
+    dispatcher = asyncio.run(run())
+    assert replies == {ident: m.Error("the node is stopping") for ident in ("d0", "d1", "d2")}
+    assert dispatcher.completed == 3
+    assert dispatcher.answered_here == {"Compute": 2, "StoreData": 1}
+    assert dispatcher.failed_here == {"Compute": 2, "StoreData": 1}
+    assert dispatcher.handed_back == 1 and dispatcher.held == 0

@@ -280,6 +280,151 @@ def test_metrics_parse_and_counters_move_when_tasks_run(running: Running) -> Non
     assert value(after, ("cpnode_master_reconnects_total", ())) == 0
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def by_type(samples: Samples, name: str) -> dict[str, float]:
+    """The samples of the counter `name` (labelled by task type), by type."""
+    return {dict(labels)["type"]: value for (n, labels), value in samples.items() if n == name}
+
+
+def counted(samples: Samples) -> tuple[dict[str, float], dict[str, float]]:
+    """`cpnode_tasks_completed_total` and `cpnode_tasks_failed_total`, by type."""
+    return (
+        by_type(samples, "cpnode_tasks_completed_total"),
+        by_type(samples, "cpnode_tasks_failed_total"),
+    )
+
+
+def settled(port: int, answered: float, timeout: float = 15.0) -> Samples:
+    """/metrics once `answered` tasks were answered and the counts by type add up to them
+    (workers report theirs within half a second of going idle); at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        completed, failed = counted(samples)
+        now = samples[("cpnode_tasks_answered_total", ())]
+        if now == answered and sum(completed.values()) == answered:
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"answered {now} (expected {answered}); by type, completed {completed}, "
+                f"failed {failed}"
+            )
+        time.sleep(0.1)
+
+
+def written_pids(path: Path) -> list[int]:
+    """The pids `pid PATH` tasks wrote to `path` (whole lines only)."""
+    if not path.exists():
+        return []
+    return [int(line) for line in path.read_text().splitlines(keepends=True) if line[-1] == "\n"]
+
+
+def slow_node(
+    tmp: Path, master: MasterThread, port: int, workers: int, **config: object
+) -> NodeProcess:
+    """A node whose `Compute` knows the test expressions of tests/slowtasks.py."""
+    settings = {"failover_timeout_ms": FAILOVER_MS, "master_addresses": [master.address], **config}
+    node = NodeProcess(
+        tmp, tmp / "join.json", settings,
+        "--workers", str(workers), "--health-port", str(port),
+        slow_compute=True,
+    )  # fmt: skip
+    wait_for(port, "/readyz", 200, node)
+    return node
+
+
+def test_a_task_past_task_timeout_ms_counts_as_failed_under_its_type(tmp_path: Path) -> None:
+    """The supervisor answers a task past `task_timeout_ms` with an `Error` (its worker, killed,
+    counted nothing): the task is counted once under its type, completed and failed, and the
+    counts by type add up to `cpnode_tasks_answered_total`."""
+    port = free_port()
+    join = tmp_path / "join.json"
+    with MasterThread(Config(failover_timeout_ms=FAILOVER_MS), join_path=str(join)) as master:
+        node = slow_node(tmp_path, master, port, 2, task_timeout_ms=300)
+        try:
+            results = run_tasks(
+                join, [m.Compute(f"{i}*3") for i in range(50)] + [m.Compute("1/")] * 3
+            )
+            assert sum(isinstance(r, m.Error) for r in results) == 3
+            # Reported before the kill (a killed worker takes what it had not reported with it).
+            assert counted(settled(port, 53)) == ({"Compute": 53}, {"Compute": 3})
+
+            (timed_out,) = run_tasks(join, [m.Compute("sleep 30")])
+            assert isinstance(timed_out, m.Error)
+            assert "task_timeout_ms = 300 ms" in timed_out.message
+            after = settled(port, 54)
+            assert counted(after) == ({"Compute": 54}, {"Compute": 4})
+            assert (
+                after[("cpnode_worker_restarts_total", (("cause", "task_timeout_ms = 300"),))] == 1
+            )
+            assert node.stop() == 0
+        finally:
+            node.close()
+
+
+def test_a_task_whose_worker_was_killed_counts_as_failed_under_its_type_once(
+    tmp_path: Path,
+) -> None:
+    """A `Compute` whose worker is SIGKILLed while it runs is retried once (it is safe to
+    repeat); its second worker SIGKILLed too, the supervisor answers it with an `Error` naming
+    the signal: counted once under its type, completed and failed, and the counts by type add
+    up to `cpnode_tasks_answered_total`."""
+    port = free_port()
+    join = tmp_path / "join.json"
+    pids = tmp_path / "pids"
+    with MasterThread(Config(failover_timeout_ms=FAILOVER_MS), join_path=str(join)) as master:
+        node = slow_node(tmp_path, master, port, 1)
+        try:
+            results = run_tasks(join, [m.Compute(f"{i}+1") for i in range(20)] + [m.Compute("1/")])
+            assert sum(isinstance(r, m.Error) for r in results) == 1
+            assert counted(settled(port, 21)) == ({"Compute": 21}, {"Compute": 1})
+
+            async def killed_twice() -> m.Result:
+                async with Client.connect(join, timeout=30) as client:
+                    (ident,) = await client.submit_many([m.Compute(f"pid {pids}")])
+                    for run in (1, 2):  # the run, then its retry
+                        async with asyncio.timeout(30):
+                            while len(ran_by := written_pids(pids)) < run:
+                                await asyncio.sleep(0.02)
+                        os.kill(ran_by[-1], signal.SIGKILL)
+                    return (await client.results([ident], timeout=30))[ident]
+
+            result = asyncio.run(killed_twice())
+            assert isinstance(result, m.Error)
+            assert "died while running this task: signal SIGKILL" in result.message
+            after = settled(port, 22)
+            assert counted(after) == ({"Compute": 22}, {"Compute": 2})
+            assert by_type(after, "cpnode_tasks_received_total") == {"Compute": 22}
+            assert after[("cpnode_worker_replacements_total", ())] == 2
+            assert node.stop() == 0
+        finally:
+            node.close()
+
+
+def test_io_tasks_count_under_their_type(running: Running) -> None:
+    """`HttpRequest` tasks run in the supervisor's event loop, not in a worker: the supervisor
+    counts them, a refused connection's `Error` as failed."""
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    closed = free_port()
+    completed, failed = counted(scrape(running.port))
+    with HttpServer({"/ok": ok}) as http:
+        tasks: list[m.Task] = [
+            m.HttpRequest(http.url("/ok")),
+            m.HttpRequest(f"http://127.0.0.1:{closed}/"),
+        ]
+        response, refused = run_tasks(running.join, tasks)
+    assert isinstance(response, m.Response) and isinstance(refused, m.Error)
+    answered = scrape(running.port)[("cpnode_tasks_answered_total", ())]
+    completed_after, failed_after = counted(settled(running.port, answered))
+    assert completed_after["HttpRequest"] - completed.get("HttpRequest", 0) == 2
+    assert failed_after["HttpRequest"] - failed.get("HttpRequest", 0) == 1
+
+
 def test_json_logs_are_valid_json_lines(running: Running) -> None:
     lines = [line for line in running.node.log.splitlines() if line.strip()]
     assert lines

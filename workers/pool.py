@@ -242,6 +242,7 @@ class WorkerPool:
         on_worker_ready: Callable[[Worker], None],
         on_worker_lost: Callable[[Worker, WorkerLoss], None],
         on_skipped: Callable[[Worker, int], None] = lambda worker, count: None,
+        on_result_lost: Callable[[str], None] = lambda ident: None,
         start_method: str = "forkserver",
         limits: WorkerLimits | None = None,
     ) -> None:
@@ -261,6 +262,7 @@ class WorkerPool:
         self._on_worker_ready = on_worker_ready
         self._on_worker_lost = on_worker_lost
         self._on_skipped = on_skipped
+        self._on_result_lost = on_result_lost
         self._starting_allowed = True
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -481,6 +483,7 @@ class WorkerPool:
             lost = m.Error(
                 f"the task's result was lost on its way from worker {worker.index}: {error}"
             )
+            self._on_result_lost(ident)  # counted as failed (the worker counted it as run)
             self._results(worker, 1, frame(codec.task_result_payload(ident, lost)))
             return
         self.result_segments += 1

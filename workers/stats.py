@@ -3,6 +3,13 @@
 A worker records every task it runs (`TaskStats.record`) and sends a cumulative snapshot to the
 supervisor now and then (a `STATS` channel message), so the supervisor's metrics cost it
 nothing per task: `merge` adds the latest snapshot of every worker that ever lived.
+
+A snapshot leaves the worker after the results of the tasks it counts (at the end of a batch),
+so it never counts a task whose result the supervisor did not get; but a worker that dies or is
+killed takes with it the counts of the results it sent since its last snapshot (those of the
+batch it was running, and of the batches it ended in the `STATS_EVERY_S` before). The tasks
+the supervisor answers itself (a dead worker's, with an `Error`) it counts itself
+(`node.dispatch`).
 """
 
 from __future__ import annotations
