@@ -3,23 +3,29 @@
     python bench/soak.py                                   # 120 s, 2 workers
     python bench/soak.py --duration 1800 --workers 8       # a longer run
 
-A `cpnode-master` (plain TCP on a loopback port, a state file) and a `cpnode-supervisor` run as
-an operator runs them; this process submits tasks through the client library and polls their
-results for `--duration` seconds, while, each on its own clock:
+A `cpnode-master` (plain TCP on a loopback port, a state file) and two `cpnode-supervisor`s, a
+Worker node and a Disk node, run as an operator runs them; this process submits tasks through
+the client library and polls their results for `--duration` seconds, while, each on its own
+clock:
 - a random worker is killed (SIGKILL) every `--kill-every` seconds;
 - the master is stopped (SIGTERM) and started again on the same port and state file every
   `--master-every` seconds, between two submissions (a submission the master never
   acknowledged would leave its tasks in doubt);
-- the node is stopped (SIGTERM: it drains, handing back what it has not started) and a new one
-  started every `--node-every` seconds.
+- a node is stopped (SIGTERM: it drains, handing back what it has not started) and a new one
+  started every `--node-every` seconds, the two nodes in turn.
 
 Tasks: `Compute` tasks whose values are known by construction (`a*b+c`), slower ones that a kill
-is likely to find running, and `ComplexMath` sums; all different, so no cache answers them.
+is likely to find running, and `ComplexMath` sums, all different, so no cache answers them; and
+`DiskWrite`s of random bytes to new files in new directories, each read back (`DiskRead`) once
+its write is answered.
+
 At the end every task must have its exact value; an `Error` is allowed only where a kill
-explains it (a task safe to repeat is retried once, so a task a kill finds running twice gets
-one), and each names the cause. Exit status 1 when a result is wrong or missing, there are
-more Errors than kills, or a log holds a traceback (the logs' directory is kept then).
-Nothing leaves loopback; every process started here is stopped here.
+explains it (a task safe to repeat is retried once, so it gets one only when kills find it
+running twice; a `DiskWrite` is not retried), and the Errors' texts are printed. Exit status 1
+when a result is wrong or missing, there are more Errors than kills, a log holds a traceback,
+or a process exited unbidden (it is started again) or did not stop cleanly on SIGTERM; the
+logs' directory is kept then. Nothing
+leaves loopback; every process started here is stopped here.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import collections
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +54,8 @@ from node.errors import ConfigError
 from node.protocol import messages as m
 
 _SLOW_TERMS = 100  # terms of a slow task: about a millisecond of work, a kill's likely target
+_DIRECTORIES = 97
+_ROLES = ("Worker", "Disk")
 
 
 @dataclass
@@ -60,6 +69,9 @@ class Soak:
     master_restarts: int = 0
     node_restarts: int = 0
     in_doubt: int = 0  # tasks of a submission that failed: maybe on the master, maybe not
+    exits: list[str] = field(default_factory=list)  # processes that exited unbidden or uncleanly
+    written: dict[str, m.DiskWrite] = field(default_factory=dict)  # by id, until answered
+    reads_due: list[tuple[m.Task, m.Result]] = field(default_factory=list)  # their DiskReads
     submitting: asyncio.Lock = field(default_factory=asyncio.Lock)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -70,7 +82,11 @@ def make_batch(first: int, count: int, rng: random.Random) -> list[tuple[m.Task,
     for number in range(first, first + count):
         kind = rng.random()
         a, b = rng.randrange(1, 1000), rng.randrange(1, 1000)
-        if kind < 0.05:  # slow: the sum of many zero terms, exact in floats
+        if kind < 0.03:  # a new file, in one of _DIRECTORIES new directories
+            data = rng.randbytes(rng.randrange(0, 2048))
+            path = f"soak/{number % _DIRECTORIES}/{number}.bin"
+            batch.append((m.DiskWrite(path, data), m.Written()))
+        elif kind < 0.08:  # slow: the sum of many zero terms, exact in floats
             body = "+".join(["sin(1)*0"] * _SLOW_TERMS)
             batch.append((m.Compute(f"{number}+{body}"), m.Number(float(number))))
         elif kind < 0.15:
@@ -88,7 +104,8 @@ def free_port() -> int:
 
 
 class Processes:
-    """The master and the node, started and stopped as an operator would, logs in `directory`."""
+    """The master and the nodes, started and stopped as an operator would, logs in
+    `directory`."""
 
     def __init__(self, directory: Path, port: int, workers: int) -> None:
         self.directory = directory
@@ -96,18 +113,17 @@ class Processes:
         self.workers = workers
         self.env = {**os.environ, "CPCLUSTER_JOIN": str(directory / "join.json")}
         self.master: subprocess.Popen[bytes] | None = None
-        self.node: subprocess.Popen[bytes] | None = None
-        self.config = directory / "node.json"
-        self.config.write_bytes(
-            orjson.dumps(
-                {
-                    "master_addresses": [f"127.0.0.1:{port}"],
-                    "failover_timeout_ms": 3000,
-                    "retry_interval_ms": 200,
-                    "max_retries": 50,
-                }
-            )
-        )
+        self.nodes: dict[str, subprocess.Popen[bytes]] = {}
+        for role in _ROLES:
+            settings = {
+                "master_addresses": [f"127.0.0.1:{port}"],
+                "failover_timeout_ms": 3000,
+                "retry_interval_ms": 200,
+                "max_retries": 50,
+                "role": role,
+                "storage_dir": f"storage-{role.lower()}",
+            }
+            (directory / f"node-{role.lower()}.json").write_bytes(orjson.dumps(settings))
 
     def _start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 (the child holds it)
@@ -117,7 +133,7 @@ class Processes:
             )
 
     def start_master(self) -> None:
-        # A restart keeps join.json's token (the node holds it).
+        # A restart keeps join.json's token (the nodes hold it).
         self.master = self._start(
             "master",
             [
@@ -127,24 +143,26 @@ class Processes:
             ],
         )  # fmt: skip
 
-    def start_node(self) -> None:
-        self.node = self._start(
-            "node",
+    def start_node(self, role: str) -> None:
+        name = f"node-{role.lower()}"
+        self.nodes[role] = self._start(
+            name,
             [
-                sys.executable, "-m", "node.cli", str(self.config), "--workers",
+                sys.executable, "-m", "node.cli", f"{name}.json", "--workers",
                 str(self.workers), "--log-level", "info",
             ],
         )  # fmt: skip
 
     def worker_pids(self) -> list[int]:
-        """Workers are children of the forkserver, a child of the supervisor."""
-        if self.node is None:
-            return []
-        try:
-            children = psutil.Process(self.node.pid).children()
-            return [g.pid for c in children for g in c.children() if g.is_running()]
-        except psutil.NoSuchProcess:
-            return []
+        """Workers are children of a forkserver, a child of a supervisor."""
+        pids = []
+        for node in self.nodes.values():
+            try:
+                children = psutil.Process(node.pid).children()
+                pids += [g.pid for c in children for g in c.children() if g.is_running()]
+            except psutil.NoSuchProcess:
+                continue
+        return pids
 
     @staticmethod
     def stop(process: subprocess.Popen[bytes] | None, what: str, timeout: float = 60) -> None:
@@ -161,7 +179,7 @@ class Processes:
             raise RuntimeError(f"the {what} exited {code} after SIGTERM")
 
     def close(self) -> None:
-        for process in (self.node, self.master):
+        for process in [*self.nodes.values(), self.master]:
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait(10)
@@ -180,25 +198,38 @@ async def wait_for_master(join: Path, timeout: float = 30) -> None:
 
 
 async def submitter(soak: Soak, join: Path, batch: int, most_outstanding: int) -> None:
+    """New tasks while the run lasts, each written file's read as soon as its write is
+    answered; after the run, the reads of the writes still running."""
     rng = random.Random(1)
     number = 0
-    while not soak.stop.is_set():
-        if len(soak.outstanding) >= most_outstanding:
+    while not soak.stop.is_set() or soak.written or soak.reads_due:
+        if soak.stop.is_set() or len(soak.outstanding) >= most_outstanding:
+            tasks = []
+        else:
+            tasks = make_batch(number, batch, rng)
+            number += batch
+        tasks += soak.reads_due
+        soak.reads_due = []
+        if tasks:
+            await submit(soak, join, tasks)
+        else:
             await asyncio.sleep(0.02)
-            continue
-        tasks = make_batch(number, batch, rng)
-        number += batch
-        async with soak.submitting:
-            try:
-                async with Client.connect(join, timeout=10) as client:
-                    ids = await client.submit_many([task for task, _ in tasks])
-            except ClientError as error:
-                soak.in_doubt += len(tasks)
-                print(f"submission of {len(tasks)} tasks failed: {error}", file=sys.stderr)
-                continue
-        for ident, (_, result) in zip(ids, tasks, strict=True):
-            soak.expected[ident] = result
-            soak.outstanding[ident] = None
+
+
+async def submit(soak: Soak, join: Path, tasks: list[tuple[m.Task, m.Result]]) -> None:
+    async with soak.submitting:
+        try:
+            async with Client.connect(join, timeout=10) as client:
+                ids = await client.submit_many([task for task, _ in tasks])
+        except ClientError as error:
+            soak.in_doubt += len(tasks)
+            print(f"submission of {len(tasks)} tasks failed: {error}", file=sys.stderr)
+            return
+    for ident, (task, result) in zip(ids, tasks, strict=True):
+        soak.expected[ident] = result
+        soak.outstanding[ident] = None
+        if isinstance(task, m.DiskWrite):
+            soak.written[ident] = task
 
 
 async def collector(soak: Soak, join: Path, submitter_done: asyncio.Event) -> None:
@@ -218,6 +249,17 @@ async def collector(soak: Soak, join: Path, submitter_done: asyncio.Event) -> No
         for ident, result in done.items():
             soak.results[ident] = result
             soak.outstanding.pop(ident, None)
+            write = soak.written.pop(ident, None)
+            if write is not None and result == m.Written():  # read it back
+                soak.reads_due.append((m.DiskRead(write.path), m.Bytes(write.data)))
+
+
+async def stop(soak: Soak, process: subprocess.Popen[bytes] | None, what: str) -> None:
+    """SIGTERM `process` and wait for its exit; one that does not stop cleanly is a finding."""
+    try:
+        await asyncio.to_thread(Processes.stop, process, what)
+    except RuntimeError as error:
+        soak.exits.append(str(error))
 
 
 async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Namespace) -> None:
@@ -230,6 +272,13 @@ async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Nam
     rng = random.Random(2)
     while not soak.stop.is_set():
         now = time.monotonic()
+        for role, node in list(processes.nodes.items()):
+            if node.poll() is not None:
+                soak.exits.append(f"the {role} node exited by itself with status {node.returncode}")
+                processes.start_node(role)
+        if processes.master is not None and processes.master.poll() is not None:
+            soak.exits.append(f"the master exited by itself with status {processes.master.poll()}")
+            processes.start_master()
         if args.kill_every and now >= due["kill"]:
             due["kill"] = now + args.kill_every
             if pids := processes.worker_pids():
@@ -238,14 +287,15 @@ async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Nam
                     soak.kills += 1
         if args.master_every and now >= due["master"]:
             async with soak.submitting:
-                await asyncio.to_thread(processes.stop, processes.master, "master")
+                await stop(soak, processes.master, "master")
                 processes.start_master()
                 await wait_for_master(join)
             soak.master_restarts += 1
             due["master"] = time.monotonic() + args.master_every
         if args.node_every and now >= due["node"]:
-            await asyncio.to_thread(processes.stop, processes.node, "node")
-            processes.start_node()
+            role = _ROLES[soak.node_restarts % len(_ROLES)]
+            await stop(soak, processes.nodes[role], f"{role} node")
+            processes.start_node(role)
             soak.node_restarts += 1
             due["node"] = time.monotonic() + args.node_every
         await asyncio.sleep(0.05)
@@ -258,7 +308,8 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
     try:
         processes.start_master()
         await wait_for_master(join)
-        processes.start_node()
+        for role in _ROLES:
+            processes.start_node(role)
         started = time.monotonic()
         submitter_done = asyncio.Event()
 
@@ -276,11 +327,12 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         await asyncio.sleep(args.duration)
         soak.stop.set()
         ran = time.monotonic() - started
-        await asyncio.wait_for(asyncio.gather(jobs[0], jobs[2]), 120)
+        await asyncio.wait_for(jobs[2], 120)
         with contextlib.suppress(TimeoutError):  # what is still missing is reported
-            await asyncio.wait_for(jobs[1], args.settle)  # (and the collector cancelled)
-        processes.stop(processes.node, "node")
-        processes.stop(processes.master, "master")
+            await asyncio.wait_for(asyncio.gather(jobs[0], jobs[1]), args.settle)
+        for role, node in processes.nodes.items():
+            await stop(soak, node, f"{role} node")
+        await stop(soak, processes.master, "master")
     finally:
         processes.close()
     return report(soak, ran, directory)
@@ -303,6 +355,9 @@ def report(soak: Soak, ran: float, directory: Path) -> int:
         f"| {soak.master_restarts} | {soak.node_restarts} | {len(wrong)} | {missing} "
         f"| {sum(errors.values())} | {soak.in_doubt} |"
     )
+    reads = sum(1 for r in soak.expected.values() if isinstance(r, m.Bytes))
+    writes = sum(1 for r in soak.expected.values() if isinstance(r, m.Written))
+    print(f"  of them: {writes:,} DiskWrites, {reads:,} DiskReads of what they wrote")
     for message, count in errors.most_common():
         print(f"  Error x{count}: {message}")
     for ident, result in list(wrong.items())[:10]:
@@ -311,12 +366,18 @@ def report(soak: Soak, ran: float, directory: Path) -> int:
         log.name: log.read_text(errors="replace").count("Traceback")
         for log in sorted(directory.glob("*.log"))
     }
+    for exit in soak.exits:
+        print(f"  {exit}")
     for name, count in tracebacks.items():
         if count:
             print(f"  {name}: {count} traceback(s)")
     print(f"logs: {directory}")
     failed = (
-        bool(wrong) or missing > 0 or sum(errors.values()) > soak.kills or any(tracebacks.values())
+        bool(wrong)
+        or missing > 0
+        or sum(errors.values()) > soak.kills
+        or any(tracebacks.values())
+        or bool(soak.exits)
     )
     return 1 if failed else 0
 
@@ -339,9 +400,7 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="cpnode-soak-"))
     code = asyncio.run(run(args, directory))
     if not args.keep and code == 0:
-        for path in directory.iterdir():
-            path.unlink()
-        directory.rmdir()
+        shutil.rmtree(directory)
     sys.exit(code)
 
 
