@@ -8,11 +8,11 @@ Worker node and a Disk node, run as an operator runs them; this process submits 
 the client library and polls their results for `--duration` seconds, while, each on its own
 clock:
 - a random worker is killed (SIGKILL) every `--kill-every` seconds;
-- the master is stopped (SIGTERM) and started again on the same port and state file every
-  `--master-every` seconds, between two submissions (a submission the master never
-  acknowledged would leave its tasks in doubt);
-- a node is stopped (SIGTERM: it drains, handing back what it has not started) and a new one
-  started every `--node-every` seconds, the two nodes in turn.
+- the master is stopped and started again on the same port and state file every
+  `--master-every` seconds, by SIGTERM and by SIGKILL in turn, between two submissions (a
+  submission the master never acknowledged would leave its tasks in doubt);
+- a node is stopped and a new one started every `--node-every` seconds, the two nodes in turn,
+  each by SIGTERM (it drains, handing back what it has not started) and by SIGKILL in turn.
 
 Tasks: `Compute` tasks whose values are known by construction (`a*b+c`), slower ones that a kill
 is likely to find running, and `ComplexMath` sums, all different, so no cache answers them; and
@@ -23,8 +23,8 @@ At the end every task must have its exact value; an `Error` is allowed only wher
 explains it (a task safe to repeat is retried once, so it gets one only when kills find it
 running twice; a `DiskWrite` is not retried), and the Errors' texts are printed. Exit status 1
 when a result is wrong or missing, there are more Errors than kills, a log holds a traceback,
-or a process exited unbidden (it is started again) or did not stop cleanly on SIGTERM; the
-logs' directory is kept then. Nothing
+a process exited unbidden (it is started again) or did not stop cleanly on SIGTERM, or the
+nodes left files in /dev/shm after the last stop; the logs' directory is kept then. Nothing
 leaves loopback; every process started here is stopped here.
 """
 
@@ -56,6 +56,7 @@ from node.protocol import messages as m
 _SLOW_TERMS = 100  # terms of a slow task: about a millisecond of work, a kill's likely target
 _DIRECTORIES = 97
 _ROLES = ("Worker", "Disk")
+SHM_DIR = "/dev/shm"  # the nodes' default shm_dir
 
 
 @dataclass
@@ -122,6 +123,7 @@ class Processes:
                 "max_retries": 50,
                 "role": role,
                 "storage_dir": f"storage-{role.lower()}",
+                "node_id": f"soak-{port}-{role.lower()}",
             }
             (directory / f"node-{role.lower()}.json").write_bytes(orjson.dumps(settings))
 
@@ -165,8 +167,15 @@ class Processes:
         return pids
 
     @staticmethod
-    def stop(process: subprocess.Popen[bytes] | None, what: str, timeout: float = 60) -> None:
+    def stop(
+        process: subprocess.Popen[bytes] | None, what: str, hard: bool = False, timeout: float = 60
+    ) -> None:
+        """SIGTERM `process` (SIGKILL when `hard`) and wait for it."""
         if process is None or process.poll() is not None:
+            return
+        if hard:
+            process.kill()
+            process.wait(timeout)
             return
         process.send_signal(signal.SIGTERM)
         try:
@@ -254,10 +263,13 @@ async def collector(soak: Soak, join: Path, submitter_done: asyncio.Event) -> No
                 soak.reads_due.append((m.DiskRead(write.path), m.Bytes(write.data)))
 
 
-async def stop(soak: Soak, process: subprocess.Popen[bytes] | None, what: str) -> None:
-    """SIGTERM `process` and wait for its exit; one that does not stop cleanly is a finding."""
+async def stop(
+    soak: Soak, process: subprocess.Popen[bytes] | None, what: str, hard: bool = False
+) -> None:
+    """SIGTERM (SIGKILL when `hard`) `process` and wait for its exit; one that does not stop
+    cleanly after SIGTERM is a finding."""
     try:
-        await asyncio.to_thread(Processes.stop, process, what)
+        await asyncio.to_thread(Processes.stop, process, what, hard)
     except RuntimeError as error:
         soak.exits.append(str(error))
 
@@ -287,14 +299,16 @@ async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Nam
                     soak.kills += 1
         if args.master_every and now >= due["master"]:
             async with soak.submitting:
-                await stop(soak, processes.master, "master")
+                hard = soak.master_restarts % 2 == 1  # every other one by SIGKILL
+                await stop(soak, processes.master, "master", hard)
                 processes.start_master()
                 await wait_for_master(join)
             soak.master_restarts += 1
             due["master"] = time.monotonic() + args.master_every
         if args.node_every and now >= due["node"]:
             role = _ROLES[soak.node_restarts % len(_ROLES)]
-            await stop(soak, processes.nodes[role], f"{role} node")
+            hard = soak.node_restarts // len(_ROLES) % 2 == 1  # each node's other one by SIGKILL
+            await stop(soak, processes.nodes[role], f"{role} node", hard)
             processes.start_node(role)
             soak.node_restarts += 1
             due["node"] = time.monotonic() + args.node_every
@@ -335,10 +349,11 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         await stop(soak, processes.master, "master")
     finally:
         processes.close()
-    return report(soak, ran, directory)
+    leftovers = sorted(p.name for p in Path(SHM_DIR).glob(f"cpnode-soak-{processes.port}-*"))
+    return report(soak, ran, directory, leftovers)
 
 
-def report(soak: Soak, ran: float, directory: Path) -> int:
+def report(soak: Soak, ran: float, directory: Path, leftovers: list[str]) -> int:
     wrong = {
         i: r
         for i, r in soak.results.items()
@@ -368,6 +383,8 @@ def report(soak: Soak, ran: float, directory: Path) -> int:
     }
     for exit in soak.exits:
         print(f"  {exit}")
+    if leftovers:
+        print(f"  left in {SHM_DIR} after the last stop: {', '.join(leftovers[:5])}")
     for name, count in tracebacks.items():
         if count:
             print(f"  {name}: {count} traceback(s)")
@@ -378,6 +395,7 @@ def report(soak: Soak, ran: float, directory: Path) -> int:
         or sum(errors.values()) > soak.kills
         or any(tracebacks.values())
         or bool(soak.exits)
+        or bool(leftovers)
     )
     return 1 if failed else 0
 
