@@ -30,21 +30,26 @@ Writes::
     the old file, check the quota, add (new size - old size) to the ledger, rename over the target
 
 A refused write leaves the old content as it was, and removes the directories it created (those
-still empty), giving their count back under the lock. Only the commits hold the lock, so workers
-write their data in parallel and the quota still holds for all of them together; a directory is
-looked for, counted and put in place under one hold of the lock, so two writers making the same
-one count it once. The count changes before the rename (and back if the rename fails), so a
-writer killed at any point leaves either a ledger that is right or its temporary file or
-directory; a directory's count is given back after its removal, so a writer killed between the
-two leaves the count ``DIRECTORY_BYTES`` high (never low) until the next full count.
-Temporaries live directly in ``storage_dir`` (a rename crosses directories, not devices), so
-what a killed worker left is found with one look at one directory: the pool calls
-``sweep_temporary(pid)`` as soon as it sees a worker die, which removes them and, with a quota,
-recounts the ledger from the tree. The exception is a directory on another filesystem mounted
-inside ``storage_dir``: its temporaries go beside their targets, and a killed writer's is removed
-by the next full count (a Disk node's start), not at once. (Counting after the rename instead
-leaves a wide window: renaming over a big file frees its blocks, and a kill then loses the count
-with no trace.) Without a quota a directory is made in place, after the same free-space checks.
+still empty), giving their count back under the lock. Such a directory may be on the path of
+another write that found it there and has not yet renamed its file (or next directory) into it:
+that rename (or ``mkdir``) then fails with ``ENOENT`` in a directory left with no links. The write
+gives back what it made and starts again, making the directory anew, up to ``_WRITE_ATTEMPTS``
+times in all; each new attempt needs yet another writer's refusal to land in its way (eight writers
+in lock step needed at most two more). Only the commits hold the lock, so workers write
+their data in parallel and the quota still holds for all of them together; a directory is looked
+for, counted and put in place under one hold of the lock, so two writers making the same one count
+it once. The count changes before the rename (and back if the rename fails), so a writer killed at
+any point leaves either a ledger that is right or its temporary file or directory; a directory's
+count is given back after its removal, so a writer killed between the two leaves the count
+``DIRECTORY_BYTES`` high (never low) until the next full count. Temporaries live directly in
+``storage_dir`` (a rename crosses directories, not devices), so what a killed worker left is found
+with one look at one directory: the pool calls ``sweep_temporary(pid)`` as soon as it sees a worker
+die, which removes them and, with a quota, recounts the ledger from the tree. The exception is a
+directory on another filesystem mounted inside ``storage_dir``: its temporaries go beside their
+targets, and a killed writer's is removed by the next full count (a Disk node's start), not at
+once. (Counting after the rename instead leaves a wide window: renaming over a big file frees its
+blocks, and a kill then loses the count with no trace.) Without a quota a directory is made in
+place, after the same free-space checks.
 
 Quota. ``quota_bytes`` (``disk_space_mb`` * 1,048,576) counts the size of every regular file
 below ``storage_dir`` — ``StoreData`` and ``DiskWrite`` alike (upstream counts ``StoreData`` only)
@@ -102,6 +107,7 @@ most ``MAX_PATH_PARTS - 1`` directories."""
 
 TEMPORARY: Final = ".cpnode-tmp-"
 """Names of files and directories being written (a writer's pid in them): counted by no one."""
+_WRITE_ATTEMPTS: Final = 8  # a write whose directory vanished starts again: see "Writes"
 _NO_SUCH_KEY: Final = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EISDIR))
 _PATH_MAX: Final = 4096
 _DIRECTORY: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -153,24 +159,18 @@ class DiskStore(Closing):
         dirs, leaf, directory = _split(path)
         if directory:
             raise FileError(errno.EISDIR, path)
-        for attempt in (1, 2):
+        for _ in range(_WRITE_ATTEMPTS):
             try:
                 with self._parent(path, dirs, create=True) as parent:
-                    try:
-                        self._write(parent, leaf, path, data)
-                    except FileError as error:
-                        # Another writer's refused write removed the directory it had made
-                        # (empty, as ours was until the rename): make it again, once.
-                        if attempt == 1 and error.errno == errno.ENOENT and _removed(parent):
-                            raise _DirectoryRemoved from None
-                        raise
+                    self._write(parent, leaf, path, data)
                 return
             except _DirectoryRemoved:
-                continue
+                continue  # make it again: see "Writes"
             except StoreError:
                 raise
             except OSError as error:
                 raise FileError.from_os_error(error, path) from error
+        raise FileError(errno.ENOENT, path)
 
     def read(self, path: str) -> bytes:
         """``DiskRead``: the content of the file at ``path``."""
@@ -257,7 +257,8 @@ class DiskStore(Closing):
         """Open the directory that holds ``path``'s file, one ``O_NOFOLLOW`` step at a time.
 
         With ``create``, missing directories are made, and removed again (if still empty) when
-        the body raises: a refused write leaves the tree as it found it."""
+        the body raises: a refused write leaves the tree as it found it. An ``ENOENT`` because
+        one of them was removed meanwhile raises ``_DirectoryRemoved``: see "Writes"."""
         fd = self._root_fd
         opened: list[int] = []  # every directory opened below the root, the last is ``fd``
         created: list[tuple[int, str]] = []  # (descriptor of its parent, name)
@@ -270,8 +271,10 @@ class DiskStore(Closing):
                     created.append((parent, name))
                 opened.append(fd)
             yield fd
-        except BaseException:
+        except BaseException as error:
             self._remove_directories(reversed(created))
+            if create and _vanished(error, opened):
+                raise _DirectoryRemoved from error
             raise
         finally:
             for descriptor in opened:
@@ -345,17 +348,19 @@ class DiskStore(Closing):
         this call made it."""
         name = directory.rpartition("/")[2]
         made = False
-        for attempt in range(3):
+        for attempt in (1, 2):
             try:
                 return os.open(name, _DIRECTORY, dir_fd=parent), made
             except FileNotFoundError as error:
-                if not create or attempt == 2:
+                if not create:
                     raise FileError.from_os_error(error, path) from None
+                if attempt == 2:  # made or found a moment ago: another writer removed it
+                    raise _DirectoryRemoved from None
             except OSError as error:
                 if error.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(parent, name):
                     raise InvalidPath(path, f"{name!r} is a symlink") from None
                 raise FileError.from_os_error(error, path) from None
-            made = self._make_directory(parent, directory, path) or made
+            made = self._make_directory(parent, directory, path)
         raise AssertionError("unreachable")
 
     def _make_directory(self, parent: int, directory: str, path: str) -> bool:
@@ -657,12 +662,15 @@ def _split(path: str) -> tuple[list[str], str, bool]:
 
 
 class _DirectoryRemoved(Exception):
-    """The directory a write was going into was removed meanwhile (see `DiskStore.write`)."""
+    """A directory on a write's path was removed while the write used it (see "Writes")."""
 
 
-def _removed(directory: int) -> bool:
-    """Whether the open directory ``directory`` has been removed (it has no links left)."""
-    return os.fstat(directory).st_nlink == 0
+def _vanished(error: BaseException, opened: list[int]) -> bool:
+    """Whether ``error`` is the ``ENOENT`` of a write whose open directories (``opened``, from
+    the top down) include one that has been removed: it has no links left."""
+    if not isinstance(error, FileError) or error.errno != errno.ENOENT:
+        return False
+    return any(os.fstat(directory).st_nlink == 0 for directory in opened)
 
 
 def _remove_empty(parent: int, name: str) -> bool:

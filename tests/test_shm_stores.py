@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event
+from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,39 @@ def make_shared_directories(
     report.send(writer)
 
 
+STEP_QUOTA = 16 * MIB
+STEP_ROUNDS = 150
+
+
+def write_in_step(
+    storage: str, ledger: str, writer: int, start: Event, report: Connection, step: Barrier
+) -> None:
+    """Round after round, in step with the other writers, write into directories below
+    ``r<round>/`` that are new and that the others write into too: a small file for half the
+    writers, for the other half one over the quota, refused once its directories are made,
+    whose clean-up removes them from under the others' writes. Report what was written, what
+    was refused, and every other error."""
+    rng = random.Random(writer)
+    over_quota = bytes(STEP_QUOTA + 1)  # zeros the system maps lazily: no memory is used
+    written = refused = 0
+    failures = []
+    with DiskStore(storage, STEP_QUOTA, ledger, reserve_bytes=0) as store:
+        start.wait(DEADLINE)
+        for round_ in range(STEP_ROUNDS):
+            step.wait(DEADLINE)
+            below = "".join(f"/{rng.choice('ab')}" for _ in range(rng.randrange(3)))
+            path = f"r{round_}{below}/w{writer}"
+            refusing = (writer + round_) % 2 == 1
+            try:
+                store.write(path, over_quota if refusing else bytes(rng.randrange(1, 100)))
+                written += 1
+            except QuotaExceeded:
+                refused += 1
+            except StoreError as error:
+                failures.append(f"{path}: {error}")
+    report.send((written, refused, failures))
+
+
 def every_access(disk: DiskStore, path: str) -> list[Callable[[], object]]:
     """Each way a task reaches `path`: DiskWrite, DiskRead, StoreData, RetrieveData."""
     return [
@@ -163,20 +196,24 @@ def every_access(disk: DiskStore, path: str) -> list[Callable[[], object]]:
 
 
 def run_writers(
-    target: Callable[[str, str, int, Event, Connection], None],
+    target: Callable[..., None],
     storage: Path,
     node_dir: NodeDirectory,
     writers: int = 8,
+    *extra: object,
 ) -> list[Any]:
-    """Run `target` in `writers` processes on one store at once (released together), and
-    return what each reported, in writer order, once every one has exited with status 0."""
+    """Run `target(storage, ledger, writer, start, report, *extra)` in `writers` processes on
+    one store at once (released together), and return what each reported, in writer order,
+    once every one has exited with status 0."""
     start = SPAWN.Event()
     pipes = [SPAWN.Pipe(duplex=False) for _ in range(writers)]
     reports = []
     with contextlib.ExitStack() as processes:
         started = [
             processes.enter_context(
-                child_process(target, str(storage), node_dir.ledger_dir, writer, start, send)
+                child_process(
+                    target, str(storage), node_dir.ledger_dir, writer, start, send, *extra
+                )
             )
             for writer, (_, send) in enumerate(pipes)
         ]
@@ -884,28 +921,109 @@ def test_writers_making_the_same_directories_at_once_count_each_once(
     assert not any(name.startswith(".cpnode-tmp-") for name in os.listdir(storage))
 
 
+def remove_as_a_refused_write_does(disk: DiskStore, directory: str) -> None:
+    """Remove ``directory`` (empty) and give its count back, as the clean-up of another
+    writer's refused write that had made it does."""
+    head, _, name = directory.rpartition("/")
+    parent = os.open(os.path.join(disk.path, head), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        disk._remove_directories([(parent, name)])
+    finally:
+        os.close(parent)
+
+
+class RacedStore(DiskStore):
+    """A store whose writes meet another writer's refused write ``times`` times: its clean-up
+    removes ``victim`` just before (or after) this store calls ``method`` for ``directory``
+    (any, when None)."""
+
+    def __init__(
+        self, storage: Path, ledger_dir: str, race: tuple[str, str, str | None, str], times: int
+    ) -> None:
+        super().__init__(storage, MIB, ledger_dir, reserve_bytes=0)
+        self.method, self.when, self.directory, self.victim = race
+        self.times = times
+
+    def _meet(self, method: str, when: str, directory: str | None) -> None:
+        ours = (method, when) == (self.method, self.when) and self.directory in (None, directory)
+        if ours and self.times:
+            self.times -= 1
+            remove_as_a_refused_write_does(self, self.victim)
+
+    def _write(
+        self, parent: int, leaf: str, path: str, data: bytes | bytearray | memoryview
+    ) -> None:
+        self._meet("_write", "before", None)
+        super()._write(parent, leaf, path, data)
+
+    def _make_directory(self, parent: int, directory: str, path: str) -> bool:
+        self._meet("_make_directory", "before", directory)
+        made = super()._make_directory(parent, directory, path)
+        self._meet("_make_directory", "after", directory)
+        return made
+
+
+RACES = {
+    # the file's directory goes while the file is written: its rename fails
+    "file-renamed-into-a-removed-directory": ("_write", "before", None, "d/e"),
+    # d/ goes before d/e/ is made in it: the directory's rename fails
+    "directory-renamed-into-a-removed-directory": ("_make_directory", "before", "d/e", "d"),
+    # d/e/ goes once it was made, before it is opened: the open fails
+    "directory-removed-before-it-is-opened": ("_make_directory", "after", "d/e", "d/e"),
+}
+
+
+@pytest.mark.parametrize("race", RACES.values(), ids=RACES.keys())
+@pytest.mark.parametrize("times", [1, 3])
 def test_a_write_whose_directory_another_writer_removed_makes_it_again(
+    node_dir: NodeDirectory, tmp_path: Path, race: tuple[str, str, str | None, str], times: int
+) -> None:
+    """Writer A makes a directory for its write and is refused, while writer B has found it
+    and not yet put its file (or next directory) in it: A's clean-up removes the (empty)
+    directory and gives its count back. B's write must make it again (counting it) and
+    succeed, however often that happens to it. It failed with "No such file or directory"."""
+    storage = tmp_path / "storage"
+    with RacedStore(storage, node_dir.ledger_dir, race, times) as disk:
+        disk.write("d/e/f", b"valid")
+        assert disk.times == 0
+        assert disk.read("d/e/f") == b"valid"
+        assert disk.used_bytes() == 2 * DIRECTORY_BYTES + 5 == charge(storage)
+    assert tree(storage) == ["d", "d/e", "d/e/f"]
+
+
+def test_a_write_whose_directory_is_removed_at_every_attempt_gives_up(
     node_dir: NodeDirectory, tmp_path: Path
 ) -> None:
-    # Writer A makes d/ for d/a and is refused, while writer B has opened d/ for d/b and is
-    # still writing its temporary file: A's clean-up removes the (empty) d/ and gives its
-    # count back, and B's rename into it failed. B must make d/ again (counting it) and succeed.
-    class RacedWriter(DiskStore):
-        raced = False
-
-        def _write(self, parent: int, leaf: str, path: str, data: bytes) -> None:  # type: ignore[override]
-            if not self.raced:
-                self.raced = True
-                self._remove_directories([(self._root_fd, "d")])  # what A's refused write does
-            super()._write(parent, leaf, path, data)
-
+    """The attempts are bounded: the last one's error is the system's, and what each
+    attempt made is gone, its count given back."""
     storage = tmp_path / "storage"
-    with RacedWriter(storage, MIB, node_dir.ledger_dir) as disk:
-        disk.write("d/b", b"valid")
-        assert disk.raced
-        assert disk.read("d/b") == b"valid"
-        assert disk.used_bytes() == DIRECTORY_BYTES + 5
-    assert tree(storage) == ["d", "d/b"]
+    race = RACES["file-renamed-into-a-removed-directory"]
+    with RacedStore(storage, node_dir.ledger_dir, race, times=1000) as disk:
+        with pytest.raises(FileError) as caught:
+            disk.write("d/e/f", b"valid")
+        assert str(caught.value) == "No such file or directory (os error 2)"
+        assert disk.times == 1000 - diskstore._WRITE_ATTEMPTS
+        assert disk.used_bytes() == 0
+    assert tree(storage) == []
+
+
+def test_writers_in_step_never_fail_for_a_directory_another_writer_removed(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    """Six writer processes, round after round in step, write into the same new directories,
+    half of them refused by the quota once they made theirs. Each refused write removes the
+    directories it made (empty), which the others were writing into: their writes failed
+    with "No such file or directory" (tens of times in 150 rounds). Now every write is
+    written or refused for the quota, and the ledger is what a fresh count finds."""
+    storage = tmp_path / "storage"
+    writers = 6
+    reports = run_writers(write_in_step, storage, node_dir, writers, SPAWN.Barrier(writers))
+    assert [failures for _, _, failures in reports] == [[]] * writers
+    assert sum(written for written, _, _ in reports) == writers * STEP_ROUNDS // 2
+    assert sum(refused for _, refused, _ in reports) == writers * STEP_ROUNDS // 2
+    with disk_store(node_dir, storage, STEP_QUOTA) as disk:
+        assert disk.used_bytes() == charge(storage)
+    assert not list(storage.rglob(".cpnode-tmp-*"))
 
 
 def test_eight_writer_processes_never_exceed_the_quota_together(
