@@ -39,17 +39,18 @@ in lock step needed at most two more). Only the commits hold the lock, so worker
 their data in parallel and the quota still holds for all of them together; a directory is looked
 for, counted and put in place under one hold of the lock, so two writers making the same one count
 it once. The count changes before the rename (and back if the rename fails), so a writer killed at
-any point leaves either a ledger that is right or its temporary file or directory; a directory's
-count is given back after its removal, so a writer killed between the two leaves the count
-``DIRECTORY_BYTES`` high (never low) until the next full count. Temporaries live directly in
-``storage_dir`` (a rename crosses directories, not devices), so what a killed worker left is found
-with one look at one directory: the pool calls ``sweep_temporary(pid)`` as soon as it sees a worker
-die, which removes them and, with a quota, recounts the ledger from the tree. The exception is a
-directory on another filesystem mounted inside ``storage_dir``: its temporaries go beside their
-targets, and a killed writer's is removed by the next full count (a Disk node's start), not at
-once. (Counting after the rename instead leaves a wide window: renaming over a big file frees its
-blocks, and a kill then loses the count with no trace.) Without a quota a directory is made in
-place, after the same free-space checks.
+any point leaves either a ledger that is right or its temporary file or directory. A refused
+write's directories leave no temporary behind as they go: while they are removed and their count
+given back, the ledger says "unknown", so a writer killed then leaves the next process to take the
+lock a full count to make. Temporaries live directly in ``storage_dir`` (a rename crosses
+directories, not devices), so what a killed worker left is found with one look at one directory:
+the pool calls ``sweep_temporary(pid)`` as soon as it sees a worker die, which removes them and,
+with a quota, recounts the ledger from the tree. The exception is a directory on another filesystem
+mounted inside ``storage_dir``: its temporaries go beside their targets, and a killed writer's is
+removed by the next full count (a Disk node's start), not at once. (Counting after the rename
+instead leaves a wide window: renaming over a big file frees its blocks, and a kill then loses the
+count with no trace.) Without a quota a directory is made in place, after the same free-space
+checks.
 
 Quota. ``quota_bytes`` (``disk_space_mb`` * 1,048,576) counts the size of every regular file
 below ``storage_dir`` — ``StoreData`` and ``DiskWrite`` alike (upstream counts ``StoreData`` only)
@@ -72,7 +73,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Final
 
@@ -272,7 +273,7 @@ class DiskStore(Closing):
                 opened.append(fd)
             yield fd
         except BaseException as error:
-            self._remove_directories(reversed(created))
+            self._remove_directories(created[::-1])
             if create and _vanished(error, opened):
                 raise _DirectoryRemoved from error
             raise
@@ -438,18 +439,21 @@ class DiskStore(Closing):
                 raise
             return True
 
-    def _remove_directories(self, created: Iterable[tuple[int, str]]) -> None:
+    def _remove_directories(self, created: list[tuple[int, str]]) -> None:
         """Remove the directories a refused write made (each ``(parent, name)``, the deepest
         first) that are still empty, and give their count back; one that is not empty holds
-        another writer's file now and stays, counted."""
+        another writer's file now and stays, counted. The ledger says "unknown" while they go
+        (see "Writes")."""
+        if not created:
+            return
         if self._ledger is None:
             for parent, name in created:
                 _remove_empty(parent, name)
             return
         with self._ledger.locked() as usage:
-            for parent, name in created:
-                if _remove_empty(parent, name):
-                    usage.used -= DIRECTORY_BYTES  # after: a kill in between leaves it high
+            usage.forget()
+            removed = [name for parent, name in created if _remove_empty(parent, name)]
+            usage.used -= DIRECTORY_BYTES * len(removed)
 
     def _read(self, parent: int, leaf: str, path: str, *, directory: bool) -> bytes:
         try:
@@ -535,7 +539,8 @@ class UsageLedger:
 
     A 16-byte file (magic, then the count as a little-endian u64) in a directory the processes
     share, read and written only under ``flock`` (exclusive to change it). A missing or empty
-    file is filled by ``scan`` under the lock, so exactly one process scans.
+    file, or one without the magic (``Usage.forget``), is filled by ``scan`` under the lock, so
+    exactly one process scans.
     """
 
     _FORMAT: Final = struct.Struct("<8sQ")
@@ -549,6 +554,7 @@ class UsageLedger:
             self._ledger = ledger
             self._fd = fd
             self._used = used
+            self._forgotten = False
 
         @property
         def used(self) -> int:
@@ -557,9 +563,17 @@ class UsageLedger:
         @used.setter
         def used(self, value: int) -> None:
             value = max(0, value)
-            if value != self._used:
+            if value != self._used or self._forgotten:
                 self._ledger._write(self._fd, value)
                 self._used = value
+                self._forgotten = False
+
+        def forget(self) -> None:
+            """Leave the ledger unknown until ``used`` is set again, for changes that cannot
+            be counted in the same step as they are made: a process killed in between leaves
+            the next one to take the lock a full count to make, instead of a wrong count."""
+            self._ledger._write_unknown(self._fd)
+            self._forgotten = True
 
     def __init__(self, path: str, scan: Callable[[], int]) -> None:
         self.path = path
@@ -624,6 +638,9 @@ class UsageLedger:
 
     def _write(self, fd: int, used: int) -> None:
         os.pwrite(fd, self._FORMAT.pack(self._MAGIC, max(0, used)), 0)
+
+    def _write_unknown(self, fd: int) -> None:
+        os.pwrite(fd, bytes(self._FORMAT.size), 0)  # no magic: read as a file to fill
 
 
 def has_temporary_files(storage_dir: str | os.PathLike[str], pid: int) -> bool:

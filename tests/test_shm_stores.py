@@ -243,6 +243,22 @@ def keep_storing_big_blobs(
         writing.set()
 
 
+def killed_as_its_refused_write_removes_a_directory(storage: str, ledger: str) -> None:
+    """Write over the quota into three new directories, and die by SIGKILL as soon as the
+    refused write's clean-up has removed the first of them, before its count is given back
+    (the kill is placed by wrapping ``os.rmdir``: no signal lands in that window on demand)."""
+    rmdir = os.rmdir
+
+    def rmdir_then_die(path: str, *, dir_fd: int | None = None) -> None:
+        rmdir(path, dir_fd=dir_fd)
+        if not path.startswith(diskstore.TEMPORARY):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rmdir = rmdir_then_die  # type: ignore[assignment]
+    with DiskStore(storage, MIB, ledger, reserve_bytes=0) as store:
+        store.write("a/b/c/f", bytes(MIB + 1))
+
+
 def dead_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
     process = SPAWN.Process(target=int)
@@ -1345,6 +1361,27 @@ def test_a_writer_killed_mid_write_leaves_nothing_after_the_sweep(
         assert caught_mid_write, "never killed in the middle of a write"
         blob = store.retrieve("k0")  # what was stored before a kill is there, whole
         assert blob == bytes([blob[0]]) * (blob[0] * 2 * MIB)
+
+
+def test_a_writer_killed_while_its_refused_write_removes_its_directories(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    """A refused write's clean-up removes a directory, then gives its count back: a writer
+    killed between the two left the ledger DIRECTORY_BYTES high for good, with no temporary
+    for the pool's sweep to find (2 of 40, and 1 of 150, kills at random times met it). The
+    ledger now says "unknown" until the count is given back, and the next to read it counts."""
+    storage = tmp_path / "storage"
+    with disk_store(node_dir, storage, MIB) as disk:
+        disk.write("kept", bytes(10))
+        args = (str(storage), node_dir.ledger_dir)
+        with child_process(killed_as_its_refused_write_removes_a_directory, *args) as process:
+            process.join(DEADLINE)
+        assert process.exitcode == -signal.SIGKILL
+        assert tree(storage) == ["a", "a/b", "kept"]  # a/b/c/ went, then the writer
+        assert not has_temporary_files(storage, process.pid)
+        assert disk.used_bytes() == 2 * DIRECTORY_BYTES + 10 == charge(storage)
+        disk.write("a/b/f", b"x")  # and the store goes on from the count
+        assert disk.used_bytes() == 2 * DIRECTORY_BYTES + 11 == charge(storage)
 
 
 def test_no_descriptor_outlives_its_owner(node_id: str, tmp_path: Path) -> None:
