@@ -46,11 +46,12 @@ lock a full count to make. Temporaries live directly in ``storage_dir`` (a renam
 directories, not devices), so what a killed worker left is found with one look at one directory:
 the pool calls ``sweep_temporary(pid)`` as soon as it sees a worker die, which removes them and,
 with a quota, recounts the ledger from the tree. The exception is a directory on another filesystem
-mounted inside ``storage_dir``: its temporaries go beside their targets, and a killed writer's is
-removed by the next full count (a Disk node's start), not at once. (Counting after the rename
-instead leaves a wide window: renaming over a big file frees its blocks, and a kill then loses the
-count with no trace.) Without a quota a directory is made in place, after the same free-space
-checks.
+mounted inside ``storage_dir``: its temporaries go beside their targets (no rename crosses into
+it), and while one is there, with a quota, an empty temporary file in ``storage_dir`` marks the
+write, so the sweep finds it all the same; the recount removes a dead writer's temporaries at any
+depth. (Counting after the rename instead leaves a wide window: renaming over a big file frees its
+blocks, and a kill then loses the count with no trace.) Without a quota a directory is made in
+place, after the same free-space checks.
 
 Quota. ``quota_bytes`` (``disk_space_mb`` * 1,048,576) counts the size of every regular file
 below ``storage_dir`` — ``StoreData`` and ``DiskWrite`` alike (upstream counts ``StoreData`` only)
@@ -298,22 +299,23 @@ class DiskStore(Closing):
         space.check_free(where, size, self.reserve_bytes, what, dir_fd=here)
         temporary = space.temporary_name(TEMPORARY)
         temporary_path = os.path.join(self.path, temporary)
-        try:
-            fd = os.open(temporary, _CREATE, 0o644, dir_fd=here)
-        except OSError as error:
-            raise FileError.from_os_error(error, path) from error
-        try:
+        with self._marked(here, path):
             try:
-                space.reserve(
-                    fd, size, temporary_path, for_mapping=False, keep_free=self.reserve_bytes
-                )
-                space.write_all(fd, data, temporary_path)
-            finally:
-                os.close(fd)
-            self._commit(here, temporary, parent, leaf, path, size)
-        except BaseException:
-            space.unlink_quietly(temporary, here)
-            raise
+                fd = os.open(temporary, _CREATE, 0o644, dir_fd=here)
+            except OSError as error:
+                raise FileError.from_os_error(error, path) from error
+            try:
+                try:
+                    space.reserve(
+                        fd, size, temporary_path, for_mapping=False, keep_free=self.reserve_bytes
+                    )
+                    space.write_all(fd, data, temporary_path)
+                finally:
+                    os.close(fd)
+                self._commit(here, temporary, parent, leaf, path, size)
+            except BaseException:
+                space.unlink_quietly(temporary, here)
+                raise
 
     def _commit(
         self, root: int, temporary: str, parent: int, leaf: str, path: str, size: int
@@ -340,6 +342,24 @@ class DiskStore(Closing):
         crosses into it, so a temporary for it goes beside its target, and the room is that
         filesystem's."""
         return directory != self._root_fd and os.fstat(directory).st_dev != self._root_device
+
+    @contextmanager
+    def _marked(self, here: int, path: str) -> Iterator[None]:
+        """With a quota, while the block keeps a temporary in ``here`` on another filesystem
+        (beside its target, not in ``storage_dir``), keep an empty one in ``storage_dir`` too:
+        all that the sweep of a killed writer looks at (see "Writes")."""
+        if self._ledger is None or here == self._root_fd:
+            yield
+            return
+        mark = space.temporary_name(TEMPORARY)
+        try:
+            os.close(os.open(mark, _CREATE, 0o600, dir_fd=self._root_fd))
+        except OSError as error:
+            raise FileError.from_os_error(error, path) from None
+        try:
+            yield
+        finally:
+            space.unlink_quietly(mark, self._root_fd)
 
     def _open_directory(
         self, parent: int, directory: str, path: str, *, create: bool
@@ -397,15 +417,16 @@ class DiskStore(Closing):
             return True
         here = parent if self._on_another_filesystem(parent) else self._root_fd
         temporary = space.temporary_name(TEMPORARY)
-        try:
-            os.mkdir(temporary, 0o755, dir_fd=here)
-        except OSError as error:
-            raise FileError.from_os_error(error, path) from None
-        try:
-            space.check_left_free(here, DIRECTORY_BYTES, full, self.reserve_bytes)
-            return self._commit_directory(here, temporary, parent, directory, path)
-        finally:
-            _remove_empty(here, temporary)  # gone already once it is in place
+        with self._marked(here, path):
+            try:
+                os.mkdir(temporary, 0o755, dir_fd=here)
+            except OSError as error:
+                raise FileError.from_os_error(error, path) from None
+            try:
+                space.check_left_free(here, DIRECTORY_BYTES, full, self.reserve_bytes)
+                return self._commit_directory(here, temporary, parent, directory, path)
+            finally:
+                _remove_empty(here, temporary)  # gone already once it is in place
 
     def _commit_directory(
         self, here: int, temporary: str, parent: int, directory: str, path: str
