@@ -539,7 +539,7 @@ def test_a_master_that_stops_reading_behind_big_results_is_left_for_the_next(
     async def scenario() -> None:
         async with stuck_and_spare(tmp_path, ledger, failover_timeout_ms=500) as (
             stuck,
-            spare,
+            _spare,
             node,
         ):
             blob = os.urandom(6 << 20)
@@ -549,8 +549,10 @@ def test_a_master_that_stops_reading_behind_big_results_is_left_for_the_next(
             stuck.pause(3600)  # for good: it reads nothing from now on
             ids = ["get-1", "get-2"]
             stuck.assign(conn, [(ident, m.RetrieveData("k")) for ident in ids])
-            await await_until(lambda: not ledger.missing(ids), 60, "the results reach the spare")
-            assert all(spare.results[i] == m.Bytes(blob) for i in ids)
+            await await_until(lambda: not ledger.missing(ids), 60, "the results reach a master")
+            # Through the spare; or, on a loaded machine where the spare's link was judged late
+            # too, through a new connection to the first master (only the old one is paused).
+            assert all(ledger.results[i] == m.Bytes(blob) for i in ids)
             assert "is stuck" in node.log, link_events(node)
             # The drain waits for the spare to answer its heartbeats: keep this loop free.
             assert await asyncio.to_thread(node.stop) == 0, node.log
