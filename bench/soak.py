@@ -10,7 +10,9 @@ clock:
 - a random worker is killed (SIGKILL) every `--kill-every` seconds;
 - the master is stopped and started again on the same port and state file every
   `--master-every` seconds, by SIGTERM and by SIGKILL in turn, between two submissions (a
-  submission the master never acknowledged would leave its tasks in doubt);
+  submission the master never acknowledged would leave its tasks in doubt; and a SIGKILL comes
+  half a second after the last one, which cpnode-master's journal needs to hold it: a client
+  resubmits what a crash of the master lost);
 - a node is stopped and a new one started every `--node-every` seconds, the two nodes in turn,
   each by SIGTERM (it drains, handing back what it has not started) and by SIGKILL in turn.
 
@@ -57,6 +59,9 @@ _SLOW_TERMS = 100  # terms of a slow task: about a millisecond of work, a kill's
 _DIRECTORIES = 97
 _ROLES = ("Worker", "Disk")
 SHM_DIR = "/dev/shm"  # the nodes' default shm_dir
+_JOURNAL_WRITE_S = 0.5
+_MASTER_START_S = 120  # a restart replays the journal: seconds for a few hundred MB
+_RESULT_TTL_S = 120  # the master's result_ttl_s: the soak polls each result within seconds
 
 
 @dataclass
@@ -115,6 +120,7 @@ class Processes:
         self.env = {**os.environ, "CPCLUSTER_JOIN": str(directory / "join.json")}
         self.master: subprocess.Popen[bytes] | None = None
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
+        (directory / "master.json").write_bytes(orjson.dumps({"result_ttl_s": _RESULT_TTL_S}))
         for role in _ROLES:
             settings = {
                 "master_addresses": [f"127.0.0.1:{port}"],
@@ -135,11 +141,12 @@ class Processes:
             )
 
     def start_master(self) -> None:
-        # A restart keeps join.json's token (the nodes hold it).
+        # A restart keeps join.json's token (the nodes hold it). Results are kept _RESULT_TTL_S
+        # rather than an hour, so that the journal (and a restart's replay) stays small.
         self.master = self._start(
             "master",
             [
-                sys.executable, "-m", "node.master.cli", "--no-config", "--tls", "never",
+                sys.executable, "-m", "node.master.cli", "master.json", "--tls", "never",
                 "--listen", f"127.0.0.1:{self.port}", "--state-file", "master-state.jsonl",
                 "--log-level", "warn",
             ],
@@ -300,9 +307,19 @@ async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Nam
         if args.master_every and now >= due["master"]:
             async with soak.submitting:
                 hard = soak.master_restarts % 2 == 1  # every other one by SIGKILL
+                if hard:
+                    # The master's journal takes an accepted submission a few ms after its
+                    # answer (its documented durability): a kill sooner may lose it, which the
+                    # client would have to resubmit. Waited out: the check here is the nodes'.
+                    await asyncio.sleep(_JOURNAL_WRITE_S)
                 await stop(soak, processes.master, "master", hard)
                 processes.start_master()
-                await wait_for_master(join)
+                try:
+                    await wait_for_master(join, _MASTER_START_S)
+                except (ClientError, ConfigError, OSError) as error:
+                    soak.exits.append(
+                        f"the master did not answer within {_MASTER_START_S} s: {error}"
+                    )
             soak.master_restarts += 1
             due["master"] = time.monotonic() + args.master_every
         if args.node_every and now >= due["node"]:
@@ -375,6 +392,8 @@ def report(soak: Soak, ran: float, directory: Path, leftovers: list[str]) -> int
     print(f"  of them: {writes:,} DiskWrites, {reads:,} DiskReads of what they wrote")
     for message, count in errors.most_common():
         print(f"  Error x{count}: {message}")
+    if missing:
+        print(f"  missing: {', '.join(list(soak.outstanding)[:5])}")
     for ident, result in list(wrong.items())[:10]:
         print(f"  wrong: {ident}: {result} (expected {soak.expected[ident]})")
     tracebacks = {
