@@ -194,11 +194,26 @@ class Processes:
         if code != 0:
             raise RuntimeError(f"the {what} exited {code} after SIGTERM")
 
+    def shm_leftovers(self) -> list[Path]:
+        """What the nodes have in /dev/shm (their node_ids are this run's)."""
+        return sorted(Path(SHM_DIR).glob(f"cpnode-soak-{self.port}-*"))
+
     def close(self) -> None:
+        """Kill what still runs (the soak itself failed), and remove the files in /dev/shm of
+        the nodes it killed: their node_ids are never used again to clear them."""
+        killed = False
         for process in [*self.nodes.values(), self.master]:
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait(10)
+                killed = True
+        if killed:
+            time.sleep(1)  # their workers exit with them
+            for path in self.shm_leftovers():
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 async def wait_for_master(join: Path, timeout: float = 30) -> None:
@@ -366,7 +381,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         await stop(soak, processes.master, "master")
     finally:
         processes.close()
-    leftovers = sorted(p.name for p in Path(SHM_DIR).glob(f"cpnode-soak-{processes.port}-*"))
+    leftovers = [path.name for path in processes.shm_leftovers()]
     return report(soak, ran, directory, leftovers)
 
 
