@@ -3,8 +3,8 @@
     python bench/soak.py                                   # 120 s, 2 workers
     python bench/soak.py --duration 1800 --workers 8       # a longer run
 
-A `cpnode-master` (plain TCP on a loopback port, a state file) and two `cpnode-supervisor`s, a
-Worker node and a Disk node, run as an operator runs them; this process submits tasks through
+A `cpnode-master` (plain TCP on a loopback port, a state file) and three `cpnode-supervisor`s,
+a Worker, a Disk and an Internet node, run as an operator runs them; this process submits tasks through
 the client library and polls their results for `--duration` seconds, while, each on its own
 clock:
 - a random worker is killed (SIGKILL) every `--kill-every` seconds;
@@ -13,13 +13,13 @@ clock:
   submission the master never acknowledged would leave its tasks in doubt; and a SIGKILL comes
   half a second after the last one, which cpnode-master's journal needs to hold it: a client
   resubmits what a crash of the master lost);
-- a node is stopped and a new one started every `--node-every` seconds, the two nodes in turn,
+- a node is stopped and a new one started every `--node-every` seconds, the nodes in turn,
   each by SIGTERM (it drains, handing back what it has not started) and by SIGKILL in turn.
 
 Tasks: `Compute` tasks whose values are known by construction (`a*b+c`), slower ones that a kill
 is likely to find running, and `ComplexMath` sums, all different, so no cache answers them; and
 `DiskWrite`s of random bytes to new files in new directories, each read back (`DiskRead`) once
-its write is answered.
+its write is answered; and `Tcp` and `Udp` tasks to echo servers this process runs on loopback.
 
 At the end every task must have its exact value; an `Error` is allowed only where a kill
 explains it (a task safe to repeat is retried once, so it gets one only when kills find it
@@ -47,6 +47,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import orjson
 import psutil
@@ -57,7 +58,7 @@ from node.protocol import messages as m
 
 _SLOW_TERMS = 100  # terms of a slow task: about a millisecond of work, a kill's likely target
 _DIRECTORIES = 97
-_ROLES = ("Worker", "Disk")
+_ROLES = ("Worker", "Disk", "Internet")
 SHM_DIR = "/dev/shm"  # the nodes' default shm_dir
 _JOURNAL_WRITE_S = 0.5
 _MASTER_START_S = 120  # a restart replays the journal: seconds for a few hundred MB
@@ -78,12 +79,16 @@ class Soak:
     exits: list[str] = field(default_factory=list)  # processes that exited unbidden or uncleanly
     written: dict[str, m.DiskWrite] = field(default_factory=dict)  # by id, until answered
     reads_due: list[tuple[m.Task, m.Result]] = field(default_factory=list)  # their DiskReads
+    kinds: collections.Counter[str] = field(default_factory=collections.Counter)  # submitted
     submitting: asyncio.Lock = field(default_factory=asyncio.Lock)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def make_batch(first: int, count: int, rng: random.Random) -> list[tuple[m.Task, m.Result]]:
-    """`count` different tasks numbered from `first`, with their exact results."""
+def make_batch(
+    first: int, count: int, rng: random.Random, echoes: tuple[str, str]
+) -> list[tuple[m.Task, m.Result]]:
+    """`count` different tasks numbered from `first`, with their exact results; `echoes` are
+    the addresses of this process's TCP and UDP echo servers."""
     batch: list[tuple[m.Task, m.Result]] = []
     for number in range(first, first + count):
         kind = rng.random()
@@ -92,15 +97,37 @@ def make_batch(first: int, count: int, rng: random.Random) -> list[tuple[m.Task,
             data = rng.randbytes(rng.randrange(0, 2048))
             path = f"soak/{number % _DIRECTORIES}/{number}.bin"
             batch.append((m.DiskWrite(path, data), m.Written()))
-        elif kind < 0.08:  # slow: the sum of many zero terms, exact in floats
+        elif kind < 0.05:  # echoed: one small write, one read
+            data = rng.randbytes(rng.randrange(1, 512))
+            batch.append((m.Tcp(echoes[0], data), m.Bytes(data)))
+        elif kind < 0.06:
+            data = rng.randbytes(rng.randrange(1, 512))
+            batch.append((m.Udp(echoes[1], data), m.Bytes(data)))
+        elif kind < 0.11:  # slow: the sum of many zero terms, exact in floats
             body = "+".join(["sin(1)*0"] * _SLOW_TERMS)
             batch.append((m.Compute(f"{number}+{body}"), m.Number(float(number))))
-        elif kind < 0.15:
+        elif kind < 0.18:
             task = m.ComplexMath(f"({number}+{a}*i)+({b}+{a}*i)")
             batch.append((task, m.Response(f"{number + b}+{2 * a}i")))
         else:
             batch.append((m.Compute(f"{a}*{b}+{number}"), m.Number(float(a * b + number))))
     return batch
+
+
+class _TcpEcho(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class _UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(data, addr)
 
 
 def free_port() -> int:
@@ -228,7 +255,9 @@ async def wait_for_master(join: Path, timeout: float = 30) -> None:
             await asyncio.sleep(0.1)
 
 
-async def submitter(soak: Soak, join: Path, batch: int, most_outstanding: int) -> None:
+async def submitter(
+    soak: Soak, join: Path, batch: int, most_outstanding: int, echoes: tuple[str, str]
+) -> None:
     """New tasks while the run lasts, each written file's read as soon as its write is
     answered; after the run, the reads of the writes still running."""
     rng = random.Random(1)
@@ -237,7 +266,7 @@ async def submitter(soak: Soak, join: Path, batch: int, most_outstanding: int) -
         if soak.stop.is_set() or len(soak.outstanding) >= most_outstanding:
             tasks = []
         else:
-            tasks = make_batch(number, batch, rng)
+            tasks = make_batch(number, batch, rng, echoes)
             number += batch
         tasks += soak.reads_due
         soak.reads_due = []
@@ -257,6 +286,7 @@ async def submit(soak: Soak, join: Path, tasks: list[tuple[m.Task, m.Result]]) -
             print(f"submission of {len(tasks)} tasks failed: {error}", file=sys.stderr)
             return
     for ident, (task, result) in zip(ids, tasks, strict=True):
+        soak.kinds[type(task).__name__] += 1
         soak.expected[ident] = result
         soak.outstanding[ident] = None
         if isinstance(task, m.DiskWrite):
@@ -351,6 +381,11 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
     processes = Processes(directory, free_port(), args.workers)
     join = directory / "join.json"
     soak = Soak()
+    loop = asyncio.get_running_loop()
+    tcp = await loop.create_server(_TcpEcho, "127.0.0.1", 0)
+    udp, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
+    tcp_port = tcp.sockets[0].getsockname()[1]
+    echoes = (f"127.0.0.1:{tcp_port}", f"127.0.0.1:{udp.get_extra_info('sockname')[1]}")
     try:
         processes.start_master()
         await wait_for_master(join)
@@ -361,7 +396,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
 
         async def submit_then_mark() -> None:
             try:
-                await submitter(soak, join, args.batch, args.batch * 5)
+                await submitter(soak, join, args.batch, args.batch * 5, echoes)
             finally:
                 submitter_done.set()
 
@@ -381,6 +416,8 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         await stop(soak, processes.master, "master")
     finally:
         processes.close()
+        tcp.close()
+        udp.close()
     leftovers = [path.name for path in processes.shm_leftovers()]
     return report(soak, ran, directory, leftovers)
 
@@ -402,9 +439,11 @@ def report(soak: Soak, ran: float, directory: Path, leftovers: list[str]) -> int
         f"| {soak.master_restarts} | {soak.node_restarts} | {len(wrong)} | {missing} "
         f"| {sum(errors.values())} | {soak.in_doubt} |"
     )
-    reads = sum(1 for r in soak.expected.values() if isinstance(r, m.Bytes))
-    writes = sum(1 for r in soak.expected.values() if isinstance(r, m.Written))
-    print(f"  of them: {writes:,} DiskWrites, {reads:,} DiskReads of what they wrote")
+    kinds = soak.kinds
+    print(
+        f"  of them: {kinds['DiskWrite']:,} DiskWrites, {kinds['DiskRead']:,} DiskReads of what "
+        f"they wrote, {kinds['Tcp']:,} Tcp and {kinds['Udp']:,} Udp tasks to echo servers"
+    )
     for message, count in errors.most_common():
         print(f"  Error x{count}: {message}")
     if missing:
