@@ -1,12 +1,12 @@
-"""A soak under faults: every task's result checked while workers, the master and the node die.
+"""A soak under faults: every task's result checked while workers, the master and nodes die.
 
     python bench/soak.py                                   # 120 s, 2 workers
     python bench/soak.py --duration 1800 --workers 8       # a longer run
 
 A `cpnode-master` (plain TCP on a loopback port, a state file) and three `cpnode-supervisor`s,
-a Worker, a Disk and an Internet node, run as an operator runs them; this process submits tasks through
-the client library and polls their results for `--duration` seconds, while, each on its own
-clock:
+a Worker, a Disk and an Internet node, run as an operator runs them; this process submits tasks
+through the client library and polls their results for `--duration` seconds, while, each on its
+own clock:
 - a random worker is killed (SIGKILL) every `--kill-every` seconds;
 - the master is stopped and started again on the same port and state file every
   `--master-every` seconds, by SIGTERM and by SIGKILL in turn, between two submissions (a
