@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
-import dataclasses
 import errno
 import functools
 import ipaddress
@@ -55,9 +54,9 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import RemoteProtocolError
 from node.protocol.framing import frame, frame_joined
-from shm.bytesjson import ByteArrayError, decode_byte_array, encode_byte_array
+from shm.bytesjson import ByteArrayError, encode_byte_array
 from shm.segments import read_spilled, spilled
-from workers.storage import BLOB_FAST_PATH_BYTES, decode_blob_task
+from workers.storage import BLOB_FAST_PATH_BYTES, decode_blob_task, decode_blob_task_in_any_form
 
 __all__ = ["InternetPorts", "IoTaskRunner", "NetworkPolicy", "NetworkRefused"]
 
@@ -535,21 +534,24 @@ class IoTaskRunner:
 
         Below `BLOB_FAST_PATH_BYTES` a payload comes here only when `codec.costly_to_parse`
         finds more values in it than the loop may parse: a task holds that many only in a
-        `Tcp`/`Udp` byte array, which `_task_around_array` decodes without the GIL. Any other
-        such payload is malformed or carries fields no master writes; the generic decoder
-        answers it here as it did on the loop, but orjson (and the garbage collector, after
-        thousands of arrays) holds the GIL while it parses, so for such a payload the loop
-        still waits about as long as before (2-5 ms median for 64 KiB of such JSON, measured
-        on a busy 2-core host; tens of ms when the collector runs)."""
+        `Tcp`/`Udp` byte array, which `decode_blob_task_in_any_form` decodes without the GIL.
+        Any other such payload is malformed or carries fields no master writes; the generic
+        decoder answers it here as it did on the loop, but orjson (and the garbage collector,
+        after thousands of arrays) holds the GIL while it parses, so for such a payload the
+        loop still waits about as long as before (2-5 ms median for 64 KiB of such JSON,
+        measured on a busy 2-core host; tens of ms when the collector runs)."""
         whole = read_spilled(self.config.shm_dir, payload)
         if len(whole) >= BLOB_FAST_PATH_BYTES:
             blob = decode_blob_task(whole)
-            if blob is not None:
-                return blob[1]
         else:
-            task = _task_around_array(whole)
-            if task is not None:
-                return task
+            # Anything it cannot read, or finds wrong, is left to the generic decoder below,
+            # which names what is wrong in its words, as it did on the loop.
+            try:
+                blob = decode_blob_task_in_any_form(whole)
+            except (ByteArrayError, RemoteProtocolError):
+                blob = None
+        if blob is not None:
+            return blob[1]
         message = codec.decode(whole)  # no blob task the vectorised codec reads: rare
         return message.task if isinstance(message, m.AssignTask) else None
 
@@ -661,32 +663,6 @@ class IoTaskRunner:
             return await waiter
         finally:
             port.forget(key, waiter)
-
-
-def _task_around_array(payload: bytes) -> m.Task | None:
-    """The task of an `AssignTask` payload that is mostly a flat byte array (in any JSON form):
-    the array decoded by the vectorised codec, which lets go of the GIL, and only what is
-    around it parsed, by orjson (`codec.around_blob`). The answer is the generic decoder's:
-    the array is read first, and anything it cannot read (no flat array, or no valid one)
-    gives None, for the generic decoder to name what is wrong in its words; with a valid
-    array the payload is valid JSON, and the data field is checked after every other."""
-    around = codec.around_blob(payload)
-    if around is None:
-        return None
-    value, start, end = around
-    try:
-        data = decode_byte_array(memoryview(payload)[start:end])
-    except ByteArrayError:
-        return None
-    if "AssignTask" not in value:
-        return None  # a SubmitTask or TaskResult: no task for a node
-    (fields,) = value["AssignTask"]["task"].values()  # the shape around_blob checked
-    fields["data"] = []
-    message = codec.message_from_json(value)
-    assert isinstance(message, m.AssignTask)
-    task = message.task
-    assert isinstance(task, m.StoreData | m.DiskWrite | m.Tcp | m.Udp)  # what around_blob takes
-    return dataclasses.replace(task, data=data)
 
 
 def _kind_name(kind: socket.SocketKind) -> str:

@@ -75,7 +75,7 @@ def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
         return None
     head = _BLOB_HEAD.match(payload, 0, 64 * 1024)
     if head is None or payload[-len(_BLOB_TAIL) :] != _BLOB_TAIL:
-        return _decode_blob_task_in_any_form(payload)
+        return decode_blob_task_in_any_form(payload)
     try:
         ident = orjson.loads(head.group(1))
         name = orjson.loads(head.group(3))
@@ -85,7 +85,7 @@ def decode_blob_task(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
     return ident, _BLOB_TASKS[head.group(2)](name, data)
 
 
-def _decode_blob_task_in_any_form(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
+def decode_blob_task_in_any_form(payload: bytes | memoryview) -> tuple[str, m.Task] | None:
     """`decode_blob_task` for valid JSON that serde would not write (fields in another order,
     whitespace, escapes): the generic decoder checks everything but the byte array, which it
     gets empty (`codec.around_blob`); the vectorised codec decodes the array. None when
