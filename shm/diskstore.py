@@ -212,14 +212,18 @@ class DiskStore(Closing):
         (if ``pid`` runs, it is a new process and nothing is removed); return their names.
 
         With a quota, finding any recounts the ledger from the files, under its lock: the
-        writer may have died after counting its file and before renaming it into place.
+        writer may have died after counting its file and before renaming it into place. The
+        ledger says "unknown" from before the removal until the recount, so a removal or a
+        recount that fails (or a kill in between) leaves the next process to take the lock a
+        full count to make, not the dead writer's count with nothing left to correct it.
         """
         if self._ledger is None:
             return self._remove_temporary(pid)
         with self._ledger.locked() as usage:
+            before = usage.used
+            usage.forget()
             removed = self._remove_temporary(pid)
-            if removed:
-                usage.used = self._scan_usage()
+            usage.used = self._scan_usage() if removed else before
         return removed
 
     # --- accounting --------------------------------------------------------------------------

@@ -1287,6 +1287,37 @@ def test_sweeping_a_dead_writer_recounts_the_ledger(
     assert tree(storage) == ["kept"]
 
 
+def test_a_sweep_whose_recount_fails_leaves_the_ledger_to_be_counted_again(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    # The dead writer's temporaries went before the recount: a recount that failed (or a kill
+    # in between) left the count the writer had made, wrong, and nothing to correct it.
+    class ScanFailsOnce(DiskStore):
+        failing = False
+
+        def _scan_usage(self) -> int:
+            if self.failing:
+                self.failing = False
+                raise OSError(errno.EIO, "the recount failed")
+            return super()._scan_usage()
+
+    storage = tmp_path / "storage"
+    dead = dead_pid()
+    with ScanFailsOnce(storage, MIB, node_dir.ledger_dir, reserve_bytes=0) as disk:
+        disk.write("kept", bytes(100))
+        assert disk._ledger is not None
+        with disk._ledger.locked() as usage:  # the writer counted its file, then died
+            usage.used += 700
+        (storage / f".cpnode-tmp-{dead}-a").write_bytes(bytes(700))
+        disk.failing = True
+        with pytest.raises(OSError, match="the recount failed"):
+            disk.sweep_temporary(dead)
+        assert sorted(os.listdir(storage)) == ["kept"]
+        assert disk.used_bytes() == 100  # counted afresh at the next look
+        assert disk.sweep_temporary(dead) == []
+        assert disk.used_bytes() == 100  # nothing found: the count stays
+
+
 def test_a_rename_that_fails_takes_its_count_back(
     node_dir: NodeDirectory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
