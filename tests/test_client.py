@@ -418,6 +418,16 @@ def read_until(fd: int, text: bytes, timeout: float) -> bytes:
     return seen
 
 
+def read_rest(fd: int) -> bytes:
+    """What is left to read on the terminal `fd` once the child on its other side has exited
+    (the read ends with EOF, or EIO once the child's side is closed)."""
+    rest = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(fd, 4096):
+            rest += chunk
+    return rest
+
+
 def run(coro: Coroutine[Any, Any, T], timeout: float = 20) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
@@ -787,10 +797,7 @@ def test_cli_batch_prints_what_arrived_when_the_master_goes_away(
                 if process.poll() is None:
                     process.kill()
                     process.communicate(timeout=10)
-        terminal = b""
-        with contextlib.suppress(OSError):  # EIO once the child's side is closed
-            while chunk := os.read(leader, 4096):
-                terminal += chunk
+        terminal = read_rest(leader)
     finally:
         os.close(leader)
     assert process.returncode == 4, terminal
@@ -852,10 +859,7 @@ def test_cli_batch_progress_bar_on_a_terminal(cluster: Cluster) -> None:
             process.kill()
             process.communicate(timeout=10)
             raise
-        terminal = b""
-        with contextlib.suppress(OSError):  # EIO once the child's side is closed
-            while chunk := os.read(leader, 4096):
-                terminal += chunk
+        terminal = read_rest(leader)
         os.close(leader)
     assert process.returncode == 0
     assert len(stdout.splitlines()) == 50
