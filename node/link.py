@@ -391,11 +391,18 @@ class MasterLink:
         if self.state is not LinkState.REGISTERED or writer is None:
             return
         writer.write(_HEARTBEAT_FRAME)
+        now = time.monotonic()
+        if self._heartbeats_sent and self.heartbeating:
+            # Measured here, when it leaves, whatever sent it: a pause that fell between the
+            # tick's reading of the clock and this write would otherwise go unreported.
+            interval = self.config.failover_timeout_ms / 2000
+            if (since := now - self.last_heartbeat_at) >= interval:
+                self._observe_lateness(now, since - interval, interval)
         self._results_since_heartbeat = 0
         self.bytes_written += len(_HEARTBEAT_FRAME)
         self.frames_written += 1
         self._heartbeats_sent += 1
-        self.last_heartbeat_at = self.last_write_at = time.monotonic()
+        self.last_heartbeat_at = self.last_write_at = now
         self._heartbeat_sent_at.append(self.last_heartbeat_at)
         self._heartbeat_ends.append(self.bytes_written)
 
@@ -763,13 +770,10 @@ class MasterLink:
             if self._listed is not False and now - self._nodes_asked_at >= query_every:
                 self._nodes_asked_at = now
                 self.send(m.GET_CONNECTED_NODES)
-            since = now - self.last_heartbeat_at
-            if since >= interval or (
+            if now - self.last_heartbeat_at >= interval or (
                 poll > 0 and now - self.last_write_at >= poll and self._has_capacity()
             ):
-                if since >= interval and self._heartbeats_sent:
-                    self._observe_lateness(now, since - interval, interval)
-                self.send_heartbeat()
+                self.send_heartbeat()  # which records how late it left
 
     def _observe_lateness(self, now: float, late: float, interval: float) -> None:
         """Record how late a periodic heartbeat left; warn (at most every _LATE_WARN_EVERY_S)
