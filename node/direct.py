@@ -65,6 +65,7 @@ from node.tls import (
     verify_failure,
     wants_tls,
 )
+from shm.bytesjson import ByteArrayError, decode_byte_array
 from workers.channel import Frames
 
 if TYPE_CHECKING:  # the client library (`DirectClient`) need not load the I/O tasks' aiohttp
@@ -93,6 +94,9 @@ _HEARTBEAT_FRAME: Final = codec.encode(m.HEARTBEAT)
 _ACK_FRAME: Final = codec.encode(m.HEARTBEAT_ACK)
 _BACKOFF_FIRST_S: Final = 0.1
 _BACKOFF_MAX_S: Final = 5.0
+# A peer's result this long (or with this many JSON values) is checked in a thread, not on the
+# event loop: its byte array by the vectorised codec, which lets go of the GIL.
+_CHECK_ON_LOOP_BYTES: Final = 64 * 1024
 
 _link_numbers = itertools.count(1)
 
@@ -531,6 +535,7 @@ class DirectPeer:
         self._in_flight: dict[str, bytes] = {}
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._checking: set[asyncio.Future[bytes]] = set()  # big results read in a thread
         self.offloaded = 0
 
     @property
@@ -553,8 +558,32 @@ class DirectPeer:
         return True
 
     def _result(self, ident: str, payload: bytes) -> None:
-        if self._in_flight.pop(ident, None) is not None:
-            self.dispatcher.io_finished(ident, frame(payload))
+        """The peer's answer to a master task: checked and written again in our encoder's
+        form before it joins the outbox. The master drops a connection that sends a frame it
+        cannot parse, and the outbox sends an unconfirmed result again on every connection, so
+        one malformed result passed on as it came would keep this node from ever delivering
+        anything (and the peer of a plain link need not even know the token)."""
+        if self._in_flight.pop(ident, None) is None:
+            return
+        if len(payload) <= _CHECK_ON_LOOP_BYTES and not codec.costly_to_parse(payload):
+            self.dispatcher.io_finished(ident, frame(_peer_result(ident, payload, self.address)))
+            return
+        loop = asyncio.get_running_loop()
+        checking = loop.run_in_executor(None, _peer_result, ident, payload, self.address)
+        self._checking.add(checking)
+        checking.add_done_callback(functools.partial(self._checked, ident))
+
+    def _checked(self, ident: str, checking: asyncio.Future[bytes]) -> None:
+        self._checking.discard(checking)
+        if checking.cancelled():
+            return
+        error = checking.exception()
+        if error is not None:
+            failure = m.Error(f"direct peer {self.address}: its result could not be read: {error}")
+            result = codec.task_result_payload(ident, failure)
+        else:
+            result = checking.result()
+        self.dispatcher.io_finished(ident, frame(result))
 
     async def _run(self) -> None:
         attempt = 0
@@ -626,6 +655,41 @@ class DirectPeer:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._checking:
+            await asyncio.wait(set(self._checking))
+
+
+def _peer_result(ident: str, payload: bytes, peer: str) -> bytes:
+    """The `TaskResult` payload to deliver for `ident` from a peer's `payload`: its result in
+    our encoder's form, or an `Error` saying what was wrong with it (a payload that is no
+    `TaskResult` for `ident`, or not one the master could parse). Big byte arrays are read
+    by the vectorised codec (see `_CHECK_ON_LOOP_BYTES`)."""
+    try:
+        result = _read_peer_result(ident, payload)
+    except (RemoteProtocolError, ByteArrayError) as error:
+        log.warning("direct peer %s sent a malformed result for %.100r: %s", peer, ident, error)
+        result = m.Error(f"direct peer {peer} sent a malformed result: {error}")
+    return codec.task_result_payload(ident, result)
+
+
+def _read_peer_result(ident: str, payload: bytes) -> m.Result:
+    around = codec.around_blob(payload) if len(payload) > _CHECK_ON_LOOP_BYTES else None
+    data: bytes | None = None
+    if around is None:
+        message = codec.decode(payload)
+    else:
+        value, start, end = around
+        ((variant, body),) = value.items()  # the shape around_blob checked
+        if variant != "TaskResult":
+            raise RemoteProtocolError(f"expected a TaskResult, got {variant}")
+        body["result"] = {"Bytes": []}
+        message = codec.message_from_json(value)
+        data = decode_byte_array(memoryview(payload)[start:end])
+    if not isinstance(message, m.TaskResult):
+        raise RemoteProtocolError(f"expected a TaskResult, got {type(message).__name__}")
+    if message.id != ident:
+        raise RemoteProtocolError(f"a TaskResult for id {message.id!r} in its place")
+    return message.result if data is None else m.Bytes(data)
 
 
 class Offloader:

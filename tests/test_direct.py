@@ -7,11 +7,13 @@ reach)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -471,3 +473,110 @@ def test_a_requested_connection_info_opens_a_link_once(
         assert stop_node(node, scripted) == 0
     finally:
         node.close()
+
+
+class ForgingPeer:
+    """A direct port on 127.0.0.1 that takes any token and answers the tasks it is lent with
+    results of its own making, by turns: `Number` null (no master parses it), a valid result in
+    another JSON form, a big valid `Bytes` and a big `Bytes` with an element above 255. Runs in
+    a thread; `answered` maps each task id to the kind of answer it got."""
+
+    KINDS = ("null", "spaced", "big", "big-bad")
+    BIG = bytes(range(256)) * 400  # 100 KiB: read in a thread, not on the node's loop
+
+    def __init__(self) -> None:
+        self.answered: dict[str, str] = {}
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen()
+        self._server.settimeout(0.2)
+        self.port = int(self._server.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> ForgingPeer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._server.close()
+
+    def _answer(self, ident: str) -> bytes:
+        kind = self.KINDS[len(self.answered) % len(self.KINDS)]
+        self.answered[ident] = kind
+        quoted = json.dumps(ident).encode()
+        if kind == "null":
+            return b'{"TaskResult":{"id":' + quoted + b',"result":{"Number":null}}}'
+        if kind == "spaced":
+            return b'{"TaskResult": {"result": {"Number": 7.0}, "id": ' + quoted + b"}}"
+        array = codec.encode_payload(m.TaskResult(ident, m.Bytes(self.BIG)))
+        return array if kind == "big" else array.replace(b"[0,1,2,", b"[0,1,300,", 1)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(0.2)
+                decoder = FrameDecoder(1 << 20)
+                greeted = False
+                while not self._stop.is_set():
+                    try:
+                        data = conn.recv(1 << 16)
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        break
+                    if not data:
+                        break
+                    for payload in decoder.feed(data):
+                        if not greeted:
+                            greeted = True
+                            conn.sendall(frame(b"OK"))
+                        elif payload.startswith(b'{"AssignTask"'):
+                            conn.sendall(frame(self._answer(str(codec.peek_id(payload)))))
+                        elif payload == b'"Heartbeat"':
+                            conn.sendall(frame(b'"HeartbeatAck"'))
+
+
+def test_a_peers_results_are_checked_before_they_reach_the_master(
+    tmp_path: Path, master: MasterThread
+) -> None:
+    # The master drops a connection that sends a frame it cannot parse, and the outbox sends
+    # every unconfirmed result again on the next one: a peer's malformed result passed on as it
+    # came would keep the node from delivering anything, ever. (A plain link's peer need not
+    # know the token: anyone answering at the `connect_to` address is lent tasks.)
+    with ForgingPeer() as forger:
+        node = start_node(
+            tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{forger.port}"
+        )
+        try:
+            node.wait_for_log("direct link to 127.0.0.1")
+            body = "+".join(f"sin({k})*cos({k})" for k in range(300))
+            tasks: list[m.Task] = [m.Compute(f"{i}+{body}") for i in range(40)]
+
+            async def go() -> dict[str, m.Result]:
+                async with Client.connect(tmp_path / "join.json", timeout=TIMEOUT) as client:
+                    ids = await client.submit_many(tasks)
+                    return await client.results(ids, timeout=TIMEOUT)
+
+            results = asyncio.run(go())
+            assert len(results) == 40
+            assert set(forger.KINDS) <= set(forger.answered.values()), forger.answered
+            for ident, kind in forger.answered.items():
+                result = results[ident]
+                if kind in ("null", "big-bad"):
+                    assert isinstance(result, m.Error), (kind, result)
+                    assert "sent a malformed result" in result.message, result
+                elif kind == "spaced":
+                    assert result == m.Number(7.0)
+                else:
+                    assert result == m.Bytes(forger.BIG)
+            assert "malformed frame" not in node.log
+            assert node.stop() == 0
+        finally:
+            node.close()
