@@ -146,7 +146,14 @@ async def _describe_peer_certificate(host: str, port: int) -> str:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     finally:
         transport.abort()
-    return f" ({describe_certificate(der)})" if der else ""
+    if not der:
+        return ""
+    try:
+        return f" ({describe_certificate(der)})"
+    except Exception as error:  # the peer chose these bytes; the refusal stands
+        # OpenSSL serves and refuses certificates that cryptography cannot read (a malformed
+        # extension it never looks at): describing one must not turn the refusal into a crash.
+        return f" (unreadable: {_printable(str(error))})"
 
 
 def describe_certificate(der: bytes) -> str:
@@ -154,22 +161,32 @@ def describe_certificate(der: bytes) -> str:
     from cryptography import x509
 
     cert = x509.load_der_x509_certificate(der)
-    parts = [f"subject {cert.subject.rfc4514_string() or '(empty)'}"]
+    parts = [f"subject {_printable(cert.subject.rfc4514_string()) or '(empty)'}"]
     if cert.issuer == cert.subject:
         parts.append("self-signed")
     else:
-        parts.append(f"issued by {cert.issuer.rfc4514_string()}")
+        parts.append(f"issued by {_printable(cert.issuer.rfc4514_string())}")
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     parts.append(f"valid {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC")
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         names = None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        # A malformed extension, any of them: they are parsed together.
+        parts.append("with extensions that cannot be read")
+        names = None
     if names is not None:
-        shown = [f"DNS:{n}" for n in names.get_values_for_type(x509.DNSName)]
+        shown = [f"DNS:{_printable(n)}" for n in names.get_values_for_type(x509.DNSName)]
         shown += [f"IP:{n}" for n in names.get_values_for_type(x509.IPAddress)]
         parts.append("for " + (", ".join(shown) or "no names"))
     return ", ".join(parts)
+
+
+def _printable(text: str) -> str:
+    """`text` with its control characters escaped: a peer's certificate names go into log
+    lines, and a newline in one would start a line of the peer's choosing."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _ssl_reason(error: BaseException) -> str:

@@ -392,3 +392,86 @@ def test_a_closed_paced_writer_delivers_what_was_written_first(ca: trustme.CA) -
             assert transport.is_closing()
 
     asyncio.run(scenario())
+
+
+# --- a certificate made to trip up its description -----------------------------------------------
+
+
+def forged_certificate_context(tmp_path: Path) -> ssl.SSLContext:
+    """A server context presenting a self-signed certificate whose Certificate Policies
+    extension is malformed DER (OpenSSL serves it and never reads it; cryptography refuses
+    it) and whose subject holds a newline, to start a log line of its own."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged\nERROR cpnode: injected")])
+    now = datetime.datetime.now(datetime.UTC)
+    policies = x509.UnrecognizedExtension(
+        ExtensionOID.CERTIFICATE_POLICIES, b"\x30\x03\x02\x01\x00"
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(policies, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "forged_cert.pem", tmp_path / "forged_key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert_path), str(key_path))
+    return context
+
+
+def test_a_certificate_that_cannot_be_described_is_still_refused(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    forged = forged_certificate_context(tmp_path)
+    with MasterThread(Config(), tls=ServerTls(forged, "always")) as master:
+        text = connect_error(master, tls="always", ca_cert=ca.cert_pem.bytes().decode())
+    assert "failed verification against ca_cert" in text
+    assert "subject CN=forged\\nERROR cpnode: injected" in text
+    assert "with extensions that cannot be read" in text
+    assert "\n" not in text
+
+
+def test_a_node_fails_over_from_a_master_whose_certificate_cannot_be_described(
+    tmp_path: Path, ca: trustme.CA, tls_master: MasterThread
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    forged = forged_certificate_context(tmp_path)
+    with MasterThread(Config(), tls=ServerTls(forged, "always")) as impostor:
+        # join.json's address is tried first: the impostor's, then the real master's.
+        join = tmp_path / "impostor-join.json"
+        join.write_text(
+            json.dumps({"token": tls_master.token, "ip": "127.0.0.1", "port": impostor.port})
+        )
+        config = {
+            "failover_timeout_ms": FAILOVER_MS,
+            "master_addresses": [tls_master.address],
+            "tls": "always",
+            "ca_cert_path": str(ca_file),
+        }
+        process = NodeProcess(tmp_path, join, config, "--workers", "1")
+        try:
+            process.wait_for_log("node ready")
+            assert "with extensions that cannot be read" in process.log
+            assert "\nERROR cpnode: injected" not in process.log
+            assert process.stop() == 0
+        finally:
+            process.close()
