@@ -94,6 +94,9 @@ _HEARTBEAT_FRAME: Final = codec.encode(m.HEARTBEAT)
 _ACK_FRAME: Final = codec.encode(m.HEARTBEAT_ACK)
 _BACKOFF_FIRST_S: Final = 0.1
 _BACKOFF_MAX_S: Final = 5.0
+# Connections a direct port holds before they authenticate: peers and clients do in
+# milliseconds, and each one waiting holds a file descriptor of the node's.
+_MAX_UNAUTHENTICATED: Final = 64
 # A peer's result this long (or with this many JSON values) is checked in a thread, not on the
 # event loop: its byte array by the vectorised codec, which lets go of the GIL.
 _CHECK_ON_LOOP_BYTES: Final = 64 * 1024
@@ -467,6 +470,7 @@ class DirectServer:
         self._listener = await TlsListener.start(
             self._connection, self.config.direct_host, port,
             context=tls.context, mode=tls.mode, what="direct links",
+            max_unauthenticated=_MAX_UNAUTHENTICATED, unauthenticated=self._unauthenticated,
         )  # fmt: skip
         self.port = int(self._listener.sockets[0].getsockname()[1])
         log.info(
@@ -474,6 +478,9 @@ class DirectServer:
             format_address(self.config.direct_host, self.port),
             " (TLS or plain TCP)" if tls.context is not None else " (plain TCP)",
         )
+
+    def _unauthenticated(self) -> int:
+        return sum(link.phase is _Phase.AUTHENTICATING for link in self.links)
 
     def _connection(self) -> DirectConnection:
         link = DirectConnection(

@@ -24,9 +24,11 @@ import datetime
 import errno
 import ipaddress
 import logging
+import math
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -52,6 +54,8 @@ _TLS_RECORD_HANDSHAKE: Final = 0x16
 # What a peer may take to send its first byte, and to finish a TLS handshake.
 _FIRST_BYTE_TIMEOUT_S: Final = 30.0
 _HANDSHAKE_TIMEOUT_S: Final = 10.0
+# Connections closed for `max_unauthenticated` are logged at most this often.
+_TURNED_AWAY_LOG_S: Final = 10.0
 # Fetching the certificate that failed, only to describe it.
 _DESCRIBE_TIMEOUT_S: Final = 3.0
 
@@ -304,6 +308,11 @@ class TlsListener:
 
     Quacks like the `asyncio.Server` its users need: `sockets`, `close()`, `wait_closed()`.
     `what` names the service in log lines ("master", "direct links").
+
+    With `max_unauthenticated`, a connection accepted while that many are not yet
+    authenticated (still awaited here, plus `unauthenticated()` of those handed over) is closed
+    at once: idle connections from anyone who can reach the port would otherwise hold a file
+    descriptor each, up to the process's limit, which the whole node shares.
     """
 
     def __init__(
@@ -314,12 +323,18 @@ class TlsListener:
         context: ssl.SSLContext | None,
         mode: str,
         what: str,
+        max_unauthenticated: int | None = None,
+        unauthenticated: Callable[[], int] = lambda: 0,
     ) -> None:
         self._factory = factory
         self._socket = sock
         self._context = context
         self._mode = mode
         self._what = what
+        self._max_unauthenticated = max_unauthenticated
+        self._unauthenticated = unauthenticated
+        self._turned_away = 0  # since the last line that said so
+        self._turned_away_logged_at = -math.inf
         self._loop = asyncio.get_running_loop()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._accepting = asyncio.ensure_future(self._accept())
@@ -335,6 +350,8 @@ class TlsListener:
         context: ssl.SSLContext | None,
         mode: str,
         what: str,
+        max_unauthenticated: int | None = None,
+        unauthenticated: Callable[[], int] = lambda: 0,
     ) -> TlsListener:
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -348,7 +365,10 @@ class TlsListener:
         except BaseException:
             sock.close()
             raise
-        return cls(factory, sock, context=context, mode=mode, what=what)
+        return cls(
+            factory, sock, context=context, mode=mode, what=what,
+            max_unauthenticated=max_unauthenticated, unauthenticated=unauthenticated,
+        )  # fmt: skip
 
     def close(self) -> None:
         self._accepting.cancel()
@@ -369,9 +389,26 @@ class TlsListener:
                     await asyncio.sleep(0.1)
                     continue
                 raise
+            limit = self._max_unauthenticated
+            if limit is not None and len(self._handshakes) + self._unauthenticated() >= limit:
+                conn.close()
+                self._turn_away(limit)
+                continue
             task = asyncio.ensure_future(self._start_connection(conn, peer))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
+
+    def _turn_away(self, limit: int) -> None:
+        """Count a connection closed for `max_unauthenticated`; say so now and then."""
+        self._turned_away += 1
+        now = time.monotonic()
+        if now - self._turned_away_logged_at >= _TURNED_AWAY_LOG_S:
+            log.warning(
+                "%s: %d connections closed at once: %d are not authenticated yet",
+                self._what, self._turned_away, limit,
+            )  # fmt: skip
+            self._turned_away = 0
+            self._turned_away_logged_at = now
 
     async def _start_connection(self, conn: socket.socket, peer: Any) -> None:
         where = format_address(str(peer[0]), int(peer[1]))

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -580,3 +581,40 @@ def test_a_peers_results_are_checked_before_they_reach_the_master(
             assert node.stop() == 0
         finally:
             node.close()
+
+
+def test_connections_that_never_authenticate_hold_few_descriptors(
+    master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    # Anyone who can reach a direct port can open connections and send nothing; each held a
+    # descriptor of the node's for 30 s, without a bound, up to the process's limit (which
+    # the master link, workers, segments and files share).
+    process, port = peer
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(100)]
+    try:
+        for sock in idle:
+            sock.settimeout(0.05)
+        deadline = time.monotonic() + 10
+        closed: set[int] = set()
+        while len(closed) < 36 and time.monotonic() < deadline:
+            for number, sock in enumerate(idle):
+                if number in closed:
+                    continue
+                try:
+                    if sock.recv(1) == b"":
+                        closed.add(number)
+                except TimeoutError:
+                    pass
+                except ConnectionResetError:
+                    closed.add(number)
+        assert len(closed) >= 36, f"only {len(closed)} of 100 idle connections were closed"
+        process.wait_for_log("connections closed at once: 64 are not authenticated yet")
+    finally:
+        for sock in idle:
+            sock.close()
+
+    async def go() -> m.Result:
+        async with await DirectClient.connect("127.0.0.1", port, master.token) as client:
+            return await client.run(m.Compute("6*7"), timeout=TIMEOUT)
+
+    assert asyncio.run(go()) == m.Number(42.0)
