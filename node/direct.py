@@ -1034,7 +1034,10 @@ class DirectLinks:
         self.policy = policy  # the I/O tasks' own: a ConnectionInfo's peer passes the same check
         # Built now, so a bad certificate setting is a config error before anything starts.
         self.server = DirectServer(config, join, dispatcher) if config.direct_port else None
-        self._listen_tls = self.server.tls if self.server is not None else ServerTls(None, "never")
+        # Without a direct port there is no certificate: a `ConnectionInfo`'s listener then
+        # takes plain links, unless tls is "always", where it takes none (as the port would).
+        no_port = ServerTls(None, config.tls)
+        self._listen_tls = self.server.tls if self.server is not None else no_port
         self.peers = [
             DirectPeer(address, config, join, dispatcher) for address in config.connect_to
         ]
