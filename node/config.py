@@ -250,6 +250,8 @@ class _Invalid(Exception):
 
 def _show(value: object) -> str:
     """Render a bad value as the JSON the operator wrote (`true`, not `True`), kept short."""
+    if isinstance(value, _Hidden):
+        return f"{value} (not shown)"
     if isinstance(value, enum.Enum):
         value = value.value
     if isinstance(value, tuple):
@@ -340,6 +342,19 @@ class _Text(_Check):
         if not isinstance(value, str) or not value.strip():
             self.fail(value)
         return value
+
+
+class _Secret(_Text):
+    """A token: a bad one is described by its kind, not shown (error messages reach logs),
+    unless it is blank."""
+
+    def fail(self, value: object, *, note: str = "") -> NoReturn:
+        blank = isinstance(value, str) and not value.strip()
+        raise _Invalid(self.expected, value if blank else _Hidden(_describe(value)), note=note)
+
+
+class _Hidden(str):
+    """What `_show` prints instead of a secret value."""
 
 
 class _Path(_Text):
@@ -964,7 +979,7 @@ class _Host(_Check):
         return host
 
 
-_JOIN_CHECKS: Final[Mapping[str, _Check]] = {"token": _Text(), "ip": _Host(), "port": _PORT}
+_JOIN_CHECKS: Final[Mapping[str, _Check]] = {"token": _Secret(), "ip": _Host(), "port": _PORT}
 
 
 def _check_join(values: Mapping[str, object], label: str) -> dict[str, Any]:

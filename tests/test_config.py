@@ -556,6 +556,11 @@ BAD_JOINS = [
         '{path}: `token` must be a non-empty string, got ""',
         id="empty-token",
     ),
+    pytest.param(  # a token that is no string is not shown: messages reach logs
+        {"token": 123456789, "ip": "127.0.0.1", "port": 55000},
+        "{path}: `token` must be a non-empty string, got a number (not shown)",
+        id="number-token",
+    ),
     pytest.param(
         {"token": "t", "ip": "127.0.0.1", "port": 70000},
         "{path}: `port` must be an integer from 1 to 65535, got 70000",

@@ -656,7 +656,7 @@ def test_cli_help_documents_every_flag(tmp_path):
 
 
 def _run_master_once(
-    tmp_path: Path, *args: str, errors: list[str] | None = None
+    tmp_path: Path, *args: str, errors: list[str] | None = None, env: dict[str, str] | None = None
 ) -> dict[str, object]:
     """Start cpnode-master, wait for a fresh join.json, authenticate with it on 127.0.0.1,
     SIGTERM it; its stderr goes to `errors` when given."""
@@ -669,7 +669,7 @@ def _run_master_once(
         str(tmp_path / "state.jsonl"),
         *args,
         cwd=tmp_path,
-        env={"CPCLUSTER_JOIN": str(join)},
+        env={"CPCLUSTER_JOIN": str(join), **(env or {})},
     )
     try:
         wait_for(lambda: join.exists() and join.stat().st_ino != before, timeout=10)
@@ -700,6 +700,20 @@ def test_cli_writes_join_json_and_keeps_its_token_across_restarts(tmp_path):
     assert rotated["token"] != first["token"]
     chosen = _run_master_once(tmp_path, "--token", "shared-by-two-masters")
     assert chosen["token"] == "shared-by-two-masters"
+
+
+def test_cli_takes_the_token_from_cpcluster_token(tmp_path):
+    # As nodes and cpnode-submit do: `CPCLUSTER_TOKEN=... cpnode-supervisor --local-master`
+    # had its master write a token of its own, and refuse the node it was started for.
+    (tmp_path / "join.json").write_text('{"token": "old", "ip": "127.0.0.1", "port": 1}')
+    taken = _run_master_once(tmp_path, env={"CPCLUSTER_TOKEN": "from-the-environment"})
+    assert taken["token"] == "from-the-environment"
+    chosen = _run_master_once(tmp_path, "--token", "flag", env={"CPCLUSTER_TOKEN": "env"})
+    assert chosen["token"] == "flag"
+    code, err = _finish(_cli("--new-token", cwd=tmp_path, env={"CPCLUSTER_TOKEN": "env"}))
+    assert code == 2 and "--new-token: CPCLUSTER_TOKEN is set" in err
+    code, err = _finish(_cli(cwd=tmp_path, env={"CPCLUSTER_TOKEN": " padded"}))
+    assert code == 2 and "CPCLUSTER_TOKEN: the token must be non-empty" in err
 
 
 def test_cli_advertise_names_the_address_join_json_gives_nodes(tmp_path):

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from node.config import (
     Config,
@@ -50,7 +50,9 @@ files:
                     else (or with --no-config) built-in defaults
   join.json         written at start (mode 0600) to $CPCLUSTER_JOIN, default ./join.json:
                     {"token", "ip", "port"}; nodes and cpnode-submit read it; "ip" is
-                    the --listen host, or --advertise
+                    the --listen host, or --advertise; its token is --token, else
+                    $CPCLUSTER_TOKEN (which nodes and cpnode-submit also take), else the
+                    existing file's, else a new one
   state file        pending and completed tasks, replayed at start (--state-file, config
                     `state_file`, default master_state.json)
   TLS certificate   config `cert_path`/`key_path`, default ./master_cert.pem and
@@ -107,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument(
         "--token",
         metavar="TOKEN",
-        help="the join token to require (e.g. the one another master of the cluster uses); "
-        "default: keep the token of an existing join.json",
+        help="the join token to require (e.g. the one another master of the cluster uses; "
+        "other users can see it in the process list: prefer $CPCLUSTER_TOKEN); default: "
+        "$CPCLUSTER_TOKEN, else keep the token of an existing join.json",
     )
     tokens.add_argument(
         "--new-token",
@@ -168,7 +171,9 @@ def _listen_address(text: str | None, config: Config) -> tuple[str, int]:
         raise ConfigError(f"--listen: {error}") from None
 
 
-def _choose_token(token: str | None, rotate: bool, join_path: str) -> str:
+def _choose_token(token: str | None, rotate: bool, join_path: str, env: Mapping[str, str]) -> str:
+    """--token, else $CPCLUSTER_TOKEN (as nodes and cpnode-submit take it: so a node given the
+    token that way and `--local-master` agree), else join.json's, else a new one."""
     rule = (
         "must be non-empty, without leading or trailing whitespace (the master compares the "
         "token a node sends after trimming it)"
@@ -177,6 +182,16 @@ def _choose_token(token: str | None, rotate: bool, join_path: str) -> str:
         if not token or token != token.strip():
             raise ConfigError(f"--token: {rule}")
         return token
+    env_token = env.get("CPCLUSTER_TOKEN")
+    if env_token is not None:
+        if rotate:
+            raise ConfigError(
+                "--new-token: CPCLUSTER_TOKEN is set, and nodes that read it would be refused;"
+                " unset it to make a new token"
+            )
+        if not env_token or env_token != env_token.strip():
+            raise ConfigError(f"CPCLUSTER_TOKEN: the token {rule}")
+        return env_token
     if rotate or not os.path.lexists(join_path):
         return new_token()
     hint = "(use --new-token to replace it with a new token)"
@@ -262,7 +277,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             override_source="command line",
         )
         host, port = _listen_address(args.listen, config)
-        token = _choose_token(args.token, args.new_token, join_path)
+        token = _choose_token(args.token, args.new_token, join_path, os.environ)
     except ConfigError as error:
         print(f"cpnode-master: {error}", file=sys.stderr)
         return 2
