@@ -1047,7 +1047,24 @@ def load_join(
             _log.warning("%s: ignoring unknown field `%s`", label, name)
     if env_token is not None:
         document["token"] = env_token
+    else:
+        _warn_if_others_read(label)
     return JoinInfo(**_check_join(document, label))
+
+
+def _warn_if_others_read(label: str) -> None:
+    """Say so (as ssh does of a key) when users other than the owner may read the token."""
+    try:
+        mode = os.stat(label).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        _log.warning(
+            "%s holds the cluster's token and other users may read it (mode %03o): "
+            "chmod 600 it, or give the token in CPCLUSTER_TOKEN",
+            label,
+            mode & 0o777,
+        )
 
 
 def write_join(path: str | os.PathLike[str], info: JoinInfo) -> None:

@@ -485,6 +485,24 @@ def test_explicit_join_path_beats_environment(tmp_path: Path) -> None:
     assert load_join(path, env=env).ip == "192.168.1.5"
 
 
+def test_a_join_file_others_may_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path / "join.json", JOIN)
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="cpnode.config"):
+        assert load_join(path, env={}).token == "s3cret"
+    assert f"{path} holds the cluster's token and other users may read it (mode 644)" in (
+        caplog.text
+    )
+    caplog.clear()
+    path.chmod(0o600)
+    load_join(path, env={})
+    path.chmod(0o644)
+    load_join(path, env={"CPCLUSTER_TOKEN": "t"})  # the file's token is not used
+    assert "other users may read it" not in caplog.text
+
+
 def test_token_from_environment_overrides_file(tmp_path: Path) -> None:
     path = write(tmp_path / "join.json", JOIN)
     assert load_join(path, env={"CPCLUSTER_TOKEN": "from-env"}).token == "from-env"
@@ -518,6 +536,7 @@ def test_empty_token_in_environment_is_refused(tmp_path: Path) -> None:
 def test_join_ipv6_and_unknown_fields(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="cpnode.config")
     path = write(tmp_path / "join.json", {"token": "t", "ip": "[::1]", "port": 55000, "x": 1})
+    path.chmod(0o600)  # or it is warned of too
     info = load_join(path, env={})
     assert (info.ip, info.address, info.is_local) == ("::1", "[::1]:55000", True)
     assert caplog.messages == [f"{path}: ignoring unknown field `x`"]
