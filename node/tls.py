@@ -242,6 +242,14 @@ def ensure_certificate(cert_path: str, key_path: str, hosts: Iterable[str]) -> b
         .not_valid_after(now + datetime.timedelta(days=3650))
         # An end-entity certificate, as rcgen makes upstream's: rustls refuses a CA as one.
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # Key identifiers (RFC 5280 4.2.1.1-2): self-signed certificates share a subject name
+        # (the host's), and OpenSSL looks an issuer up by name; one trust file holding two of
+        # them (a master's and a direct peer's) then checks a certificate against the other's
+        # key and refuses it as "self-signed certificate". The identifiers tell them apart.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
+        )
     )
     if alternatives:
         builder = builder.add_extension(x509.SubjectAlternativeName(alternatives), critical=False)

@@ -28,6 +28,7 @@ from node.pacing import SLICE_BYTES, PacedWriter
 from node.protocol import messages as m
 from node.protocol.framing import frame
 from node.tls import ServerTls, describe_certificate, ensure_certificate, server_tls
+from tests.netservers import free_port
 from tests.nodeproc import NodeProcess
 
 TIMEOUT = 10.0
@@ -311,6 +312,55 @@ def test_node_with_an_unusable_ca_exits_2(tmp_path: Path) -> None:
         assert "`ca_cert` is not a usable PEM certificate" in process.log
     finally:
         process.close()
+
+
+def test_one_trust_file_tells_the_self_signed_master_and_direct_peer_apart(
+    tmp_path: Path,
+) -> None:
+    # The self-signed pairs cpnode makes (cpnode-master's, a direct_port's) both name their
+    # host, CN=127.0.0.1 here. A node that checks its master and its direct peer against one
+    # file holding both must find each certificate's own key, not the first by that name.
+    master_cert, master_key = tmp_path / "master_cert.pem", tmp_path / "master_key.pem"
+    ensure_certificate(str(master_cert), str(master_key), ["127.0.0.1"])
+    join = tmp_path / "join.json"
+    port = free_port()
+    tls = ServerTls(server_tls(str(master_cert), str(master_key)), "always")
+    config = Config(failover_timeout_ms=FAILOVER_MS)
+    with MasterThread(config, join_path=str(join), tls=tls) as master:
+        settings = {
+            "failover_timeout_ms": FAILOVER_MS,
+            "master_addresses": [master.address],
+            "tls": "always",
+        }
+        (tmp_path / "peer").mkdir()
+        peer = NodeProcess(
+            tmp_path / "peer", join, settings | {
+                "ca_cert_path": str(master_cert), "direct_port": port,
+                "direct_host": "127.0.0.1", "cert_path": "node_cert.pem",
+                "key_path": "node_key.pem",
+            }, "--workers", "1",
+        )  # fmt: skip
+        node: NodeProcess | None = None
+        try:
+            peer.wait_for_log("accepting direct links on")
+            trust = tmp_path / "trust.pem"
+            trust.write_bytes(
+                master_cert.read_bytes() + (tmp_path / "peer/node_cert.pem").read_bytes()
+            )
+            (tmp_path / "node").mkdir()
+            node = NodeProcess(
+                tmp_path / "node", join, settings | {
+                    "ca_cert_path": str(trust), "connect_to": [f"127.0.0.1:{port}"],
+                },  "--workers", "1",
+            )  # fmt: skip
+            node.wait_for_log("node ready")
+            node.wait_for_log(f"direct link to 127.0.0.1:{port} open", timeout=15)
+            assert "failed verification" not in node.log
+            assert node.stop() == 0
+        finally:
+            if node is not None:
+                node.close()
+            peer.close()
 
 
 @contextlib.asynccontextmanager
