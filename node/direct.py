@@ -473,10 +473,16 @@ class DirectServer:
             max_unauthenticated=_MAX_UNAUTHENTICATED, unauthenticated=self._unauthenticated,
         )  # fmt: skip
         self.port = int(self._listener.sockets[0].getsockname()[1])
+        if tls.context is None:
+            served = "plain TCP"
+        elif tls.mode == "always":  # the listener refuses a peer that does not start TLS
+            served = "TLS only"
+        else:
+            served = "TLS or plain TCP"
         log.info(
-            "accepting direct links on %s%s",
+            "accepting direct links on %s (%s)",
             format_address(self.config.direct_host, self.port),
-            " (TLS or plain TCP)" if tls.context is not None else " (plain TCP)",
+            served,
         )
 
     def _unauthenticated(self) -> int:

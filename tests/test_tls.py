@@ -342,7 +342,7 @@ def test_one_trust_file_tells_the_self_signed_master_and_direct_peer_apart(
         )  # fmt: skip
         node: NodeProcess | None = None
         try:
-            peer.wait_for_log("accepting direct links on")
+            peer.wait_for_log(f"accepting direct links on 127.0.0.1:{port} (TLS only)")
             trust = tmp_path / "trust.pem"
             trust.write_bytes(
                 master_cert.read_bytes() + (tmp_path / "peer/node_cert.pem").read_bytes()
