@@ -2,6 +2,7 @@
 
     python bench/soak.py                                   # 120 s, 2 workers
     python bench/soak.py --duration 1800 --workers 8       # a longer run
+    python bench/soak.py --tls --direct                    # TLS only; a direct link too
 
 A `cpnode-master` (plain TCP on a loopback port, a state file) and three `cpnode-supervisor`s,
 a Worker, a Disk and an Internet node, run as an operator runs them; this process submits tasks
@@ -15,6 +16,20 @@ own clock:
   resubmits what a crash of the master lost);
 - a node is stopped and a new one started every `--node-every` seconds, the nodes in turn,
   each by SIGTERM (it drains, handing back what it has not started) and by SIGKILL in turn.
+
+`--tls`: the master listens with `--tls always` (its self-signed certificate, made at its first
+start in the run's directory, is kept across its restarts), the nodes speak `tls = "always"`
+and trust a file of the master's certificate (and the peer's), and this process's client checks
+the master's certificate too. `--direct`: a fourth node, a second Worker (the "Peer"), accepts
+direct links on a loopback `direct_port` (with `--tls`, presenting a self-signed certificate
+made here); the first Worker dials it (`connect_to`) with a prefetch of 2 tasks per worker, so
+most of what the master sends it overflows to the peer over the link. The peer's workers are
+among those killed and the peer among the nodes restarted, so links break with tasks in flight
+(the dialer runs those again itself). The nodes' logs must show that TLS was used for every
+connection to the master and that tasks crossed the link, else the run fails. (The master's
+`RequestConnection`/`ConnectionInfo` links are not used: they carry tasks only from a client
+or a peer that sends them, not the master's overflow, so a soak of master work leaves them
+idle.)
 
 Tasks: `Compute` tasks whose values are known by construction (`a*b+c`), slower ones that a kill
 is likely to find running, and `ComplexMath` sums, all different, so no cache answers them; and
@@ -38,6 +53,7 @@ import collections
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -55,10 +71,16 @@ import psutil
 from node.client import Client, ClientError
 from node.errors import ConfigError
 from node.protocol import messages as m
+from node.tls import ensure_certificate
 
 _SLOW_TERMS = 100  # terms of a slow task: about a millisecond of work, a kill's likely target
 _DIRECTORIES = 97
 _ROLES = ("Worker", "Disk", "Internet")
+_PEER = "Peer"  # --direct: a second Worker node; the first one dials its direct port
+_DIALER_PREFETCH = 2  # --direct: the first Worker's room per worker, so most of its tasks overflow
+_MASTER_CERT = "master_cert.pem"  # --tls: made by cpnode-master at its first start, kept after
+_PEER_CERT, _PEER_KEY = "peer_cert.pem", "peer_key.pem"  # --tls --direct: the peer's, made here
+_TRUST = "trust.pem"  # --tls: what the nodes trust: the master's certificate (and the peer's)
 SHM_DIR = "/dev/shm"  # the nodes' default shm_dir
 _JOURNAL_WRITE_S = 0.5
 _MASTER_START_S = 120  # a restart replays the journal: seconds for a few hundred MB
@@ -140,25 +162,53 @@ class Processes:
     """The master and the nodes, started and stopped as an operator would, logs in
     `directory`."""
 
-    def __init__(self, directory: Path, port: int, workers: int) -> None:
+    def __init__(
+        self, directory: Path, port: int, workers: int, tls: bool = False, direct: bool = False
+    ) -> None:
         self.directory = directory
         self.port = port
         self.workers = workers
+        self.tls = tls
         self.env = {**os.environ, "CPCLUSTER_JOIN": str(directory / "join.json")}
         self.master: subprocess.Popen[bytes] | None = None
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
+        self.log_starts: dict[str, int] = {}  # where each node's last start begins in its log
+        # The nodes by name (their files' names, lower case) and role, in the restarts' order.
+        self.roles = {role: role for role in _ROLES} | ({_PEER: "Worker"} if direct else {})
         (directory / "master.json").write_bytes(orjson.dumps({"result_ttl_s": _RESULT_TTL_S}))
-        for role in _ROLES:
-            settings = {
+        direct_port = free_port() if direct else None
+        for name, role in self.roles.items():
+            settings: dict[str, object] = {
                 "master_addresses": [f"127.0.0.1:{port}"],
                 "failover_timeout_ms": 3000,
                 "retry_interval_ms": 200,
                 "max_retries": 50,
                 "role": role,
-                "storage_dir": f"storage-{role.lower()}",
-                "node_id": f"soak-{port}-{role.lower()}",
+                "storage_dir": f"storage-{name.lower()}",
+                "node_id": f"soak-{port}-{name.lower()}",
             }
-            (directory / f"node-{role.lower()}.json").write_bytes(orjson.dumps(settings))
+            if tls:  # TLS to the master and on the direct link; the nodes trust _TRUST only
+                settings |= {"tls": "always", "ca_cert_path": _TRUST}
+            if name == _PEER:
+                settings |= {"direct_port": direct_port, "direct_host": "127.0.0.1"}
+                if tls:
+                    settings |= {"cert_path": _PEER_CERT, "key_path": _PEER_KEY}
+            elif name == "Worker" and direct:  # little room: the rest goes over the link
+                settings |= {
+                    "connect_to": [f"127.0.0.1:{direct_port}"],
+                    "prefetch": _DIALER_PREFETCH,
+                }
+            (directory / f"node-{name.lower()}.json").write_bytes(orjson.dumps(settings))
+        if tls and direct:
+            ensure_certificate(
+                str(directory / _PEER_CERT), str(directory / _PEER_KEY), ["127.0.0.1"]
+            )
+
+    def trust(self) -> None:
+        """--tls: write what the nodes trust, once the master has made its certificate."""
+        names = [_MASTER_CERT] + ([_PEER_CERT] if _PEER in self.roles else [])
+        pems = [(self.directory / name).read_bytes() for name in names]
+        (self.directory / _TRUST).write_bytes(b"".join(pems))
 
     def _start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 (the child holds it)
@@ -173,21 +223,38 @@ class Processes:
         self.master = self._start(
             "master",
             [
-                sys.executable, "-m", "node.master.cli", "master.json", "--tls", "never",
+                sys.executable, "-m", "node.master.cli", "master.json", "--tls",
+                "always" if self.tls else "never",
                 "--listen", f"127.0.0.1:{self.port}", "--state-file", "master-state.jsonl",
                 "--log-level", "warn",
             ],
         )  # fmt: skip
 
-    def start_node(self, role: str) -> None:
-        name = f"node-{role.lower()}"
-        self.nodes[role] = self._start(
+    def start_node(self, node: str) -> None:
+        """Start the node named `node` (a role, or _PEER)."""
+        name = f"node-{node.lower()}"
+        log = self.directory / f"{name}.log"
+        self.log_starts[node] = log.stat().st_size if log.exists() else 0
+        self.nodes[node] = self._start(
             name,
             [
                 sys.executable, "-m", "node.cli", f"{name}.json", "--workers",
                 str(self.workers), "--log-level", "info",
             ],
         )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait until each running node has logged, since its last start, that it is ready: a
+        SIGTERM in its first second, before it has installed its handler, ends it with -15."""
+        deadline = time.monotonic() + timeout
+        for node, process in self.nodes.items():
+            log = self.directory / f"node-{node.lower()}.log"
+            while process.poll() is None and time.monotonic() < deadline:
+                with log.open("rb") as file:
+                    file.seek(self.log_starts[node])
+                    if b"node ready" in file.read():
+                        break
+                time.sleep(0.1)
 
     def worker_pids(self) -> list[int]:
         """Workers are children of a forkserver, a child of a supervisor."""
@@ -243,11 +310,30 @@ class Processes:
                     path.unlink(missing_ok=True)
 
 
+@dataclass
+class ClientTls:
+    """How this process speaks to the master: set once, by --tls."""
+
+    mode: str = "auto"  # plain TCP on loopback
+    ca_cert_path: str | None = None
+
+
+_client_tls = ClientTls()
+
+
+def connect(join: Path, timeout: float) -> contextlib.AbstractAsyncContextManager[Client]:
+    """The client library's connection to the master: TLS, checked against the master's
+    certificate, when the run is --tls."""
+    return Client.connect(
+        join, timeout=timeout, tls=_client_tls.mode, ca_cert_path=_client_tls.ca_cert_path
+    )
+
+
 async def wait_for_master(join: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            async with Client.connect(join, timeout=5):
+            async with connect(join, timeout=5):
                 return
         except (ClientError, ConfigError, OSError):  # ConfigError: no join.json yet
             if time.monotonic() > deadline:
@@ -279,7 +365,7 @@ async def submitter(
 async def submit(soak: Soak, join: Path, tasks: list[tuple[m.Task, m.Result]]) -> None:
     async with soak.submitting:
         try:
-            async with Client.connect(join, timeout=10) as client:
+            async with connect(join, timeout=10) as client:
                 ids = await client.submit_many([task for task, _ in tasks])
         except ClientError as error:
             soak.in_doubt += len(tasks)
@@ -301,7 +387,7 @@ async def collector(soak: Soak, join: Path, submitter_done: asyncio.Event) -> No
             continue
         done: dict[str, m.Result] = {}
         try:
-            async with Client.connect(join, timeout=10) as client:
+            async with connect(join, timeout=10) as client:
                 done = await client.results(wanted, timeout=1.0, poll_interval=0.05)
         except ClientError as error:  # a timeout, or the master restarting: keep what came
             done = error.done or {}
@@ -368,18 +454,21 @@ async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Nam
             soak.master_restarts += 1
             due["master"] = time.monotonic() + args.master_every
         if args.node_every and now >= due["node"]:
-            role = _ROLES[soak.node_restarts % len(_ROLES)]
-            hard = soak.node_restarts // len(_ROLES) % 2 == 1  # each node's other one by SIGKILL
-            await stop(soak, processes.nodes[role], f"{role} node", hard)
-            processes.start_node(role)
+            names = list(processes.roles)
+            name = names[soak.node_restarts % len(names)]
+            hard = soak.node_restarts // len(names) % 2 == 1  # each node's other one by SIGKILL
+            await stop(soak, processes.nodes[name], f"{name} node", hard)
+            processes.start_node(name)
             soak.node_restarts += 1
             due["node"] = time.monotonic() + args.node_every
         await asyncio.sleep(0.05)
 
 
 async def run(args: argparse.Namespace, directory: Path) -> int:
-    processes = Processes(directory, free_port(), args.workers)
+    processes = Processes(directory, free_port(), args.workers, args.tls, args.direct)
     join = directory / "join.json"
+    if args.tls:
+        _client_tls.mode, _client_tls.ca_cert_path = "always", str(directory / _MASTER_CERT)
     soak = Soak()
     loop = asyncio.get_running_loop()
     tcp = await loop.create_server(_TcpEcho, "127.0.0.1", 0)
@@ -389,8 +478,10 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
     try:
         processes.start_master()
         await wait_for_master(join)
-        for role in _ROLES:
-            processes.start_node(role)
+        if args.tls:
+            processes.trust()
+        for name in processes.roles:
+            processes.start_node(name)
         started = time.monotonic()
         submitter_done = asyncio.Event()
 
@@ -411,6 +502,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         await asyncio.wait_for(jobs[2], 120)
         with contextlib.suppress(TimeoutError):  # what is still missing is reported
             await asyncio.wait_for(asyncio.gather(jobs[0], jobs[1]), args.settle)
+        await asyncio.to_thread(processes.wait_ready)
         for role, node in processes.nodes.items():
             await stop(soak, node, f"{role} node")
         await stop(soak, processes.master, "master")
@@ -419,7 +511,39 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         tcp.close()
         udp.close()
     leftovers = [path.name for path in processes.shm_leftovers()]
-    return report(soak, ran, directory, leftovers)
+    code = report(soak, ran, directory, leftovers)
+    if not evidence(directory, processes, args):
+        code = 1
+    return code
+
+
+def evidence(directory: Path, processes: Processes, args: argparse.Namespace) -> bool:
+    """--tls, --direct: what the nodes' logs say was used; False when it was not (a soak that
+    never crossed the link, or spoke plain TCP, proves nothing about it)."""
+    ok = True
+    if args.tls:
+        connects = tls = 0
+        for name in processes.roles:
+            log = (directory / f"node-{name.lower()}.log").read_text(errors="replace")
+            for line in re.findall(r"connecting to master \S+( \(TLS\))?", log):
+                connects += 1
+                tls += line != ""
+        print(f"  TLS: {tls} of the nodes' {connects} connections to the master")
+        ok = ok and tls == connects > 0
+    if args.direct:
+        dialer = (directory / "node-worker.log").read_text(errors="replace")
+        peer = (directory / f"node-{_PEER.lower()}.log").read_text(errors="replace")
+        offloaded = sum(map(int, re.findall(r"direct peer \S+ ran (\d+) tasks", dialer)))
+        received = sum(map(int, re.findall(r"direct link from \S+ closed; it sent (\d+)", peer)))
+        opened = len(re.findall(r"direct link to \S+ open", dialer))
+        broken = re.findall(r"direct link to \S+ lost with (\d+) tasks in flight", dialer)
+        print(
+            f"  direct link: opened {opened} times; {offloaded:,} tasks offloaded (the Worker's "
+            f"logs of its clean stops), {received:,} received (the peer's logs of the links "
+            f"closed); {len(broken)} broken with tasks in flight ({sum(map(int, broken)):,})"
+        )
+        ok = ok and offloaded > 0 and received > 0
+    return ok
 
 
 def report(soak: Soak, ran: float, directory: Path, leftovers: list[str]) -> int:
@@ -487,6 +611,14 @@ def main() -> None:
         "--settle", type=float, default=120, help="seconds to wait for the last results"
     )
     parser.add_argument("--keep", action="store_true", help="keep the logs' directory")
+    parser.add_argument(
+        "--tls", action="store_true", help="TLS only: the master, the nodes and the client"
+    )
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="a second Worker node that the first one lends its overflow over a direct link",
+    )
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="cpnode-soak-"))
     code = asyncio.run(run(args, directory))
