@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from node.config import Config, JoinInfo, format_address, parse_address
-from node.dispatch import Dispatcher, _is_idempotent
+from node.dispatch import NOT_STARTED, Dispatcher, _is_idempotent
 from node.errors import ConfigError, CpnodeError
 from node.pacing import PacedReader, PacedWriter
 from node.protocol import codec
@@ -90,6 +90,7 @@ _TOKEN_FRAME_LIMIT: Final = 4096
 _AUTH_TIMEOUT_S: Final = 10.0
 _ASSIGN_HEAD: Final = b'{"AssignTask":{"id":"'
 _RESULT_HEAD: Final = b'{"TaskResult":{"id":"'
+_NOT_STARTED_TAIL: Final = b',"result":' + codec.result_to_json(NOT_STARTED) + b"}}"
 _HEARTBEAT_FRAME: Final = codec.encode(m.HEARTBEAT)
 _ACK_FRAME: Final = codec.encode(m.HEARTBEAT_ACK)
 _BACKOFF_FIRST_S: Final = 0.1
@@ -546,6 +547,7 @@ class DirectPeer:
         )
         self._link: DirectConnection | None = None
         self._in_flight: dict[str, bytes] = {}
+        self._peer_stopping = False  # it answers what it will not start: offer it nothing more
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._checking: set[asyncio.Future[bytes]] = set()  # big results read in a thread
@@ -561,7 +563,12 @@ class DirectPeer:
     def offer(self, ident: str, payload: bytes) -> bool:
         """Send a master task to the peer when the link is open and has room."""
         link = self._link
-        if link is None or link.phase is not _Phase.OPEN or len(self._in_flight) >= self.window:
+        if (
+            link is None
+            or link.phase is not _Phase.OPEN
+            or self._peer_stopping
+            or len(self._in_flight) >= self.window
+        ):
             return False
         if ident in self._in_flight:
             return True
@@ -575,8 +582,18 @@ class DirectPeer:
         form before it joins the outbox. The master drops a connection that sends a frame it
         cannot parse, and the outbox sends an unconfirmed result again on every connection, so
         one malformed result passed on as it came would keep this node from ever delivering
-        anything (and the peer of a plain link need not even know the token)."""
-        if self._in_flight.pop(ident, None) is None:
+        anything (and the peer of a plain link need not even know the token). A task the peer
+        did not start (it is draining) runs here."""
+        task = self._in_flight.pop(ident, None)
+        if task is None:
+            return
+        if payload.endswith(_NOT_STARTED_TAIL):  # the peer is draining and did not start it
+            if not self._peer_stopping:
+                self._peer_stopping = True
+                log.info(
+                    "direct peer %s is stopping: what it did not start runs here", self.address
+                )
+            self.dispatcher.run_locally(ident, task)
             return
         if len(payload) <= _CHECK_ON_LOOP_BYTES and not codec.costly_to_parse(payload):
             self.dispatcher.io_finished(ident, frame(_peer_result(ident, payload, self.address)))
@@ -620,6 +637,7 @@ class DirectPeer:
                 continue
             attempt = 0
             self._link = link
+            self._peer_stopping = False
             log.info(
                 "direct link to %s open: it takes tasks this node has no room for", self.address
             )

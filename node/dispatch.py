@@ -45,7 +45,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from node.protocol import codec
 from node.protocol import messages as m
@@ -405,7 +405,7 @@ class Dispatcher:
 
     def _answer_stopping(self, ident: str, payload: bytes, reply: ResultSink) -> None:
         """Answer a direct link's task that will not run: the node is draining."""
-        reply(frame(codec.task_result_payload(ident, m.Error("the node is stopping"))), [ident])
+        reply(frame(codec.task_result_payload(ident, NOT_STARTED)), [ident])
         self.completed += 1
         self._count_here(payload, failed=True)
 
@@ -698,6 +698,9 @@ TAKE_BACK_AFTER_NS = round(TAKE_BACK_AFTER_S * 1e9)
 _COMPUTE_MARK = b'"task":{"Compute":'
 _ID_START = len(b'{"AssignTask":{"id":"')
 _COMPUTE_AFTER_ID = b'",' + _COMPUTE_MARK
+# The answer a draining node gives a direct link's task it will not start. A node that lent
+# the task to it (node/direct.py, `DirectPeer`) runs it itself instead: it never started there.
+NOT_STARTED: Final = m.Error("the node is stopping")
 _IO_TASKS = frozenset({"HttpRequest", "Tcp", "Udp"})
 # How far into a payload its task's variant is looked for: past an id of any sane length (the
 # search stops at the first match, right after the id, in every payload but a malformed one).

@@ -194,6 +194,38 @@ def test_tasks_at_a_lost_peer_run_here(
         node.close()
 
 
+def test_tasks_a_draining_peer_did_not_start_run_here(
+    tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    # A peer stopped by SIGTERM drains: what it had not started it answers with an Error
+    # ("the node is stopping"), as it must for a client's link. The node that lent it those
+    # tasks has them from the master and can run them itself; none may end as that Error.
+    peer_process, port = peer
+    node = start_node(
+        tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
+    )
+    try:
+        node.wait_for_log("direct link to 127.0.0.1")
+        body = "+".join(f"sin({k})*cos({k})" for k in range(300))
+        tasks: list[m.Task] = [m.Compute(f"{i}+{body}") for i in range(400)]
+
+        async def go() -> list[m.Result]:
+            async with Client.connect(tmp_path / "join.json", timeout=TIMEOUT) as client:
+                ids = await client.submit_many(tasks)
+                await asyncio.sleep(0.3)
+                peer_process.proc.terminate()  # mid-burst: the peer holds tasks not started
+                found = await client.results(ids, timeout=60)
+                return [found[i] for i in ids]
+
+        results = asyncio.run(go())
+        assert peer_process.proc.wait(TIMEOUT) == 0
+        errors = [r for r in results if not isinstance(r, m.Number)]
+        assert not errors, f"{len(errors)} of {len(results)}: {errors[0]}"
+        assert "it sent" in peer_process.log  # the link was used
+    finally:
+        node.close()
+
+
 def test_cpnode_submit_direct(
     tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
 ) -> None:
