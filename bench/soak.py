@@ -537,10 +537,12 @@ def evidence(directory: Path, processes: Processes, args: argparse.Namespace) ->
         received = sum(map(int, re.findall(r"direct link from \S+ closed; it sent (\d+)", peer)))
         opened = len(re.findall(r"direct link to \S+ open", dialer))
         broken = re.findall(r"direct link to \S+ lost with (\d+) tasks in flight", dialer)
+        draining = dialer.count("is stopping: what it did not start runs here")
         print(
             f"  direct link: opened {opened} times; {offloaded:,} tasks offloaded (the Worker's "
             f"logs of its clean stops), {received:,} received (the peer's logs of the links "
-            f"closed); {len(broken)} broken with tasks in flight ({sum(map(int, broken)):,})"
+            f"closed); {len(broken)} broken with tasks in flight ({sum(map(int, broken)):,}), "
+            f"{draining} drains of the peer with tasks it did not start"
         )
         ok = ok and offloaded > 0 and received > 0
     return ok
