@@ -528,7 +528,7 @@ def evidence(directory: Path, processes: Processes, args: argparse.Namespace) ->
             for line in re.findall(r"connecting to master \S+( \(TLS\))?", log):
                 connects += 1
                 tls += line != ""
-        print(f"  TLS: {tls} of the nodes' {connects} connections to the master")
+        print(f"  TLS: {tls} of the nodes' {connects} attempts to connect to the master")
         ok = ok and tls == connects > 0
     if args.direct:
         dialer = (directory / "node-worker.log").read_text(errors="replace")
