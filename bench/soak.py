@@ -244,8 +244,7 @@ class Processes:
         )  # fmt: skip
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Wait until each running node has logged, since its last start, that it is ready: a
-        SIGTERM in its first second, before it has installed its handler, ends it with -15."""
+        """Wait until each running node has logged, since its last start, that it is ready."""
         deadline = time.monotonic() + timeout
         for node, process in self.nodes.items():
             log = self.directory / f"node-{node.lower()}.log"
@@ -482,6 +481,9 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
             processes.trust()
         for name in processes.roles:
             processes.start_node(name)
+        # The kills start once the nodes are ready: before, a node's one starting worker can
+        # be the only one there is to kill, three times, and the node gives up starting.
+        await asyncio.to_thread(processes.wait_ready)
         started = time.monotonic()
         submitter_done = asyncio.Event()
 
@@ -502,6 +504,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         await asyncio.wait_for(jobs[2], 120)
         with contextlib.suppress(TimeoutError):  # what is still missing is reported
             await asyncio.wait_for(asyncio.gather(jobs[0], jobs[1]), args.settle)
+        # A SIGTERM in a node's first second, before it has its handler, ends it with -15.
         await asyncio.to_thread(processes.wait_ready)
         for role, node in processes.nodes.items():
             await stop(soak, node, f"{role} node")
