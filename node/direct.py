@@ -54,6 +54,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
 from node.protocol.framing import FrameDecoder, frame
+from node.throttle import Throttle
 from node.tls import (
     ClientTls,
     ServerTls,
@@ -103,6 +104,9 @@ _MAX_UNAUTHENTICATED: Final = 64
 _CHECK_ON_LOOP_BYTES: Final = 64 * 1024
 
 _link_numbers = itertools.count(1)
+# Whoever reaches a direct port can offer wrong tokens as fast as it connects: a line each
+# would fill the log's disk.
+_REFUSED_TOKENS = Throttle(10.0)
 
 
 class DirectError(CpnodeError, ConnectionError):
@@ -219,7 +223,11 @@ class DirectConnection(asyncio.Protocol):
             self._open()
             log.info("%s from %s opened", self.what, self.peer)
         else:
-            log.warning("%s from %s: invalid token; refused and closed", self.what, self.peer)
+            if count := _REFUSED_TOKENS.hit():
+                log.warning(
+                    "%s from %s: invalid token; refused and closed%s", self.what, self.peer,
+                    f" ({count - 1} more refused since the last such line)" if count > 1 else "",
+                )  # fmt: skip
             self._write(frame(_INVALID_TOKEN))
             self._fail(DirectLinkRefused(f"{self.what} from {self.peer}: invalid token"))
 

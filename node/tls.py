@@ -24,17 +24,16 @@ import datetime
 import errno
 import ipaddress
 import logging
-import math
 import os
 import socket
 import ssl
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
 from node.config import Config, format_address, is_local_ip
 from node.errors import ConfigError, CpnodeError
+from node.throttle import Throttle
 
 __all__ = [
     "ClientTls",
@@ -341,8 +340,7 @@ class TlsListener:
         self._what = what
         self._max_unauthenticated = max_unauthenticated
         self._unauthenticated = unauthenticated
-        self._turned_away = 0  # since the last line that said so
-        self._turned_away_logged_at = -math.inf
+        self._turned_away = Throttle(_TURNED_AWAY_LOG_S)
         self._loop = asyncio.get_running_loop()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._accepting = asyncio.ensure_future(self._accept())
@@ -408,15 +406,11 @@ class TlsListener:
 
     def _turn_away(self, limit: int) -> None:
         """Count a connection closed for `max_unauthenticated`; say so now and then."""
-        self._turned_away += 1
-        now = time.monotonic()
-        if now - self._turned_away_logged_at >= _TURNED_AWAY_LOG_S:
+        if count := self._turned_away.hit():
             log.warning(
                 "%s: %d connections closed at once: %d are not authenticated yet",
-                self._what, self._turned_away, limit,
+                self._what, count, limit,
             )  # fmt: skip
-            self._turned_away = 0
-            self._turned_away_logged_at = now
 
     async def _start_connection(self, conn: socket.socket, peer: Any) -> None:
         where = format_address(str(peer[0]), int(peer[1]))

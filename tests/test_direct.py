@@ -125,6 +125,19 @@ def test_a_wrong_token_is_refused_and_logged(
         asyncio.run(go())
     process.wait_for_log("invalid token; refused and closed")
 
+    async def many() -> int:
+        refused = 0
+        for _ in range(50):
+            with pytest.raises(DirectLinkRefused, match="Invalid token"):
+                await go()
+            refused += 1
+        return refused
+
+    # Anyone who reaches the port can repeat it at will: each is refused, but said at most
+    # once per 10 s (with a count), or the log's disk would fill.
+    assert asyncio.run(many()) == 50
+    assert process.log.count("invalid token") == 1
+
 
 def test_two_links_may_use_the_same_ids(
     tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
