@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from node.master.journal import HEADER, Journal, JournalError, replay
+from node.master.journal import ALL_WRITTEN, HEADER, Journal, JournalError, replay
 from node.protocol import messages as m
 from node.protocol import result_to_json, task_to_json
 
@@ -193,3 +193,27 @@ def test_an_upstream_state_file_is_imported_and_kept_aside(tmp_path):
     ]
     assert replayed.results == [("done", b'{"Number":3.0}', NOW)]
     assert replayed.skipped == 1
+
+
+def test_the_writer_reports_each_ticket_once_its_records_are_in_the_file(tmp_path):
+    # The master holds TaskAccepted back until the ticket of its record is reported: by then
+    # the record must be in the file (a crash of the process cannot lose it).
+    path = tmp_path / "state"
+    seen: list[tuple[int, bytes]] = []  # (ticket, what the file held when it was reported)
+    journal = Journal(path)
+    journal.start([], [], on_written=lambda ticket: seen.append((ticket, path.read_bytes())))
+    tickets = {}
+    for i in range(50):
+        _submit(journal, f"t{i}", m.Compute(str(i)))
+        tickets[f"t{i}"] = journal.ticket
+        journal.flush()
+    journal.compact([(_id("kept"), task_to_json(m.Compute("1")))], [])
+    _submit(journal, "after", m.Compute("2"))
+    tickets["after"] = journal.ticket
+    journal.close()
+    reported = [ticket for ticket, _ in seen]
+    assert reported == sorted(reported) and reported[-1] == ALL_WRITTEN
+    for ident, ticket in tickets.items():
+        data = next(data for reported, data in seen if reported >= ticket)
+        assert b'"id":"' + ident.encode() + b'"' in data or b'"kept"' in data, ident
+    assert b'"after"' in next(data for reported, data in seen if reported >= tickets["after"])

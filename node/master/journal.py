@@ -49,9 +49,11 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final
 
@@ -63,6 +65,7 @@ from node.protocol import RemoteProtocolError, result_from_json, result_to_json,
 from node.protocol import messages as m
 
 __all__ = [
+    "ALL_WRITTEN",
     "DEFAULT_COMPACT_RATIO",
     "DEFAULT_COMPACT_SLACK",
     "DEFAULT_FSYNC_INTERVAL_S",
@@ -366,15 +369,23 @@ class StateFileLock:
 class _Snapshot:
     tasks: list[tuple[bytes, bytes]]
     results: list[tuple[str, bytes, float]]
+    ticket: int
 
 
 _STOP: Final = object()
+ALL_WRITTEN: Final = sys.maxsize
+"""The ticket the writer reports when it stops: nothing it was handed waits any more."""
 
 
 class Journal:
     """Appends records to the state file from a writer thread; see the module docstring.
 
     Every method is called from the event loop's thread; only the writer thread touches the file.
+    Each hand-over (`flush`, `compact`) carries a ticket, numbered from 1 in order; `ticket` is
+    the one the records formatted now will travel with. The writer calls `on_written(ticket)`
+    (given to `start`, called in the writer's thread) once every hand-over up to that ticket
+    is written and flushed to the operating system, or was dropped because the file could not
+    be written (see `failed`); `ALL_WRITTEN` when it stops.
     """
 
     def __init__(
@@ -393,6 +404,8 @@ class Journal:
         self.records = 0
         self.compactions = 0
         self._lines: list[bytes] = []  # formatted since the last flush()
+        self._handed = 0  # tickets handed to the writer
+        self._on_written: Callable[[int], None] | None = None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -401,9 +414,13 @@ class Journal:
     # --- loop side -------------------------------------------------------------------------
 
     def start(
-        self, tasks: list[tuple[bytes, bytes]], results: list[tuple[str, bytes, float]]
+        self,
+        tasks: list[tuple[bytes, bytes]],
+        results: list[tuple[str, bytes, float]],
+        on_written: Callable[[int], None] | None = None,
     ) -> None:
         """Start the writer; its first job rewrites the file from this (replayed) state."""
+        self._on_written = on_written
         self.compact(tasks, results)
         self._thread = threading.Thread(target=self._run, name="cpnode-master-journal", daemon=True)
         self._thread.start()
@@ -417,10 +434,17 @@ class Journal:
         self._lines.extend(_result_pieces(id_json, result_json, at))
         self.records += 1
 
+    @property
+    def ticket(self) -> int:
+        """The ticket of the records formatted now: they are in the file (as far as a crash
+        of this process goes) once the writer reports it."""
+        return self._handed + 1
+
     def flush(self) -> None:
         """Hand the records formatted so far to the writer (cheap; call it once per batch)."""
         if self._lines:
-            self._queue.put(self._lines)
+            self._handed += 1
+            self._queue.put((self._handed, self._lines))
             self._lines = []
 
     def wants_compaction(self, live_records: int) -> bool:
@@ -437,7 +461,8 @@ class Journal:
     ) -> None:
         """Rewrite the file to hold exactly this state (plus what is queued after it)."""
         self._lines = []  # the snapshot holds what they record
-        self._queue.put(_Snapshot(tasks, results))
+        self._handed += 1
+        self._queue.put(_Snapshot(tasks, results, self._handed))
         self.records = len(tasks) + len(results)
         self.compactions += 1
 
@@ -457,6 +482,7 @@ class Journal:
         file = None
         synced_at = time.monotonic()
         unsynced = False
+        taken = 0  # the ticket of the last hand-over taken from the queue
         try:
             while True:
                 timeout = None
@@ -469,11 +495,13 @@ class Journal:
                 batch: list[bytes] = []
                 stop = False
                 while item is not None:
-                    if type(item) is list:
-                        batch += item
+                    if type(item) is tuple:
+                        taken, lines = item
+                        batch += lines
                         if len(batch) >= _MAX_BATCH:
                             file = self._write(file, batch)
                             unsynced = True
+                            self._report(taken)
                     elif item is _STOP:
                         stop = True
                         break
@@ -486,6 +514,8 @@ class Journal:
                         file = self._rewrite(item)
                         synced_at = time.monotonic()
                         unsynced = False
+                        taken = item.ticket
+                        self._report(taken)
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
@@ -493,6 +523,7 @@ class Journal:
                 if batch:
                     file = self._write(file, batch)
                     unsynced = True
+                    self._report(taken)
                 if (
                     file is not None
                     and unsynced
@@ -503,9 +534,21 @@ class Journal:
                     unsynced = False
                 if stop:
                     return
+        except BaseException:
+            # A bug. What the loop holds back for the writer is let go (in `finally`): it
+            # must not wait for a thread that is gone.
+            _log.exception(
+                "%s: the journal's writer failed; tasks are not persisted any more", self.path
+            )
+            raise
         finally:
+            self._report(ALL_WRITTEN)
             if file is not None:
                 file.close()
+
+    def _report(self, ticket: int) -> None:
+        if self._on_written is not None:
+            self._on_written(ticket)
 
     def _write(self, file: Any, batch: list[bytes]) -> Any:
         if batch and not self._failed:

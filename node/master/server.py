@@ -195,6 +195,9 @@ class _Connection(asyncio.Protocol):
         "closing",
         "decoder",
         "doomed",
+        "gate",
+        "held",
+        "held_bytes",
         "inbox",
         "inbox_bytes",
         "master",
@@ -204,6 +207,7 @@ class _Connection(asyncio.Protocol):
         "ports",
         "reading_paused",
         "recheck",
+        "result_ticket",
         "timer",
         "transport",
         "writer",
@@ -220,6 +224,13 @@ class _Connection(asyncio.Protocol):
         self.node: NodeState | None = None
         self.out: list[bytes] = []
         self.out_bytes = 0  # in `out`
+        # Durable replies (see `MasterServer._settle`): the journal ticket that `out` waits for
+        # (0: none), and output held back until the journal's writer reports its ticket, in
+        # order, as (ticket, pieces).
+        self.gate = 0
+        self.held: collections.deque[tuple[int, list[bytes]]] = collections.deque()
+        self.held_bytes = 0  # in `held`
+        self.result_ticket = 0  # the journal ticket of the latest result this peer sent
         self.inbox: collections.deque[bytes] = collections.deque()  # frames not handled yet
         self.inbox_bytes = 0
         self.busy = False  # a frame of the inbox is being decoded in a thread
@@ -284,6 +295,8 @@ class MasterServer:
         self._by_address: dict[str, _Connection] = {}
         self._conn_of_node: dict[NodeState, _Connection] = {}
         self._dirty: list[_Connection] = []
+        self._written = 0  # the journal's tickets written so far (see `_settle`)
+        self._holding: dict[_Connection, None] = {}  # connections with output in `held`
         self._tick_handle: asyncio.TimerHandle | None = None
         self._journal_retry_s = self._failover_s  # doubles while the state file fails
         self._journal_retry_at = 0.0
@@ -520,9 +533,14 @@ class MasterServer:
         self._settle()
 
     def _unsent(self, conn: _Connection) -> int:
-        """Bytes that wait to be written to the connection: queued here, in its paced writer
-        and in its transport."""
-        return conn.out_bytes + conn.writer.backlog_bytes + conn.transport.get_write_buffer_size()
+        """Bytes that wait to be written to the connection: queued here (held for the journal
+        too), in its paced writer and in its transport."""
+        return (
+            conn.out_bytes
+            + conn.held_bytes
+            + conn.writer.backlog_bytes
+            + conn.transport.get_write_buffer_size()
+        )
 
     def _wait_for_output(self, conn: _Connection) -> None:
         if conn.node is None:
@@ -548,6 +566,7 @@ class MasterServer:
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
+        self._unhold(conn)
         if conn.recheck is not None:
             conn.recheck.cancel()
             conn.recheck = None
@@ -612,6 +631,8 @@ class MasterServer:
 
     def _on_heartbeat(self, conn: _Connection, message: m.Heartbeat) -> None:
         node = self._node(conn)
+        # The ack tells the node that the master has its results: they must be journaled.
+        conn.gate = max(conn.gate, conn.result_ticket)
         self._send(conn, _HEARTBEAT_ACK_FRAME)
         if self._scheduler.heartbeat(node):
             _log.info("node %s joined as %s: receives tasks now", conn.address, node.role.value)
@@ -633,6 +654,7 @@ class MasterServer:
         self._scheduler.submit(ident, id_json, task_json, role_of(message.task))
         if self._journal is not None:
             self._journal.submit(id_json, task_json)
+            conn.gate = self._journal.ticket  # TaskAccepted waits for the record
         self._send(conn, frame(b'{"TaskAccepted":' + id_json + b"}"))
 
     def _on_get_task_result(self, conn: _Connection, message: m.GetTaskResult) -> None:
@@ -652,6 +674,7 @@ class MasterServer:
         self._scheduler.complete(message.id, result_json, at)
         if self._journal is not None:
             self._journal.result(_dumps(message.id), result_json, at)
+            conn.result_ticket = self._journal.ticket
 
     def _on_request_connection(self, conn: _Connection, message: m.RequestConnection) -> None:
         self._node(conn)
@@ -704,9 +727,14 @@ class MasterServer:
             self._send(conn_of[node], *_assign_frame(entry.id_json, entry.task_json))
 
     def _settle(self) -> None:
-        """Hand out what can move now, write every outbox (one call per connection, plus one
-        per big piece: see `_write_out`), and hand this batch's journal records to the
-        journal's writer."""
+        """Hand out what can move now, hand this batch's journal records to the journal's
+        writer, and write every outbox (one call per connection, plus one per big piece: see
+        `_write_out`).
+
+        An outbox holding a durable reply (a `TaskAccepted`, or a `HeartbeatAck` after
+        results) waits, with whatever follows it on that connection, until the writer reports
+        the ticket of the records it acknowledges (`_journal_written`): written to the
+        operating system, so that a crash of this process cannot lose them."""
         assignments = self._scheduler.dispatch()
         if assignments:
             self._push(assignments)
@@ -718,9 +746,58 @@ class MasterServer:
         self._dirty = []
         for conn in dirty:
             if conn.out and not conn.closing:
-                _write_out(conn)
+                if conn.held or conn.gate > self._written:
+                    self._hold(conn)
+                else:
+                    _write_out(conn, conn.out)
             conn.out.clear()
             conn.out_bytes = 0
+            conn.gate = 0
+
+    def _hold(self, conn: _Connection) -> None:
+        """Keep `conn.out` back until the journal's writer reports its ticket (or that of
+        the output held before it, whichever is later: frames leave in order)."""
+        held = conn.held
+        ticket = max(conn.gate, held[-1][0]) if held else conn.gate
+        if held and held[-1][0] == ticket:
+            held[-1][1].extend(conn.out)
+        else:
+            held.append((ticket, conn.out))
+            conn.out = []
+        conn.held_bytes += conn.out_bytes
+        self._holding[conn] = None
+
+    def _unhold(self, conn: _Connection) -> None:
+        conn.held.clear()
+        conn.held_bytes = 0
+        self._holding.pop(conn, None)
+
+    def _on_journal_written(self, ticket: int) -> None:
+        """Called in the journal's writer thread after each write: one wake-up of the loop
+        releases every reply that write made durable."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._journal_written, ticket)
+
+    def _journal_written(self, ticket: int) -> None:
+        """Write what was held for the journal's hand-overs up to `ticket`. A ticket is also
+        reported when its records could not be written (the journal has failed, see
+        `Journal.failed`): the replies then go out without durability, as the master keeps
+        serving while its state file fails, and the error is in the log."""
+        if ticket <= self._written:
+            return
+        self._written = ticket
+        for conn in list(self._holding):
+            held = conn.held
+            pieces: list[bytes] = []
+            while held and held[0][0] <= ticket:
+                pieces += held.popleft()[1]
+            if pieces:
+                conn.held_bytes -= sum(map(len, pieces))
+                _write_out(conn, pieces)
+            if not held:
+                del self._holding[conn]
+                if conn.closing:  # a polite close waited for this output (see `_drop`)
+                    conn.writer.close()
 
     def _forget(self, conn: _Connection) -> int:
         """Remove everything the master holds for `conn`; returns how many tasks it re-queued."""
@@ -749,15 +826,23 @@ class MasterServer:
             conn.timer.cancel()
             conn.timer = None
         conn.inbox.clear()
-        conn.inbox_bytes = conn.out_bytes = 0
+        conn.inbox_bytes = 0
         if flush:
             if conn.out:
-                _write_out(conn)
+                if conn.held or conn.gate > self._written:
+                    self._hold(conn)
+                else:
+                    _write_out(conn, conn.out)
             conn.out.clear()
-            conn.writer.close()  # after what it still holds
+            conn.out_bytes = 0
+            conn.gate = 0
+            if not conn.held:  # else once the journal lets it go (see `_journal_written`)
+                conn.writer.close()  # after what it still holds
             conn.timer = self._loop.call_later(_CLOSE_GRACE_S, transport.abort)
         else:
             conn.out.clear()
+            conn.out_bytes = 0
+            self._unhold(conn)
             transport.abort()
 
     def _tick(self) -> None:
@@ -821,10 +906,10 @@ def _has_whitespace(payload: bytes, start: int, end: int) -> bool:
     return False
 
 
-def _write_out(conn: _Connection) -> None:
-    """Write what is queued for `conn`: the small pieces joined into one write, a big one
-    (a blob's JSON) as it is held."""
-    out, write = conn.out, conn.writer.write
+def _write_out(conn: _Connection, out: list[bytes]) -> None:
+    """Write `out` (pieces queued for `conn`): the small pieces joined into one write, a big
+    one (a blob's JSON) as it is held."""
+    write = conn.writer.write
     if len(out) == 1:
         write(out[0])
         return
@@ -978,7 +1063,7 @@ async def _start(
                 len(replayed.results),
             )
     if journal is not None:
-        journal.start(*master._scheduler.snapshot())
+        journal.start(*master._scheduler.snapshot(), on_written=master._on_journal_written)
     try:
         await master._listen(host, port, tls)
         if join_path is not None:
