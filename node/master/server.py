@@ -195,6 +195,7 @@ class _Connection(asyncio.Protocol):
         "closing",
         "decoder",
         "doomed",
+        "first_gated",
         "gate",
         "held",
         "held_bytes",
@@ -208,6 +209,7 @@ class _Connection(asyncio.Protocol):
         "reading_paused",
         "recheck",
         "result_ticket",
+        "tasks_out",
         "timer",
         "transport",
         "writer",
@@ -225,9 +227,12 @@ class _Connection(asyncio.Protocol):
         self.out: list[bytes] = []
         self.out_bytes = 0  # in `out`
         # Durable replies (see `MasterServer._settle`): the journal ticket that `out` waits for
-        # (0: none), and output held back until the journal's writer reports its ticket, in
-        # order, as (ticket, pieces).
+        # (0: none) from its piece `first_gated` on (-1: none), AssignTask frames that do not
+        # wait behind them, and output held back until the journal's writer reports its
+        # ticket, in order, as (ticket, pieces).
         self.gate = 0
+        self.first_gated = -1
+        self.tasks_out: list[bytes] = []
         self.held: collections.deque[tuple[int, list[bytes]]] = collections.deque()
         self.held_bytes = 0  # in `held`
         self.result_ticket = 0  # the journal ticket of the latest result this peer sent
@@ -715,8 +720,10 @@ class MasterServer:
     def _send(self, conn: _Connection, *pieces: bytes) -> None:
         """Queue bytes (a frame, or a frame's pieces in order) for `conn`'s next write."""
         out = conn.out
-        if not out:
+        if not out and not conn.tasks_out:
             self._dirty.append(conn)
+        if conn.first_gated < 0 and conn.gate > self._written:
+            conn.first_gated = len(out)
         for piece in pieces:
             out.append(piece)
             conn.out_bytes += len(piece)
@@ -724,7 +731,17 @@ class MasterServer:
     def _push(self, assignments: list[Assignment]) -> None:
         conn_of = self._conn_of_node
         for node, entry in assignments:
-            self._send(conn_of[node], *_assign_frame(entry.id_json, entry.task_json))
+            conn = conn_of[node]
+            pieces = _assign_frame(entry.id_json, entry.task_json)
+            if conn.held or conn.first_gated >= 0:
+                # Its replies wait for the journal; its tasks need not (no request of the
+                # node's is answered by them), and they keep their order among themselves.
+                if not conn.out and not conn.tasks_out:
+                    self._dirty.append(conn)
+                conn.tasks_out += pieces
+                conn.out_bytes += sum(map(len, pieces))
+            else:
+                self._send(conn, *pieces)
 
     def _settle(self) -> None:
         """Hand out what can move now, hand this batch's journal records to the journal's
@@ -745,27 +762,41 @@ class MasterServer:
             return
         self._dirty = []
         for conn in dirty:
-            if conn.out and not conn.closing:
-                if conn.held or conn.gate > self._written:
-                    self._hold(conn)
-                else:
-                    _write_out(conn, conn.out)
-            conn.out.clear()
-            conn.out_bytes = 0
-            conn.gate = 0
+            if not conn.closing:
+                self._write_or_hold(conn)
+            self._cleared(conn)
 
-    def _hold(self, conn: _Connection) -> None:
-        """Keep `conn.out` back until the journal's writer reports its ticket (or that of
-        the output held before it, whichever is later: frames leave in order)."""
-        held = conn.held
-        ticket = max(conn.gate, held[-1][0]) if held else conn.gate
-        if held and held[-1][0] == ticket:
-            held[-1][1].extend(conn.out)
+    def _write_or_hold(self, conn: _Connection) -> None:
+        """Write `conn`'s output, but for the replies that wait for the journal: from its
+        first durable reply on, or all of them while earlier ones wait (replies leave in
+        order). Its AssignTask frames go now."""
+        out = conn.out
+        if conn.held:
+            now, later = conn.tasks_out, out
+        elif conn.first_gated >= 0:
+            now, later = out[: conn.first_gated] + conn.tasks_out, out[conn.first_gated :]
         else:
-            held.append((ticket, conn.out))
-            conn.out = []
-        conn.held_bytes += conn.out_bytes
-        self._holding[conn] = None
+            now, later = out + conn.tasks_out if conn.tasks_out else out, []
+        if now:
+            _write_out(conn, now)
+        if later:
+            held = conn.held
+            # The ticket of its own durable reply, or of the output held before it if later.
+            ticket = max(conn.gate, held[-1][0]) if held else conn.gate
+            if held and held[-1][0] == ticket:
+                held[-1][1].extend(later)
+            else:
+                held.append((ticket, later if later is not out else list(out)))
+            conn.held_bytes += sum(map(len, later))
+            self._holding[conn] = None
+
+    @staticmethod
+    def _cleared(conn: _Connection) -> None:
+        conn.out.clear()
+        conn.tasks_out.clear()
+        conn.out_bytes = 0
+        conn.gate = 0
+        conn.first_gated = -1
 
     def _unhold(self, conn: _Connection) -> None:
         conn.held.clear()
@@ -828,20 +859,13 @@ class MasterServer:
         conn.inbox.clear()
         conn.inbox_bytes = 0
         if flush:
-            if conn.out:
-                if conn.held or conn.gate > self._written:
-                    self._hold(conn)
-                else:
-                    _write_out(conn, conn.out)
-            conn.out.clear()
-            conn.out_bytes = 0
-            conn.gate = 0
+            self._write_or_hold(conn)
+            self._cleared(conn)
             if not conn.held:  # else once the journal lets it go (see `_journal_written`)
                 conn.writer.close()  # after what it still holds
             conn.timer = self._loop.call_later(_CLOSE_GRACE_S, transport.abort)
         else:
-            conn.out.clear()
-            conn.out_bytes = 0
+            self._cleared(conn)
             self._unhold(conn)
             transport.abort()
 
