@@ -11,9 +11,8 @@ own clock:
 - a random worker is killed (SIGKILL) every `--kill-every` seconds;
 - the master is stopped and started again on the same port and state file every
   `--master-every` seconds, by SIGTERM and by SIGKILL in turn, between two submissions (a
-  submission the master never acknowledged would leave its tasks in doubt; and a SIGKILL comes
-  half a second after the last one, which cpnode-master's journal needs to hold it: a client
-  resubmits what a crash of the master lost);
+  submission the master never acknowledged would leave its tasks in doubt), the SIGKILL as soon
+  as the last one was acknowledged: cpnode-master acknowledges only what its journal holds;
 - a node is stopped and a new one started every `--node-every` seconds, the nodes in turn,
   each by SIGTERM (it drains, handing back what it has not started) and by SIGKILL in turn.
 
@@ -82,7 +81,6 @@ _MASTER_CERT = "master_cert.pem"  # --tls: made by cpnode-master at its first st
 _PEER_CERT, _PEER_KEY = "peer_cert.pem", "peer_key.pem"  # --tls --direct: the peer's, made here
 _TRUST = "trust.pem"  # --tls: what the nodes trust: the master's certificate (and the peer's)
 SHM_DIR = "/dev/shm"  # the nodes' default shm_dir
-_JOURNAL_WRITE_S = 0.5
 _MASTER_START_S = 120  # a restart replays the journal: seconds for a few hundred MB
 _RESULT_TTL_S = 120  # the master's result_ttl_s: the soak polls each result within seconds
 
@@ -437,11 +435,6 @@ async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Nam
         if args.master_every and now >= due["master"]:
             async with soak.submitting:
                 hard = soak.master_restarts % 2 == 1  # every other one by SIGKILL
-                if hard:
-                    # The master's journal takes an accepted submission a few ms after its
-                    # answer (its documented durability): a kill sooner may lose it, which the
-                    # client would have to resubmit. Waited out: the check here is the nodes'.
-                    await asyncio.sleep(_JOURNAL_WRITE_S)
                 await stop(soak, processes.master, "master", hard)
                 processes.start_master()
                 try:

@@ -54,7 +54,9 @@ files:
                     $CPCLUSTER_TOKEN (which nodes and cpnode-submit also take), else the
                     existing file's, else a new one
   state file        pending and completed tasks, replayed at start (--state-file, config
-                    `state_file`, default master_state.json)
+                    `state_file`, default master_state.json); a task is acknowledged
+                    (TaskAccepted) once written there, so a crash of the master loses
+                    none it acknowledged (fsync'ed every second: a power cut may)
   TLS certificate   config `cert_path`/`key_path`, default ./master_cert.pem and
                     ./master_key.pem, made self-signed when both are missing (unless
                     tls is "never"); give the certificate to nodes as `ca_cert_path`

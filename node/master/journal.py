@@ -2,6 +2,7 @@
 
     event loop ─ submit()/result() ─▶ SimpleQueue ─▶ writer thread ─ write+flush ─▶ state_file
     event loop ─ compact(snapshot) ─▶ (same queue, in order) ─▶ temp file, fsync, os.replace
+    event loop ◀── on_written(ticket), once per write ─── writer thread (replies let go)
     start:  state_file ── replay() ──▶ Replayed(tasks, results) ──▶ scheduler, then compact at once
 
 The file is JSON lines, one record per line, appended and never edited in place:
@@ -19,13 +20,21 @@ The event loop never touches the file. It formats each line (bytes concatenation
 encoder) into a list, and `flush()`, which the server calls once per batch of input it handled,
 puts the whole list on the queue: one hand-over per batch, not per record, so the writer thread
 seldom competes with the loop for the GIL. The writer writes whatever has accumulated in one call.
+Each hand-over carries a ticket (1, 2, 3, ...; `ticket` is the one of the records formatted now);
+after each write the writer reports the last ticket written, `on_written(ticket)` in its own
+thread, which the server turns into one wake-up of its loop.
 
 Durability: each batch is written and flushed to the operating system as soon as the thread
-wakes, so a crash of the master process loses at most the records of the last milliseconds. The
-file is fsync'ed at most every `fsync_interval_s` (default 1 s, as Redis's `appendfsync
-everysec`) while records arrive, and at close, so a power cut loses at most about a second. Replies
-(`TaskAccepted`) do not wait for either: the master is a development and test tool, and a client
-that must not lose a task resubmits it after a timeout (a repeated id never runs twice at once).
+wakes. The server sends a reply that acknowledges records (`TaskAccepted`; a `HeartbeatAck` that
+follows a node's results, which the node then forgets) only once their ticket is reported, so a
+crash of the master process (SIGKILL, an exception, the OOM killer) loses nothing it
+acknowledged; the loop does no file I/O and does not wait, the replies do. The file is fsync'ed at
+most every `fsync_interval_s` (default 1 s, as Redis's `appendfsync everysec`) while records
+arrive, and at close: a power cut or a kernel crash can lose about the last second, acknowledged
+or not. While the file cannot be written (`failed`), a ticket is reported once its records were
+dropped: the master keeps serving, and acknowledges without durability until a whole snapshot is
+written again (the error is logged). A compaction holds back the replies queued behind it until
+the new file is in place (it is fsync'ed).
 
 Compaction: when the file holds more than `compact_ratio` times the records the live state needs
 (plus `compact_slack`), the loop hands the writer a snapshot (references to bytes it already
