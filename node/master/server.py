@@ -4,9 +4,13 @@
         handler ─▶ Scheduler (submit, complete, heartbeat, ...) and Journal (one record each)
         handler ─▶ replies appended to that connection's outbox
     after each batch of input ─▶ Scheduler.dispatch() ─▶ AssignTask frames into nodes' outboxes
-                              ─▶ one write per connection with anything to send (paced;
-                                 a big task's or result's JSON written apart, not copied)
                               ─▶ Journal.flush(): this batch's records to the writer thread
+                              ─▶ one write per connection with anything to send (paced;
+                                 a big task's or result's JSON written apart, not copied),
+                                 but for replies that acknowledge records (TaskAccepted, a
+                                 HeartbeatAck after results): held, with the replies behind
+                                 them, until the writer reports it wrote those records
+    journal's writer, after each write ─▶ the held replies it made durable, written
     timer, every failover_timeout_ms ─▶ evict silent nodes, expire results, compact the journal
 
 Handlers run in the loop's thread and none awaits (a big frame is decoded in a thread before
