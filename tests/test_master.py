@@ -218,6 +218,18 @@ def test_bad_token_gets_invalid_token_then_close(start, connect, token):
     assert peer.assert_closed() == [b"Invalid token"]
 
 
+def test_refused_tokens_are_logged_at_most_once_per_period(start, connect, caplog):
+    # Anyone who reaches the port may repeat a wrong token at will: each is refused, but a
+    # warning line for each would fill the log's disk.
+    master = start(token="s3cret")
+    with caplog.at_level(logging.WARNING, logger="cpnode.master"):
+        for _ in range(30):
+            peer = connect(master, auth=False)
+            peer.send_raw(frame(b"wrong"))
+            assert peer.assert_closed() == [b"Invalid token"]
+    assert sum("invalid token" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_first_frame_too_long_for_a_token_is_refused_before_it_arrives(start, connect):
     master = start()
     peer = connect(master, auth=False)

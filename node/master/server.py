@@ -81,6 +81,7 @@ from node.protocol import (
     task_to_json,
 )
 from node.protocol import messages as m
+from node.throttle import Throttle
 from node.tls import ServerTls, TlsListener
 from shm.bytesjson import ByteArrayError, decode_byte_array
 
@@ -305,6 +306,7 @@ class MasterServer:
         self._conn_of_node: dict[NodeState, _Connection] = {}
         self._dirty: list[_Connection] = []
         self._written = 0  # the journal's tickets written so far (see `_settle`)
+        self._refused_tokens = Throttle(10.0)  # a line per refused token would fill the disk
         self._holding: dict[_Connection, None] = {}  # connections with output in `held`
         self._tick_handle: asyncio.TimerHandle | None = None
         self._journal_retry_s = self._failover_s  # doubles while the state file fails
@@ -617,7 +619,11 @@ class MasterServer:
             self._send(conn, _OK_FRAME)
             _log.debug("%s authenticated", conn.address)
         else:
-            _log.warning("%s: invalid token; closing the connection", conn.address)
+            if count := self._refused_tokens.hit():  # anyone may repeat it at will
+                _log.warning(
+                    "%s: invalid token; closing the connection%s", conn.address,
+                    f" ({count - 1} more refused since the last such line)" if count > 1 else "",
+                )  # fmt: skip
             self._send(conn, _INVALID_TOKEN_FRAME)
             self._drop(conn, flush=True)
 
