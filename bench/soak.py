@@ -31,17 +31,34 @@ or a peer that sends them, not the master's overflow, so a soak of master work l
 idle.)
 
 Tasks: `Compute` tasks whose values are known by construction (`a*b+c`), slower ones that a kill
-is likely to find running, and `ComplexMath` sums, all different, so no cache answers them; and
-`DiskWrite`s of random bytes to new files in new directories, each read back (`DiskRead`) once
-its write is answered; and `Tcp` and `Udp` tasks to echo servers this process runs on loopback.
+is likely to find running, and `ComplexMath` sums, all different, so no cache answers them;
+`DiskWrite`s of random bytes to new files in new directories (and a few in `storage_dir`
+itself), each read back (`DiskRead`) once its write is answered; `Tcp` and `Udp` tasks to echo
+servers this process runs on loopback; on the Worker node, `StoreData` of new keys (short,
+path-like and over 150 bytes long) with random blobs from 0 bytes to 4 MiB, each read back
+(`RetrieveData`) once its write is answered (the large ones, those of 1 MiB or more as frames,
+travel through payload segments both ways; they are bounded to 256 KiB/s and 16 MiB stored and
+not yet read back, since the master journals them as JSON); `HttpRequest`s to an HTTP server
+this process runs on loopback, bodies of known text of up to 4 Mi characters in UTF-8 (with or
+without a charset or a byte-order mark) and ISO-8859-1; and `GetGlobalRam` and `GetStorage`, whose
+listings must be `name: N bytes` lines sorted by name (after `free: N bytes`, N at most the
+quota), each a key or top-level file the soak wrote with exactly its size, or `No entries found`.
+
+The memory store is volatile: a Worker node restart empties it. So the soak numbers the Worker
+node's incarnations (odd while one stops and the next starts): a `RetrieveData` must give the
+data when it was submitted and answered in the incarnation that stored the key, and `Key not
+found` when another one ran it (or the data, if a master restart since the write may have run
+the write again); either when a restart falls in one of those spans, so which one ran the task
+is not known.
 
 At the end every task must have its exact value; an `Error` is allowed only where a kill
 explains it (a task safe to repeat is retried once, so it gets one only when kills find it
-running twice; a `DiskWrite` is not retried), and the Errors' texts are printed. Exit status 1
-when a result is wrong or missing, there are more Errors than kills, a log holds a traceback,
-a process exited unbidden (it is started again) or did not stop cleanly on SIGTERM, or the
-nodes left files in /dev/shm after the last stop; the logs' directory is kept then. Nothing
-leaves loopback; every process started here is stopped here.
+running twice; a `DiskWrite` is not retried), and the Errors' texts are printed (a `Key not
+found` where the store must hold the key is wrong, not an Error). Exit status 1 when a result
+is wrong or missing, there are more Errors than kills, a log holds a traceback, a process
+exited unbidden (it is started again) or did not stop cleanly on SIGTERM, or the nodes left
+files in /dev/shm after the last stop; the logs' directory is kept then. Nothing leaves
+loopback; every process started here is stopped here.
 """
 
 from __future__ import annotations
@@ -50,6 +67,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import math
 import os
 import random
 import re
@@ -66,11 +84,13 @@ from typing import cast
 
 import orjson
 import psutil
+from aiohttp import web
 
 from node.client import Client, ClientError
 from node.errors import ConfigError
 from node.protocol import messages as m
 from node.tls import ensure_certificate
+from workers.channel import RESULT_SEGMENT_BYTES
 
 _SLOW_TERMS = 100  # terms of a slow task: about a millisecond of work, a kill's likely target
 _DIRECTORIES = 97
@@ -83,6 +103,21 @@ _TRUST = "trust.pem"  # --tls: what the nodes trust: the master's certificate (a
 SHM_DIR = "/dev/shm"  # the nodes' default shm_dir
 _MASTER_START_S = 120  # a restart replays the journal: seconds for a few hundred MB
 _RESULT_TTL_S = 120  # the master's result_ttl_s: the soak polls each result within seconds
+_QUOTA_BYTES = 1024 << 20  # the Disk node's disk_space_mb, its default
+# Blobs (StoreData, HttpRequest bodies) of up to _LARGEST_BLOB bytes. The large ones are bounded
+# twice: _BLOB_BYTES_PER_S on average (the master journals each task and result, as JSON arrays
+# about 3.6 times as long, and keeps results _RESULT_TTL_S), and at most _BLOB_BYTES_IN_FLIGHT
+# stored and not yet read back.
+_LARGEST_BLOB = 4 << 20
+_BLOB_BYTES_PER_S = 256 << 10
+_BLOB_BYTES_IN_FLIGHT = 16 << 20
+_KEY_NOT_FOUND = m.Error("Key not found")
+# Texts HttpRequest bodies are made of: ASCII, and characters of 2, 3 and 4 bytes in UTF-8; in
+# ISO-8859-1 (which the node reads as windows-1252, as WHATWG says) the characters it shares
+# with Latin-1.
+_UTF8_LETTERS = "soak 0123456789 é ж € ✓ 𝄞 ü 日本 \n"
+_LATIN1_LETTERS = "soak 0123456789 é ö ß ÿ « » \n"
+_HTTP_VARIANTS = ("utf-8", "no charset", "iso-8859-1", "utf-8 bom")
 
 
 @dataclass
@@ -98,17 +133,134 @@ class Soak:
     in_doubt: int = 0  # tasks of a submission that failed: maybe on the master, maybe not
     exits: list[str] = field(default_factory=list)  # processes that exited unbidden or uncleanly
     written: dict[str, m.DiskWrite] = field(default_factory=dict)  # by id, until answered
-    reads_due: list[tuple[m.Task, m.Result]] = field(default_factory=list)  # their DiskReads
+    reads_due: list[tuple[m.Task, m.Result]] = field(default_factory=list)  # their reads
+    stores: dict[str, Blob] = field(default_factory=dict)  # StoreData by id, until answered
+    read_plans: dict[str, Blob] = field(default_factory=dict)  # the reads due, by key
+    store_reads: dict[str, Blob] = field(default_factory=dict)  # RetrieveData by id
+    also: dict[str, m.Result] = field(default_factory=dict)  # a second right result, by id
+    listings: dict[str, type[m.Task]] = field(default_factory=dict)  # GetGlobalRam, GetStorage
+    faults: dict[str, str] = field(default_factory=dict)  # what is wrong with a listing
+    key_sizes: dict[str, int] = field(default_factory=dict)  # every key submitted, its size
+    top_files: dict[str, int] = field(default_factory=dict)  # DiskWrites in storage_dir itself
+    # The Worker node's incarnations: +1 when one is stopped (odd: one stops or starts), +1 when
+    # the next is started; so a task submitted and answered in one even epoch ran in that one.
+    worker_epoch: int = 0
+    master_stops: int = 0  # a master restart may run a task again (its result was lost)
+    # With --direct: a key may be stored by one Worker node and read on the other (each has
+    # its own memory store), so a read gets the data or "Key not found"; never other bytes.
+    two_worker_nodes: bool = False
+    blob_bytes: int = 0  # of the large blobs submitted
+    blob_bytes_in_flight: int = 0  # stored and not read back yet
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     kinds: collections.Counter[str] = field(default_factory=collections.Counter)  # submitted
     submitting: asyncio.Lock = field(default_factory=asyncio.Lock)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass
+class Blob:
+    """A StoreData's key and data, where and when it was stored, and when its read was sent."""
+
+    key: str
+    data: bytes
+    epoch: int  # the Worker epoch when the write was submitted
+    master_stops: int  # soak.master_stops then
+    stored_in: int | None = None  # the epoch that ran the write, when known
+    read_epoch: int = 0  # the Worker epoch when the read was submitted
+
+
+@dataclass
+class Targets:
+    """This process's servers on loopback: TCP and UDP echoes (`host:port`), HTTP (a URL)."""
+
+    tcp: str
+    udp: str
+    http: str
+
+
+_DIGITS = bytes(1 if byte < 10 else 2 if byte < 100 else 3 for byte in range(256))
+
+
+def array_length(data: bytes) -> int:
+    """The length of `data` as a JSON array of integers, the form it travels in."""
+    digits = data.translate(_DIGITS)
+    widths = sum(width * digits.count(width) for width in (1, 2, 3))
+    return 2 + max(len(data) - 1, 0) + widths
+
+
+def log_uniform(rng: random.Random, low: int, high: int) -> int:
+    """A size from `low` to `high`, as often between 10 and 100 as between 1 MiB and 10 MiB."""
+    return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
+
+
+def blob_key(number: int) -> str:
+    """Keys of every form the memory store has: short ones, ones that look like paths, and
+    ones longer than 150 bytes of UTF-8 (stored under a hash, the key in the file)."""
+    if number % 7 == 0:
+        return f"soak/{number}/" + "ключ" * 20
+    if number % 7 == 1:
+        return f"../soak {number} ✓"
+    return f"soak-{number}"
+
+
+def http_text(number: int, size: int, variant: str) -> str:
+    """The text of HttpRequest `number`'s body: `size` characters (a repeated piece, so that
+    a few MiB take no time; of characters of 1 to 4 bytes, so that the node's slices of
+    256 KiB cut some)."""
+    rng = random.Random(number)
+    letters = _LATIN1_LETTERS if variant == "iso-8859-1" else _UTF8_LETTERS
+    piece = f"{number}:" + "".join(rng.choices(letters, k=997))
+    return (piece * (size // len(piece) + 1))[:size]
+
+
+def http_body(number: int, size: int, variant: str) -> tuple[bytes, str]:
+    """The body the HTTP server sends for `number`, and its Content-Type."""
+    text = http_text(number, size, variant)
+    match variant:
+        case "utf-8":
+            return text.encode(), "text/plain; charset=utf-8"
+        case "no charset":  # the node reads UTF-8
+            return text.encode(), "text/plain"
+        case "iso-8859-1":
+            return text.encode("latin-1"), "text/plain; charset=iso-8859-1"
+        case _:  # a byte-order mark wins over the charset
+            return b"\xef\xbb\xbf" + text.encode(), "text/plain; charset=iso-8859-1"
+
+
+def http_task(number: int, size: int, url: str) -> tuple[m.Task, m.Result]:
+    variant = _HTTP_VARIANTS[number % len(_HTTP_VARIANTS)]
+    task = m.HttpRequest(f"{url}/{number}/{size}/{_HTTP_VARIANTS.index(variant)}")
+    return task, m.Response(http_text(number, size, variant))
+
+
+@dataclass
+class BlobBudget:
+    """The sizes of the large blobs, from 4 KiB to _LARGEST_BLOB, as many of each order of
+    magnitude, and the bytes they may take now: a size that does not fit waits until it does
+    (drawing another would favour the small ones)."""
+
+    rng: random.Random
+    room: int = 0
+    taken: int = 0
+    _next: int = 0
+
+    def take(self) -> int | None:
+        """The next size, or None when it does not fit in `room` yet."""
+        self._next = self._next or log_uniform(self.rng, 4096, _LARGEST_BLOB)
+        if self._next > self.room:
+            return None
+        size, self._next = self._next, 0
+        self.room -= size
+        self.taken += size
+        return size
+
+
 def make_batch(
-    first: int, count: int, rng: random.Random, echoes: tuple[str, str]
+    first: int, count: int, rng: random.Random, targets: Targets, blobs: BlobBudget
 ) -> list[tuple[m.Task, m.Result]]:
-    """`count` different tasks numbered from `first`, with their exact results; `echoes` are
-    the addresses of this process's TCP and UDP echo servers."""
+    """`count` different tasks numbered from `first`, with their exact results (a placeholder
+    for the listings, which `listing_fault` checks), then the large blobs `blobs` has room
+    for; `targets` are this process's servers."""
     batch: list[tuple[m.Task, m.Result]] = []
     for number in range(first, first + count):
         kind = rng.random()
@@ -116,13 +268,24 @@ def make_batch(
         if kind < 0.03:  # a new file, in one of _DIRECTORIES new directories
             data = rng.randbytes(rng.randrange(0, 2048))
             path = f"soak/{number % _DIRECTORIES}/{number}.bin"
+            if number % 50 == 0:  # or in storage_dir itself, for GetStorage to list
+                path = f"top-{number}.bin"
             batch.append((m.DiskWrite(path, data), m.Written()))
+        elif kind < 0.035:  # a new key, read back once its write is answered
+            data = rng.randbytes(log_uniform(rng, 1, 4096) - 1)
+            batch.append((m.StoreData(blob_key(number), data), m.Stored()))
+        elif kind < 0.04:
+            batch.append(http_task(number, rng.randrange(0, 4096), targets.http))
+        elif kind < 0.0402:
+            batch.append((m.GetGlobalRam(), m.Response("a listing of the keys stored")))
+        elif kind < 0.0404:
+            batch.append((m.GetStorage(), m.Response("a listing of storage_dir")))
         elif kind < 0.05:  # echoed: one small write, one read
             data = rng.randbytes(rng.randrange(1, 512))
-            batch.append((m.Tcp(echoes[0], data), m.Bytes(data)))
+            batch.append((m.Tcp(targets.tcp, data), m.Bytes(data)))
         elif kind < 0.06:
             data = rng.randbytes(rng.randrange(1, 512))
-            batch.append((m.Udp(echoes[1], data), m.Bytes(data)))
+            batch.append((m.Udp(targets.udp, data), m.Bytes(data)))
         elif kind < 0.11:  # slow: the sum of many zero terms, exact in floats
             body = "+".join(["sin(1)*0"] * _SLOW_TERMS)
             batch.append((m.Compute(f"{number}+{body}"), m.Number(float(number))))
@@ -131,6 +294,16 @@ def make_batch(
             batch.append((task, m.Response(f"{number + b}+{2 * a}i")))
         else:
             batch.append((m.Compute(f"{a}*{b}+{number}"), m.Number(float(a * b + number))))
+    # Large blobs, numbered from -first - 1 down (at most `count`, so that batches never share
+    # a number): stored and read back, or (one in 4) an HTTP body of as many characters.
+    for number in range(-first - 1, -first - 1 - count, -1):
+        size = blobs.take()
+        if size is None:
+            break
+        if rng.random() < 0.25:
+            batch.append(http_task(number, size, targets.http))
+        else:
+            batch.append((m.StoreData(blob_key(number), rng.randbytes(size)), m.Stored()))
     return batch
 
 
@@ -148,6 +321,26 @@ class _UdpEcho(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.transport.sendto(data, addr)
+
+
+async def http_server() -> tuple[web.AppRunner, str]:
+    """An HTTP server on a loopback port that answers `GET /number/size/variant` with
+    `http_body`; the runner (cleanup() stops it) and the server's URL."""
+
+    async def body(request: web.Request) -> web.Response:
+        info = request.match_info
+        data, content_type = http_body(
+            int(info["number"]), int(info["size"]), _HTTP_VARIANTS[int(info["variant"])]
+        )
+        return web.Response(body=data, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/{number}/{size}/{variant}", body)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 def free_port() -> int:
@@ -339,17 +532,24 @@ async def wait_for_master(join: Path, timeout: float = 30) -> None:
 
 
 async def submitter(
-    soak: Soak, join: Path, batch: int, most_outstanding: int, echoes: tuple[str, str]
+    soak: Soak, join: Path, batch: int, most_outstanding: int, targets: Targets
 ) -> None:
-    """New tasks while the run lasts, each written file's read as soon as its write is
-    answered; after the run, the reads of the writes still running."""
+    """New tasks while the run lasts, each written file's and stored key's read as soon as its
+    write is answered; after the run, the reads of the writes still running."""
     rng = random.Random(1)
+    blobs = BlobBudget(random.Random(3))
+    started = time.monotonic()
     number = 0
-    while not soak.stop.is_set() or soak.written or soak.reads_due:
+    while not soak.stop.is_set() or soak.written or soak.stores or soak.reads_due:
         if soak.stop.is_set() or len(soak.outstanding) >= most_outstanding:
             tasks = []
         else:
-            tasks = make_batch(number, batch, rng, echoes)
+            blobs.room = min(
+                _BLOB_BYTES_IN_FLIGHT - soak.blob_bytes_in_flight,
+                int(_BLOB_BYTES_PER_S * (time.monotonic() - started)) - blobs.taken,
+            )
+            tasks = make_batch(number, batch, rng, targets, blobs)
+            soak.blob_bytes = blobs.taken
             number += batch
         tasks += soak.reads_due
         soak.reads_due = []
@@ -360,20 +560,41 @@ async def submitter(
 
 
 async def submit(soak: Soak, join: Path, tasks: list[tuple[m.Task, m.Result]]) -> None:
+    for task, _ in tasks:  # before: the master may have them even if the submission fails
+        if isinstance(task, m.StoreData):
+            soak.key_sizes[task.key] = len(task.data)
+        elif isinstance(task, m.DiskWrite) and "/" not in task.path:
+            soak.top_files[task.path] = len(task.data)
     async with soak.submitting:
+        epoch, master_stops = soak.worker_epoch, soak.master_stops  # before it is sent
         try:
             async with connect(join, timeout=10) as client:
                 ids = await client.submit_many([task for task, _ in tasks])
         except ClientError as error:
             soak.in_doubt += len(tasks)
             print(f"submission of {len(tasks)} tasks failed: {error}", file=sys.stderr)
+            for task, _ in tasks:  # their keys are not read: no longer in flight
+                if isinstance(task, m.RetrieveData):
+                    soak.blob_bytes_in_flight -= len(soak.read_plans.pop(task.key).data)
             return
     for ident, (task, result) in zip(ids, tasks, strict=True):
         soak.kinds[type(task).__name__] += 1
         soak.expected[ident] = result
         soak.outstanding[ident] = None
-        if isinstance(task, m.DiskWrite):
-            soak.written[ident] = task
+        match task:
+            case m.DiskWrite():
+                soak.written[ident] = task
+            case m.StoreData(key, data):
+                soak.stores[ident] = Blob(key, data, epoch, master_stops)
+                soak.blob_bytes_in_flight += len(data)
+                soak.kinds["segment-sized"] += array_length(data) >= RESULT_SEGMENT_BYTES
+            case m.RetrieveData(key):
+                soak.store_reads[ident] = blob = soak.read_plans.pop(key)
+                blob.read_epoch = epoch
+            case m.GetGlobalRam() | m.GetStorage():
+                soak.listings[ident] = type(task)
+            case m.HttpRequest() if len(cast(m.Response, result).text) > 4096:
+                soak.kinds["large HttpRequest"] += 1
 
 
 async def collector(soak: Soak, join: Path, submitter_done: asyncio.Event) -> None:
@@ -390,12 +611,95 @@ async def collector(soak: Soak, join: Path, submitter_done: asyncio.Event) -> No
             done = error.done or {}
             if not isinstance(error, TimeoutError):
                 await asyncio.sleep(0.1)
+        epoch = soak.worker_epoch  # after the results came
         for ident, result in done.items():
             soak.results[ident] = result
             soak.outstanding.pop(ident, None)
             write = soak.written.pop(ident, None)
             if write is not None and result == m.Written():  # read it back
                 soak.reads_due.append((m.DiskRead(write.path), m.Bytes(write.data)))
+            if (blob := soak.stores.pop(ident, None)) is not None:
+                if result == m.Stored():
+                    stable = blob.epoch == epoch and epoch % 2 == 0
+                    blob.stored_in = epoch if stable else None
+                    soak.read_plans[blob.key] = blob
+                    soak.reads_due.append((m.RetrieveData(blob.key), m.Bytes(blob.data)))
+                else:
+                    soak.blob_bytes_in_flight -= len(blob.data)
+            if (blob := soak.store_reads.pop(ident, None)) is not None:
+                soak.blob_bytes_in_flight -= len(blob.data)
+                expect_read(soak, ident, blob, epoch)
+            if (kind := soak.listings.pop(ident, None)) is not None and isinstance(
+                result, m.Response
+            ):
+                fault = listing_fault(soak, kind, result.text)
+                if fault is None:
+                    soak.results[ident] = soak.expected[ident]
+                else:
+                    soak.faults[ident] = fault
+            compact(soak, ident)
+
+
+_LISTED = re.compile(r"(.*): ([0-9]+) bytes")
+
+
+def listing_fault(soak: Soak, kind: type[m.Task], text: str) -> str | None:
+    """What is wrong with a GetGlobalRam or GetStorage response, or None: it must be lines
+    `name: N bytes` (after `free: N bytes` for GetStorage, N at most the quota), sorted by
+    name, each a key or top-level file this soak wrote with exactly its size, or
+    `No entries found`."""
+    if not text.endswith("\n"):
+        return "the last line does not end with a newline"
+    lines = text[:-1].split("\n")
+    known = soak.key_sizes
+    if kind is m.GetStorage:
+        known = soak.top_files
+        free = _LISTED.fullmatch(lines.pop(0))
+        if free is None or free[1] != "free" or int(free[2]) > _QUOTA_BYTES:
+            return f"the first line is not `free: N bytes` with N at most {_QUOTA_BYTES}"
+    if lines == ["No entries found"]:
+        return None
+    names = []
+    for line in lines:
+        listed = _LISTED.fullmatch(line)
+        if listed is None:
+            return f"{line!r} is not `name: N bytes`"
+        if known.get(listed[1]) != int(listed[2]):
+            return f"{line!r}: the soak wrote {known.get(listed[1])} bytes there"
+        names.append(listed[1])
+    if names != sorted(set(names)):
+        return "the names are not sorted, or one is listed twice"
+    return None
+
+
+def compact(soak: Soak, ident: str) -> None:
+    """Keep a line in place of a large result that is right (the run would hold gigabytes)."""
+    result, expected = soak.results[ident], soak.expected[ident]
+    size = len(result.data) if isinstance(result, m.Bytes) else 0
+    size = len(result.text) if isinstance(result, m.Response) else size
+    if size > 4096 and result in (expected, soak.also.get(ident)):
+        soak.results[ident] = soak.expected[ident] = m.Response(f"{size:,} right, not kept")
+
+
+def expect_read(soak: Soak, ident: str, blob: Blob, epoch: int) -> None:
+    """What RetrieveData `ident` of `blob` must give, now that it was answered in Worker epoch
+    `epoch`: the data when the node that stored it answered; "Key not found" when another one
+    did (it starts with an empty store), or the data again if a master restart since the write
+    lost its result and ran it again; either when it is not known which node ran one of them."""
+    read_in = blob.read_epoch if blob.read_epoch == epoch and epoch % 2 == 0 else None
+    if soak.two_worker_nodes:  # --direct: the master gives a Worker's tasks to either node
+        soak.outcomes["read with two Worker nodes (the data, or not found)"] += 1
+        soak.also[ident] = _KEY_NOT_FOUND
+    elif blob.stored_in is not None and blob.stored_in == read_in:
+        soak.outcomes["read where it was stored"] += 1
+    elif blob.stored_in is not None and read_in is not None:
+        soak.outcomes["read by a later Worker node"] += 1
+        soak.expected[ident] = _KEY_NOT_FOUND
+        if soak.master_stops > blob.master_stops:
+            soak.also[ident] = m.Bytes(blob.data)
+    else:
+        soak.outcomes["read across a Worker node restart"] += 1
+        soak.also[ident] = _KEY_NOT_FOUND
 
 
 async def stop(
@@ -422,6 +726,7 @@ async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Nam
         for role, node in list(processes.nodes.items()):
             if node.poll() is not None:
                 soak.exits.append(f"the {role} node exited by itself with status {node.returncode}")
+                soak.worker_epoch += 2 if role == "Worker" else 0  # it died when? not known
                 processes.start_node(role)
         if processes.master is not None and processes.master.poll() is not None:
             soak.exits.append(f"the master exited by itself with status {processes.master.poll()}")
@@ -435,6 +740,7 @@ async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Nam
         if args.master_every and now >= due["master"]:
             async with soak.submitting:
                 hard = soak.master_restarts % 2 == 1  # every other one by SIGKILL
+                soak.master_stops += 1
                 await stop(soak, processes.master, "master", hard)
                 processes.start_master()
                 try:
@@ -449,8 +755,11 @@ async def chaos(soak: Soak, processes: Processes, join: Path, args: argparse.Nam
             names = list(processes.roles)
             name = names[soak.node_restarts % len(names)]
             hard = soak.node_restarts // len(names) % 2 == 1  # each node's other one by SIGKILL
+            epochs = 1 if name == "Worker" else 0  # odd: its tasks may run on either node
+            soak.worker_epoch += epochs
             await stop(soak, processes.nodes[name], f"{name} node", hard)
             processes.start_node(name)
+            soak.worker_epoch += epochs
             soak.node_restarts += 1
             due["node"] = time.monotonic() + args.node_every
         await asyncio.sleep(0.05)
@@ -461,12 +770,15 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
     join = directory / "join.json"
     if args.tls:
         _client_tls.mode, _client_tls.ca_cert_path = "always", str(directory / _MASTER_CERT)
-    soak = Soak()
+    soak = Soak(two_worker_nodes=args.direct)
     loop = asyncio.get_running_loop()
     tcp = await loop.create_server(_TcpEcho, "127.0.0.1", 0)
     udp, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
     tcp_port = tcp.sockets[0].getsockname()[1]
-    echoes = (f"127.0.0.1:{tcp_port}", f"127.0.0.1:{udp.get_extra_info('sockname')[1]}")
+    http, url = await http_server()
+    targets = Targets(
+        f"127.0.0.1:{tcp_port}", f"127.0.0.1:{udp.get_extra_info('sockname')[1]}", url
+    )
     try:
         processes.start_master()
         await wait_for_master(join)
@@ -482,7 +794,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
 
         async def submit_then_mark() -> None:
             try:
-                await submitter(soak, join, args.batch, args.batch * 5, echoes)
+                await submitter(soak, join, args.batch, args.batch * 5, targets)
             finally:
                 submitter_done.set()
 
@@ -506,6 +818,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
         processes.close()
         tcp.close()
         udp.close()
+        await http.cleanup()
     leftovers = [path.name for path in processes.shm_leftovers()]
     code = report(soak, ran, directory, leftovers)
     if not evidence(directory, processes, args):
@@ -544,13 +857,21 @@ def evidence(directory: Path, processes: Processes, args: argparse.Namespace) ->
     return ok
 
 
+def short(result: m.Result) -> str:
+    text = repr(result)
+    return text if len(text) <= 200 else f"{text[:160]}... ({len(text):,} characters)"
+
+
 def report(soak: Soak, ran: float, directory: Path, leftovers: list[str]) -> int:
-    wrong = {
-        i: r
-        for i, r in soak.results.items()
-        if r != soak.expected[i] and not isinstance(r, m.Error)
-    }
-    errors = collections.Counter(r.message for r in soak.results.values() if isinstance(r, m.Error))
+    wrong: dict[str, m.Result] = {}
+    errors: collections.Counter[str] = collections.Counter()
+    for ident, result in soak.results.items():
+        if result in (soak.expected[ident], soak.also.get(ident)):
+            continue
+        if isinstance(result, m.Error) and result != _KEY_NOT_FOUND:  # a kill may explain it
+            errors[result.message] += 1
+        else:  # "Key not found" where the node that stored the key answered, too
+            wrong[ident] = result
     missing = len(soak.outstanding)
     total = len(soak.expected)
     print("| tasks | answered | tasks/s | worker kills | master restarts | node restarts "
@@ -566,12 +887,24 @@ def report(soak: Soak, ran: float, directory: Path, leftovers: list[str]) -> int
         f"  of them: {kinds['DiskWrite']:,} DiskWrites, {kinds['DiskRead']:,} DiskReads of what "
         f"they wrote, {kinds['Tcp']:,} Tcp and {kinds['Udp']:,} Udp tasks to echo servers"
     )
+    print(
+        f"  {kinds['StoreData']:,} StoreData ({kinds['segment-sized']:,} of them as frames of "
+        f"{RESULT_SEGMENT_BYTES >> 20} MiB or more, which travel through payload segments; "
+        f"{soak.blob_bytes / 2**20:,.0f} MiB in all), {kinds['RetrieveData']:,} RetrieveData of "
+        f"what they stored: {', '.join(f'{n:,} {what}' for what, n in soak.outcomes.items())}"
+    )
+    print(
+        f"  {kinds['HttpRequest']:,} HttpRequests ({kinds['large HttpRequest']:,} of more than "
+        f"4,096 characters), {kinds['GetGlobalRam']:,} GetGlobalRam and {kinds['GetStorage']:,} "
+        "GetStorage listings"
+    )
     for message, count in errors.most_common():
         print(f"  Error x{count}: {message}")
     if missing:
         print(f"  missing: {', '.join(list(soak.outstanding)[:5])}")
     for ident, result in list(wrong.items())[:10]:
-        print(f"  wrong: {ident}: {result} (expected {soak.expected[ident]})")
+        expected = soak.faults.get(ident) or f"expected {short(soak.expected[ident])}"
+        print(f"  wrong: {ident}: {short(result)} ({expected})")
     tracebacks = {
         log.name: log.read_text(errors="replace").count("Traceback")
         for log in sorted(directory.glob("*.log"))
