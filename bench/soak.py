@@ -343,6 +343,17 @@ async def http_server() -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
+def udp_echo_socket() -> socket.socket:
+    """The UDP echo's socket on a loopback port, with as large a receive buffer as the host
+    allows (net.core.rmem_max): a node that starts with a few hundred Udp tasks waiting sends
+    them at once, and the default buffer, about 200 small datagrams, drops the rest while this
+    process's loop is busy (decoding a large result), so they time out."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)  # the kernel caps it
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -664,8 +675,10 @@ def listing_fault(soak: Soak, kind: type[m.Task], text: str) -> str | None:
         listed = _LISTED.fullmatch(line)
         if listed is None:
             return f"{line!r} is not `name: N bytes`"
-        if known.get(listed[1]) != int(listed[2]):
-            return f"{line!r}: the soak wrote {known.get(listed[1])} bytes there"
+        wrote = known.get(listed[1])
+        if wrote != int(listed[2]):
+            what = "nothing there" if wrote is None else f"{wrote} bytes"
+            return f"{line!r}: the soak wrote {what}"
         names.append(listed[1])
     if names != sorted(set(names)):
         return "the names are not sorted, or one is listed twice"
@@ -773,7 +786,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
     soak = Soak(two_worker_nodes=args.direct)
     loop = asyncio.get_running_loop()
     tcp = await loop.create_server(_TcpEcho, "127.0.0.1", 0)
-    udp, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=("127.0.0.1", 0))
+    udp, _ = await loop.create_datagram_endpoint(_UdpEcho, sock=udp_echo_socket())
     tcp_port = tcp.sockets[0].getsockname()[1]
     http, url = await http_server()
     targets = Targets(
