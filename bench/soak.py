@@ -792,6 +792,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
     targets = Targets(
         f"127.0.0.1:{tcp_port}", f"127.0.0.1:{udp.get_extra_info('sockname')[1]}", url
     )
+    jobs: list[asyncio.Future[None]] = []
     try:
         processes.start_master()
         await wait_for_master(join)
@@ -811,7 +812,7 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
             finally:
                 submitter_done.set()
 
-        jobs = [
+        jobs += [
             asyncio.ensure_future(submit_then_mark()),
             asyncio.ensure_future(collector(soak, join, submitter_done)),
             asyncio.ensure_future(chaos(soak, processes, join, args)),
@@ -828,6 +829,10 @@ async def run(args: argparse.Namespace, directory: Path) -> int:
             await stop(soak, node, f"{role} node")
         await stop(soak, processes.master, "master")
     finally:
+        # On Ctrl-C the loop runs on until this returns: chaos, unless cancelled, would start
+        # again the processes that close() kills, and leave them running.
+        for job in jobs:
+            job.cancel()
         processes.close()
         tcp.close()
         udp.close()
