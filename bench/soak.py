@@ -49,13 +49,17 @@ node's incarnations (odd while one stops and the next starts): a `RetrieveData` 
 data when it was submitted and answered in the incarnation that stored the key, and `Key not
 found` when another one ran it (or the data, if a master restart since the write may have run
 the write again); either when a restart falls in one of those spans, so which one ran the task
-is not known.
+is not known. With `--direct` there are two Worker nodes, each with its own store, and the
+master gives a Worker's task to either: a read gets the data or `Key not found`, never other
+bytes.
 
 At the end every task must have its exact value; an `Error` is allowed only where a kill
 explains it (a task safe to repeat is retried once, so it gets one only when kills find it
 running twice; a `DiskWrite` is not retried), and the Errors' texts are printed (a `Key not
-found` where the store must hold the key is wrong, not an Error). Exit status 1 when a result
-is wrong or missing, there are more Errors than kills, a log holds a traceback, a process
+found` where the store must hold the key is wrong, not an Error). `Tcp`, `Udp` and
+`HttpRequest` run in a node's event loop, where no worker kill reaches them: none may get an
+Error. Exit status 1 when a result is wrong or missing, there are more Errors than kills, a
+network task got one, a log holds a traceback, a process
 exited unbidden (it is started again) or did not stop cleanly on SIGTERM, or the nodes left
 files in /dev/shm after the last stop; the logs' directory is kept then. Nothing leaves
 loopback; every process started here is stopped here.
@@ -149,6 +153,9 @@ class Soak:
     # With --direct: a key may be stored by one Worker node and read on the other (each has
     # its own memory store), so a read gets the data or "Key not found"; never other bytes.
     two_worker_nodes: bool = False
+    # Tcp, Udp and HttpRequest: they run in a node's event loop, where no worker kill reaches
+    # them, and a node's stop hands back what it had not answered: no Error is excused.
+    network: set[str] = field(default_factory=set)
     blob_bytes: int = 0  # of the large blobs submitted
     blob_bytes_in_flight: int = 0  # stored and not read back yet
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -590,6 +597,8 @@ async def submit(soak: Soak, join: Path, tasks: list[tuple[m.Task, m.Result]]) -
             return
     for ident, (task, result) in zip(ids, tasks, strict=True):
         soak.kinds[type(task).__name__] += 1
+        if isinstance(task, m.Tcp | m.Udp | m.HttpRequest):
+            soak.network.add(ident)
         soak.expected[ident] = result
         soak.outstanding[ident] = None
         match task:
@@ -883,11 +892,13 @@ def short(result: m.Result) -> str:
 def report(soak: Soak, ran: float, directory: Path, leftovers: list[str]) -> int:
     wrong: dict[str, m.Result] = {}
     errors: collections.Counter[str] = collections.Counter()
+    network_errors = 0
     for ident, result in soak.results.items():
         if result in (soak.expected[ident], soak.also.get(ident)):
             continue
         if isinstance(result, m.Error) and result != _KEY_NOT_FOUND:  # a kill may explain it
             errors[result.message] += 1
+            network_errors += ident in soak.network  # but not these
         else:  # "Key not found" where the node that stored the key answered, too
             wrong[ident] = result
     missing = len(soak.outstanding)
@@ -918,6 +929,8 @@ def report(soak: Soak, ran: float, directory: Path, leftovers: list[str]) -> int
     )
     for message, count in errors.most_common():
         print(f"  Error x{count}: {message}")
+    if network_errors:
+        print(f"  {network_errors} of the Errors answered Tcp, Udp or HttpRequest tasks")
     if missing:
         print(f"  missing: {', '.join(list(soak.outstanding)[:5])}")
     for ident, result in list(wrong.items())[:10]:
@@ -939,6 +952,7 @@ def report(soak: Soak, ran: float, directory: Path, leftovers: list[str]) -> int
         bool(wrong)
         or missing > 0
         or sum(errors.values()) > soak.kills
+        or network_errors > 0
         or any(tracebacks.values())
         or bool(soak.exits)
         or bool(leftovers)
