@@ -127,7 +127,9 @@ class DirectConnection(asyncio.Protocol):
     """One direct link's bytes, whichever side dialed.
 
     `on_task(link, id, payload)` runs an `AssignTask` from the peer (None: answered with an
-    `Error`); `on_result(id, payload)` takes a `TaskResult` for a task this side sent.
+    `Error`); `on_result(id, payload)` takes a `TaskResult` for a task this side sent;
+    `on_made(link)` is told when the connection is made (over TLS: once the handshake
+    succeeded; a link whose handshake fails is never made, nor lost).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class DirectConnection(asyncio.Protocol):
         max_frame_bytes: int,
         on_task: Callable[[DirectConnection, str, bytes], None] | None = None,
         on_result: Callable[[str, bytes], None] | None = None,
+        on_made: Callable[[DirectConnection], None] | None = None,
         what: str = "direct link",
     ) -> None:
         loop = asyncio.get_running_loop()
@@ -152,6 +155,7 @@ class DirectConnection(asyncio.Protocol):
         self._decoder = FrameDecoder(max_frame_bytes)
         self._on_task = on_task
         self._on_result = on_result
+        self._on_made = on_made
         self.what = what
         self.transport: asyncio.Transport | None = None
         self._writer: PacedWriter | None = None
@@ -177,6 +181,8 @@ class DirectConnection(asyncio.Protocol):
             transport.write(frame(self._token))  # type: ignore[attr-defined]
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(_AUTH_TIMEOUT_S, self._auth_expired)
+        if self._on_made is not None:
+            self._on_made(self)
 
     def data_received(self, data: bytes) -> None:
         if self.phase is _Phase.CLOSED:
@@ -498,16 +504,22 @@ class DirectServer:
         return sum(link.phase is _Phase.AUTHENTICATING for link in self.links)
 
     def _connection(self) -> DirectConnection:
-        link = DirectConnection(
+        return DirectConnection(
             token=self.join.token,
             dialer=False,
             max_frame_bytes=self.config.max_frame_bytes,
             on_task=self.run_task,
+            on_made=self._made,
             what="direct link",
         )
+
+    def _made(self, link: DirectConnection) -> None:
+        # Counted from here, not from the factory: a link whose TLS handshake fails is never
+        # told it was made or lost, and kept here it would count as unauthenticated for ever
+        # (64 failed handshakes from anyone closed the port to every peer). While its handshake
+        # runs, the listener counts it.
         self.links.add(link)
         link.closed.add_done_callback(lambda _: self._closed(link))
-        return link
 
     def _closed(self, link: DirectConnection) -> None:
         self.links.discard(link)

@@ -7,6 +7,7 @@ reach)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -708,3 +709,44 @@ def test_a_connection_info_listener_without_a_direct_port_keeps_tls_always() -> 
             await links.close()
 
     asyncio.run(go())
+
+
+def test_failed_tls_handshakes_do_not_close_the_direct_port(
+    tmp_path: Path, master: MasterThread
+) -> None:
+    # A link whose TLS handshake fails is never told it was made or lost: the direct port
+    # kept it as "not authenticated yet" for good, and after 64 such handshakes (from anyone
+    # who can reach the port, no token needed) it closed every connection at once, for ever.
+    port = free_port()
+    process = start_node(
+        tmp_path, "peer", master,
+        {"direct_port": port, "direct_host": "127.0.0.1", "role": "Disk",
+         "cert_path": "node_cert.pem", "key_path": "node_key.pem"},
+    )  # fmt: skip
+    try:
+        process.wait_for_log("accepting direct links on")
+        for _ in range(70):
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+                sock.sendall(b"\x16\x03\x01\x00\x05hello")  # a TLS record, but no ClientHello
+                sock.settimeout(TIMEOUT)
+                with contextlib.suppress(OSError):
+                    while sock.recv(4096):  # until the node has closed it
+                        pass
+
+        async def go() -> m.Result:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client = await DirectClient.connect("127.0.0.1", port, master.token, timeout=5)
+                    break
+                except DirectError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            async with client:
+                return await client.run(m.Compute("6*7"), timeout=TIMEOUT)
+
+        assert asyncio.run(go()) == m.Number(42.0)
+        assert "not authenticated yet" not in process.log
+    finally:
+        process.close()
