@@ -54,7 +54,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
 from node.protocol.framing import FrameDecoder, frame
-from node.throttle import Throttle
+from node.throttle import Throttle, more_since
 from node.tls import (
     ClientTls,
     ServerTls,
@@ -107,6 +107,7 @@ _link_numbers = itertools.count(1)
 # Whoever reaches a direct port can offer wrong tokens as fast as it connects: a line each
 # would fill the log's disk.
 _REFUSED_TOKENS = Throttle(10.0)
+_BAD_HANDSHAKES = Throttle(10.0)  # no token, or something else in its place
 
 
 class DirectError(CpnodeError, ConnectionError):
@@ -192,7 +193,10 @@ class DirectConnection(asyncio.Protocol):
         try:
             payloads = self._decoder.feed(data)
         except FrameTooLarge as error:
-            log.warning("%s %s: %s; closing", self.what, self.peer, error)
+            # Before the handshake, from whoever reaches the port: as often as it connects.
+            count = _BAD_HANDSHAKES.hit() if self.phase is _Phase.AUTHENTICATING else 1
+            if count:
+                log.warning("%s %s: %s; closing%s", self.what, self.peer, error, more_since(count))
             self.close()
             return
         for payload in payloads:
@@ -202,7 +206,11 @@ class DirectConnection(asyncio.Protocol):
                 self._received(payload)
         if self.phase is _Phase.AUTHENTICATING and self._decoder.expecting > _TOKEN_FRAME_LIMIT:
             # Not a token (a TLS handshake read as a length asks for ~370 MB): never buffer it.
-            log.warning("%s %s: first frame is not a token; closing", self.what, self.peer)
+            if count := _BAD_HANDSHAKES.hit():
+                log.warning(
+                    "%s %s: first frame is not a token; closing%s", self.what, self.peer,
+                    more_since(count),
+                )  # fmt: skip
             self._fail(DirectError(f"{self.what} {self.peer}: first frame is not a token"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -248,7 +256,11 @@ class DirectConnection(asyncio.Protocol):
     def _auth_expired(self) -> None:
         self._timer = None
         if self.phase is _Phase.AUTHENTICATING:
-            log.warning("%s %s: no handshake within %.0f s", self.what, self.peer, _AUTH_TIMEOUT_S)
+            if count := _BAD_HANDSHAKES.hit():
+                log.warning(
+                    "%s %s: no handshake within %.0f s%s", self.what, self.peer, _AUTH_TIMEOUT_S,
+                    more_since(count),
+                )  # fmt: skip
             self._fail(DirectError(f"{self.what} {self.peer}: no handshake in time"))
 
     # --- after the handshake -------------------------------------------------------------------

@@ -28,3 +28,8 @@ class Throttle:
             return 0
         count, self._count, self._said_at = self._count, 0, now
         return count
+
+
+def more_since(count: int) -> str:
+    """What a line that `Throttle.hit` let through adds about the events kept quiet."""
+    return f" ({count - 1} more since the last such line)" if count > 1 else ""

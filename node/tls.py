@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from node.config import Config, format_address, is_local_ip
 from node.errors import ConfigError, CpnodeError
-from node.throttle import Throttle
+from node.throttle import Throttle, more_since
 
 __all__ = [
     "ClientTls",
@@ -341,6 +341,8 @@ class TlsListener:
         self._max_unauthenticated = max_unauthenticated
         self._unauthenticated = unauthenticated
         self._turned_away = Throttle(_TURNED_AWAY_LOG_S)
+        # Refused or failed before anything else: anyone who reaches the port can repeat those.
+        self._troubles = Throttle(_TURNED_AWAY_LOG_S)
         self._loop = asyncio.get_running_loop()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._accepting = asyncio.ensure_future(self._accept())
@@ -418,7 +420,11 @@ class TlsListener:
             first = await self._first_byte(conn)
             refusal = self._refusal(first, str(peer[0]))
             if refusal is not None:
-                log.warning("%s: connection from %s refused: %s", self._what, where, refusal)
+                if count := self._troubles.hit():
+                    log.warning(
+                        "%s: connection from %s refused: %s%s", self._what, where, refusal,
+                        more_since(count),
+                    )  # fmt: skip
                 conn.close()
                 return
             tls = first[0] == _TLS_RECORD_HANDSHAKE
@@ -430,7 +436,11 @@ class TlsListener:
             )
         except (OSError, TimeoutError) as error:
             reason = "no data in time" if isinstance(error, TimeoutError) else _ssl_reason(error)
-            log.warning("%s: connection from %s failed: %s", self._what, where, reason)
+            if count := self._troubles.hit():
+                log.warning(
+                    "%s: connection from %s failed: %s%s", self._what, where, reason,
+                    more_since(count),
+                )  # fmt: skip
             conn.close()
         except BaseException:
             conn.close()

@@ -750,3 +750,26 @@ def test_failed_tls_handshakes_do_not_close_the_direct_port(
         assert "not authenticated yet" not in process.log
     finally:
         process.close()
+
+
+def test_connections_refused_before_a_token_are_logged_at_most_once_per_period(
+    peer: tuple[NodeProcess, int],
+) -> None:
+    # As refused tokens: anyone who reaches the port can open connections that close at once,
+    # or whose first frame is no token, as fast as it connects; a warning line for each would
+    # fill the log's disk.
+    process, port = peer
+    for _ in range(40):
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+    for length in [1 << 16] * 40 + [0x7FFFFFFF] * 40:  # too long for a token, for any frame
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            sock.sendall(length.to_bytes(4, "big"))
+            sock.settimeout(TIMEOUT)
+            with contextlib.suppress(OSError):
+                while sock.recv(4096):  # until the node has closed it
+                    pass
+    process.wait_for_log("first frame is not a token")
+    time.sleep(0.5)  # what the node still had to log of these
+    log = process.log  # two lines at most: a loaded machine may take more than one period
+    assert 1 <= log.count("closed before sending anything") <= 2, log
+    assert 1 <= log.count("first frame is not a token") + log.count("bytes announced") <= 2, log

@@ -237,6 +237,19 @@ def test_first_frame_too_long_for_a_token_is_refused_before_it_arrives(start, co
     assert peer.assert_closed() == []
 
 
+def test_connections_without_a_token_are_logged_at_most_once_per_period(start, connect, caplog):
+    # As refused tokens: anyone who reaches the port can open connections whose first frame is
+    # no token, as fast as it connects, and a warning line for each would fill the log's disk.
+    master = start()
+    with caplog.at_level(logging.WARNING, logger="cpnode.master"):
+        for _ in range(30):
+            peer = connect(master, auth=False)
+            peer.send_raw(b"\x16\x03\x01\x02\x00" + b"\x00" * 100)
+            assert peer.assert_closed() == []
+    lines = [r.getMessage() for r in caplog.records if "is not a token" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, lines  # a loaded machine may take more than one period
+
+
 # --- routing and order ------------------------------------------------------------------------
 
 TASKS_BY_ROLE: dict[Role, list[m.Task]] = {

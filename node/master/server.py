@@ -81,7 +81,7 @@ from node.protocol import (
     task_to_json,
 )
 from node.protocol import messages as m
-from node.throttle import Throttle
+from node.throttle import Throttle, more_since
 from node.tls import ServerTls, TlsListener
 from shm.bytesjson import ByteArrayError, decode_byte_array
 
@@ -307,6 +307,7 @@ class MasterServer:
         self._dirty: list[_Connection] = []
         self._written = 0  # the journal's tickets written so far (see `_settle`)
         self._refused_tokens = Throttle(10.0)  # a line per refused token would fill the disk
+        self._no_tokens = Throttle(10.0)  # as many connections that send none
         self._holding: dict[_Connection, None] = {}  # connections with output in `held`
         self._tick_handle: asyncio.TimerHandle | None = None
         self._journal_retry_s = self._failover_s  # doubles while the state file fails
@@ -453,12 +454,14 @@ class MasterServer:
         ):
             tls = data[:2] == b"\x16\x03"
             hint = " (a TLS handshake? this listener serves plain TCP only)" if tls else ""
-            _log.warning(
-                "%s: first frame of %d bytes is not a token%s; closing the connection",
-                conn.address,
-                conn.decoder.expecting,
-                hint,
-            )
+            if count := self._no_tokens.hit():
+                _log.warning(
+                    "%s: first frame of %d bytes is not a token%s; closing the connection%s",
+                    conn.address,
+                    conn.decoder.expecting,
+                    hint,
+                    more_since(count),
+                )
             self._drop(conn, flush=False)
         self._settle()
 
@@ -602,7 +605,11 @@ class MasterServer:
     def _auth_expired(self, conn: _Connection) -> None:
         conn.timer = None
         if not conn.authenticated and not conn.closing:
-            _log.warning("%s: no token within %.0f s; closing", conn.address, _AUTH_TIMEOUT_S)
+            if count := self._no_tokens.hit():
+                _log.warning(
+                    "%s: no token within %.0f s; closing%s", conn.address, _AUTH_TIMEOUT_S,
+                    more_since(count),
+                )  # fmt: skip
             self._drop(conn, flush=False)
 
     def _authenticate(self, conn: _Connection, payload: bytes) -> None:
