@@ -23,7 +23,13 @@ import pytest
 
 from node.client import Client
 from node.config import Config
-from node.direct import ConnectionRequests, DirectClient, DirectError, DirectLinkRefused
+from node.direct import (
+    ConnectionRequests,
+    DirectClient,
+    DirectError,
+    DirectLinkRefused,
+    _peer_result,
+)
 from node.iotasks import NetworkPolicy
 from node.master import MasterThread
 from node.protocol import codec
@@ -773,3 +779,29 @@ def test_connections_refused_before_a_token_are_logged_at_most_once_per_period(
     log = process.log  # two lines at most: a loaded machine may take more than one period
     assert 1 <= log.count("closed before sending anything") <= 2, log
     assert 1 <= log.count("first frame is not a token") + log.count("bytes announced") <= 2, log
+
+
+def test_a_big_result_from_a_peer_is_checked_without_holding_the_event_loop() -> None:
+    # A connect_to peer's result above 64 KiB is read and written again in a thread, so that
+    # the node's event loop goes on (heartbeats leave on time). Its JSON was put together with
+    # `+`, a copy of the whole that holds the GIL each time: a 20 MiB `Bytes` result (70 MB of
+    # JSON) held the loop for about 250 ms. `bytes.join` lets go of the GIL for big pieces.
+    data = os.urandom(20 << 20)
+    payload = codec.task_result_payload("big", m.Bytes(data))
+
+    async def longest_pause() -> tuple[float, bytes]:
+        loop = asyncio.get_running_loop()
+        checking = loop.run_in_executor(None, _peer_result, "big", payload, "peer")
+        longest, last = 0.0, time.perf_counter()
+        while not checking.done():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+        return longest, await checking
+
+    pauses = []
+    for _ in range(3):  # the best of three: a loaded machine pauses a loop now and then
+        pause, result = asyncio.run(longest_pause())
+        assert result == frame(payload)
+        pauses.append(pause)
+    assert min(pauses) < 0.05, f"the loop paused for {min(pauses) * 1000:.0f} ms at best"
