@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     direct.add_argument(
         "--connect-to", action="append", metavar="HOST:PORT",
-        help="dial a peer's direct port and give it the tasks this node has no room for "
-        "(repeatable; replaces the config's connect_to)",
+        help="dial a peer's direct port and give it the Compute and ComplexMath tasks this "
+        "node has no room for (repeatable; replaces the config's connect_to)",
     )  # fmt: skip
     direct.add_argument(
         "--request-connection", action="append", default=[], metavar="ADDR",

@@ -729,8 +729,8 @@ class Config:
     connect_to: tuple[str, ...] = _setting(
         (),
         _ListOf(_Address(), 'a list of "host:port" addresses', non_empty=False, distinct=True),
-        "Direct ports of peers this node dials (`--connect-to`); tasks its workers have no room "
-        "for go to them.",
+        "Direct ports of peers this node dials (`--connect-to`); `Compute` and `ComplexMath` "
+        "tasks its workers have no room for go to them (tasks on its stores and disk stay).",
     )
     direct_window: int = _setting(
         256, _Integer(1), "Tasks in flight per dialed direct link (see `connect_to`)."

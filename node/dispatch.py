@@ -249,6 +249,7 @@ class Dispatcher:
         if (
             offload is not None
             and reply is None
+            and kind in _LENDABLE
             and spilled(payload) is None  # a peer gets small tasks only
             and not self.has_capacity()
             and offload(ident, payload)
@@ -702,6 +703,10 @@ _COMPUTE_AFTER_ID = b'",' + _COMPUTE_MARK
 # the task to it (node/direct.py, `DirectPeer`) runs it itself instead: it never started there.
 NOT_STARTED: Final = m.Error("the node is stopping")
 _IO_TASKS = frozenset({"HttpRequest", "Tcp", "Udp"})
+# What a `connect_to` peer may be lent: tasks that need no data of this node's. A StoreData run
+# there would store its key in the peer's store, where this node's RetrieveData never looks
+# (and a DiskWrite its file in the peer's storage_dir; a listing would list the peer's).
+_LENDABLE = frozenset({"Compute", "ComplexMath"})
 # How far into a payload its task's variant is looked for: past an id of any sane length (the
 # search stops at the first match, right after the id, in every payload but a malformed one).
 _VARIANT_WINDOW = 64 * 1024

@@ -246,6 +246,36 @@ def test_tasks_a_draining_peer_did_not_start_run_here(
         node.close()
 
 
+def test_only_tasks_without_data_are_lent_to_a_peer(
+    tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    # A StoreData lent to the peer stored its key in the peer's store, where a RetrieveData
+    # that this node runs later does not find it: tasks on a store or a disk stay here.
+    _, port = peer
+    node = start_node(
+        tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
+    )
+    try:
+        node.wait_for_log("direct link to 127.0.0.1")
+        body = "+".join(f"sin({k})" for k in range(40))
+        tasks: list[m.Task] = []
+        for i in range(150):
+            tasks += [m.Compute(f"{i}+{body}"), m.StoreData(f"key-{i}", bytes([i]) * 10)]
+        results = run_tasks(tmp_path / "join.json", tasks, timeout=TIMEOUT)
+        assert results[1::2] == [m.Stored()] * 150, results[1::2]
+
+        async def read_one_at_a_time() -> list[m.Result]:  # the node has room for each one
+            async with Client.connect(tmp_path / "join.json", timeout=TIMEOUT) as client:
+                return [await client.run(m.RetrieveData(f"key-{i}"), TIMEOUT) for i in range(150)]
+
+        assert asyncio.run(read_one_at_a_time()) == [m.Bytes(bytes([i]) * 10) for i in range(150)]
+        assert node.stop() == 0
+        given = int(re.search(r"direct peer \S+ ran (\d+) tasks", node.log).group(1))  # type: ignore[union-attr]
+        assert 0 < given <= 150, given  # Computes only
+    finally:
+        node.close()
+
+
 def test_cpnode_submit_direct(
     tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
 ) -> None:
