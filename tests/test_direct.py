@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -187,10 +188,11 @@ def test_a_node_gives_the_tasks_it_has_no_room_for_to_its_peer(
         node.close()
 
 
-def test_tasks_at_a_lost_peer_run_here(
-    tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
-) -> None:
-    peer_process, port = peer
+def lend_then_stop_the_peer(
+    tmp_path: Path, master: MasterThread, peer: NodeProcess, port: int, signal_number: int
+) -> tuple[NodeProcess, list[m.Result]]:
+    """A node lending slow Computes to `peer`, which gets `signal_number` mid-burst; returns
+    the node (to be closed by the caller) and every result, in order."""
     node = start_node(
         tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
     )
@@ -203,11 +205,22 @@ def test_tasks_at_a_lost_peer_run_here(
             async with Client.connect(tmp_path / "join.json", timeout=TIMEOUT) as client:
                 ids = await client.submit_many(tasks)
                 await asyncio.sleep(0.3)
-                peer_process.proc.kill()  # mid-burst: the peer holds tasks it never answers
+                peer.proc.send_signal(signal_number)  # mid-burst: the peer holds tasks
                 found = await client.results(ids, timeout=60)
                 return [found[i] for i in ids]
 
-        results = asyncio.run(go())
+        return node, asyncio.run(go())
+    except BaseException:
+        node.close()
+        raise
+
+
+def test_tasks_at_a_lost_peer_run_here(
+    tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
+) -> None:
+    # SIGKILL: the peer never answers the tasks it holds.
+    node, results = lend_then_stop_the_peer(tmp_path, master, *peer, signal.SIGKILL)
+    try:
         assert all(isinstance(r, m.Number) for r in results), results
         node.wait_for_log("re-run or answered here")
     finally:
@@ -220,24 +233,9 @@ def test_tasks_a_draining_peer_did_not_start_run_here(
     # A peer stopped by SIGTERM drains: what it had not started it answers with an Error
     # ("the node is stopping"), as it must for a client's link. The node that lent it those
     # tasks has them from the master and can run them itself; none may end as that Error.
-    peer_process, port = peer
-    node = start_node(
-        tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
-    )
+    peer_process, _ = peer
+    node, results = lend_then_stop_the_peer(tmp_path, master, *peer, signal.SIGTERM)
     try:
-        node.wait_for_log("direct link to 127.0.0.1")
-        body = "+".join(f"sin({k})*cos({k})" for k in range(300))
-        tasks: list[m.Task] = [m.Compute(f"{i}+{body}") for i in range(400)]
-
-        async def go() -> list[m.Result]:
-            async with Client.connect(tmp_path / "join.json", timeout=TIMEOUT) as client:
-                ids = await client.submit_many(tasks)
-                await asyncio.sleep(0.3)
-                peer_process.proc.terminate()  # mid-burst: the peer holds tasks not started
-                found = await client.results(ids, timeout=60)
-                return [found[i] for i in ids]
-
-        results = asyncio.run(go())
         assert peer_process.proc.wait(TIMEOUT) == 0
         errors = [r for r in results if not isinstance(r, m.Number)]
         assert not errors, f"{len(errors)} of {len(results)}: {errors[0]}"
