@@ -45,6 +45,7 @@ import orjson
 import psutil
 from _nodebase import stop_on_sigterm
 
+from node.config import JoinInfo, write_join
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder, frame
@@ -258,7 +259,7 @@ async def start_node(
     stack.push_async_callback(master.close)
     tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cpnode-bench-"))
     join = Path(tmp, "join.json")
-    join.write_text(json.dumps({"token": TOKEN, "ip": "127.0.0.1", "port": master.port}))
+    write_join(join, JoinInfo(TOKEN, "127.0.0.1", master.port))  # mode 0600, as a master does
     config = Path(tmp, "config.json")
     config.write_text(
         json.dumps({"master_addresses": [f"127.0.0.1:{master.port}"], "failover_timeout_ms": 5000})

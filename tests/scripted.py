@@ -9,7 +9,6 @@ its `TaskResult` arrives, answering the node's heartbeats on the way. Give the n
 from __future__ import annotations
 
 import itertools
-import json
 import socket
 import threading
 import time
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from node.config import JoinInfo, write_join
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder, frame
@@ -38,7 +38,7 @@ class ScriptedMaster:
         self.ack = codec.encode(m.HEARTBEAT_ACK)  # the frame that answers a Heartbeat
 
     def write_join(self, path: Path) -> None:
-        path.write_text(json.dumps({"token": TOKEN, "ip": "127.0.0.1", "port": self.port}))
+        write_join(path, JoinInfo(TOKEN, "127.0.0.1", self.port))  # mode 0600, as a master does
 
     def accept(self, timeout: float = 30.0, *, after_ok: bytes = b"") -> None:
         """Take the node's connection and its handshake (token, RegisterRole, Heartbeat);
