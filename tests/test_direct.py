@@ -68,6 +68,20 @@ def start_node(
     return process
 
 
+def start_lending_node(tmp_path: Path, master: MasterThread, port: int) -> NodeProcess:
+    """A node with no room (prefetch 1, one worker) that lends to the direct port `port`,
+    its link open."""
+    node = start_node(
+        tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
+    )
+    try:
+        node.wait_for_log("direct link to 127.0.0.1")
+    except BaseException:
+        node.close()
+        raise
+    return node
+
+
 @pytest.fixture
 def peer(tmp_path: Path, master: MasterThread) -> Iterator[tuple[NodeProcess, int]]:
     port = free_port()
@@ -170,11 +184,8 @@ def test_a_node_gives_the_tasks_it_has_no_room_for_to_its_peer(
     tmp_path: Path, master: MasterThread, peer: tuple[NodeProcess, int]
 ) -> None:
     peer_process, port = peer
-    node = start_node(
-        tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
-    )
+    node = start_lending_node(tmp_path, master, port)
     try:
-        node.wait_for_log("direct link to 127.0.0.1")
         body = "+".join(f"sin({k})" for k in range(40))
         tasks: list[m.Task] = [m.Compute(f"{i}+{body}") for i in range(300)]
         results = run_tasks(tmp_path / "join.json", tasks, timeout=TIMEOUT)
@@ -193,11 +204,8 @@ def lend_then_stop_the_peer(
 ) -> tuple[NodeProcess, list[m.Result]]:
     """A node lending slow Computes to `peer`, which gets `signal_number` mid-burst; returns
     the node (to be closed by the caller) and every result, in order."""
-    node = start_node(
-        tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
-    )
+    node = start_lending_node(tmp_path, master, port)
     try:
-        node.wait_for_log("direct link to 127.0.0.1")
         body = "+".join(f"sin({k})*cos({k})" for k in range(300))
         tasks: list[m.Task] = [m.Compute(f"{i}+{body}") for i in range(400)]
 
@@ -250,11 +258,8 @@ def test_only_tasks_without_data_are_lent_to_a_peer(
     # A StoreData lent to the peer stored its key in the peer's store, where a RetrieveData
     # that this node runs later does not find it: tasks on a store or a disk stay here.
     _, port = peer
-    node = start_node(
-        tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{port}"
-    )
+    node = start_lending_node(tmp_path, master, port)
     try:
-        node.wait_for_log("direct link to 127.0.0.1")
         body = "+".join(f"sin({k})" for k in range(40))
         tasks: list[m.Task] = []
         for i in range(150):
@@ -632,11 +637,8 @@ def test_a_peers_results_are_checked_before_they_reach_the_master(
     # came would keep the node from delivering anything, ever. (A plain link's peer need not
     # know the token: anyone answering at the `connect_to` address is lent tasks.)
     with ForgingPeer() as forger:
-        node = start_node(
-            tmp_path, "node", master, {"prefetch": 1}, "--connect-to", f"127.0.0.1:{forger.port}"
-        )
+        node = start_lending_node(tmp_path, master, forger.port)
         try:
-            node.wait_for_log("direct link to 127.0.0.1")
             body = "+".join(f"sin({k})*cos({k})" for k in range(300))
             tasks: list[m.Task] = [m.Compute(f"{i}+{body}") for i in range(40)]
 
