@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -141,7 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StopBeforeStart(BaseException):
+    """SIGTERM before the node's event loop took the signal over (see `main`). A
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` swallows it."""
+
+
+def _stop_before_start(signum: int, frame: object) -> None:
+    raise _StopBeforeStart
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Until the node's loop installs its own handler (which drains), a SIGTERM unwinds the
+    # start: a `--local-master` started by then is stopped, and the exit is clean. Without
+    # this, SIGTERM's default action ended the process there and left that master running.
+    # (Python's start and the imports above come before even this: a few hundred ms.)
+    previous = signal.signal(signal.SIGTERM, _stop_before_start)
+    try:
+        return _main(argv)
+    except _StopBeforeStart:
+        print("cpnode-supervisor: stopped (SIGTERM) before it started", file=sys.stderr)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         overrides: dict[str, object] = {

@@ -148,3 +148,42 @@ def test_local_master_that_cannot_start_says_why_with_the_documented_status(
     assert "the local master refused its configuration (see above)" in done.stderr
     assert "in use" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no state file left behind
+
+
+def test_sigterm_while_the_local_master_starts_stops_both(tmp_path: Path) -> None:
+    # Before the node's event loop takes SIGTERM over (it then drains), SIGTERM's default action
+    # ended the supervisor and left its --local-master running, in a session of its own. The
+    # master here cannot finish starting: its state file is a FIFO nobody writes, so its
+    # replay waits, and the supervisor waits for it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPCLUSTER_")}
+    os.mkfifo(tmp_path / "state.fifo")
+    (tmp_path / "config.json").write_text('{"state_file": "state.fifo"}')
+    with open(tmp_path / "err.log", "wb") as err_file:  # the master inherits it
+        node = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "config.json", "--workers", "1",
+             "--local-master", "--local-master-port", str(free_port())],
+            cwd=tmp_path, env=env, stderr=err_file,
+        )  # fmt: skip
+    masters: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not masters:
+            assert time.monotonic() < deadline, "the local master never started"
+            with contextlib.suppress(psutil.NoSuchProcess):
+                masters = psutil.Process(node.pid).children()
+            time.sleep(0.05)
+        time.sleep(0.5)  # it is replaying (waiting on the FIFO), the supervisor waiting for it
+        node.send_signal(signal.SIGTERM)
+        code = node.wait(TIMEOUT)
+        err = (tmp_path / "err.log").read_text()
+        assert code == 0, err
+        assert "stopped (SIGTERM) before it started" in err
+        _, alive = psutil.wait_procs(masters, timeout=TIMEOUT)
+        assert not alive, f"the local master is still running: {alive}"
+    finally:
+        for process in masters:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        if node.poll() is None:
+            node.kill()
+            node.wait(10)
