@@ -22,7 +22,8 @@ and trust a file of the master's certificate (and the peer's), and this process'
 the master's certificate too. `--direct`: a fourth node, a second Worker (the "Peer"), accepts
 direct links on a loopback `direct_port` (with `--tls`, presenting a self-signed certificate
 made here); the first Worker dials it (`connect_to`) with a prefetch of 2 tasks per worker, so
-most of what the master sends it overflows to the peer over the link. The peer's workers are
+most of the `Compute` and `ComplexMath` the master sends it (what a node lends) overflows to
+the peer over the link. The peer's workers are
 among those killed and the peer among the nodes restarted, so links break with tasks in flight
 (the dialer runs those again itself). The nodes' logs must show that TLS was used for every
 connection to the master and that tasks crossed the link, else the run fails. (The master's
