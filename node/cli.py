@@ -142,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StopBeforeStart(BaseException):
-    """SIGTERM before the node's event loop took the signal over (see `main`). A
-    BaseException, as KeyboardInterrupt is, so that no `except Exception` swallows it."""
+class _StopBeforeStart(SystemExit):
+    """SIGTERM before the node's event loop took the signal over (see `main`). A SystemExit,
+    so that no `except Exception` swallows it and an event loop's callback passes it on."""
 
 
 def _stop_before_start(signum: int, frame: object) -> None:
@@ -220,6 +220,8 @@ def _main(argv: list[str] | None) -> int:
         return 130
     finally:
         if master is not None:
+            # A second SIGTERM now must not leave it running: what follows is bounded.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             master.terminate()
             try:
                 master.wait(10)

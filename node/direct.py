@@ -194,8 +194,7 @@ class DirectConnection(asyncio.Protocol):
             payloads = self._decoder.feed(data)
         except FrameTooLarge as error:
             # Before the handshake, from whoever reaches the port: as often as it connects.
-            count = _BAD_HANDSHAKES.hit() if self.phase is _Phase.AUTHENTICATING else 1
-            if count:
+            if count := self._trouble_count() if self.phase is _Phase.AUTHENTICATING else 1:
                 log.warning("%s %s: %s; closing%s", self.what, self.peer, error, more_since(count))
             self.close()
             return
@@ -206,7 +205,7 @@ class DirectConnection(asyncio.Protocol):
                 self._received(payload)
         if self.phase is _Phase.AUTHENTICATING and self._decoder.expecting > _TOKEN_FRAME_LIMIT:
             # Not a token (a TLS handshake read as a length asks for ~370 MB): never buffer it.
-            if count := _BAD_HANDSHAKES.hit():
+            if count := self._trouble_count():
                 log.warning(
                     "%s %s: first frame is not a token; closing%s", self.what, self.peer,
                     more_since(count),
@@ -240,7 +239,7 @@ class DirectConnection(asyncio.Protocol):
             if count := _REFUSED_TOKENS.hit():
                 log.warning(
                     "%s from %s: invalid token; refused and closed%s", self.what, self.peer,
-                    f" ({count - 1} more refused since the last such line)" if count > 1 else "",
+                    more_since(count),
                 )  # fmt: skip
             self._write(frame(_INVALID_TOKEN))
             self._fail(DirectLinkRefused(f"{self.what} from {self.peer}: invalid token"))
@@ -253,10 +252,16 @@ class DirectConnection(asyncio.Protocol):
         if not self.opened.done():
             self.opened.set_result(None)
 
+    def _trouble_count(self) -> int:
+        """How many handshake troubles the line due now covers (0: none due): throttled for
+        links others dial in on (anyone reaching the port can repeat them at will), never for
+        this node's own dials, whose troubles an operator must always see."""
+        return 1 if self.dialer else _BAD_HANDSHAKES.hit()
+
     def _auth_expired(self) -> None:
         self._timer = None
         if self.phase is _Phase.AUTHENTICATING:
-            if count := _BAD_HANDSHAKES.hit():
+            if count := self._trouble_count():
                 log.warning(
                     "%s %s: no handshake within %.0f s%s", self.what, self.peer, _AUTH_TIMEOUT_S,
                     more_since(count),

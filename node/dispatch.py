@@ -231,13 +231,8 @@ class Dispatcher:
             self.idle.clear()
         held[ident] = payload
         self.received += 1
-        # Without the regex for the common task: quotes inside a JSON string are escaped, so
-        # the mark can only be the task's own variant.
-        if payload.find(_COMPUTE_MARK, 0, 512) >= 0:
-            kind = "Compute"
-        else:
-            match = _TASK_VARIANT.search(payload, 0, _VARIANT_WINDOW)
-            kind = match.group(1).decode() if match is not None else "malformed"
+        kind = task_type(payload)
+        if kind != "Compute":
             self._received_other_types[kind] += 1
         if reply is not None:
             self._replies[ident] = reply
@@ -718,7 +713,8 @@ _ERROR_RESULT = re.compile(rb'"result"\s*:\s*\{\s*"Error"')
 
 def task_type(payload: bytes) -> str:
     """The type an `AssignTask` payload is counted under, as `Dispatcher.accept` files it:
-    its task's variant, "malformed" when none can be read."""
+    its task's variant, "malformed" when none can be read. Without the regex for the common
+    task: quotes inside a JSON string are escaped, so the mark can only be the task's own."""
     if payload.find(_COMPUTE_MARK, 0, 512) >= 0:
         return "Compute"
     match = _TASK_VARIANT.search(payload, 0, _VARIANT_WINDOW)

@@ -248,6 +248,7 @@ def test_tasks_a_draining_peer_did_not_start_run_here(
         errors = [r for r in results if not isinstance(r, m.Number)]
         assert not errors, f"{len(errors)} of {len(results)}: {errors[0]}"
         assert "it sent" in peer_process.log  # the link was used
+        node.wait_for_log("is stopping: what it did not start runs here")  # that path ran
     finally:
         node.close()
 

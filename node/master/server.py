@@ -629,7 +629,7 @@ class MasterServer:
             if count := self._refused_tokens.hit():  # anyone may repeat it at will
                 _log.warning(
                     "%s: invalid token; closing the connection%s", conn.address,
-                    f" ({count - 1} more refused since the last such line)" if count > 1 else "",
+                    more_since(count),
                 )  # fmt: skip
             self._send(conn, _INVALID_TOKEN_FRAME)
             self._drop(conn, flush=True)
