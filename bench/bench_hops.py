@@ -12,7 +12,10 @@ way: this process sends 60 bytes over TCP loopback to a middle process and waits
 `null`: the middle answers (the null node's shape). `two hops`: it relays them over a Unix socket
 pair to a child that echoes them (our shape: supervisor and worker). `two hops, spinning`: the
 same, but the middle and the child poll their sockets instead of sleeping, two cores' worth of
-CPU burned while idle (what spinning can buy at best). The `added` column is what the shape costs
+CPU burned while idle (what spinning can buy at best). `two hops, one CPU`: the middle and the
+child pinned to one CPU and this process to another, so the relay is a switch between two
+processes on one CPU rather than a wake-up of an idle one (what pinning the supervisor next to a
+worker could buy; the row is left out with fewer than two CPUs to pin to). The `added` column is what the shape costs
 over `null` in µs: compare it with what a round-trip target allows over the null node's
 (`bench/loadgen.py`'s null node takes about 0.15 ms here, so 1.2x of it allows 30 µs).
 """
@@ -106,7 +109,7 @@ def round_trips(kind: str, samples: int) -> list[float]:
             process.join(TIMEOUT_S)
 
 
-SHAPES = ("null", "two hops", "two hops, spinning")
+SHAPES = ("null", "two hops", "two hops, spinning", "two hops, one CPU")
 MESSAGE = b"x" * 60
 
 
@@ -122,7 +125,13 @@ def _spin_recv(sock: socket.socket, deadline: float) -> bytes:
             os.sched_yield()
 
 
-def shape_child(sock: socket.socket, spinning: bool) -> None:
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def shape_child(sock: socket.socket, spinning: bool, cpu: int | None = None) -> None:
+    _pin(cpu)
     if not spinning:
         echo(sock)
         return
@@ -137,7 +146,10 @@ def shape_child(sock: socket.socket, spinning: bool) -> None:
         sock.sendall(data)
 
 
-def shape_middle(listener: socket.socket, shape: str, child: socket.socket) -> None:
+def shape_middle(
+    listener: socket.socket, shape: str, child: socket.socket, cpu: int | None = None
+) -> None:
+    _pin(cpu)
     connection, _ = listener.accept()
     connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     spinning = shape == "two hops, spinning"
@@ -159,13 +171,20 @@ def shape_round_trips(shape: str, samples: int) -> list[float]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    child = context.Process(target=shape_child, args=(theirs, shape.endswith("spinning")))
-    middle = context.Process(target=shape_middle, args=(listener, shape, ours))
+    relay_cpu = client_cpu = None
+    if shape.endswith("one CPU"):
+        client_cpu, relay_cpu = sorted(os.sched_getaffinity(0))[:2]
+    child = context.Process(
+        target=shape_child, args=(theirs, shape.endswith("spinning"), relay_cpu)
+    )
+    middle = context.Process(target=shape_middle, args=(listener, shape, ours, relay_cpu))
     processes = (child, middle)
     for process in processes:
         process.start()
     theirs.close()
     ours.close()
+    allowed = os.sched_getaffinity(0)
+    _pin(client_cpu)
     try:
         with socket.create_connection(listener.getsockname(), timeout=TIMEOUT_S) as client:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -180,6 +199,7 @@ def shape_round_trips(shape: str, samples: int) -> list[float]:
                 time.sleep(0.0003)  # as between a node's real tasks
         return times[samples // 10 :]
     finally:
+        os.sched_setaffinity(0, allowed)
         listener.close()
         for process in processes:  # the middle ends with the client's socket, the child with it
             process.join(TIMEOUT_S)
@@ -201,6 +221,8 @@ def main() -> None:
     print("\n| shape (bare sockets) | median µs | p10 µs | added µs |\n|---|---|---|---|")
     null = 0.0
     for shape in SHAPES:
+        if shape.endswith("one CPU") and len(os.sched_getaffinity(0)) < 2:
+            continue
         times = sorted(shape_round_trips(shape, args.samples))
         median = statistics.median(times)
         null = null or median
