@@ -42,7 +42,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterable
 from types import TracebackType
 from typing import Any, Final, Self, cast
 
-from node.config import JoinInfo, load_join
+from node.config import JoinInfo, load_join, plain_peer_refusal
 from node.errors import ConfigError, CpnodeError
 from node.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -392,11 +392,16 @@ class Client:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         info = _resolve_join(join, host, port, token)
         security = _transport_security(info.ip, tls, ca_cert, ca_cert_path)
-        return _Connecting(lambda: cls._open(info, timeout, max_frame_bytes, security))
+        return _Connecting(lambda: cls._open(info, timeout, max_frame_bytes, security, tls))
 
     @classmethod
     async def _open(
-        cls, info: JoinInfo, timeout: float, max_frame_bytes: int, security: ClientTls | None
+        cls,
+        info: JoinInfo,
+        timeout: float,
+        max_frame_bytes: int,
+        security: ClientTls | None,
+        tls: str,
     ) -> Client:
         address = info.address
         loop = asyncio.get_running_loop()
@@ -430,6 +435,12 @@ class Client:
             raise MasterUnreachable(
                 f"cannot connect to the master at {address}: {reason} ({hint})"
             ) from None
+        transport = connection._transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if security is None and (refusal := plain_peer_refusal(info.ip, tls, peer)):
+            if transport is not None:
+                transport.abort()  # not even a Disconnect to whoever answered there
+            raise MasterUnreachable(f"cannot connect to the master at {address}: {refusal}")
         client = cls(connection, timeout)
         try:
             await client._authenticate(info.token)

@@ -53,6 +53,7 @@ __all__ = [
     "load_join",
     "parse_address",
     "parse_role",
+    "plain_peer_refusal",
     "write_join",
 ]
 
@@ -232,6 +233,43 @@ def is_local_ip(host: str) -> bool:
     except ValueError:
         return False
     return any(ip in net for net in _LOCAL_NETWORKS)
+
+
+def plain_peer_refusal(host: str, mode: str, peer: object) -> str | None:
+    """Why the token must not go over plain TCP to `peer` (a socket's `getpeername()`), dialed
+    as `host` under `tls = mode`; None when it may.
+
+    Under `auto`, plain TCP is chosen by the name before it is resolved: `localhost` and
+    `*.localhost` count as local (`is_local_ip`). A resolver may map such a name anywhere (glibc
+    asks DNS for `*.localhost`), so the address actually reached must be local too, or the
+    token would travel in the clear to whoever answers there. `never` is the operator's
+    explicit choice, and an address given as an IP was judged as such.
+    """
+    if mode != "auto" or _is_ip_literal(host):
+        return None
+    address = peer[0] if isinstance(peer, tuple) and peer else None
+    if isinstance(address, str):
+        with contextlib.suppress(ValueError):  # ::ffff:127.0.0.1 from a dual-stack socket
+            mapped = ipaddress.IPv6Address(address.partition("%")[0]).ipv4_mapped
+            address = str(mapped) if mapped is not None else address
+        if is_local_ip(address):
+            return None
+    return (
+        f"{host} resolved to {address or 'an unknown address'}, which is not a loopback or "
+        "private address: the token is not sent there over plain TCP (name the address, or set "
+        'tls to "always")'
+    )
+
+
+def _is_ip_literal(host: str) -> bool:
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # --- field checks ----------------------------------------------------------------------------
@@ -686,7 +724,8 @@ class Config:
         "auto",
         _Choice("auto", "always", "never"),
         "TLS to the master and on direct links: `auto` when the address is not loopback or "
-        "private (the upstream rule), `always`, or `never`.",
+        "private (the upstream rule; `localhost` names count as local, and get the token only "
+        "if the address they reach is), `always`, or `never`.",
     )
     io_concurrency: int = _setting(
         256,

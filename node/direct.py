@@ -46,7 +46,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from node.config import Config, JoinInfo, format_address, parse_address
+from node.config import Config, JoinInfo, format_address, parse_address, plain_peer_refusal
 from node.dispatch import NOT_STARTED, Dispatcher, _is_idempotent
 from node.errors import ConfigError, CpnodeError
 from node.pacing import PacedReader, PacedWriter
@@ -143,7 +143,11 @@ class DirectConnection(asyncio.Protocol):
         on_result: Callable[[str, bytes], None] | None = None,
         on_made: Callable[[DirectConnection], None] | None = None,
         what: str = "direct link",
+        plain_name: tuple[str, str] | None = None,
     ) -> None:
+        """`plain_name`: (the name dialed, the `tls` mode) of a dialer's plain-TCP link, whose
+        token goes out only once the address reached is known to be local
+        (`plain_peer_refusal`)."""
         loop = asyncio.get_running_loop()
         self.number = next(_link_numbers)
         # Inserted at the start of every id this link hands to the dispatcher; raw UTF-8 in
@@ -158,6 +162,7 @@ class DirectConnection(asyncio.Protocol):
         self._on_result = on_result
         self._on_made = on_made
         self.what = what
+        self._plain_name = plain_name
         self.transport: asyncio.Transport | None = None
         self._writer: PacedWriter | None = None
         self._reader: PacedReader = None  # type: ignore[assignment]  # set on connect
@@ -179,6 +184,12 @@ class DirectConnection(asyncio.Protocol):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = format_address(str(peer[0]), int(peer[1]))
         if self.dialer:
+            if self._plain_name is not None and (
+                refusal := plain_peer_refusal(*self._plain_name, peer)
+            ):
+                self._end(DirectError(f"{self.what} {self.peer}: {refusal}"))
+                transport.abort()  # type: ignore[attr-defined]
+                return
             transport.write(frame(self._token))  # type: ignore[attr-defined]
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(_AUTH_TIMEOUT_S, self._auth_expired)
@@ -433,6 +444,7 @@ async def dial(
         return DirectConnection(
             token=token, dialer=True, max_frame_bytes=max_frame_bytes,
             on_task=on_task, on_result=on_result, what=what,
+            plain_name=None if use_tls else (name, tls_mode),
         )  # fmt: skip
 
     where = format_address(name, port)

@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
-from node.config import Config, JoinInfo, format_address
+from node.config import Config, JoinInfo, format_address, plain_peer_refusal
 from node.errors import CpnodeError
 from node.histogram import Histogram
 from node.pacing import PacedReader, PacedWriter
@@ -674,6 +674,11 @@ class MasterLink:
         assert connection.transport is not None
         if connection.transport.is_closing():
             raise ConnectionError("the master closed the connection at once")
+        peer = connection.transport.get_extra_info("peername")
+        if tls is None and (refusal := plain_peer_refusal(host, self.config.tls, peer)):
+            connection.authenticated.cancel()  # nobody will wait for the answer
+            connection.transport.abort()
+            raise ConnectionError(refusal)
         self.state = LinkState.AUTHENTICATING
         connection.transport.write(frame(self.join.token.encode()))
         try:
