@@ -1171,6 +1171,34 @@ def test_durable_replies_wait_for_the_journals_write_and_nothing_else_does(
         written.set()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_master_whose_journal_writer_died_serves_on_and_queues_nothing_for_it(
+    start, connect, tmp_path, monkeypatch
+):
+    # The loop queued every batch for the dead writer thread, without bound.
+    def broken_write(self: Journal, file: object, batch: list[bytes]) -> object:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(Journal, "_write", broken_write)
+    master = start(state_file=str(tmp_path / "state.jsonl"))
+    journal = master.call(lambda: master.server._journal)
+    node = connect(master)
+    node.join()
+    client = connect(master)
+    client.submit(("first", m.Compute("1")))  # its record kills the writer; the reply goes
+    assert master.call(lambda: journal.failed)
+    assert node.tasks(1) == ["first"]
+    node.send(m.TaskResult("first", m.Number(2.0)))
+    for i in range(200):  # one batch each
+        client.submit(compute(i))
+        assert node.tasks(1) == [f"t{i}"]
+        node.send(m.TaskResult(f"t{i}", m.Number(float(i))), m.HEARTBEAT)
+        assert node.recv() == m.HEARTBEAT_ACK  # it confirms a result: not held for the writer
+    assert client.poll("t199") == m.Number(199.0)
+    assert master.call(lambda: journal._queue.qsize()) == 0
+    assert master.call(lambda: journal.dropped) == 401  # all but the record it died on
+
+
 def test_a_client_that_submits_and_disconnects_gets_its_acceptance_first(start, connect, tmp_path):
     master = start(state_file=str(tmp_path / "state.jsonl"))
     client = connect(master)

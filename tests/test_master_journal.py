@@ -221,3 +221,44 @@ def test_the_writer_reports_each_ticket_once_its_records_are_in_the_file(tmp_pat
         data = next(data for reported, data in seen if reported >= ticket)
         assert b'"id":"' + ident.encode() + b'"' in data, ident
     assert b'"after"' in next(data for reported, data in seen if reported >= tickets["after"])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_once_the_writer_is_gone_batches_are_dropped_and_counted_not_queued(
+    tmp_path, monkeypatch, caplog
+):
+    # The loop went on queueing every batch for a writer thread that had died: the master's
+    # memory grew for as long as it ran.
+    def broken_write(self: Journal, file: object, batch: list[bytes]) -> object:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(Journal, "_write", broken_write)
+    path = tmp_path / "state"
+    reported: list[int] = []
+    journal = Journal(path)
+    journal.start([], [], on_written=reported.append)
+    _submit(journal, "first", m.Compute("1"))
+    journal.flush()  # the writer dies on it
+    deadline = time.monotonic() + 10
+    while ALL_WRITTEN not in reported:
+        assert time.monotonic() < deadline, reported
+        time.sleep(0.01)
+    assert journal.failed
+    for i in range(1000):
+        _submit(journal, f"t{i}", m.Compute(str(i)))
+        _result(journal, f"t{i}", m.Number(float(i)))
+        assert journal.ticket <= ALL_WRITTEN  # a reply gated on it is let go
+        journal.flush()
+    assert journal._queue.qsize() == 0
+    assert journal.dropped == 2000
+    journal.compact([(_id("kept"), task_to_json(m.Compute("1")))], [])  # the server's retry
+    assert journal._queue.qsize() == 0 and journal.failed
+    journal.close()
+    assert reported[-1] == ALL_WRITTEN
+    assert path.read_bytes() == HEADER  # the start-up rewrite, nothing after
+    lines = [r for r in caplog.records if r.name == "cpnode.master.journal"]
+    assert [(r.levelno, r.exc_info is not None) for r in lines] == [
+        (logging.ERROR, True),  # the writer's death, with its traceback
+        (logging.ERROR, False),  # at close: how many records were not persisted
+    ]
+    assert "2000 records were not persisted" in lines[1].getMessage()

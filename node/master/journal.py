@@ -34,7 +34,10 @@ arrive, and at close: a power cut or a kernel crash can lose about the last seco
 or not. While the file cannot be written (`failed`), a ticket is reported once its records were
 dropped: the master keeps serving, and acknowledges without durability until a whole snapshot is
 written again (the error is logged). A compaction holds back the replies queued behind it until
-the new file is in place (it is fsync'ed).
+the new file is in place (it is fsync'ed). Should the writer thread die (a bug: logged once, with
+its traceback), it reports `ALL_WRITTEN`, `failed` stays true for good, and the loop hands it
+nothing more: each batch is dropped at `flush()` and counted (`dropped`, logged at close), so the
+queue does not grow while the master serves on without persistence.
 
 Compaction: when the file holds more than `compact_ratio` times the records the live state needs
 (plus `compact_slack`), the loop hands the writer a snapshot (references to bytes it already
@@ -93,6 +96,7 @@ DEFAULT_COMPACT_SLACK: Final = 10_000
 # The writer writes once it holds this many pieces (three per record), so a burst of 100,000
 # submissions reaches the OS in parts rather than after one huge join.
 _MAX_BATCH: Final = 8192
+_PIECES_PER_RECORD: Final = 3  # see _submit_pieces and _result_pieces
 
 HEADER: Final = b'{"op":"journal","format":"cpnode-master","version":1}\n'
 _VERSION: Final = 1
@@ -419,6 +423,10 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._failed = False
+        # Set by the writer thread as it dies: from then on the loop drops what it would
+        # have handed over, rather than queue it for a thread that is gone.
+        self._writer_gone = False
+        self.dropped = 0  # records dropped since the writer was gone
 
     # --- loop side -------------------------------------------------------------------------
 
@@ -451,7 +459,9 @@ class Journal:
 
     def flush(self) -> None:
         """Hand the records formatted so far to the writer (cheap; call it once per batch)."""
-        if self._lines:
+        if self._writer_gone:
+            self._drop()
+        elif self._lines:
             self._handed += 1
             self._queue.put((self._handed, self._lines))
             self._lines = []
@@ -462,13 +472,17 @@ class Journal:
     @property
     def failed(self) -> bool:
         """The last write failed: records are not kept until a compaction (a whole snapshot of
-        the live state) succeeds. The server asks for one now and then."""
-        return self._failed
+        the live state) succeeds. The server asks for one now and then. Also true, for good,
+        once the writer thread is gone (see `dropped`)."""
+        return self._failed or self._writer_gone
 
     def compact(
         self, tasks: list[tuple[bytes, bytes]], results: list[tuple[str, bytes, float]]
     ) -> None:
         """Rewrite the file to hold exactly this state (plus what is queued after it)."""
+        if self._writer_gone:
+            self._drop()
+            return
         self._lines = []  # the snapshot holds what they record
         self._handed += 1
         self._queue.put(_Snapshot(tasks, results, self._handed))
@@ -484,6 +498,23 @@ class Journal:
         self._queue.put(_STOP)
         if self._thread is not None:
             self._thread.join()
+        if self.dropped:
+            _log.error(
+                "%s: %d records were not persisted: the journal's writer had failed",
+                self.path,
+                self.dropped,
+            )
+
+    def _drop(self) -> None:
+        """The writer is gone: forget and count the records formatted since the last flush,
+        and those queued before the loop saw it go (once: nothing is queued after that)."""
+        lost = len(self._lines)
+        self._lines = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if type(item) is tuple:
+                lost += len(item[1])
+        self.dropped += lost // _PIECES_PER_RECORD
 
     # --- writer thread ---------------------------------------------------------------------
 
@@ -545,9 +576,12 @@ class Journal:
                     return
         except BaseException:
             # A bug. What the loop holds back for the writer is let go (in `finally`): it
-            # must not wait for a thread that is gone.
+            # must not wait for a thread that is gone, nor queue more for it.
+            self._writer_gone = True
             _log.exception(
-                "%s: the journal's writer failed; tasks are not persisted any more", self.path
+                "%s: the journal's writer failed; tasks are not persisted any more (the "
+                "master serves on and drops their records)",
+                self.path,
             )
             raise
         finally:
