@@ -51,6 +51,7 @@ from node.config import format_address
 from node.errors import ListenError
 from node.histogram import Histogram
 from node.link import LinkState
+from node.throttle import Throttle, more_since
 from shm.diskstore import DIRECTORY_BYTES, TEMPORARY
 from workers.logformat import level_name
 from workers.pool import WorkerStatus
@@ -495,7 +496,7 @@ class HealthServer:
         self._scan_failure: str | None = None  # how the last read failed, until one succeeds
         self._handlers: set[asyncio.Task[None]] = set()  # one per connection being served
         self.connections_refused = 0
-        self._refused_log_due = 0.0  # time.monotonic() from which a refusal is logged again
+        self._refused_lines = Throttle(REFUSED_LOG_EVERY_S)
 
     @property
     def address(self) -> str:
@@ -691,17 +692,16 @@ class HealthServer:
         (writing one could wait on the peer), one log line per REFUSED_LOG_EVERY_S at most."""
         writer.transport.abort()
         self.connections_refused += 1
-        now = time.monotonic()
-        if now >= self._refused_log_due:
+        if count := self._refused_lines.hit():
             log.warning(
                 "health endpoint: %d connections open, the most it serves at once: new ones are"
                 " closed unanswered (%d so far, in cpnode_health_connections_refused_total; this"
-                " line comes at most every %g s)",
+                " line comes at most every %g s)%s",
                 MAX_CONNECTIONS,
                 self.connections_refused,
                 REFUSED_LOG_EVERY_S,
+                more_since(count),
             )
-            self._refused_log_due = now + REFUSED_LOG_EVERY_S
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

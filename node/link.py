@@ -59,6 +59,7 @@ from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.errors import FrameTooLarge, RemoteProtocolError
 from node.protocol.framing import FrameDecoder, SpillFactory, frame
+from node.throttle import Throttle
 from node.tls import ClientTls, TlsVerifyError, client_tls_for, verify_failure, wants_tls
 from shm.segments import SPILL_HEAD_BYTES, discard_spilled, spilled
 from workers.channel import Frames
@@ -256,8 +257,7 @@ class MasterLink:
         self.last_progress_at = 0.0  # when the master last took bytes from us, or sent some
         self.last_write_at = 0.0
         self.last_heartbeat_at = 0.0
-        self._late_heartbeats = 0  # more than half an interval late, since the last warning
-        self._late_warned_at = -_LATE_WARN_EVERY_S
+        self._late_heartbeats = Throttle(_LATE_WARN_EVERY_S)  # over half an interval late
         self.heartbeating = True
         self._results_since_heartbeat = 0
         # Where bodies of large frames go as they arrive (set once the node has claimed its
@@ -397,7 +397,7 @@ class MasterLink:
             # tick's reading of the clock and this write would otherwise go unreported.
             interval = self.config.failover_timeout_ms / 2000
             if (since := now - self.last_heartbeat_at) >= interval:
-                self._observe_lateness(now, since - interval, interval)
+                self._observe_lateness(since - interval, interval)
         self._results_since_heartbeat = 0
         self.bytes_written += len(_HEARTBEAT_FRAME)
         self.frames_written += 1
@@ -780,25 +780,22 @@ class MasterLink:
             ):
                 self.send_heartbeat()  # which records how late it left
 
-    def _observe_lateness(self, now: float, late: float, interval: float) -> None:
+    def _observe_lateness(self, late: float, interval: float) -> None:
         """Record how late a periodic heartbeat left; warn (at most every _LATE_WARN_EVERY_S)
         when it was later than half an interval: the master evicts a node silent for two
         failover timeouts, four intervals, so an operator should hear of it well before."""
         self.heartbeat_lateness.observe(late)
         if late <= interval / 2:
             return
-        self._late_heartbeats += 1
-        if now - self._late_warned_at >= _LATE_WARN_EVERY_S:
+        if count := self._late_heartbeats.hit():
             log.warning(
                 "heartbeat to master %s left %.0f ms late (every %.0f ms planned; %d late since"
                 " the last warning): the event loop was blocked or the host is overloaded",
                 self.peer,
                 late * 1000,
                 interval * 1000,
-                self._late_heartbeats,
+                count,
             )
-            self._late_warned_at = now
-            self._late_heartbeats = 0
 
     def _note_progress(self, now: float) -> None:
         """A master that still takes our bytes off the wire is slow, not stuck: a large backlog
