@@ -216,15 +216,19 @@ class DiskStore(Closing):
         ledger says "unknown" from before the removal until the recount, so a removal or a
         recount that fails (or a kill in between) leaves the next process to take the lock a
         full count to make, not the dead writer's count with nothing left to correct it.
+        Finding none writes nothing.
         """
         if self._ledger is None:
             return self._remove_temporary(pid)
+        root = self._root_fd
         with self._ledger.locked() as usage:
-            before = usage.used
-            usage.forget()
-            removed = self._remove_temporary(pid)
-            usage.used = self._scan_usage() if removed else before
-        return removed
+            dead = space.dead_temporaries(root, TEMPORARY, pid)
+            if dead:
+                usage.forget()
+                for name in dead:
+                    space.remove_quietly(name, root)
+                usage.used = self._scan_usage()
+        return dead
 
     # --- accounting --------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from shm.errors import StoreFullError
 __all__ = [
     "check_free",
     "check_left_free",
+    "dead_temporaries",
     "free_bytes",
     "has_temporary_files",
     "read_all",
@@ -187,16 +188,23 @@ def writer_alive(name: str, prefix: str) -> bool:
     return True
 
 
-def remove_dead_temporaries(dir_fd: int, prefix: str, pid: int | None = None) -> list[str]:
-    """Remove the temporary files and directories (named by `temporary_name(prefix)`) in the
-    directory ``dir_fd`` whose writer died in the middle of a write, only those of ``pid`` when
-    given; return their names. A running process's are never touched."""
+def dead_temporaries(dir_fd: int, prefix: str, pid: int | None = None) -> list[str]:
+    """The names of the temporary files and directories (named by `temporary_name(prefix)`) in
+    the directory ``dir_fd`` whose writer died in the middle of a write, only those of ``pid``
+    when given. A running process's are never among them."""
     start = prefix if pid is None else f"{prefix}{pid}-"
-    removed = []
-    for name in os.listdir(dir_fd):
-        if name.startswith(start) and not writer_alive(name, prefix):
-            remove_quietly(name, dir_fd)
-            removed.append(name)
+    return [
+        name
+        for name in os.listdir(dir_fd)
+        if name.startswith(start) and not writer_alive(name, prefix)
+    ]
+
+
+def remove_dead_temporaries(dir_fd: int, prefix: str, pid: int | None = None) -> list[str]:
+    """Remove the `dead_temporaries` in the directory ``dir_fd``; return their names."""
+    removed = dead_temporaries(dir_fd, prefix, pid)
+    for name in removed:
+        remove_quietly(name, dir_fd)
     return removed
 
 

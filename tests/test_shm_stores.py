@@ -1287,6 +1287,37 @@ def test_sweeping_a_dead_writer_recounts_the_ledger(
     assert tree(storage) == ["kept"]
 
 
+def test_a_sweep_with_nothing_to_sweep_leaves_the_ledger_file_untouched(
+    node_dir: NodeDirectory, tmp_path: Path
+) -> None:
+    # Each sweep wrote the ledger twice ("unknown", then the same count back), also when the
+    # dead worker had left nothing: two writes for every worker death.
+    storage = tmp_path / "storage"
+    dead = dead_pid()
+    with disk_store(node_dir, storage, MIB) as disk:
+        disk.write("kept", bytes(100))
+        assert disk._ledger is not None
+        ledger = Path(disk._ledger.path)
+        os.utime(ledger, ns=(1_000_000_000, 1_000_000_000))  # any write would move it on
+        before = ledger.stat()
+        content = ledger.read_bytes()
+        (storage / f".cpnode-tmp-{os.getpid()}-live").write_bytes(bytes(700))
+        assert disk.sweep_temporary(dead) == []  # none of its
+        assert disk.sweep_temporary(os.getpid()) == []  # a live writer's: not swept
+        after = ledger.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert ledger.read_bytes() == content
+        os.unlink(storage / f".cpnode-tmp-{os.getpid()}-live")
+        with disk._ledger.locked() as usage:  # the writer counted its file, then died
+            usage.used += 700
+        (storage / f".cpnode-tmp-{dead}-a").write_bytes(bytes(700))
+        assert disk.used_bytes() == 800
+        assert disk.sweep_temporary(dead) == [f".cpnode-tmp-{dead}-a"]  # a real sweep
+        assert disk.used_bytes() == 100
+        assert ledger.stat().st_mtime_ns != before.st_mtime_ns
+    assert tree(storage) == ["kept"]
+
+
 def test_a_sweep_whose_recount_fails_leaves_the_ledger_to_be_counted_again(
     node_dir: NodeDirectory, tmp_path: Path
 ) -> None:
