@@ -6,7 +6,8 @@ holds, and `has_capacity` counts free bytes as well as free places.
 
 The workers here are `Worker` handles whose sends are recorded (what a worker process does with
 its tasks is covered by the tests with real processes in test_node.py); the queue logic is what
-is exercised, with the compiled `claim_tasks` and its Python reference.
+is exercised, with the compiled `claim_tasks` and its Python reference. A result lost on its way
+comes through a `WorkerPool` that starts no process.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -24,7 +26,8 @@ from node.dispatch import Dispatcher
 from node.protocol import codec
 from node.protocol import messages as m
 from node.protocol.framing import FrameDecoder
-from workers.pool import Worker, WorkerStatus
+from workers.pool import Worker, WorkerPool, WorkerStatus
+from workers.tasks import WorkerSettings
 from workers.worker import PROGRESS_FIELDS, STARTED_AT_NS
 
 
@@ -226,3 +229,58 @@ def test_a_drain_counts_the_errors_it_answers_direct_links_with_under_their_type
     assert dispatcher.answered_here == {"Compute": 2, "StoreData": 1}
     assert dispatcher.failed_here == {"Compute": 2, "StoreData": 1}
     assert dispatcher.handed_back == 1 and dispatcher.held == 0
+
+
+def test_a_result_lost_on_its_way_is_answered_once_with_an_error_and_counted(
+    tmp_path: Path,
+) -> None:
+    """A worker's result segment that cannot be mapped: the pool answers the task with an
+    `Error` saying so, through the dispatcher, which counts it as failed under its type (the
+    worker counted it as run, not failed). The task is answered once, the one behind it as its
+    worker answered it, and the dispatcher holds nothing after."""
+    answers: list[tuple[str, m.Result]] = []
+
+    def send_results(blob: bytes | memoryview, ids: list[str]) -> None:
+        for ident, frame_payload in zip(ids, FrameDecoder().feed(bytes(blob)), strict=True):
+            result = codec.decode(frame_payload)
+            assert isinstance(result, m.TaskResult) and result.id == ident
+            answers.append((ident, result.result))
+
+    async def run() -> tuple[Dispatcher, Worker]:
+        dispatcher = Dispatcher(2, send_results)
+        dispatcher.pool = Recorder()  # type: ignore[assignment]
+        # The pool as the supervisor wires it, for its handling of a worker's results only
+        # (no process is started).
+        pool = WorkerPool(
+            1,
+            WorkerSettings(node_id="lost", storage_dir=str(tmp_path), shm_dir=str(tmp_path)),
+            on_results=dispatcher.results,
+            on_worker_ready=dispatcher.worker_ready,
+            on_worker_lost=dispatcher.worker_lost,
+            on_result_lost=dispatcher.result_lost,
+            start_method="spawn",
+        )
+        worker = pool.workers[0]
+        worker.status = WorkerStatus.READY
+        dispatcher.worker_ready(worker)
+        store = m.AssignTask("s0", m.StoreData("key", b"data"))
+        dispatcher.accept_from_master(["s0", "c1"], [codec.encode_payload(store), payload("c1", 0)])
+        await asyncio.sleep(0)  # the flush
+        assert list(worker.assigned) == ["s0", "c1"]
+        pool._result_segment(worker, "cpnode-lost-gone")  # s0's: no such segment
+        pool._results(worker, 1, codec.encode(m.TaskResult("c1", m.Number(1.0))))
+        return dispatcher, worker
+
+    dispatcher, worker = asyncio.run(run())
+    assert [ident for ident, _ in answers] == ["s0", "c1"]
+    lost = answers[0][1]
+    assert isinstance(lost, m.Error)
+    assert lost.message.startswith("the task's result was lost on its way from worker 0: ")
+    assert "cpnode-lost-gone" in lost.message
+    assert answers[1] == ("c1", m.Number(1.0))
+    assert dispatcher.failed_here == {"StoreData": 1}
+    assert dispatcher.answered_here == {}  # answered by the pool's Error, not here
+    assert dispatcher.completed == 2
+    assert dispatcher.held == 0 and dispatcher.pending == 0
+    assert not worker.assigned and worker.inflight_bytes == 0
+    assert dispatcher.idle.is_set()
