@@ -425,7 +425,9 @@ class NodeCollector:
         )
         yield _counter(
             "cpnode_link_frames_sent",
-            "Frames written to masters after registration (results, heartbeats, messages).",
+            "Frames written to masters after registration (results, heartbeats, messages; "
+            "those queued when a connection was lost count, and a result sent again after a "
+            "reconnect counts again).",
             link.frames_written,
         )
         yield _counter(
@@ -438,7 +440,7 @@ class NodeCollector:
         )
         yield _counter(
             "cpnode_link_bytes_sent",
-            "Bytes written to masters after registration.",
+            "Bytes written to masters after registration (counted as frames_sent is).",
             link.bytes_sent,
         )
 
