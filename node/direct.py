@@ -6,7 +6,8 @@
 
 Upstream direct links carry no authentication; ours start exactly like the master handshake
 (the cluster token from join.json, compared in constant time) and are TLS under the same rule
-(`node/tls.py`: a listener serves whichever the peer starts with).
+(`node/tls.py`: a listener serves whichever the peer starts with). The connections not
+authenticated yet are bounded, in all and per address (`node/admission.py`), as the master's.
 
 Who uses them:
 - `DirectServer` (a node with `direct_port`): runs what a peer sends with the same dispatcher as
@@ -46,6 +47,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
+from node.admission import Admission, Slot
 from node.config import Config, JoinInfo, format_address, parse_address, plain_peer_refusal
 from node.dispatch import NOT_STARTED, Dispatcher, _is_idempotent
 from node.errors import ConfigError, CpnodeError
@@ -96,9 +98,16 @@ _HEARTBEAT_FRAME: Final = codec.encode(m.HEARTBEAT)
 _ACK_FRAME: Final = codec.encode(m.HEARTBEAT_ACK)
 _BACKOFF_FIRST_S: Final = 0.1
 _BACKOFF_MAX_S: Final = 5.0
-# Connections a direct port holds before they authenticate: peers and clients do in
-# milliseconds, and each one waiting holds a file descriptor of the node's.
+# Connections a direct port holds before they authenticate (node/admission.py): peers and
+# clients do in milliseconds, and each one waiting holds a file descriptor of the node's. A
+# direct port serves a few peers (`connect_to` links, `cpnode-submit --direct`), each dialing
+# once and seldom at the same moment: 64 in flight at once is far more than they need, and a
+# few descriptors of the node's thousands. One address may hold 16 of them: room for a host's
+# every node and client dialing at the same moment, while four addresses are needed to fill
+# the port, and a real peer behind an address that holds its share still gets in (its oldest
+# idle connection goes).
 _MAX_UNAUTHENTICATED: Final = 64
+_MAX_UNAUTHENTICATED_PER_SOURCE: Final = 16
 # A peer's result this long (or with this many JSON values) is checked in a thread, not on the
 # event loop: its byte array by the vectorised codec, which lets go of the GIL.
 _CHECK_ON_LOOP_BYTES: Final = 64 * 1024
@@ -130,7 +139,11 @@ class DirectConnection(asyncio.Protocol):
     `on_task(link, id, payload)` runs an `AssignTask` from the peer (None: answered with an
     `Error`); `on_result(id, payload)` takes a `TaskResult` for a task this side sent;
     `on_made(link)` is told when the connection is made (over TLS: once the handshake
-    succeeded; a link whose handshake fails is never made, nor lost).
+    succeeded; a link whose handshake fails is never made, nor lost). `slot`: the link's place
+    among a listener's connections not authenticated yet (node/admission.py), given back when
+    it opens or ends; taking it back closes the link at once. `plain_name`: (the name dialed,
+    the `tls` mode) of a dialer's plain-TCP link, whose token goes out only once the address
+    reached is known to be local (`plain_peer_refusal`).
     """
 
     def __init__(
@@ -143,11 +156,9 @@ class DirectConnection(asyncio.Protocol):
         on_result: Callable[[str, bytes], None] | None = None,
         on_made: Callable[[DirectConnection], None] | None = None,
         what: str = "direct link",
+        slot: Slot | None = None,
         plain_name: tuple[str, str] | None = None,
     ) -> None:
-        """`plain_name`: (the name dialed, the `tls` mode) of a dialer's plain-TCP link, whose
-        token goes out only once the address reached is known to be local
-        (`plain_peer_refusal`)."""
         loop = asyncio.get_running_loop()
         self.number = next(_link_numbers)
         # Inserted at the start of every id this link hands to the dispatcher; raw UTF-8 in
@@ -162,6 +173,7 @@ class DirectConnection(asyncio.Protocol):
         self._on_result = on_result
         self._on_made = on_made
         self.what = what
+        self._slot = slot
         self._plain_name = plain_name
         self.transport: asyncio.Transport | None = None
         self._writer: PacedWriter | None = None
@@ -191,6 +203,8 @@ class DirectConnection(asyncio.Protocol):
                 transport.abort()  # type: ignore[attr-defined]
                 return
             transport.write(frame(self._token))  # type: ignore[attr-defined]
+        if self._slot is not None:
+            self._slot.evict = self.abort
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(_AUTH_TIMEOUT_S, self._auth_expired)
         if self._on_made is not None:
@@ -257,11 +271,17 @@ class DirectConnection(asyncio.Protocol):
 
     def _open(self) -> None:
         self.phase = _Phase.OPEN
+        self._release_slot()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if not self.opened.done():
             self.opened.set_result(None)
+
+    def _release_slot(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
 
     def _trouble_count(self) -> int:
         """How many handshake troubles the line due now covers (0: none due): throttled for
@@ -407,6 +427,7 @@ class DirectConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.phase = _Phase.CLOSED
+        self._release_slot()
         if not self.opened.done():
             self.opened.set_exception(error)
             self.opened.exception()  # read here: nobody may be waiting any more
@@ -487,6 +508,9 @@ class DirectServer:
         self.join = join
         self.dispatcher = dispatcher
         self.links: set[DirectConnection] = set()
+        self.admission = Admission(
+            _MAX_UNAUTHENTICATED, _MAX_UNAUTHENTICATED_PER_SOURCE, "direct links"
+        )
         self._listener: TlsListener | None = None
         self.port = 0
         self.tls = self.server_tls()
@@ -513,8 +537,7 @@ class DirectServer:
         tls = self.tls
         self._listener = await TlsListener.start(
             self._connection, self.config.direct_host, port,
-            context=tls.context, mode=tls.mode, what="direct links",
-            max_unauthenticated=_MAX_UNAUTHENTICATED, unauthenticated=self._unauthenticated,
+            context=tls.context, mode=tls.mode, what="direct links", admission=self.admission,
         )  # fmt: skip
         self.port = int(self._listener.sockets[0].getsockname()[1])
         if tls.context is None:
@@ -529,10 +552,7 @@ class DirectServer:
             served,
         )
 
-    def _unauthenticated(self) -> int:
-        return sum(link.phase is _Phase.AUTHENTICATING for link in self.links)
-
-    def _connection(self) -> DirectConnection:
+    def _connection(self, slot: Slot | None) -> DirectConnection:
         return DirectConnection(
             token=self.join.token,
             dialer=False,
@@ -540,13 +560,13 @@ class DirectServer:
             on_task=self.run_task,
             on_made=self._made,
             what="direct link",
+            slot=slot,
         )
 
     def _made(self, link: DirectConnection) -> None:
-        # Counted from here, not from the factory: a link whose TLS handshake fails is never
-        # told it was made or lost, and kept here it would count as unauthenticated for ever
-        # (64 failed handshakes from anyone closed the port to every peer). While its handshake
-        # runs, the listener counts it.
+        # Kept from here, not from the factory: a link whose TLS handshake fails is never told
+        # it was made or lost, and would stay here for good. (Its admission slot is the
+        # listener's until then, given back when the handshake fails.)
         self.links.add(link)
         link.closed.add_done_callback(lambda _: self._closed(link))
 
@@ -910,7 +930,7 @@ async def accept_connection_info(
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future[DirectConnection] = loop.create_future()
 
-    def inbound() -> DirectConnection:
+    def inbound(slot: Slot | None) -> DirectConnection:
         link = DirectConnection(
             token=join.token, dialer=False, max_frame_bytes=config.max_frame_bytes,
             on_task=on_task, what="direct link",

@@ -4,6 +4,7 @@
                handshake refused ──▶ verify_failure(): which certificate, checked against what, why
     listening: server_tls(cert_path, key_path) (a self-signed pair made when both are missing)
                TlsListener: accept ──peek the first byte──▶ 0x16: TLS handshake, else plain TCP
+                            (with an Admission: a Slot first, see node/admission.py)
 
 The rule is upstream's (`config.is_local_ip`): a peer on a loopback or private address is spoken
 to in plain TCP, any other over TLS; `tls = "always"` or `"never"` overrides it (so TLS can be
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from node.admission import Admission, Slot
 from node.config import Config, format_address, is_local_ip
 from node.errors import ConfigError, CpnodeError
 from node.throttle import Throttle, more_since
@@ -50,11 +52,15 @@ __all__ = [
 log = logging.getLogger("cpnode.tls")
 
 _TLS_RECORD_HANDSHAKE: Final = 0x16
-# What a peer may take to send its first byte, and to finish a TLS handshake.
-_FIRST_BYTE_TIMEOUT_S: Final = 30.0
+# What a peer may take to send its first byte, and to finish a TLS handshake: as long as its
+# token may take after that. A peer speaks as soon as it is connected (a TLS ClientHello, or
+# its token), so 10 s is generous over any network, and an idle connection holds one of the
+# listener's `Admission` slots (and a descriptor) for that long: at 30 s, 64 connections
+# opened again every 30 s held every slot of a direct port.
+_FIRST_BYTE_TIMEOUT_S: Final = 10.0
 _HANDSHAKE_TIMEOUT_S: Final = 10.0
-# Connections closed for `max_unauthenticated` are logged at most this often.
-_TURNED_AWAY_LOG_S: Final = 10.0
+# Connections refused or failed before their token are logged at most this often.
+_TROUBLES_LOG_S: Final = 10.0
 # Fetching the certificate that failed, only to describe it.
 _DESCRIBE_TIMEOUT_S: Final = 3.0
 
@@ -299,7 +305,9 @@ def server_tls(cert_path: str, key_path: str) -> ssl.SSLContext:
     return context
 
 
-ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+ProtocolFactory = Callable[[Slot | None], asyncio.BaseProtocol]
+"""Makes the protocol of an accepted connection, handing it the connection's `Admission` slot
+(None without one), which it sets `evict` on and releases once authenticated or closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,10 +324,11 @@ class TlsListener:
     Quacks like the `asyncio.Server` its users need: `sockets`, `close()`, `wait_closed()`.
     `what` names the service in log lines ("master", "direct links").
 
-    With `max_unauthenticated`, a connection accepted while that many are not yet
-    authenticated (still awaited here, plus `unauthenticated()` of those handed over) is closed
-    at once: idle connections from anyone who can reach the port would otherwise hold a file
-    descriptor each, up to the process's limit, which the whole node shares.
+    With an `admission`, each accepted connection takes a slot there first (or is closed at
+    once, see node/admission.py): idle connections from anyone who can reach the port would
+    otherwise hold a file descriptor each, up to the process's limit, which the whole node
+    shares. The slot is the listener's while it peeks and handshakes (given back when the
+    connection fails there), then the protocol's: the factory gets it.
     """
 
     def __init__(
@@ -330,19 +339,16 @@ class TlsListener:
         context: ssl.SSLContext | None,
         mode: str,
         what: str,
-        max_unauthenticated: int | None = None,
-        unauthenticated: Callable[[], int] = lambda: 0,
+        admission: Admission | None = None,
     ) -> None:
         self._factory = factory
         self._socket = sock
         self._context = context
         self._mode = mode
         self._what = what
-        self._max_unauthenticated = max_unauthenticated
-        self._unauthenticated = unauthenticated
-        self._turned_away = Throttle(_TURNED_AWAY_LOG_S)
+        self._admission = admission
         # Refused or failed before anything else: anyone who reaches the port can repeat those.
-        self._troubles = Throttle(_TURNED_AWAY_LOG_S)
+        self._troubles = Throttle(_TROUBLES_LOG_S)
         self._loop = asyncio.get_running_loop()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._accepting = asyncio.ensure_future(self._accept())
@@ -358,8 +364,7 @@ class TlsListener:
         context: ssl.SSLContext | None,
         mode: str,
         what: str,
-        max_unauthenticated: int | None = None,
-        unauthenticated: Callable[[], int] = lambda: 0,
+        admission: Admission | None = None,
     ) -> TlsListener:
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -373,10 +378,7 @@ class TlsListener:
         except BaseException:
             sock.close()
             raise
-        return cls(
-            factory, sock, context=context, mode=mode, what=what,
-            max_unauthenticated=max_unauthenticated, unauthenticated=unauthenticated,
-        )  # fmt: skip
+        return cls(factory, sock, context=context, mode=mode, what=what, admission=admission)
 
     def close(self) -> None:
         self._accepting.cancel()
@@ -397,24 +399,19 @@ class TlsListener:
                     await asyncio.sleep(0.1)
                     continue
                 raise
-            limit = self._max_unauthenticated
-            if limit is not None and len(self._handshakes) + self._unauthenticated() >= limit:
-                conn.close()
-                self._turn_away(limit)
-                continue
-            task = asyncio.ensure_future(self._start_connection(conn, peer))
+            slot = None
+            if self._admission is not None:
+                slot = self._admission.admit(str(peer[0]))  # counts and logs a refusal
+                if slot is None:
+                    conn.close()
+                    continue
+            task = asyncio.ensure_future(self._start_connection(conn, peer, slot))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
+            if slot is not None:
+                slot.evict = task.cancel  # until the protocol has the connection
 
-    def _turn_away(self, limit: int) -> None:
-        """Count a connection closed for `max_unauthenticated`; say so now and then."""
-        if count := self._turned_away.hit():
-            log.warning(
-                "%s: %d connections closed at once: %d are not authenticated yet",
-                self._what, count, limit,
-            )  # fmt: skip
-
-    async def _start_connection(self, conn: socket.socket, peer: Any) -> None:
+    async def _start_connection(self, conn: socket.socket, peer: Any, slot: Slot | None) -> None:
         where = format_address(str(peer[0]), int(peer[1]))
         try:
             first = await self._first_byte(conn)
@@ -425,11 +422,12 @@ class TlsListener:
                         "%s: connection from %s refused: %s%s", self._what, where, refusal,
                         more_since(count),
                     )  # fmt: skip
+                self._release(slot)
                 conn.close()
                 return
             tls = first[0] == _TLS_RECORD_HANDSHAKE
             await self._loop.connect_accepted_socket(
-                self._factory,
+                lambda: self._factory(slot),
                 conn,
                 ssl=self._context if tls else None,
                 ssl_handshake_timeout=_HANDSHAKE_TIMEOUT_S if tls else None,
@@ -441,10 +439,19 @@ class TlsListener:
                     "%s: connection from %s failed: %s%s", self._what, where, reason,
                     more_since(count),
                 )  # fmt: skip
+            self._release(slot)
             conn.close()
         except BaseException:
+            self._release(slot)
             conn.close()
             raise
+
+    @staticmethod
+    def _release(slot: Slot | None) -> None:
+        """Give back the slot of a connection that failed here: a TLS handshake that failed
+        was never made, nor lost, so no protocol will (one that was made released it then)."""
+        if slot is not None:
+            slot.release()
 
     async def _first_byte(self, conn: socket.socket) -> bytes:
         """The peer's first byte, left in the socket for whoever reads next."""

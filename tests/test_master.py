@@ -28,7 +28,7 @@ import pytest
 from cryptography import x509
 
 from node.config import Config
-from node.master import MasterThread
+from node.master import MasterThread, server
 from node.master.cli import build_parser
 from node.master.journal import Journal, JournalError, replay
 from node.master.server import _OUTPUT_LIMIT
@@ -42,6 +42,8 @@ from node.protocol import (
     task_to_json,
 )
 from node.protocol import messages as m
+from node.tls import ServerTls, ensure_certificate, server_tls
+from tests.idle import IdleConnections
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 5.0
@@ -248,6 +250,59 @@ def test_connections_without_a_token_are_logged_at_most_once_per_period(start, c
             assert peer.assert_closed() == []
     lines = [r.getMessage() for r in caplog.records if "is not a token" in r.getMessage()]
     assert 1 <= len(lines) <= 2, lines  # a loaded machine may take more than one period
+
+
+def test_one_address_holds_only_its_share_of_the_connections_without_a_token(start, connect):
+    # The master bounded them not at all: each waited 30 s for its token. One address now holds
+    # 64 at most (a quarter of them): over that its oldest are closed at once, and a node
+    # behind that address (here all are on 127.0.0.1) still gets in.
+    master = start()
+    with IdleConnections(master.port, 64 + 10) as idle:
+        assert idle.wait_closed(10, timeout=TIMEOUT) == set(range(10))
+        connect(master).join()  # says OK, takes a Heartbeat
+        assert idle.wait_closed(11, timeout=TIMEOUT) == set(range(11))  # its place
+        time.sleep(0.2)
+        assert idle.closed() == set(range(11))
+
+
+@pytest.mark.parametrize("listener", ["plain", "tls"])
+def test_the_master_bounds_the_connections_without_a_token(
+    start, connect, caplog, monkeypatch, tmp_path, listener
+):
+    # Small numbers for the test (not `raising`: the code from before them then fails the
+    # test's checks, not its patch); the same Admission as a direct port's (node/admission.py),
+    # taken when a plain connection is made, or by the listener that serves TLS and plain TCP.
+    monkeypatch.setattr(server, "_MAX_UNAUTHENTICATED", 6, raising=False)
+    monkeypatch.setattr(server, "_MAX_UNAUTHENTICATED_PER_SOURCE", 2, raising=False)
+    tls = None
+    if listener == "tls":
+        cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+        ensure_certificate(cert, key, ["127.0.0.1"])
+        tls = ServerTls(server_tls(cert, key), "auto")
+    master = start(tls=tls)
+    held = [IdleConnections(master.port, 2, source=f"127.0.0.{n}") for n in (2, 3, 4)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="cpnode.admission"):
+            with IdleConnections(master.port, 3, source="127.0.0.5") as late:
+                assert late.wait_closed(3, timeout=TIMEOUT) == {0, 1, 2}
+            assert not any(idle.closed() for idle in held)
+        lines = [
+            r.getMessage() for r in caplog.records if "not authenticated yet" in r.getMessage()
+        ]
+        assert len(lines) == 1 and "closed at once: 6 are not authenticated yet" in lines[0], lines
+        held.pop(0).close()
+
+        def joins() -> bool:
+            try:
+                connect(master).join()
+            except (EOFError, ConnectionResetError, BrokenPipeError):
+                return False
+            return True
+
+        wait_for(joins)  # once the master has seen the two close
+    finally:
+        for idle in held:
+            idle.close()
 
 
 # --- routing and order ------------------------------------------------------------------------

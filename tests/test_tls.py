@@ -24,10 +24,12 @@ from node.client import Client, MasterCertificateError, MasterUnreachable
 from node.config import Config
 from node.errors import ConfigError
 from node.master import MasterThread
+from node.master import server as master_server
 from node.pacing import SLICE_BYTES, PacedWriter
 from node.protocol import messages as m
 from node.protocol.framing import frame
 from node.tls import ServerTls, describe_certificate, ensure_certificate, server_tls
+from tests.idle import IdleConnections
 from tests.netservers import free_port
 from tests.nodeproc import NodeProcess
 
@@ -190,6 +192,25 @@ def test_plain_peer_is_served_after_the_peek(tmp_path: Path, ca: trustme.CA) -> 
     ):
         sock.sendall(frame(master.token.encode()))
         assert sock.recv(64) == frame(b"OK")  # plain TCP after the peek
+
+
+def test_a_tls_handshake_that_stalls_holds_its_addresss_share_and_no_more(
+    tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small numbers for the test (not `raising`, as in test_master). A handshake begun and
+    # never finished is the listener's until its timeout: over its address's share, the
+    # oldest is closed at once, and a real client behind that address still gets in.
+    monkeypatch.setattr(master_server, "_MAX_UNAUTHENTICATED", 6, raising=False)
+    monkeypatch.setattr(master_server, "_MAX_UNAUTHENTICATED_PER_SOURCE", 2, raising=False)
+    with (
+        master_with(tmp_path, ca.issue_cert("127.0.0.1"), mode="always") as master,
+        IdleConnections(master.port, 3, first=b"\x16\x03\x01") as stalled,
+    ):
+        assert stalled.wait_closed(1, timeout=TIMEOUT) == {0}
+        assert authenticates(master, tls="always", ca_cert=ca.cert_pem.bytes().decode())
+        assert stalled.wait_closed(2, timeout=TIMEOUT) == {0, 1}  # the client's turn took #1
+        time.sleep(0.2)
+        assert stalled.closed() == {0, 1}
 
 
 # --- the self-signed pair ------------------------------------------------------------------------

@@ -34,6 +34,10 @@ inbox (the others go on):
 - While a big frame is decoded, its connection is not read (a node included: the decoding
   needs nothing from it, and a node is not evicted meanwhile).
 
+Connections that have not sent their token yet are bounded, in all and per address, as a direct
+port's (`node/admission.py`): a slot is taken when a connection is made (by the TLS listener
+when there is one), given back once its token is accepted or it closes.
+
 `start_master()` is the API for tests and benchmarks; `MasterThread` runs one on its own loop in a
 thread for synchronous code. The command line is in `cli.py`.
 """
@@ -58,6 +62,7 @@ from typing import Any, Final, TypeVar, cast
 
 import orjson
 
+from node.admission import Admission, Slot
 from node.config import Config, JoinInfo, format_address, write_join
 from node.master.journal import (
     Journal,
@@ -101,8 +106,20 @@ _dumps = orjson.dumps
 # Before authentication only a token may arrive; a longer first frame is not one (a TLS
 # ClientHello read as a length asks for ~370 MB), so it is refused before it is buffered.
 _TOKEN_FRAME_LIMIT: Final = 4096
-# Upstream waits forever for the token; a connection that never sends one only holds a socket.
-_AUTH_TIMEOUT_S: Final = 30.0
+# Upstream waits forever for the token. Nodes and clients send it as soon as they are connected
+# (over TLS, once the handshake is done), so 10 s is generous over any network; a connection
+# that never sends one holds an `Admission` slot (and a descriptor) until then.
+_AUTH_TIMEOUT_S: Final = 10.0
+# Connections not authenticated yet, in all and from one address (node/admission.py). A master
+# serves the whole cluster, and every node dials it at once when it restarts: each sends its
+# token at once, but while the master's loop is busy (a journal compaction, a big frame)
+# hundreds may wait to be read. 256 is room for that and a fraction of the descriptors of a
+# process (whose authenticated connections are not bounded). One address may hold 64 of them,
+# a quarter: a host running dozens of nodes (or a test on loopback) dials together, and it
+# takes four addresses to fill them; a node behind an address that holds its share still
+# gets in, since that address's oldest idle connection goes.
+_MAX_UNAUTHENTICATED: Final = 256
+_MAX_UNAUTHENTICATED_PER_SOURCE: Final = 64
 # After close() a peer that does not read could keep the transport open; abort it after this.
 _CLOSE_GRACE_S: Final = 5.0
 _OUTPUT_LIMIT: Final = 64 << 20
@@ -214,14 +231,18 @@ class _Connection(asyncio.Protocol):
         "reading_paused",
         "recheck",
         "result_ticket",
+        "slot",
         "tasks_out",
         "timer",
         "transport",
         "writer",
     )
 
-    def __init__(self, master: MasterServer) -> None:
+    def __init__(self, master: MasterServer, slot: Slot | None = None) -> None:
         self.master = master
+        # Its place among the connections not authenticated yet: the TLS listener's, else
+        # taken when it is made (see `MasterServer._connected`).
+        self.slot = slot
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
         self.writer: PacedWriter = None  # type: ignore[assignment]  # set on connect
         self.address = "?"
@@ -258,9 +279,11 @@ class _Connection(asyncio.Protocol):
         # Big AssignTask frames over TLS: encrypted a slice per loop turn (see node/pacing.py).
         self.writer = PacedWriter(self.transport)
         peer = transport.get_extra_info("peername")
+        host = "?"
         if isinstance(peer, tuple) and len(peer) >= 2:
-            self.address = format_address(str(peer[0]), int(peer[1]))
-        self.master._connected(self)
+            host = str(peer[0])
+            self.address = format_address(host, int(peer[1]))
+        self.master._connected(self, host)
 
     def data_received(self, data: bytes) -> None:
         self.master._received(self, data)
@@ -308,6 +331,7 @@ class MasterServer:
         self._written = 0  # the journal's tickets written so far (see `_settle`)
         self._refused_tokens = Throttle(10.0)  # a line per refused token would fill the disk
         self._no_tokens = Throttle(10.0)  # as many connections that send none
+        self._admission = Admission(_MAX_UNAUTHENTICATED, _MAX_UNAUTHENTICATED_PER_SOURCE, "master")
         self._holding: dict[_Connection, None] = {}  # connections with output in `held`
         self._tick_handle: asyncio.TimerHandle | None = None
         self._journal_retry_s = self._failover_s  # doubles while the state file fails
@@ -389,12 +413,12 @@ class MasterServer:
             scheduler.complete(ident, result_json, at)
 
     async def _listen(self, host: str, port: int, tls: ServerTls | None = None) -> None:
-        if tls is None:
+        if tls is None:  # each connection takes its admission slot when it is made
             self._server = await self._loop.create_server(lambda: _Connection(self), host, port)
         else:  # TLS or plain TCP, whichever each peer starts with (see node/tls.py)
             self._server = await TlsListener.start(
-                lambda: _Connection(self), host, port, context=tls.context, mode=tls.mode,
-                what="master",
+                lambda slot: _Connection(self, slot), host, port, context=tls.context,
+                mode=tls.mode, what="master", admission=self._admission,
             )  # fmt: skip
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = str(sockname[0]), int(sockname[1])
@@ -402,11 +426,15 @@ class MasterServer:
 
     # --- connection events -------------------------------------------------------------------
 
-    def _connected(self, conn: _Connection) -> None:
-        if self._closing:
+    def _connected(self, conn: _Connection, host: str) -> None:
+        if conn.slot is None:  # the plain listener's: a slot now, the same as the TLS one's
+            conn.slot = self._admission.admit(host)  # counts and logs a refusal
+        if self._closing or conn.slot is None:
+            self._release_slot(conn)
             conn.closing = True
             conn.transport.abort()
             return
+        conn.slot.evict = functools.partial(self._drop, conn, flush=False)
         self._connections[conn] = None
         self._all_gone.clear()
         conn.transport.set_write_buffer_limits(high=_OUTPUT_LIMIT)
@@ -577,6 +605,7 @@ class MasterServer:
             conn.transport.pause_reading()
 
     def _lost(self, conn: _Connection, exc: Exception | None) -> None:
+        self._release_slot(conn)
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
@@ -619,6 +648,7 @@ class MasterServer:
             offered = b""
         if offered and hmac.compare_digest(offered, self._token_bytes):
             conn.authenticated = True
+            self._release_slot(conn)
             if conn.timer is not None:
                 conn.timer.cancel()
                 conn.timer = None
@@ -633,6 +663,12 @@ class MasterServer:
                 )  # fmt: skip
             self._send(conn, _INVALID_TOKEN_FRAME)
             self._drop(conn, flush=True)
+
+    @staticmethod
+    def _release_slot(conn: _Connection) -> None:
+        if conn.slot is not None:
+            conn.slot.release()
+            conn.slot = None
 
     # --- handlers (one per message a node or client sends) -----------------------------------
 
@@ -868,6 +904,7 @@ class MasterServer:
         if conn.closing:
             return
         conn.closing = True
+        self._release_slot(conn)
         self._forget(conn)
         transport = conn.transport
         if conn.timer is not None:
