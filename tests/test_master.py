@@ -1235,13 +1235,21 @@ def test_a_master_whose_journal_writer_died_serves_on_and_queues_nothing_for_it(
         raise RuntimeError("a bug in the writer")
 
     monkeypatch.setattr(Journal, "_write", broken_write)
-    master = start(state_file=str(tmp_path / "state.jsonl"))
+    # Ticks every 0.2 s: a failed journal would be retried with a snapshot at the next one.
+    master = start(Config(failover_timeout_ms=200), state_file=str(tmp_path / "state.jsonl"))
     journal = master.call(lambda: master.server._journal)
-    node = connect(master)
-    node.join()
+    scheduler = master.call(lambda: master.server._scheduler)
+    snapshots = []
+    taken = scheduler.snapshot
+    monkeypatch.setattr(scheduler, "snapshot", lambda: snapshots.append(1) or taken())
     client = connect(master)
     client.submit(("first", m.Compute("1")))  # its record kills the writer; the reply goes
     assert master.call(lambda: journal.failed)
+    assert master.call(lambda: journal.writer_gone)
+    time.sleep(1.0)  # five ticks: a retry would have built a snapshot by now
+    assert snapshots == []  # nothing could write it: the master builds none
+    node = connect(master)
+    node.join()
     assert node.tasks(1) == ["first"]
     node.send(m.TaskResult("first", m.Number(2.0)))
     for i in range(200):  # one batch each

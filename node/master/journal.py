@@ -476,6 +476,11 @@ class Journal:
         once the writer thread is gone (see `dropped`)."""
         return self._failed or self._writer_gone
 
+    @property
+    def writer_gone(self) -> bool:
+        """The writer thread died (a bug, logged): nothing is written until the master restarts."""
+        return self._writer_gone
+
     def compact(
         self, tasks: list[tuple[bytes, bytes]], results: list[tuple[str, bytes, float]]
     ) -> None:

@@ -935,7 +935,8 @@ class MasterServer:
         self._scheduler.expire_results(time.time() - self.config.result_ttl_s)
         journal = self._journal
         if journal is not None and journal.failed:
-            if now >= self._journal_retry_at:  # a whole snapshot may fit again
+            # A whole snapshot may fit again; not once the writer is gone (nothing would write it).
+            if now >= self._journal_retry_at and not journal.writer_gone:
                 self._journal_retry_s = min(2 * self._journal_retry_s, _JOURNAL_RETRY_MAX_S)
                 self._journal_retry_at = now + self._journal_retry_s
                 journal.compact(*self._scheduler.snapshot())
