@@ -933,7 +933,7 @@ async def accept_connection_info(
     def inbound(slot: Slot | None) -> DirectConnection:
         link = DirectConnection(
             token=join.token, dialer=False, max_frame_bytes=config.max_frame_bytes,
-            on_task=on_task, what="direct link",
+            on_task=on_task, what="direct link", slot=slot,
         )  # fmt: skip
 
         def opened(future: asyncio.Future[None]) -> None:
@@ -947,9 +947,14 @@ async def accept_connection_info(
 
     tls = client_tls(config.ca_cert, config.ca_cert_path) if wants_tls(host, config.tls) else None
     started = loop.time()
+    # Bounded like the direct port's (whoever reaches this port for the moment it listens
+    # could hold a descriptor per connection until each one's token is due).
+    admission = Admission(
+        _MAX_UNAUTHENTICATED, _MAX_UNAUTHENTICATED_PER_SOURCE, "direct link (ConnectionInfo)"
+    )
     listener = await TlsListener.start(
         inbound, config.direct_host, info.port, context=listen_tls.context, mode=listen_tls.mode,
-        what="direct link (ConnectionInfo)",
+        what="direct link (ConnectionInfo)", admission=admission,
     )  # fmt: skip
     dialing = asyncio.ensure_future(
         _dial_each(

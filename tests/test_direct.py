@@ -350,6 +350,71 @@ def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
     assert asyncio.run(go()) == m.Number(7.0)
 
 
+def test_a_connection_info_port_holds_one_address_to_its_share_of_idle_connections() -> None:
+    # The port a ConnectionInfo names was listened on with no bound: idle connections from
+    # anyone held a descriptor each until their token was due. Now one address holds at most
+    # 16 (the direct port's share), its oldest closed at once, and the real peer still wins.
+    from node.config import JoinInfo
+    from node.direct import DirectConnection, DirectError, accept_connection_info
+    from node.tls import ServerTls
+
+    port = free_port()
+    config = Config(failover_timeout_ms=5000)
+    join = JoinInfo("secret", "127.0.0.1", 1)
+
+    def answer(link: DirectConnection, ident: str, payload: bytes) -> None:
+        link.send_results(
+            frame(codec.task_result_payload(link.prefix + ident, m.Number(7.0))),
+            [link.prefix + ident],
+        )
+
+    def hold_idle() -> set[int]:
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # until the listener is up
+            try:
+                idle = IdleConnections(port, 20)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        holders.append(idle)
+        # Well before the 10 s a connection has for its token.
+        return idle.wait_closed(4, timeout=3.0)
+
+    holders: list[IdleConnections] = []
+
+    async def go() -> tuple[set[int], m.Result]:
+        opening = asyncio.ensure_future(
+            accept_connection_info(
+                m.ConnectionInfo("[::1]:40000", port), config=config, join=join,
+                on_task=answer, links=set(), listen_tls=ServerTls(None, "auto"),
+                policy=NetworkPolicy(config.network_allow, config.network_deny),
+            )
+        )  # fmt: skip
+        closed = await asyncio.to_thread(hold_idle)
+        try:
+            client = await DirectClient.connect("127.0.0.1", port, "secret", timeout=TIMEOUT)
+        except DirectError:
+            opening.cancel()
+            raise
+        async with client:
+            link = await asyncio.wait_for(opening, TIMEOUT)
+            assert link is not None
+            assert link.dialer is False
+            result = await client.run(m.Compute("anything"), TIMEOUT)
+        link.close()
+        return closed, result
+
+    try:
+        closed, result = asyncio.run(go())
+    finally:
+        for idle in holders:
+            idle.close()
+    assert closed == {0, 1, 2, 3}  # the oldest four: 16 stay
+    assert result == m.Number(7.0)
+
+
 def test_a_connection_info_peer_is_dialed_at_each_of_its_addresses_in_turn() -> None:
     # Only the first address a name resolved to was dialed: a peer listening on its second
     # one (IPv4 behind an IPv6 first, say) was never reached from this side.
