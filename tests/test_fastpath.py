@@ -200,6 +200,7 @@ def test_plain_batch_stops_at_the_run_limit_and_at_an_oversized_result() -> None
     end, frames, slot, _, _ = _batch(payloads, slot=_slot(run_limit=12, seq=10), seq=10)
     assert end == 2 and len(frames) == 2  # tasks 11 and 12 run; 13 is past the limit
     assert slot[worker.STARTED] == slot[worker.FINISHED] == 12
+    assert slot[worker.SKIPPED_FROM] == 0  # 13 is skipped, and recorded, by the Python loop
     # A result above max_frame_bytes is left to the Python path (which answers an Error).
     size = len(fastpath.plain_result(payloads[0]) or b"")
     assert _batch(payloads, limit=size)[0] == 6

@@ -1029,6 +1029,7 @@ class PoolRun:
             on_results=self.dispatcher.results,
             on_worker_ready=self._ready,
             on_worker_lost=self.dispatcher.worker_lost,
+            on_skipped=self.dispatcher.skipped,
             start_method="spawn",  # children of this process, gone when the pool stops
             limits=limits,
         )
@@ -1050,8 +1051,10 @@ class PoolRun:
             self.results[message.id].append(message.result)
 
     def submit(self, ident: str, expression: str) -> None:
-        payload = codec.encode_payload(m.AssignTask(ident, m.Compute(expression)))
-        self.dispatcher.accept(ident, payload)
+        self.submit_task(ident, m.Compute(expression))
+
+    def submit_task(self, ident: str, task: m.Task) -> None:
+        self.dispatcher.accept(ident, codec.encode_payload(m.AssignTask(ident, task)))
 
     async def wait(self, ids: list[str], timeout: float = 60.0) -> None:
         await await_until(lambda: all(i in self.results for i in ids), timeout, "all answered")
@@ -1297,6 +1300,68 @@ def test_a_worker_that_dies_after_a_take_back_counts_as_a_crash_in_a_row(
             assert run.dispatcher.taken_back == 4
             died = [w for w in run.pool.workers if w.restarts]
             assert len(died) == 1 and died[0].crashes_in_a_row == 1
+        finally:
+            await run.pool.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("killed_before", ["SKIPPED", "RESULTS"])
+@pytest.mark.parametrize("loop", ["compiled", "python"])
+def test_tasks_a_draining_worker_skipped_are_not_started_when_it_dies_before_saying_so(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    killed_before: str,
+    loop: str,
+) -> None:
+    """A drain begins while the worker runs a long task that is not safe to repeat; then it
+    claims the two tasks behind it only to skip them (a plain Compute, which the compiled loop
+    leaves at the run limit when it is on, and a StoreData), and is killed before its SKIPPED
+    message (`killedbeforesending`), or before the long task's result too. Neither skipped
+    task ran: both are dispatched again and handed back (the new worker skips them), none
+    answered. Before, the worker's claims counted them as started: the StoreData was answered
+    "died after running (its result was lost)", and the Compute retried. The long task is
+    answered as it ran: its result, or the Error for a result lost with its worker."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("CPNODE_TEST_KILLED_BEFORE", str(marker))
+    monkeypatch.setenv("CPNODE_TEST_KILLED_BEFORE_KIND", killed_before)
+    executors = {"DiskWrite": "tests.killedbeforesending:wait_for_path"}
+    if loop == "python":
+        executors["Compute"] = "tests.killedbeforesending:compute"
+    ends = tmp_path / "ends"
+
+    async def scenario() -> None:
+        run = PoolRun(1, WorkerLimits(), executors)
+        await run.pool.start()
+        try:
+            worker = run.pool.workers[0]
+            run.submit_task("long", m.DiskWrite(str(ends), b""))
+            run.submit("compute", "1+1")
+            run.submit_task("store", m.StoreData("key", b"data"))
+            await await_until(
+                lambda: run.pool.running(worker) and len(worker.assigned) == 3, 30, "it runs"
+            )
+            run.dispatcher.stop_accepting()
+            run.pool.stop_starting()
+            ends.touch()
+            await await_until(lambda: not run.dispatcher.held, 30, "every task answered")
+            await asyncio.sleep(0.2)  # an answer that came after the hand-back would show
+            assert list(run.results) == ["long"]
+            assert marker.exists() and run.pool.deaths == 1
+            assert run.dispatcher.handed_back == 2
+            if killed_before == "SKIPPED":
+                assert run.results["long"] == [m.Number(0.0)]
+            else:
+                [lost] = run.results["long"]
+                assert isinstance(lost, m.Error)
+                assert lost.message.startswith(
+                    "worker 0 died after running (its result was lost) this task: signal SIGKILL"
+                )
+            logged = [r.getMessage() for r in caplog.records]
+            assert "re-dispatching 2 tasks worker 0 never started" in logged
+            name = f"killed before {killed_before} in a drain ({loop} loop, pool)"
+            record(name, 3, len(run.results), run.duplicated(), due=1)  # 2 handed back
         finally:
             await run.pool.stop()
 

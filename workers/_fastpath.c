@@ -249,8 +249,16 @@ plain_result(PyObject *module, PyObject *arg)
     return result;
 }
 
-/* plain_batch: the progress slot's fields (workers/worker.py, PROGRESS_FIELDS). */
-enum { STARTED = 0, STARTED_AT_NS = 1, FINISHED = 2, RUN_LIMIT = 3, PROGRESS_FIELDS = 4 };
+/* plain_batch: the progress slot's fields (workers/worker.py, PROGRESS_FIELDS); SKIPPED_FROM
+   is written by the Python loop alone, which skips what this loop leaves at the run limit. */
+enum {
+    STARTED = 0,
+    STARTED_AT_NS = 1,
+    FINISHED = 2,
+    RUN_LIMIT = 3,
+    SKIPPED_FROM = 4,
+    PROGRESS_FIELDS = 5
+};
 enum { MAX_BUCKETS = 16 }; /* of a stats histogram: bounds + 1 */
 
 static int64_t

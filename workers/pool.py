@@ -58,6 +58,7 @@ from workers.worker import (
     NO_RUN_LIMIT,
     PROGRESS_FIELDS,
     RUN_LIMIT,
+    SKIPPED_FROM,
     STARTED,
     STARTED_AT_NS,
     compare_and_swap,
@@ -155,6 +156,7 @@ class Worker:
         # Shared with the process (see `workers.worker.PROGRESS_FIELDS`); zeroed per process.
         self.progress = progress
         self.received = 0  # tasks answered (results, SKIPPED) or taken back, current process
+        self.skipped = 0  # of `received`: tasks answered with SKIPPED (a drain)
         # After tasks were taken back (`WorkerPool.take_back`): `STARTED` was moved from
         # `taken_after` (the task then running) to `taken_through` (the last one taken).
         self.taken_after = 0
@@ -316,7 +318,7 @@ class WorkerPool:
     async def _spawn(self, worker: Worker) -> None:
         assert self._loop is not None
         worker.started_at = time.monotonic()
-        worker.received = 0
+        worker.received = worker.skipped = 0
         worker.taken_after = worker.taken_through = worker.taken_back = 0
         ours, theirs = socket.socketpair()
         process = None
@@ -440,9 +442,10 @@ class WorkerPool:
         """Take back the tasks `worker` holds behind task number `started` (its `STARTED` as
         the caller read it) while it runs that task (work stealing): how many, the newest of
         `worker.assigned`, which the caller takes out and sends elsewhere; the worker skips
-        them unanswered. 0 when there are none, the worker moved on meanwhile, or the install
-        has no compiled module."""
-        if compare_and_swap is None or not self.running(worker):
+        them unanswered. 0 when there are none, the worker moved on meanwhile, the install
+        has no compiled module, or a drain began (`stop_starting`: then the worker skips them
+        itself, and a task it skips is never one taken back, see `_worker_died`)."""
+        if compare_and_swap is None or not self._starting_allowed or not self.running(worker):
             return 0
         progress = worker.progress
         last = worker.received + len(worker.assigned)  # the number of the last task sent
@@ -467,6 +470,7 @@ class WorkerPool:
 
     def _skipped(self, worker: Worker, count: int) -> None:
         worker.received += count
+        worker.skipped += count
         self._on_skipped(worker, count)
         if worker.status is WorkerStatus.RETIRING and not worker.assigned:
             self._close_channel(worker)
@@ -659,12 +663,24 @@ class WorkerPool:
             self._count_replacement(worker, worker.retired_for)
             self._schedule_respawn(worker, crashed=False)
             return
+        # Of the tasks numbered up to `STARTED` (claimed, or taken back), `received` were
+        # answered or taken back; the rest, the oldest the worker holds, had started. In a
+        # drain, tasks from `SKIPPED_FROM` on were claimed only to be skipped (the field is
+        # written before the first is claimed), so count up to the one before it: the tasks
+        # answered with results or taken back are all numbered below it (nothing is taken back
+        # once a drain began), the ones answered SKIPPED all from it on.
         progress = worker.progress
-        started = min(len(worker.assigned), max(0, progress[STARTED] - worker.received))
+        claimed, answered = progress[STARTED], worker.received
+        skipped_from = progress[SKIPPED_FROM]
+        if skipped_from:
+            claimed = min(claimed, skipped_from - 1)
+            answered -= worker.skipped
+        started = min(len(worker.assigned), max(0, claimed - answered))
         loss = WorkerLoss(
             how=how,
             started=started,
-            running=started > 0 and self.running(worker),
+            # A worker skipping had finished every task it ran.
+            running=started > 0 and not skipped_from and self.running(worker),
             timeout_ms=worker.killed_for_timeout,
         )
         if loss.timeout_ms:

@@ -9,6 +9,7 @@
     channel ◀── (HEADER RESULT_SEGMENT 1 len, its name), after the results before it
     progress slot (shared memory) ◀── before each task: started-at, started; after: finished
                                   ──▶ run limit: tasks past it are skipped, not run (a drain)
+                                  ◀── skipped from: the first task skipped, before its claim
                                   ──▶ started, moved on by the supervisor: tasks taken back
 
 A worker reads whatever tasks are waiting (a batch), runs them in order and sends the results
@@ -17,7 +18,9 @@ milliseconds, so a result never waits behind a slow task that follows it. Before
 task the worker writes its progress slot (see `PROGRESS_FIELDS`), which the supervisor reads to
 time tasks out and to know, when a worker dies, which of its tasks it had started. A drain
 lowers the slot's run limit: the worker finishes the task it runs and answers the tasks it has
-not started with one `SKIPPED` message, so the supervisor can hand them back.
+not started with one `SKIPPED` message, so the supervisor can hand them back; the slot says
+which task it skipped first (written before it claims that one), so a worker that dies before
+that message still leaves those tasks as never started.
 
 A task is claimed by moving `STARTED` from its number - 1 to its number with an atomic
 compare-and-swap, and the supervisor takes back tasks a worker has not started (work stealing:
@@ -97,7 +100,12 @@ STARTED: Final = 0  # tasks started, claimed by compare-and-swap (and tasks take
 STARTED_AT_NS: Final = 1  # time.monotonic_ns() when the last one started (written first)
 FINISHED: Final = 2  # tasks finished (written after each; and after tasks taken back)
 RUN_LIMIT: Final = 3  # written by the supervisor: take no task numbered above this (a drain)
-PROGRESS_FIELDS: Final = 4
+# The first task skipped for the run limit (0: none yet), written before it is claimed. The
+# limit is set to `STARTED` (never above a task not claimed yet), so no task from this one on
+# runs in this process: each is claimed and skipped, and a worker that dies before its SKIPPED
+# message leaves them as never started, not as run (see `WorkerPool._worker_died`).
+SKIPPED_FROM: Final = 4
+PROGRESS_FIELDS: Final = 5
 NO_RUN_LIMIT: Final = (1 << 63) - 1
 
 EXIT_SETUP_FAILED: Final = 3  # the worker could not set itself up (logged); it never ran a task
@@ -240,6 +248,7 @@ def _serve(
     busy = sender.busy
     # Read per task: locals, not module globals.
     started_at_ns, started, finished, run_limit = STARTED_AT_NS, STARTED, FINISHED, RUN_LIMIT
+    skipped_from = SKIPPED_FROM
     large = RESULT_SEGMENT_BYTES
     buffer = bytearray(RECV_BYTES)
     view = memoryview(buffer)
@@ -306,6 +315,11 @@ def _serve(
                     index = end
             if not ran:  # any other task, one at a time
                 payload = payloads[index]
+                skip = seq >= progress[run_limit]  # a drain: not run, answered SKIPPED
+                if skip and not progress[skipped_from]:
+                    # Before its claim: should this process die before its SKIPPED message,
+                    # the supervisor knows that nothing from this task on ran.
+                    progress[skipped_from] = seq + 1
                 progress[started_at_ns] = clock_ns()
                 if cas is None:
                     progress[started] = seq + 1
@@ -316,8 +330,7 @@ def _serve(
                     continue
                 index += 1
                 seq += 1
-                if seq > progress[run_limit]:  # a drain: not run, answered SKIPPED
-                    # (claimed first, like any task, so it looks running for an instant)
+                if skip:  # claimed like any task (not taken back), then marked finished
                     progress[finished] = seq
                     skipped += 1
                     continue
