@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -407,9 +408,18 @@ class TlsListener:
                     continue
             task = asyncio.ensure_future(self._start_connection(conn, peer, slot))
             self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            task.add_done_callback(functools.partial(self._started, conn, slot))
             if slot is not None:
                 slot.evict = task.cancel  # until the protocol has the connection
+
+    def _started(self, conn: socket.socket, slot: Slot | None, task: asyncio.Task[None]) -> None:
+        self._handshakes.discard(task)
+        if task.cancelled():
+            # Evicted or closed, perhaps before it ran at all (connections waiting in the
+            # backlog are accepted in one go, before any of their tasks starts): then its own
+            # clean-up never ran, and the socket would stay open until collected.
+            self._release(slot)
+            conn.close()
 
     async def _start_connection(self, conn: socket.socket, peer: Any, slot: Slot | None) -> None:
         where = format_address(str(peer[0]), int(peer[1]))

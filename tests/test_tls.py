@@ -546,3 +546,38 @@ def test_a_node_fails_over_from_a_master_whose_certificate_cannot_be_described(
             assert process.stop() == 0
         finally:
             process.close()
+
+
+def test_connections_evicted_before_their_handshake_started_are_closed() -> None:
+    # Connections waiting in the backlog are accepted in one go, before any of their tasks
+    # starts; an eviction then cancelled a task that never ran, whose clean-up never closed
+    # the socket: the evicted peer saw its connection stay open (until garbage collection).
+    from node.admission import Admission
+    from node.tls import TlsListener
+
+    port = free_port()
+    made: list[asyncio.Protocol] = []
+
+    def factory(slot: object) -> asyncio.Protocol:
+        made.append(asyncio.Protocol())
+        return made[-1]
+
+    async def go() -> set[int]:
+        listener = await TlsListener.start(
+            factory, "127.0.0.1", port, context=None, mode="auto", what="test",
+            admission=Admission(8, 2, "test"),
+        )  # fmt: skip
+        try:
+            # All six are queued in the listen backlog while this loop is held on purpose.
+            idle = IdleConnections(port, 6)
+            try:
+                await asyncio.sleep(0)
+                return await asyncio.to_thread(idle.wait_closed, 4, 5.0)
+            finally:
+                idle.close()
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+    assert asyncio.run(go()) == {0, 1, 2, 3}  # one address keeps its share of 2
+    assert made == []  # none of them sent a byte: no protocol was made
