@@ -436,10 +436,13 @@ class Client:
                 f"cannot connect to the master at {address}: {reason} ({hint})"
             ) from None
         transport = connection._transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
+        if transport is None or transport.is_closing():
+            raise MasterUnreachable(
+                f"cannot connect to the master at {address}: it closed the connection at once"
+            )
+        peer = transport.get_extra_info("peername")
         if security is None and (refusal := plain_peer_refusal(info.ip, tls, peer)):
-            if transport is not None:
-                transport.abort()  # not even a Disconnect to whoever answered there
+            transport.abort()  # not even a Disconnect to whoever answered there
             raise MasterUnreachable(f"cannot connect to the master at {address}: {refusal}")
         client = cls(connection, timeout)
         try:

@@ -7,7 +7,7 @@
 Upstream direct links carry no authentication; ours start exactly like the master handshake
 (the cluster token from join.json, compared in constant time) and are TLS under the same rule
 (`node/tls.py`: a listener serves whichever the peer starts with). The connections not
-authenticated yet are bounded, in all and per address (`node/admission.py`), as the master's.
+authenticated yet are bounded (`node/admission.py`), as the master's.
 
 Who uses them:
 - `DirectServer` (a node with `direct_port`): runs what a peer sends with the same dispatcher as
@@ -102,12 +102,9 @@ _BACKOFF_MAX_S: Final = 5.0
 # clients do in milliseconds, and each one waiting holds a file descriptor of the node's. A
 # direct port serves a few peers (`connect_to` links, `cpnode-submit --direct`), each dialing
 # once and seldom at the same moment: 64 in flight at once is far more than they need, and a
-# few descriptors of the node's thousands. One address may hold 16 of them: room for a host's
-# every node and client dialing at the same moment, while four addresses are needed to fill
-# the port, and a real peer behind an address that holds its share still gets in (its oldest
-# idle connection goes).
+# few descriptors of the node's thousands. When all are held, the oldest of the address
+# holding the most gives way to a newcomer.
 _MAX_UNAUTHENTICATED: Final = 64
-_MAX_UNAUTHENTICATED_PER_SOURCE: Final = 16
 # A peer's result this long (or with this many JSON values) is checked in a thread, not on the
 # event loop: its byte array by the vectorised codec, which lets go of the GIL.
 _CHECK_ON_LOOP_BYTES: Final = 64 * 1024
@@ -508,9 +505,7 @@ class DirectServer:
         self.join = join
         self.dispatcher = dispatcher
         self.links: set[DirectConnection] = set()
-        self.admission = Admission(
-            _MAX_UNAUTHENTICATED, _MAX_UNAUTHENTICATED_PER_SOURCE, "direct links"
-        )
+        self.admission = Admission(_MAX_UNAUTHENTICATED, "direct links")
         self._listener: TlsListener | None = None
         self.port = 0
         self.tls = self.server_tls()
@@ -949,9 +944,7 @@ async def accept_connection_info(
     started = loop.time()
     # Bounded like the direct port's (whoever reaches this port for the moment it listens
     # could hold a descriptor per connection until each one's token is due).
-    admission = Admission(
-        _MAX_UNAUTHENTICATED, _MAX_UNAUTHENTICATED_PER_SOURCE, "direct link (ConnectionInfo)"
-    )
+    admission = Admission(_MAX_UNAUTHENTICATED, "direct link (ConnectionInfo)")
     listener = await TlsListener.start(
         inbound, config.direct_host, info.port, context=listen_tls.context, mode=listen_tls.mode,
         what="direct link (ConnectionInfo)", admission=admission,

@@ -325,10 +325,10 @@ class TlsListener:
     Quacks like the `asyncio.Server` its users need: `sockets`, `close()`, `wait_closed()`.
     `what` names the service in log lines ("master", "direct links").
 
-    With an `admission`, each accepted connection takes a slot there first (or is closed at
-    once, see node/admission.py): idle connections from anyone who can reach the port would
-    otherwise hold a file descriptor each, up to the process's limit, which the whole node
-    shares. The slot is the listener's while it peeks and handshakes (given back when the
+    With an `admission`, each accepted connection takes a slot there first (which may close
+    an older connection, see node/admission.py): idle connections from anyone who can reach
+    the port would otherwise hold a file descriptor each, up to the process's limit, which the
+    whole node shares. The slot is the listener's while it peeks and handshakes (given back when the
     connection fails there), then the protocol's: the factory gets it.
     """
 
@@ -402,10 +402,7 @@ class TlsListener:
                 raise
             slot = None
             if self._admission is not None:
-                slot = self._admission.admit(str(peer[0]))  # counts and logs a refusal
-                if slot is None:
-                    conn.close()
-                    continue
+                slot = self._admission.admit(str(peer[0]))  # may close another connection
             task = asyncio.ensure_future(self._start_connection(conn, peer, slot))
             self._handshakes.add(task)
             task.add_done_callback(functools.partial(self._started, conn, slot))

@@ -1,6 +1,6 @@
-"""`node.admission`: the bound on connections not authenticated yet and an address's share of it,
-in memory (the direct port's and the master's, over sockets, are in test_direct, test_master and
-test_tls)."""
+"""`node.admission`: the bound on connections not authenticated yet and who gives way when it is
+reached, in memory (the direct port's and the master's, over sockets, are in test_direct,
+test_master and test_tls)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from node.admission import Admission, source_of
+from node.admission import Admission, Slot, source_of
 
 
 @pytest.mark.parametrize(
@@ -26,52 +26,78 @@ def test_an_address_is_counted_by_its_ipv4_address_or_its_ipv6_64(host: str, sou
     assert source_of(host) == source
 
 
-def test_over_its_share_an_address_loses_its_oldest_connection(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    admission = Admission(limit=8, per_source=2, what="test port")
-    evicted: list[int] = []
+def admit_all(admission: Admission, hosts: list[str], evicted: list[str]) -> list[Slot]:
+    """A slot for each host in turn, each slot named `host#i` in `evicted` when closed."""
     slots = []
-    with caplog.at_level(logging.WARNING, logger="cpnode.admission"):
-        for number in range(5):
-            slot = admission.admit("::ffff:192.0.2.1" if number % 2 else "192.0.2.1")
-            assert slot is not None
-            slot.evict = lambda number=number: evicted.append(number)
-            slots.append(slot)
-    assert evicted == [0, 1, 2]  # each newcomer over the share took the place of the oldest
-    assert (admission.held, admission.held_by("192.0.2.1"), admission.evicted) == (2, 2, 3)
-    assert [slot.held for slot in slots] == [False, False, False, True, True]
-    slots[0].release()  # taken back already: changes nothing
-    assert admission.held == 2
-    lines = [r.getMessage() for r in caplog.records]
-    assert lines == [
-        "test port: 192.0.2.1 holds 2 connections not authenticated yet, the most one address "
-        "may: its oldest closed"
-    ]  # the next two are counted, and said with the next line due
+    for number, host in enumerate(hosts):
+        slot = admission.admit(host)
+        slot.evict = lambda name=f"{host}#{number}": evicted.append(name)
+        slots.append(slot)
+    return slots
 
 
-def test_when_every_slot_is_held_a_newcomer_is_refused_until_one_is_released(
+def test_while_there_is_room_every_connection_gets_in_whatever_its_address() -> None:
+    # A burst from one host (nodes restarting together) is never cut while there is room.
+    admission = Admission(limit=8, what="test port")
+    evicted: list[str] = []
+    slots = admit_all(admission, ["192.0.2.1"] * 8, evicted)
+    assert evicted == [] and admission.held == 8 and admission.held_by("192.0.2.1") == 8
+    assert all(slot.held for slot in slots)
+
+
+def test_a_full_port_closes_the_oldest_of_the_address_holding_the_most(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    admission = Admission(limit=4, per_source=2, what="test port")
-    slots = [admission.admit(f"192.0.2.{n // 2}") for n in range(4)]
-    assert all(slot is not None for slot in slots)
+    admission = Admission(limit=4, what="test port")
+    evicted: list[str] = []
+    slots = admit_all(admission, ["192.0.2.1", "192.0.2.9", "192.0.2.1", "192.0.2.1"], evicted)
     with caplog.at_level(logging.WARNING, logger="cpnode.admission"):
-        assert admission.admit("198.51.100.7") is None
-        assert admission.admit("198.51.100.8") is None
-    assert admission.refused == 2
+        # A newcomer from elsewhere: the address holding 3 gives way, oldest first.
+        slots += admit_all(admission, ["198.51.100.7"], evicted)
+        assert evicted == ["192.0.2.1#0"]
+        # One from the address holding the most (2 now, as many as any): it gives way to
+        # itself, never to another address's connection.
+        slots += admit_all(admission, ["::ffff:192.0.2.1"], evicted)
+        assert evicted == ["192.0.2.1#0", "192.0.2.1#2"]
+    assert (admission.held, admission.evicted) == (4, 2)
+    assert [slot.held for slot in slots] == [False, True, False, True, True, True]
     assert [r.getMessage() for r in caplog.records] == [
-        "test port: connection from 198.51.100.7 closed at once: 4 are not authenticated yet"
-    ]
-    # An address at its share still gets in, in place of its oldest: the bound holds.
-    again = admission.admit("192.0.2.0")
-    assert again is not None and admission.held == 4 and not slots[0].held  # type: ignore[union-attr]
-    slots[2].release()  # type: ignore[union-attr]
-    slots[2].release()  # type: ignore[union-attr]  # twice: counted once
+        "test port: 4 connections are not authenticated yet, the most it holds: the oldest of "
+        "192.0.2.1's 3 closed for a connection from 198.51.100.7"
+    ]  # the next one is counted, and said with the next line due
+    slots[0].release()  # taken back already: changes nothing
+    assert admission.held == 4
+    slots[1].release()
+    slots[1].release()  # twice: counted once
     assert admission.held == 3
-    assert admission.admit("198.51.100.7") is not None
+    admit_all(admission, ["203.0.113.5"], evicted)  # room again: nothing closed
+    assert len(evicted) == 2
 
 
-def test_a_share_larger_than_the_bound_is_refused() -> None:
-    with pytest.raises(ValueError, match="per_source must be from 1 to limit"):
-        Admission(limit=4, per_source=5, what="test port")
+def test_among_addresses_holding_as_many_the_oldest_connection_gives_way() -> None:
+    admission = Admission(limit=3, what="test port")
+    evicted: list[str] = []
+    admit_all(admission, ["192.0.2.1", "192.0.2.2", "192.0.2.3"], evicted)
+    admit_all(admission, ["192.0.2.4"], evicted)
+    assert evicted == ["192.0.2.1#0"]
+    admit_all(admission, ["192.0.2.5"], evicted)  # 2, 3 and 4 hold one each: 2's is oldest
+    assert evicted == ["192.0.2.1#0", "192.0.2.2#1"]
+
+
+def test_a_close_that_fails_still_keeps_the_bound(caplog: pytest.LogCaptureFixture) -> None:
+    admission = Admission(limit=1, what="test port")
+    slot = admission.admit("192.0.2.1")
+
+    def broken() -> None:
+        raise RuntimeError("a bug in a protocol")
+
+    slot.evict = broken
+    with caplog.at_level(logging.ERROR, logger="cpnode.admission"):
+        assert admission.admit("192.0.2.2").held
+    assert admission.held == 1 and not slot.held
+    assert "closing a connection from 192.0.2.1 failed" in caplog.text
+
+
+def test_a_bound_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="limit must be at least 1"):
+        Admission(limit=0, what="test port")

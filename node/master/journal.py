@@ -505,7 +505,7 @@ class Journal:
             self._thread.join()
         if self.dropped:
             _log.error(
-                "%s: %d records were not persisted: the journal's writer had failed",
+                "%s: at least %d records were not persisted: the journal's writer had failed",
                 self.path,
                 self.dropped,
             )

@@ -34,8 +34,8 @@ inbox (the others go on):
 - While a big frame is decoded, its connection is not read (a node included: the decoding
   needs nothing from it, and a node is not evicted meanwhile).
 
-Connections that have not sent their token yet are bounded, in all and per address, as a direct
-port's (`node/admission.py`): a slot is taken when a connection is made (by the TLS listener
+Connections that have not sent their token yet are bounded as a direct port's
+(`node/admission.py`): a slot is taken when a connection is made (by the TLS listener
 when there is one), given back once its token is accepted or it closes.
 
 `start_master()` is the API for tests and benchmarks; `MasterThread` runs one on its own loop in a
@@ -110,16 +110,13 @@ _TOKEN_FRAME_LIMIT: Final = 4096
 # (over TLS, once the handshake is done), so 10 s is generous over any network; a connection
 # that never sends one holds an `Admission` slot (and a descriptor) until then.
 _AUTH_TIMEOUT_S: Final = 10.0
-# Connections not authenticated yet, in all and from one address (node/admission.py). A master
-# serves the whole cluster, and every node dials it at once when it restarts: each sends its
-# token at once, but while the master's loop is busy (a journal compaction, a big frame)
-# hundreds may wait to be read. 256 is room for that and a fraction of the descriptors of a
-# process (whose authenticated connections are not bounded). One address may hold 64 of them,
-# a quarter: a host running dozens of nodes (or a test on loopback) dials together, and it
-# takes four addresses to fill them; a node behind an address that holds its share still
-# gets in, since that address's oldest idle connection goes.
+# Connections not authenticated yet (node/admission.py). A master serves the whole cluster,
+# and every node dials it at once when it restarts: each sends its token at once, but while the
+# master's loop is busy (a journal compaction, a big frame) hundreds may wait to be read. 256 is
+# room for that and a fraction of the descriptors of a process (whose authenticated connections
+# are not bounded); when all are held, the oldest of the address holding the most gives way to
+# a newcomer.
 _MAX_UNAUTHENTICATED: Final = 256
-_MAX_UNAUTHENTICATED_PER_SOURCE: Final = 64
 # After close() a peer that does not read could keep the transport open; abort it after this.
 _CLOSE_GRACE_S: Final = 5.0
 _OUTPUT_LIMIT: Final = 64 << 20
@@ -331,7 +328,7 @@ class MasterServer:
         self._written = 0  # the journal's tickets written so far (see `_settle`)
         self._refused_tokens = Throttle(10.0)  # a line per refused token would fill the disk
         self._no_tokens = Throttle(10.0)  # as many connections that send none
-        self._admission = Admission(_MAX_UNAUTHENTICATED, _MAX_UNAUTHENTICATED_PER_SOURCE, "master")
+        self._admission = Admission(_MAX_UNAUTHENTICATED, "master")
         self._holding: dict[_Connection, None] = {}  # connections with output in `held`
         self._tick_handle: asyncio.TimerHandle | None = None
         self._journal_retry_s = self._failover_s  # doubles while the state file fails
@@ -428,8 +425,8 @@ class MasterServer:
 
     def _connected(self, conn: _Connection, host: str) -> None:
         if conn.slot is None:  # the plain listener's: a slot now, the same as the TLS one's
-            conn.slot = self._admission.admit(host)  # counts and logs a refusal
-        if self._closing or conn.slot is None:
+            conn.slot = self._admission.admit(host)  # may close another connection first
+        if self._closing:
             self._release_slot(conn)
             conn.closing = True
             conn.transport.abort()
