@@ -5,7 +5,8 @@ each.
     accepted ──admit(peer's IP)──▶ Slot ──token accepted, or closed──▶ release()
                    │
                    └─ `limit` slots are held ──▶ the oldest slot of the address that holds the
-                          most is taken back (its `evict()` closes that connection), then a Slot
+                          most (the newcomer's own when it holds as many) is taken back (its
+                          `evict()` closes that connection), then a Slot
 
 Whoever reaches a port can open connections and send nothing. Each one holds a file descriptor
 of the process (which its other sockets, workers and files share) until its token is due, so
@@ -17,8 +18,10 @@ in milliseconds; the ones that give way are the oldest, held by whoever opened t
 
 Nothing is closed while there is room: many nodes on one host restarting at once (a burst from
 one address, whose tokens may wait in the kernel while the loop is busy) all get in. A flood
-from one address closes only that address's connections; a flood from many can close anyone's,
-oldest first, which no bound on one host can prevent.
+from one address closes another address's connections only while that one holds more (it can
+bring an address holding over half the slots down to its own count); a flood from many can
+close anyone's, oldest first, which no bound on one host can prevent (IPv6 addresses counted
+by /64: one customer's /48 holds 65,536 of them).
 
 An address is an IP address: an IPv4-mapped IPv6 address counts as its IPv4 address, and an
 IPv6 address by its /64, the least one host (or one customer's network) is given: counting
@@ -107,10 +110,6 @@ class Admission:
         self._by_source: dict[str, collections.OrderedDict[Slot, None]] = {}
         # Anyone who reaches the port can make these as often as it connects.
         self._evictions = Throttle(_LOG_EVERY_S)
-
-    def held_by(self, host: str) -> int:
-        """Slots held by the address `host` counts against."""
-        return len(self._by_source.get(source_of(host), ()))
 
     def admit(self, host: str) -> Slot:
         """A slot for a connection from `host`; when every slot is held, the oldest of the

@@ -201,6 +201,11 @@ class DirectConnection(asyncio.Protocol):
                 return
             transport.write(frame(self._token))  # type: ignore[attr-defined]
         if self._slot is not None:
+            if not self._slot.held:
+                # Taken back while its TLS handshake ended in the same turn of the loop: the
+                # listener's cancel comes next; no token is read on a link closed anyway.
+                self.abort()
+                return
             self._slot.evict = self.abort
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(_AUTH_TIMEOUT_S, self._auth_expired)

@@ -41,7 +41,7 @@ def test_while_there_is_room_every_connection_gets_in_whatever_its_address() -> 
     admission = Admission(limit=8, what="test port")
     evicted: list[str] = []
     slots = admit_all(admission, ["192.0.2.1"] * 8, evicted)
-    assert evicted == [] and admission.held == 8 and admission.held_by("192.0.2.1") == 8
+    assert evicted == [] and admission.held == 8
     assert all(slot.held for slot in slots)
 
 
@@ -82,6 +82,24 @@ def test_among_addresses_holding_as_many_the_oldest_connection_gives_way() -> No
     assert evicted == ["192.0.2.1#0"]
     admit_all(admission, ["192.0.2.5"], evicted)  # 2, 3 and 4 hold one each: 2's is oldest
     assert evicted == ["192.0.2.1#0", "192.0.2.2#1"]
+
+
+def test_an_address_holding_as_many_as_any_gives_way_to_itself_not_to_an_older_one() -> None:
+    admission = Admission(limit=4, what="test port")
+    evicted: list[str] = []
+    admit_all(admission, ["192.0.2.2", "192.0.2.1", "192.0.2.1", "192.0.2.2"], evicted)
+    admit_all(admission, ["192.0.2.1"], evicted)  # .2's first slot is older: .1 still gives way
+    assert evicted == ["192.0.2.1#1"]
+
+
+def test_an_address_holding_fewer_than_the_most_takes_from_the_one_holding_the_most() -> None:
+    admission = Admission(limit=4, what="test port")
+    evicted: list[str] = []
+    admit_all(admission, ["192.0.2.1", "192.0.2.1", "192.0.2.1", "192.0.2.2"], evicted)
+    admit_all(admission, ["192.0.2.2"], evicted)  # .2 holds 1, .1 holds 3
+    assert evicted == ["192.0.2.1#0"]
+    admit_all(admission, ["192.0.2.2"], evicted)  # 2 each now: .2 gives way to itself
+    assert evicted == ["192.0.2.1#0", "192.0.2.2#3"]  # its oldest, the fourth of the first four
 
 
 def test_a_close_that_fails_still_keeps_the_bound(caplog: pytest.LogCaptureFixture) -> None:

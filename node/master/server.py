@@ -426,7 +426,9 @@ class MasterServer:
     def _connected(self, conn: _Connection, host: str) -> None:
         if conn.slot is None:  # the plain listener's: a slot now, the same as the TLS one's
             conn.slot = self._admission.admit(host)  # may close another connection first
-        if self._closing:
+        # A slot taken back already: evicted while its TLS handshake ended in the same turn of
+        # the loop (the listener's cancel comes next); closed before its token is read.
+        if self._closing or not conn.slot.held:
             self._release_slot(conn)
             conn.closing = True
             conn.transport.abort()
