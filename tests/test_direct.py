@@ -27,6 +27,7 @@ from node.config import Config
 from node.direct import (
     ConnectionRequests,
     DirectClient,
+    DirectConnection,
     DirectError,
     DirectLinkRefused,
     _peer_result,
@@ -300,20 +301,22 @@ def test_cpnode_submit_direct(
     assert "Invalid token" in refused.stderr
 
 
+def answer_seven(link: DirectConnection, ident: str, payload: bytes) -> None:
+    """A peer's task answered on its link, with 7, as a node's dispatcher would."""
+    link.send_results(
+        frame(codec.task_result_payload(link.prefix + ident, m.Number(7.0))),
+        [link.prefix + ident],
+    )
+
+
 def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
     from node.config import JoinInfo
-    from node.direct import DirectConnection, DirectError, accept_connection_info
+    from node.direct import accept_connection_info
     from node.tls import ServerTls
 
     port = free_port()
     config = Config(failover_timeout_ms=3000)
     join = JoinInfo("secret", "127.0.0.1", 1)
-
-    def answer(link: DirectConnection, ident: str, payload: bytes) -> None:
-        link.send_results(
-            frame(codec.task_result_payload(link.prefix + ident, m.Number(7.0))),
-            [link.prefix + ident],
-        )
 
     async def go() -> m.Result:
         links: set[DirectConnection] = set()
@@ -322,7 +325,7 @@ def test_connection_info_listens_on_the_port_and_the_first_link_wins() -> None:
         opening = asyncio.ensure_future(
             accept_connection_info(
                 m.ConnectionInfo("[::1]:40000", port), config=config, join=join,
-                on_task=answer, links=links, listen_tls=ServerTls(None, "auto"),
+                on_task=answer_seven, links=links, listen_tls=ServerTls(None, "auto"),
                 policy=NetworkPolicy(config.network_allow, config.network_deny),
             )
         )  # fmt: skip
@@ -355,18 +358,12 @@ def test_a_connection_info_port_bounds_its_idle_connections() -> None:
     # anyone held a descriptor each until their token was due. Now 64 at most (the direct
     # port's bound), the oldest closed as newcomers come, and the real peer still wins.
     from node.config import JoinInfo
-    from node.direct import DirectConnection, DirectError, accept_connection_info
+    from node.direct import accept_connection_info
     from node.tls import ServerTls
 
     port = free_port()
     config = Config(failover_timeout_ms=15000)
     join = JoinInfo("secret", "127.0.0.1", 1)
-
-    def answer(link: DirectConnection, ident: str, payload: bytes) -> None:
-        link.send_results(
-            frame(codec.task_result_payload(link.prefix + ident, m.Number(7.0))),
-            [link.prefix + ident],
-        )
 
     def hold_idle() -> set[int]:
         deadline = time.monotonic() + TIMEOUT
@@ -388,7 +385,7 @@ def test_a_connection_info_port_bounds_its_idle_connections() -> None:
         opening = asyncio.ensure_future(
             accept_connection_info(
                 m.ConnectionInfo("[::1]:40000", port), config=config, join=join,
-                on_task=answer, links=set(), listen_tls=ServerTls(None, "auto"),
+                on_task=answer_seven, links=set(), listen_tls=ServerTls(None, "auto"),
                 policy=NetworkPolicy(config.network_allow, config.network_deny),
             )
         )  # fmt: skip
@@ -418,7 +415,7 @@ def test_a_connection_info_port_bounds_its_idle_connections() -> None:
 def test_a_connection_info_peer_is_dialed_at_each_of_its_addresses_in_turn() -> None:
     # Only the first address a name resolved to was dialed: a peer listening on its second
     # one (IPv4 behind an IPv6 first, say) was never reached from this side.
-    from node.direct import DirectConnection, _dial_each
+    from node.direct import _dial_each
 
     port = free_port()
 
@@ -926,7 +923,6 @@ def test_a_link_whose_slot_was_taken_back_before_it_was_made_is_closed_unread() 
     # link was made, read the peer's token and said OK, and was closed by the listener's
     # cancel a moment later. Now it is closed as it is made.
     from node.admission import Admission
-    from node.direct import DirectConnection
 
     async def go() -> tuple[bytes, bool]:
         admission = Admission(1, "test")
