@@ -424,13 +424,7 @@ class TlsListener:
             first = await self._first_byte(conn)
             refusal = self._refusal(first, str(peer[0]))
             if refusal is not None:
-                if count := self._troubles.hit():
-                    log.warning(
-                        "%s: connection from %s refused: %s%s", self._what, where, refusal,
-                        more_since(count),
-                    )  # fmt: skip
-                self._release(slot)
-                conn.close()
+                self._give_up(conn, slot, where, f"refused: {refusal}")
                 return
             tls = first[0] == _TLS_RECORD_HANDSHAKE
             await self._loop.connect_accepted_socket(
@@ -441,17 +435,19 @@ class TlsListener:
             )
         except (OSError, TimeoutError) as error:
             reason = "no data in time" if isinstance(error, TimeoutError) else _ssl_reason(error)
-            if count := self._troubles.hit():
-                log.warning(
-                    "%s: connection from %s failed: %s%s", self._what, where, reason,
-                    more_since(count),
-                )  # fmt: skip
-            self._release(slot)
-            conn.close()
+            self._give_up(conn, slot, where, f"failed: {reason}")
         except BaseException:
             self._release(slot)
             conn.close()
             raise
+
+    def _give_up(self, conn: socket.socket, slot: Slot | None, where: str, why: str) -> None:
+        """Close a connection refused or failed before its protocol took it; say so, throttled
+        (whoever reaches the port can repeat either at will)."""
+        if count := self._troubles.hit():
+            log.warning("%s: connection from %s %s%s", self._what, where, why, more_since(count))
+        self._release(slot)
+        conn.close()
 
     @staticmethod
     def _release(slot: Slot | None) -> None:
