@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -149,17 +150,14 @@ def test_a_wrong_token_is_refused_and_logged(
         asyncio.run(go())
     process.wait_for_log("invalid token; refused and closed")
 
-    async def many() -> int:
-        refused = 0
+    async def many() -> None:
         for _ in range(50):
             with pytest.raises(DirectLinkRefused, match="Invalid token"):
                 await go()
-            refused += 1
-        return refused
 
     # Anyone who reaches the port can repeat it at will: each is refused, but said at most
     # once per 10 s (with a count), or the log's disk would fill.
-    assert asyncio.run(many()) == 50
+    asyncio.run(many())
     assert process.log.count("invalid token") == 1
 
 
@@ -671,7 +669,10 @@ class ForgingPeer:
             except TimeoutError:
                 continue
             with conn:
+                # Reads wake every 0.2 s to see `_stop`; a big answer's send may wait longer
+                # for a loaded node to read it.
                 conn.settimeout(0.2)
+                send = functools.partial(_send_within, conn, TIMEOUT)
                 decoder = FrameDecoder(1 << 20)
                 greeted = False
                 while not self._stop.is_set():
@@ -686,11 +687,21 @@ class ForgingPeer:
                     for payload in decoder.feed(data):
                         if not greeted:
                             greeted = True
-                            conn.sendall(frame(b"OK"))
+                            send(frame(b"OK"))
                         elif payload.startswith(b'{"AssignTask"'):
-                            conn.sendall(frame(self._answer(str(codec.peek_id(payload)))))
+                            send(frame(self._answer(str(codec.peek_id(payload)))))
                         elif payload == b'"Heartbeat"':
-                            conn.sendall(frame(b'"HeartbeatAck"'))
+                            send(frame(b'"HeartbeatAck"'))
+
+
+def _send_within(conn: socket.socket, timeout: float, data: bytes) -> None:
+    """`conn.sendall(data)` with its own `timeout`, the socket's read timeout put back after."""
+    previous = conn.gettimeout()
+    conn.settimeout(timeout)
+    try:
+        conn.sendall(data)
+    finally:
+        conn.settimeout(previous)
 
 
 def test_a_peers_results_are_checked_before_they_reach_the_master(

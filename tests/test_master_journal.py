@@ -247,7 +247,6 @@ def test_once_the_writer_is_gone_batches_are_dropped_and_counted_not_queued(
     for i in range(1000):
         _submit(journal, f"t{i}", m.Compute(str(i)))
         _result(journal, f"t{i}", m.Number(float(i)))
-        assert journal.ticket <= ALL_WRITTEN  # a reply gated on it is let go
         journal.flush()
     assert journal._queue.qsize() == 0
     assert journal.dropped == 2000
